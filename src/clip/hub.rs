@@ -1,0 +1,197 @@
+//! Resolving `--model`: a local folder or file, a Hugging Face hub id (cache first, then a
+//! download when online), or `random:<architecture>`.
+
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result};
+
+/// Where a model's files are.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// Files on disk: optional `config.json`, one or more weight files, optional `tokenizer.json`.
+    Files {
+        config: Option<PathBuf>,
+        weights: Vec<PathBuf>,
+        tokenizer: Option<PathBuf>,
+    },
+    /// Deterministic random weights of a named architecture (`random:ViT-L-14-336`).
+    Random { arch: String, seed: u64 },
+}
+
+/// Weight file names accepted in a model folder, in order of preference.
+const WEIGHT_NAMES: &[&str] = &[
+    "model.safetensors",
+    "open_clip_model.safetensors",
+    "pytorch_model.bin",
+    "open_clip_pytorch_model.bin",
+];
+
+/// Resolves a `--model` argument. See the `--model` help for the accepted forms.
+pub fn resolve(spec: &str) -> Result<ModelSource> {
+    if let Some(rest) = spec.strip_prefix("random:") {
+        let (arch, seed) = match rest.split_once(':') {
+            Some((a, s)) => (a, s.parse().map_err(|_| Error::Model(format!("bad seed in `{spec}`")))?),
+            None => (rest, 0),
+        };
+        if super::ClipConfig::by_name(arch).is_none() {
+            return Err(Error::Model(format!(
+                "unknown architecture `{arch}` in `{spec}`; known: {}",
+                super::ClipConfig::NAMES.join(", ")
+            )));
+        }
+        return Ok(ModelSource::Random { arch: arch.to_string(), seed });
+    }
+    let path = Path::new(spec);
+    if path.exists() {
+        return from_path(path);
+    }
+    if looks_like_hub_id(spec) {
+        return from_hub(spec);
+    }
+    Err(Error::Model(format!(
+        "model `{spec}` is neither an existing path, a Hugging Face id (org/name) nor random:<arch>"
+    )))
+}
+
+fn looks_like_hub_id(spec: &str) -> bool {
+    let mut parts = spec.split('/');
+    matches!((parts.next(), parts.next(), parts.next()), (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty())
+        && !spec.starts_with('.')
+}
+
+fn from_path(path: &Path) -> Result<ModelSource> {
+    if path.is_file() {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let existing = |n: &str| Some(dir.join(n)).filter(|p| p.is_file());
+        return Ok(ModelSource::Files {
+            config: existing("config.json"),
+            weights: vec![path.to_path_buf()],
+            tokenizer: existing("tokenizer.json"),
+        });
+    }
+    let existing = |n: &str| Some(path.join(n)).filter(|p| p.is_file());
+    let weights = if let Some(w) = WEIGHT_NAMES.iter().find_map(|n| existing(n)) {
+        vec![w]
+    } else if let Some(index) = existing("model.safetensors.index.json") {
+        shards_from_index(&index)?
+    } else {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| Error::io(path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && super::weights::is_weight_file(p))
+            .collect();
+        found.sort();
+        if found.len() != 1 {
+            return Err(Error::Model(format!(
+                "{}: expected one of {} (or a single .safetensors/.bin/.pth file), found {}",
+                path.display(),
+                WEIGHT_NAMES.join(", "),
+                if found.is_empty() { "none".to_string() } else { format!("{} candidates", found.len()) }
+            )));
+        }
+        found
+    };
+    Ok(ModelSource::Files { config: existing("config.json"), weights, tokenizer: existing("tokenizer.json") })
+}
+
+fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::Model(format!("{}: {e}", index.display())))?;
+    let map = json["weight_map"]
+        .as_object()
+        .ok_or_else(|| Error::Model(format!("{}: no weight_map", index.display())))?;
+    let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+    files.sort();
+    files.dedup();
+    let dir = index.parent().unwrap_or(Path::new("."));
+    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
+/// The hub cache in use: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`
+/// (hf-hub 0.5 ignores `HF_HUB_CACHE`, so it is honoured here).
+pub fn hub_cache() -> hf_hub::Cache {
+    match std::env::var_os("HF_HUB_CACHE") {
+        Some(p) if !p.is_empty() => hf_hub::Cache::new(PathBuf::from(p)),
+        _ => hf_hub::Cache::from_env(),
+    }
+}
+
+fn offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Resolves a hub id from the local cache, downloading what is missing unless `HF_HUB_OFFLINE`
+/// is set. The error for a missing model says which files to put where.
+fn from_hub(id: &str) -> Result<ModelSource> {
+    let cache = hub_cache();
+    let cached = cache.model(id.to_string());
+    let config = cached.get("config.json");
+    let weights = WEIGHT_NAMES.iter().find_map(|n| cached.get(n));
+    let tokenizer = cached.get("tokenizer.json");
+    if let (Some(config), Some(weights)) = (&config, &weights) {
+        return Ok(ModelSource::Files { config: Some(config.clone()), weights: vec![weights.clone()], tokenizer });
+    }
+    let missing = || {
+        let mut m = Vec::new();
+        if config.is_none() {
+            m.push("config.json");
+        }
+        if weights.is_none() {
+            m.push("model.safetensors");
+        }
+        m.join(" and ")
+    };
+    let hint = |why: &str| {
+        Error::Model(format!(
+            "model `{id}` is not in the Hugging Face cache ({}) and {why}: download {} (and tokenizer.json) \
+             from https://huggingface.co/{id} into a folder and pass --model <folder>, or run \
+             `huggingface-cli download {id} config.json model.safetensors tokenizer.json` where the hub is reachable",
+            cache.path().display(),
+            missing()
+        ))
+    };
+    if offline() {
+        return Err(hint("HF_HUB_OFFLINE is set"));
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+        .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .build()
+        .map_err(|e| hint(&format!("the hub client failed ({e})")))?;
+    let repo = api.model(id.to_string());
+    let config = repo.get("config.json").map_err(|e| hint(&format!("the download failed ({e})")))?;
+    let weights = ["model.safetensors", "pytorch_model.bin"]
+        .iter()
+        .find_map(|n| repo.get(n).ok())
+        .ok_or_else(|| hint("the download of model.safetensors failed"))?;
+    let tokenizer = repo.get("tokenizer.json").ok();
+    Ok(ModelSource::Files { config: Some(config), weights: vec![weights], tokenizer })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_specs() {
+        assert_eq!(
+            resolve("random:ViT-L-14-336").unwrap(),
+            ModelSource::Random { arch: "ViT-L-14-336".into(), seed: 0 }
+        );
+        assert_eq!(resolve("random:tiny:5").unwrap(), ModelSource::Random { arch: "tiny".into(), seed: 5 });
+        assert!(resolve("random:resnet").unwrap_err().to_string().contains("known:"));
+    }
+
+    #[test]
+    fn hub_ids() {
+        assert!(looks_like_hub_id("openai/clip-vit-base-patch16"));
+        assert!(!looks_like_hub_id("./a/b"));
+        assert!(!looks_like_hub_id("a/b/c"));
+        assert!(!looks_like_hub_id("single"));
+    }
+
+    #[test]
+    fn unknown_spec() {
+        assert!(resolve("definitely-not-here").unwrap_err().to_string().contains("neither"));
+    }
+}

@@ -1,0 +1,418 @@
+//! The transformer pieces shared by both towers: LayerNorm, MLP, multi-head attention with the
+//! anomaly-detection hooks (per-head weights, V-V path), and the residual block.
+//!
+//! Differentiability: candle's fused `layer_norm` and `softmax_last_dim` have no backward and
+//! silently give zero gradients (CANDLE-NOTES). Every op here checks `track_op()` on its input and
+//! takes the differentiable composition when a learnable tensor is upstream, the fused kernel
+//! otherwise, so inference stays fast and training gets true gradients without a mode flag.
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+
+use super::config::Activation;
+use crate::Result;
+
+/// Softmax over the last dimension, in f32, differentiable when needed.
+pub fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
+    let dtype = xs.dtype();
+    let xs = xs.to_dtype(DType::F32)?;
+    let ys = if xs.track_op() {
+        candle_nn::ops::softmax(&xs, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&xs.contiguous()?)?
+    };
+    ys.to_dtype(dtype)
+}
+
+/// LayerNorm over the last dimension (torch semantics: biased variance, eps inside the sqrt).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if xs.track_op() {
+            candle_nn::ops::layer_norm_slow(xs, &self.weight, &self.bias, self.eps as f32)
+        } else {
+            candle_nn::ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps as f32)
+        }
+    }
+}
+
+fn linear(vb: VarBuilder, d_in: usize, d_out: usize, bias: bool) -> Result<Linear> {
+    let w = vb.get((d_out, d_in), "weight")?;
+    let b = if bias { Some(vb.get(d_out, "bias")?) } else { None };
+    Ok(Linear::new(w, b))
+}
+
+/// `fc2(act(fc1(x)))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+    act: Activation,
+}
+
+impl Mlp {
+    pub fn load(vb: VarBuilder, dim: usize, hidden: usize, act: Activation) -> Result<Self> {
+        Ok(Self {
+            fc1: linear(vb.pp("fc1"), dim, hidden, true)?,
+            fc2: linear(vb.pp("fc2"), hidden, dim, true)?,
+            act,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let xs = self.fc1.forward(xs)?;
+        let xs = match self.act {
+            Activation::QuickGelu => (&xs * candle_nn::ops::sigmoid(&(&xs * 1.702)?)?)?,
+            Activation::Gelu => xs.gelu_erf()?,
+        };
+        self.fc2.forward(&xs)
+    }
+}
+
+/// Multi-head self-attention with q/k/v fused into one projection (one matmul instead of three).
+///
+/// Reference: `nn.MultiheadAttention` (OpenAI) / `CLIPAttention` (Hugging Face); the V-V branch is
+/// AnomalyCLIP's `Attention.forward` (`AnomalyCLIP.py` l.58-94).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    qkv: Linear,
+    out_proj: Linear,
+    num_heads: usize,
+    head_dim: usize,
+    scale: f64,
+}
+
+/// What one attention call returns: the ordinary output and, on request, the V-V output.
+pub struct AttentionOutput {
+    pub ori: Tensor,
+    pub vv: Option<Tensor>,
+}
+
+impl Attention {
+    /// Loads `{q,k,v,out}_proj` (Hugging Face names; other namings are mapped by the weight
+    /// backend) and fuses q/k/v rows as `[q; k; v]`, the layout of OpenAI's `in_proj_weight`.
+    pub fn load(vb: VarBuilder, dim: usize, num_heads: usize) -> Result<Self> {
+        let q = linear(vb.pp("q_proj"), dim, dim, true)?;
+        let k = linear(vb.pp("k_proj"), dim, dim, true)?;
+        let v = linear(vb.pp("v_proj"), dim, dim, true)?;
+        let w = Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?;
+        let bias = |l: &Linear| l.bias().cloned().expect("loaded with bias");
+        let b = Tensor::cat(&[bias(&q), bias(&k), bias(&v)], 0)?;
+        let head_dim = dim / num_heads;
+        Ok(Self {
+            qkv: Linear::new(w, Some(b)),
+            out_proj: linear(vb.pp("out_proj"), dim, dim, true)?,
+            num_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+        })
+    }
+
+    pub fn num_heads(&self) -> usize {
+        self.num_heads
+    }
+
+    /// `softmax(a bᵀ · scale + mask) v` per head; `[B, H, L, hd]`.
+    fn attend(&self, a: &Tensor, b: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let scores = (a.matmul(&b.t()?)? * self.scale)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        Ok(softmax_last_dim(&scores)?.matmul(v)?)
+    }
+
+    /// Scales each head by its weight, merges heads and applies `out_proj`.
+    fn merge(&self, heads: Tensor, head_weights: Option<&Tensor>) -> Result<Tensor> {
+        let (b, h, l, hd) = heads.dims4()?;
+        let heads = match head_weights {
+            Some(w) => heads.broadcast_mul(&w.reshape((1, h, 1, 1))?.to_dtype(heads.dtype())?)?,
+            None => heads,
+        };
+        let merged = heads.transpose(1, 2)?.reshape((b, l, h * hd))?;
+        Ok(self.out_proj.forward(&merged)?)
+    }
+
+    /// # Shapes
+    /// `xs: [B, L, D]`, `mask: [L, L]` additive, `head_weights: [H]` -> `[B, L, D]` (and the V-V
+    /// output of the same shape when `with_vv`).
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        mask: Option<&Tensor>,
+        head_weights: Option<&Tensor>,
+        with_vv: bool,
+    ) -> Result<AttentionOutput> {
+        let (b, l, _) = xs.dims3()?;
+        let qkv = self.qkv.forward(xs)?; // [B, L, 3D]
+        let qkv = qkv
+            .reshape((b, l, 3, self.num_heads, self.head_dim))?
+            .permute((2, 0, 3, 1, 4))?; // [3, B, H, L, hd]
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let ori = self.merge(self.attend(&q, &k, &v, mask)?, head_weights)?;
+        let vv = if with_vv {
+            Some(self.merge(self.attend(&v, &v, &v, mask)?, head_weights)?)
+        } else {
+            None
+        };
+        Ok(AttentionOutput { ori, vv })
+    }
+}
+
+/// Pre-LN residual block: `x += attn(ln_1(x)); x += mlp(ln_2(x))`.
+#[derive(Debug, Clone)]
+pub struct ResidualBlock {
+    layer_norm1: LayerNorm,
+    self_attn: Attention,
+    layer_norm2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl ResidualBlock {
+    pub fn load(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        mlp_dim: usize,
+        eps: f64,
+        act: Activation,
+    ) -> Result<Self> {
+        Ok(Self {
+            layer_norm1: LayerNorm::load(vb.pp("layer_norm1"), dim, eps)?,
+            self_attn: Attention::load(vb.pp("self_attn"), dim, heads)?,
+            layer_norm2: LayerNorm::load(vb.pp("layer_norm2"), dim, eps)?,
+            mlp: Mlp::load(vb.pp("mlp"), dim, mlp_dim, act)?,
+        })
+    }
+
+    pub fn num_heads(&self) -> usize {
+        self.self_attn.num_heads()
+    }
+
+    /// The ordinary block. Returns `(x_ori, vv)` where `vv` is the V-V attention output (without
+    /// residual) when requested: AnomalyCLIP's DPAM block adds it to its own stream, no MLP.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        mask: Option<&Tensor>,
+        head_weights: Option<&Tensor>,
+        with_vv: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let residual = xs;
+        let h = self.layer_norm1.forward(xs)?;
+        let attn = self.self_attn.forward(&h, mask, head_weights, with_vv)?;
+        let xs = (residual + attn.ori)?;
+        let residual = &xs;
+        let xs = (residual + self.mlp.forward(&self.layer_norm2.forward(&xs)?)?)?;
+        Ok((xs, attn.vv))
+    }
+}
+
+/// Where a tower puts its deep prompt tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptPlacement {
+    /// Vision (AdaCLIP): appended after the last token the first time, then the same last `n`
+    /// tokens are substituted at later layers; they are dropped from every tapped output.
+    Append,
+    /// Text (AdaCLIP, AnomalyCLIP): substitute positions `1..=n`, right after SOT.
+    AfterStart,
+}
+
+/// Hooks into a tower's forward pass; `Default` gives the plain CLIP forward.
+#[derive(Debug, Clone, Default)]
+pub struct Hooks<'a> {
+    /// Layers whose residual stream is returned, 1-based like Hugging Face `hidden_states[i]`
+    /// (0 = the input of the first block, i.e. after `ln_pre` for vision).
+    pub taps: &'a [usize],
+    /// `[layers, heads]` scalars on each head's output before `out_proj` (HeadCLIP); 1 = identity.
+    pub head_weights: Option<&'a Tensor>,
+    /// `prompts[i]` (`[n, D]` or `[B, n, D]`) enters before block `i` (0-based), per
+    /// [`PromptPlacement`]. Shorter than the depth is fine.
+    pub prompts: &'a [Option<Tensor>],
+    /// First layer (1-based) whose attention also computes the V-V path (AnomalyCLIP's DPAM:
+    /// `Some(6)` for 24 layers). Vision only.
+    pub vv_from: Option<usize>,
+}
+
+/// What the encoder stack returns.
+pub struct EncoderOutput {
+    /// Final residual stream (prompt tokens removed), `[B, L, D]`.
+    pub last: Tensor,
+    /// Residual stream at each tapped layer, in the order of `Hooks::taps`.
+    pub taps: Vec<Tensor>,
+    /// V-V stream at each tapped layer (empty without `vv_from`); equals the ordinary stream for
+    /// layers before the V-V path starts.
+    pub vv_taps: Vec<Tensor>,
+}
+
+/// A stack of residual blocks with the hooks.
+#[derive(Debug, Clone)]
+pub struct Encoder {
+    layers: Vec<ResidualBlock>,
+}
+
+impl Encoder {
+    pub fn load(
+        vb: VarBuilder,
+        depth: usize,
+        dim: usize,
+        heads: usize,
+        mlp_dim: usize,
+        eps: f64,
+        act: Activation,
+    ) -> Result<Self> {
+        let vb = vb.pp("layers");
+        let layers = (0..depth)
+            .map(|i| ResidualBlock::load(vb.pp(i), dim, heads, mlp_dim, eps, act))
+            .collect::<Result<_>>()?;
+        Ok(Self { layers })
+    }
+
+    pub fn depth(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn check_hooks(&self, hooks: &Hooks, dim: usize) -> Result<()> {
+        let depth = self.layers.len();
+        if let Some(&bad) = hooks.taps.iter().find(|&&t| t > depth) {
+            return Err(crate::error::invalid!("layer {bad} requested but the tower has {depth} layers"));
+        }
+        if let Some(w) = hooks.head_weights {
+            let heads = self.layers[0].num_heads();
+            if w.dims() != [depth, heads] {
+                return Err(crate::error::invalid!(
+                    "head weights have shape {:?}, expected [{depth}, {heads}]",
+                    w.dims()
+                ));
+            }
+        }
+        if hooks.prompts.len() > depth {
+            return Err(crate::error::invalid!(
+                "prompts given for {} layers but the tower has {depth}",
+                hooks.prompts.len()
+            ));
+        }
+        for p in hooks.prompts.iter().flatten() {
+            if p.dim(D::Minus1)? != dim || !(2..=3).contains(&p.rank()) {
+                return Err(crate::error::invalid!(
+                    "prompt tokens have shape {:?}, expected [n, {dim}] or [B, n, {dim}]",
+                    p.dims()
+                ));
+            }
+        }
+        if let Some(v) = hooks.vv_from {
+            if v == 0 || v > depth {
+                return Err(crate::error::invalid!("V-V start layer {v} is outside 1..={depth}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// # Shapes
+    /// `xs: [B, L, D]` -> [`EncoderOutput`] with `[B, L, D]` tensors.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        mask: Option<&Tensor>,
+        hooks: &Hooks,
+        placement: PromptPlacement,
+    ) -> Result<EncoderOutput> {
+        let (batch, base_len, dim) = xs.dims3()?;
+        self.check_hooks(hooks, dim)?;
+        let mut x = xs.clone();
+        let mut x_vv: Option<Tensor> = None;
+        let mut n_prompt = 0usize; // prompt tokens currently appended (Append placement)
+        let mut taps: Vec<Option<Tensor>> = vec![None; hooks.taps.len()];
+        let mut vv_taps: Vec<Option<Tensor>> = vec![None; hooks.taps.len()];
+        let strip = |t: &Tensor| -> Result<Tensor> {
+            Ok(if t.dim(1)? == base_len { t.clone() } else { t.narrow(1, 0, base_len)? })
+        };
+        let mut record = |layer: usize, x: &Tensor, vv: Option<&Tensor>| -> Result<()> {
+            for (slot, &t) in hooks.taps.iter().enumerate() {
+                if t == layer {
+                    taps[slot] = Some(strip(x)?);
+                    vv_taps[slot] = Some(strip(vv.unwrap_or(x))?);
+                }
+            }
+            Ok(())
+        };
+        record(0, &x, None)?;
+        for (i, block) in self.layers.iter().enumerate() {
+            if let Some(Some(p)) = hooks.prompts.get(i) {
+                let p = if p.rank() == 2 { p.unsqueeze(0)? } else { p.clone() };
+                let p = p.to_dtype(x.dtype())?.broadcast_as((batch, p.dim(1)?, dim))?;
+                let n = p.dim(1)?;
+                let insert = |x: &Tensor| -> Result<Tensor> {
+                    Ok(match placement {
+                        PromptPlacement::Append if n_prompt == 0 => Tensor::cat(&[x, &p], 1)?,
+                        PromptPlacement::Append => {
+                            if n != n_prompt {
+                                return Err(crate::error::invalid!(
+                                    "layer {i} substitutes {n} prompt tokens but {n_prompt} are present"
+                                ));
+                            }
+                            Tensor::cat(&[&x.narrow(1, 0, base_len)?, &p], 1)?
+                        }
+                        PromptPlacement::AfterStart => {
+                            let len = x.dim(1)?;
+                            if 1 + n > len {
+                                return Err(crate::error::invalid!(
+                                    "{n} prompt tokens do not fit after SOT in {len} positions"
+                                ));
+                            }
+                            Tensor::cat(&[&x.narrow(1, 0, 1)?, &p, &x.narrow(1, 1 + n, len - 1 - n)?], 1)?
+                        }
+                    })
+                };
+                x = insert(&x)?;
+                if let Some(v) = &x_vv {
+                    x_vv = Some(insert(v)?);
+                }
+                if placement == PromptPlacement::Append {
+                    n_prompt = n;
+                }
+            }
+            let layer = i + 1;
+            let with_vv = hooks.vv_from.is_some_and(|v| layer >= v);
+            let hw = match hooks.head_weights {
+                Some(w) => Some(w.get(i)?),
+                None => None,
+            };
+            let (next, vv) = block.forward(&x, mask, hw.as_ref(), with_vv)?;
+            if let Some(vv) = vv {
+                // DPAM: the V-V stream starts from the ordinary stream entering its first layer.
+                let base = x_vv.as_ref().unwrap_or(&x);
+                x_vv = Some((base + vv)?);
+            }
+            x = next;
+            record(layer, &x, x_vv.as_ref())?;
+        }
+        drop(record);
+        let collect = |v: Vec<Option<Tensor>>| v.into_iter().map(|t| t.expect("every tap recorded")).collect();
+        Ok(EncoderOutput {
+            last: strip(&x)?,
+            taps: collect(taps),
+            vv_taps: if hooks.vv_from.is_some() { collect(vv_taps) } else { Vec::new() },
+        })
+    }
+}

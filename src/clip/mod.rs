@@ -1,0 +1,119 @@
+//! CLIP ViT backbone on candle: both towers, weight loading for every common naming, the
+//! tokenizer and the preprocessing, with the hooks that the anomaly methods need
+//! (taps, per-head weights, deep prompts, V-V attention). SPEC §0 and §6.
+
+pub mod config;
+pub mod hub;
+pub mod layers;
+pub mod preprocess;
+pub mod text;
+pub mod tokenizer;
+pub mod vision;
+pub mod weights;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+pub use config::{Activation, ClipConfig, PosInterpolation, TextConfig, VisionConfig};
+pub use hub::ModelSource;
+pub use layers::Hooks;
+pub use text::{TextOutput, TextTransformer};
+pub use tokenizer::ClipTokenizer;
+pub use vision::{VisionOutput, VisionTransformer};
+
+use crate::{Error, Result};
+
+/// Both towers and their projections (Hugging Face `CLIPModel`).
+#[derive(Debug, Clone)]
+pub struct ClipModel {
+    pub vision: VisionTransformer,
+    pub text: TextTransformer,
+    pub config: ClipConfig,
+}
+
+impl ClipModel {
+    /// Builds the model from Hugging Face names under `vb` (`vision_model`, `text_model`,
+    /// `visual_projection`, `text_projection`).
+    pub fn load(vb: VarBuilder, cfg: &ClipConfig) -> Result<Self> {
+        cfg.validate()?;
+        Ok(Self {
+            vision: VisionTransformer::load(
+                vb.pp("vision_model"),
+                vb.pp("visual_projection"),
+                &cfg.vision_config,
+                cfg.projection_dim,
+            )?,
+            text: TextTransformer::load(vb.pp("text_model"), vb.pp("text_projection"), &cfg.text_config, cfg.projection_dim)?,
+            config: cfg.clone(),
+        })
+    }
+
+    /// Hugging Face `get_image_features`: `[B, 3, S, S]` -> `[B, E]` (not normalised).
+    pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        Ok(self.vision.forward(pixels, &Hooks::default())?.pooled)
+    }
+
+    /// Hugging Face `get_text_features`: token ids -> `[N, E]` (not normalised).
+    pub fn text_features(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
+        Ok(self.text.forward_ids(ids, &Hooks::default())?.pooled)
+    }
+}
+
+/// Options for [`load_model`].
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub dtype: DType,
+    pub device: Device,
+    /// Overrides the MLP activation of the checkpoint's config (AdaCLIP: exact GELU).
+    pub activation: Option<Activation>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { dtype: DType::F32, device: Device::Cpu, activation: None }
+    }
+}
+
+/// A loaded model with what it came from.
+pub struct LoadedModel {
+    pub model: ClipModel,
+    pub source: ModelSource,
+    /// `tokenizer.json` found beside the weights, if any.
+    pub tokenizer: Option<std::path::PathBuf>,
+    /// How the weights were named (`None` for random weights).
+    pub naming: Option<weights::Naming>,
+}
+
+/// Resolves `spec` (see [`hub::resolve`]) and loads the model.
+pub fn load_model(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
+    let source = hub::resolve(spec)?;
+    match &source {
+        ModelSource::Random { arch, seed } => {
+            let mut cfg = ClipConfig::by_name(arch).expect("resolve checked the name");
+            if let Some(a) = opts.activation {
+                cfg = cfg.with_activation(a);
+            }
+            let vb = VarBuilder::from_backend(Box::new(weights::RandomWeights { seed: *seed }), opts.dtype, opts.device.clone());
+            let model = ClipModel::load(vb, &cfg)?;
+            Ok(LoadedModel { model, source, tokenizer: None, naming: None })
+        }
+        ModelSource::Files { config, weights: files, tokenizer } => {
+            let ckpt = weights::Checkpoint::open(files)?;
+            let naming = ckpt.naming();
+            let mut cfg = match config {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+                    ClipConfig::from_hf_json(&text).map_err(|e| Error::Model(format!("{}: {e}", path.display())))?
+                }
+                None => ckpt.infer_config()?,
+            };
+            if let Some(a) = opts.activation {
+                cfg = cfg.with_activation(a);
+            }
+            let origin = files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+            let model = ClipModel::load(ckpt.var_builder(opts.dtype, &opts.device), &cfg)
+                .map_err(|e| Error::Weights { file: origin, message: e.to_string() })?;
+            Ok(LoadedModel { model, source: source.clone(), tokenizer: tokenizer.clone(), naming: Some(naming) })
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! Data I/O that does not depend on the model: image decoding and PIL-exact resizing.
+
+pub mod image;

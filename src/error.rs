@@ -1,0 +1,56 @@
+//! Typed errors of the library. The binary wraps them with `anyhow` context and prints the chain.
+
+use std::path::PathBuf;
+
+/// Errors raised by the library. Each variant names the file, tensor or flag at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor operation failed (shape mismatch inside a forward pass, device error, ...).
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The model files could not be found, read, or do not describe a CLIP model.
+    #[error("{0}")]
+    Model(String),
+
+    /// A weight is missing or has the wrong shape.
+    #[error("weights {file}: {message}")]
+    Weights { file: String, message: String },
+
+    /// An image could not be decoded or is unusable.
+    #[error("{path}: {message}")]
+    Image { path: PathBuf, message: String },
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// A caller passed an argument that does not fit the model (layer out of range, prompt width ...).
+    #[error("{0}")]
+    InvalidArgument(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// `bail!`-style shorthand for [`Error::InvalidArgument`].
+macro_rules! invalid {
+    ($($arg:tt)*) => {
+        $crate::error::Error::InvalidArgument(format!($($arg)*))
+    };
+}
+pub(crate) use invalid;

@@ -1,0 +1,13 @@
+//! zsad: zero-shot visual anomaly detection with CLIP, on candle.
+//!
+//! Layers, from the bottom: [`clip`] (the backbone, exact to the reference implementations),
+//! [`data`] (image decoding and PIL-exact resizing), [`interp`] (PyTorch-exact interpolation
+//! weights), and [`cli`] (the `zsad` command line).
+
+pub mod cli;
+pub mod clip;
+pub mod data;
+pub mod error;
+pub mod interp;
+
+pub use error::{Error, Result};

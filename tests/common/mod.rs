@@ -1,0 +1,61 @@
+//! Helpers shared by the integration tests: fixture paths, the deterministic pixel input that
+//! `scripts/make_fixtures.py` also computes, and tensor comparison.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// `../shared` beside the project, if present.
+pub fn shared() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
+    p.exists().then_some(p)
+}
+
+/// x[n,c,h,w] = ((7n + 13c + 17h + 31w) mod 97) / 48.5 - 1, in f32 as in the fixture script.
+pub fn pixels(n: usize, size: usize) -> Tensor {
+    let mut v = Vec::with_capacity(n * 3 * size * size);
+    for b in 0..n {
+        for c in 0..3 {
+            for h in 0..size {
+                for w in 0..size {
+                    let k = (7 * b + 13 * c + 17 * h + 31 * w) % 97;
+                    v.push(k as f32 / 48.5f32 - 1.0f32);
+                }
+            }
+        }
+    }
+    Tensor::from_vec(v, (n, 3, size, size), &Device::Cpu).unwrap()
+}
+
+pub fn load_expected(name: &str) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join(name), &Device::Cpu).unwrap()
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+#[track_caller]
+pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
+    let d = max_abs_diff(got, want);
+    assert!(d <= tol, "{what}: max abs error {d} > {tol}");
+}
+
+/// Token ids stored as i64 `[N, L]` -> rows of u32.
+pub fn ids(t: &Tensor) -> Vec<Vec<u32>> {
+    t.to_dtype(DType::I64)
+        .unwrap()
+        .to_vec2::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.into_iter().map(|x| x as u32).collect())
+        .collect()
+}
