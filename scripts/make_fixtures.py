@@ -156,6 +156,14 @@ def models():
     texts = ["a photo of a cat", "a bad photo of a damaged bottle.", "flawless object"]
     ids = pad([tok(t)["input_ids"] for t in texts])
     out = reference_outputs(m, ids, 2, 32)
+    # The whole `zsad features` pipeline on a real file: PIL bicubic to 32 px, ToTensor, CLIP mean/std.
+    img = Image.open(OUT / "preprocess" / "rgb_50x37.png").convert("RGB").resize((32, 32), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img).astype(np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    with torch.no_grad():
+        v = m.vision_model(pixel_values=((x - mean) / std)[None])
+        out["file_image_embeds"] = m.visual_projection(v.pooler_output)
     save_file({k: v.contiguous() for k, v in out.items()}, str(OUT / "tiny-quickgelu.expected.safetensors"),
               metadata={"texts": json.dumps(texts)})
 
@@ -251,8 +259,8 @@ def main():
     if not (SHARED / "clip-tokenizer").exists():
         sys.exit(f"{SHARED / 'clip-tokenizer'} is needed")
     OUT.mkdir(parents=True, exist_ok=True)
-    models()
     preprocessing()
+    models()
     tokens()
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print(f"wrote {OUT} ({total / 1e6:.2f} MB)")

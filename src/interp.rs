@@ -76,11 +76,19 @@ mod tests {
 
     #[test]
     fn identity_when_sizes_match() {
-        for m in [bicubic_matrix(5, 5), bilinear_matrix(5, 5, false), bilinear_matrix(5, 5, true)] {
+        for m in [
+            bicubic_matrix(5, 5),
+            bilinear_matrix(5, 5, false),
+            bilinear_matrix(5, 5, true),
+        ] {
             for r in 0..5 {
                 for c in 0..5 {
                     let want = if r == c { 1.0 } else { 0.0 };
-                    assert!((m[r * 5 + c] - want).abs() < TOL, "{r},{c}: {}", m[r * 5 + c]);
+                    assert!(
+                        (m[r * 5 + c] - want).abs() < TOL,
+                        "{r},{c}: {}",
+                        m[r * 5 + c]
+                    );
                 }
             }
         }
@@ -128,7 +136,16 @@ mod tests {
     fn bicubic_matches_torch_on_a_ramp() {
         let m = bicubic_matrix(4, 8);
         let x = [0.0f32, 1.0, 2.0, 3.0];
-        let want = [-0.10546875, 0.19140625, 0.66796875, 1.296875, 1.703125, 2.33203125, 2.80859375, 3.10546875];
+        let want = [
+            -0.10546875,
+            0.19140625,
+            0.66796875,
+            1.296875,
+            1.703125,
+            2.33203125,
+            2.80859375,
+            3.10546875,
+        ];
         for o in 0..8 {
             let y: f32 = (0..4).map(|i| m[o * 4 + i] * x[i]).sum();
             assert!((y - want[o]).abs() < 1e-5, "{o}: {y} vs {}", want[o]);

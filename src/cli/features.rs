@@ -63,13 +63,19 @@ pub fn run(args: FeaturesArgs) -> anyhow::Result<()> {
     let vision = model.vision.at_image_size(size, args.pos_interp.into())?;
     for &l in &args.layers {
         if l > vision.depth() {
-            bail!("--layers {l}: the vision tower has {} layers", vision.depth());
+            bail!(
+                "--layers {l}: the vision tower has {} layers",
+                vision.depth()
+            );
         }
     }
     let mut out: HashMap<String, Tensor> = HashMap::new();
 
     if !args.images.is_empty() {
-        let hooks = Hooks { taps: &args.layers, ..Default::default() };
+        let hooks = Hooks {
+            taps: &args.layers,
+            ..Default::default()
+        };
         let mut pooled = Vec::new();
         let mut taps: Vec<Vec<Tensor>> = vec![Vec::new(); args.layers.len()];
         for chunk in args.images.chunks(args.batch_size.max(1)) {
@@ -109,7 +115,13 @@ pub fn run(args: FeaturesArgs) -> anyhow::Result<()> {
         ("image_size".to_string(), size.to_string()),
         (
             "images".to_string(),
-            serde_json::to_string(&args.images.iter().map(|p| p.display().to_string()).collect::<Vec<_>>())?,
+            serde_json::to_string(
+                &args
+                    .images
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>(),
+            )?,
         ),
         ("texts".to_string(), serde_json::to_string(&args.texts)?),
     ]
@@ -121,10 +133,16 @@ pub fn run(args: FeaturesArgs) -> anyhow::Result<()> {
 }
 
 /// safetensors bytes of f32 tensors with string metadata.
-pub fn serialize(tensors: &HashMap<String, Tensor>, meta: HashMap<String, String>) -> anyhow::Result<Vec<u8>> {
+pub fn serialize(
+    tensors: &HashMap<String, Tensor>,
+    meta: HashMap<String, String>,
+) -> anyhow::Result<Vec<u8>> {
     let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, t) in tensors {
-        let t = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let t = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let bytes: Vec<u8> = t.iter().flat_map(|v| v.to_le_bytes()).collect();
         data.push((name.clone(), tensors[name].dims().to_vec(), bytes));
     }
@@ -132,7 +150,11 @@ pub fn serialize(tensors: &HashMap<String, Tensor>, meta: HashMap<String, String
     let views = data
         .iter()
         .map(|(n, shape, bytes)| {
-            let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)?;
+            let v = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                shape.clone(),
+                bytes,
+            )?;
             Ok((n.clone(), v))
         })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;

@@ -39,9 +39,11 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
     let (pv, pt) = parameter_count(c);
     let source = match &loaded.source {
         ModelSource::Random { arch, seed } => format!("random weights ({arch}, seed {seed})"),
-        ModelSource::Files { weights, .. } => {
-            weights.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-        }
+        ModelSource::Files { weights, .. } => weights
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
     };
     let naming = match loaded.naming {
         Some(crate::clip::weights::Naming::HuggingFace) => "hugging_face",
@@ -94,7 +96,10 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
     println!("embedding   {}", c.projection_dim);
     println!(
         "tokenizer   {}",
-        loaded.tokenizer.as_ref().map_or("none beside the weights (pass --tokenizer where needed)".into(), |p| p.display().to_string())
+        loaded.tokenizer.as_ref().map_or(
+            "none beside the weights (pass --tokenizer where needed)".into(),
+            |p| p.display().to_string()
+        )
     );
     Ok(())
 }

@@ -296,7 +296,10 @@ mod tests {
         }
         let l = ClipConfig::by_name("ViT-L/14@336").unwrap();
         assert_eq!(l.vision_config.grid(), 24);
-        assert_eq!(ClipConfig::by_name("openai/clip-vit-base-patch16"), Some(ClipConfig::vit_b_16()));
+        assert_eq!(
+            ClipConfig::by_name("openai/clip-vit-base-patch16"),
+            Some(ClipConfig::vit_b_16())
+        );
         assert!(ClipConfig::by_name("resnet50").is_none());
     }
 
@@ -304,6 +307,10 @@ mod tests {
     fn rejects_bad_heads() {
         let mut c = ClipConfig::tiny();
         c.vision_config.num_attention_heads = 3;
-        assert!(c.validate().unwrap_err().to_string().contains("num_attention_heads"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("num_attention_heads"));
     }
 }

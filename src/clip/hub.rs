@@ -30,7 +30,11 @@ const WEIGHT_NAMES: &[&str] = &[
 pub fn resolve(spec: &str) -> Result<ModelSource> {
     if let Some(rest) = spec.strip_prefix("random:") {
         let (arch, seed) = match rest.split_once(':') {
-            Some((a, s)) => (a, s.parse().map_err(|_| Error::Model(format!("bad seed in `{spec}`")))?),
+            Some((a, s)) => (
+                a,
+                s.parse()
+                    .map_err(|_| Error::Model(format!("bad seed in `{spec}`")))?,
+            ),
             None => (rest, 0),
         };
         if super::ClipConfig::by_name(arch).is_none() {
@@ -39,7 +43,10 @@ pub fn resolve(spec: &str) -> Result<ModelSource> {
                 super::ClipConfig::NAMES.join(", ")
             )));
         }
-        return Ok(ModelSource::Random { arch: arch.to_string(), seed });
+        return Ok(ModelSource::Random {
+            arch: arch.to_string(),
+            seed,
+        });
     }
     let path = Path::new(spec);
     if path.exists() {
@@ -86,22 +93,33 @@ fn from_path(path: &Path) -> Result<ModelSource> {
                 "{}: expected one of {} (or a single .safetensors/.bin/.pth file), found {}",
                 path.display(),
                 WEIGHT_NAMES.join(", "),
-                if found.is_empty() { "none".to_string() } else { format!("{} candidates", found.len()) }
+                if found.is_empty() {
+                    "none".to_string()
+                } else {
+                    format!("{} candidates", found.len())
+                }
             )));
         }
         found
     };
-    Ok(ModelSource::Files { config: existing("config.json"), weights, tokenizer: existing("tokenizer.json") })
+    Ok(ModelSource::Files {
+        config: existing("config.json"),
+        weights,
+        tokenizer: existing("tokenizer.json"),
+    })
 }
 
 fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::Model(format!("{}: {e}", index.display())))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Model(format!("{}: {e}", index.display())))?;
     let map = json["weight_map"]
         .as_object()
         .ok_or_else(|| Error::Model(format!("{}: no weight_map", index.display())))?;
-    let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
     files.sort();
     files.dedup();
     let dir = index.parent().unwrap_or(Path::new("."));
@@ -130,7 +148,11 @@ fn from_hub(id: &str) -> Result<ModelSource> {
     let weights = WEIGHT_NAMES.iter().find_map(|n| cached.get(n));
     let tokenizer = cached.get("tokenizer.json");
     if let (Some(config), Some(weights)) = (&config, &weights) {
-        return Ok(ModelSource::Files { config: Some(config.clone()), weights: vec![weights.clone()], tokenizer });
+        return Ok(ModelSource::Files {
+            config: Some(config.clone()),
+            weights: vec![weights.clone()],
+            tokenizer,
+        });
     }
     let missing = || {
         let mut m = Vec::new();
@@ -159,13 +181,19 @@ fn from_hub(id: &str) -> Result<ModelSource> {
         .build()
         .map_err(|e| hint(&format!("the hub client failed ({e})")))?;
     let repo = api.model(id.to_string());
-    let config = repo.get("config.json").map_err(|e| hint(&format!("the download failed ({e})")))?;
+    let config = repo
+        .get("config.json")
+        .map_err(|e| hint(&format!("the download failed ({e})")))?;
     let weights = ["model.safetensors", "pytorch_model.bin"]
         .iter()
         .find_map(|n| repo.get(n).ok())
         .ok_or_else(|| hint("the download of model.safetensors failed"))?;
     let tokenizer = repo.get("tokenizer.json").ok();
-    Ok(ModelSource::Files { config: Some(config), weights: vec![weights], tokenizer })
+    Ok(ModelSource::Files {
+        config: Some(config),
+        weights: vec![weights],
+        tokenizer,
+    })
 }
 
 #[cfg(test)]
@@ -176,10 +204,22 @@ mod tests {
     fn random_specs() {
         assert_eq!(
             resolve("random:ViT-L-14-336").unwrap(),
-            ModelSource::Random { arch: "ViT-L-14-336".into(), seed: 0 }
+            ModelSource::Random {
+                arch: "ViT-L-14-336".into(),
+                seed: 0
+            }
         );
-        assert_eq!(resolve("random:tiny:5").unwrap(), ModelSource::Random { arch: "tiny".into(), seed: 5 });
-        assert!(resolve("random:resnet").unwrap_err().to_string().contains("known:"));
+        assert_eq!(
+            resolve("random:tiny:5").unwrap(),
+            ModelSource::Random {
+                arch: "tiny".into(),
+                seed: 5
+            }
+        );
+        assert!(resolve("random:resnet")
+            .unwrap_err()
+            .to_string()
+            .contains("known:"));
     }
 
     #[test]
@@ -192,6 +232,9 @@ mod tests {
 
     #[test]
     fn unknown_spec() {
-        assert!(resolve("definitely-not-here").unwrap_err().to_string().contains("neither"));
+        assert!(resolve("definitely-not-here")
+            .unwrap_err()
+            .to_string()
+            .contains("neither"));
     }
 }

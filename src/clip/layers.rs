@@ -54,7 +54,11 @@ impl Module for LayerNorm {
 
 fn linear(vb: VarBuilder, d_in: usize, d_out: usize, bias: bool) -> Result<Linear> {
     let w = vb.get((d_out, d_in), "weight")?;
-    let b = if bias { Some(vb.get(d_out, "bias")?) } else { None };
+    let b = if bias {
+        Some(vb.get(d_out, "bias")?)
+    } else {
+        None
+    };
     Ok(Linear::new(w, b))
 }
 
@@ -295,7 +299,9 @@ impl Encoder {
     fn check_hooks(&self, hooks: &Hooks, dim: usize) -> Result<()> {
         let depth = self.layers.len();
         if let Some(&bad) = hooks.taps.iter().find(|&&t| t > depth) {
-            return Err(crate::error::invalid!("layer {bad} requested but the tower has {depth} layers"));
+            return Err(crate::error::invalid!(
+                "layer {bad} requested but the tower has {depth} layers"
+            ));
         }
         if let Some(w) = hooks.head_weights {
             let heads = self.layers[0].num_heads();
@@ -322,7 +328,9 @@ impl Encoder {
         }
         if let Some(v) = hooks.vv_from {
             if v == 0 || v > depth {
-                return Err(crate::error::invalid!("V-V start layer {v} is outside 1..={depth}"));
+                return Err(crate::error::invalid!(
+                    "V-V start layer {v} is outside 1..={depth}"
+                ));
             }
         }
         Ok(())
@@ -345,7 +353,11 @@ impl Encoder {
         let mut taps: Vec<Option<Tensor>> = vec![None; hooks.taps.len()];
         let mut vv_taps: Vec<Option<Tensor>> = vec![None; hooks.taps.len()];
         let strip = |t: &Tensor| -> Result<Tensor> {
-            Ok(if t.dim(1)? == base_len { t.clone() } else { t.narrow(1, 0, base_len)? })
+            Ok(if t.dim(1)? == base_len {
+                t.clone()
+            } else {
+                t.narrow(1, 0, base_len)?
+            })
         };
         let mut record = |layer: usize, x: &Tensor, vv: Option<&Tensor>| -> Result<()> {
             for (slot, &t) in hooks.taps.iter().enumerate() {
@@ -359,8 +371,14 @@ impl Encoder {
         record(0, &x, None)?;
         for (i, block) in self.layers.iter().enumerate() {
             if let Some(Some(p)) = hooks.prompts.get(i) {
-                let p = if p.rank() == 2 { p.unsqueeze(0)? } else { p.clone() };
-                let p = p.to_dtype(x.dtype())?.broadcast_as((batch, p.dim(1)?, dim))?;
+                let p = if p.rank() == 2 {
+                    p.unsqueeze(0)?
+                } else {
+                    p.clone()
+                };
+                let p = p
+                    .to_dtype(x.dtype())?
+                    .broadcast_as((batch, p.dim(1)?, dim))?;
                 let n = p.dim(1)?;
                 let insert = |x: &Tensor| -> Result<Tensor> {
                     Ok(match placement {
@@ -380,7 +398,10 @@ impl Encoder {
                                     "{n} prompt tokens do not fit after SOT in {len} positions"
                                 ));
                             }
-                            Tensor::cat(&[&x.narrow(1, 0, 1)?, &p, &x.narrow(1, 1 + n, len - 1 - n)?], 1)?
+                            Tensor::cat(
+                                &[&x.narrow(1, 0, 1)?, &p, &x.narrow(1, 1 + n, len - 1 - n)?],
+                                1,
+                            )?
                         }
                     })
                 };
@@ -408,11 +429,347 @@ impl Encoder {
             record(layer, &x, x_vv.as_ref())?;
         }
         drop(record);
-        let collect = |v: Vec<Option<Tensor>>| v.into_iter().map(|t| t.expect("every tap recorded")).collect();
+        let collect = |v: Vec<Option<Tensor>>| {
+            v.into_iter()
+                .map(|t| t.expect("every tap recorded"))
+                .collect()
+        };
         Ok(EncoderOutput {
             last: strip(&x)?,
             taps: collect(taps),
-            vv_taps: if hooks.vv_from.is_some() { collect(vv_taps) } else { Vec::new() },
+            vv_taps: if hooks.vv_from.is_some() {
+                collect(vv_taps)
+            } else {
+                Vec::new()
+            },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clip::weights::RandomWeights;
+    use candle_core::{Device, IndexOp};
+
+    fn vb(seed: u64) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(RandomWeights { seed }), DType::F32, Device::Cpu)
+    }
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn to2(t: &Tensor) -> Vec<Vec<f32>> {
+        t.to_vec2::<f32>().unwrap()
+    }
+
+    /// Naive single-sequence attention, one head at a time, from the fused weights:
+    /// `out_proj(concat_h w_h · softmax(a_h b_hᵀ / sqrt(hd)) v_h)`, a/b = q/k or v/v.
+    fn naive(att: &Attention, x: &[Vec<f32>], hw: &[f32], vv: bool) -> Vec<Vec<f32>> {
+        let w = to2(att.qkv.weight());
+        let b = att.qkv.bias().unwrap().to_vec1::<f32>().unwrap();
+        let (l, d) = (x.len(), x[0].len());
+        let proj = |r: usize| -> Vec<Vec<f32>> {
+            (0..l)
+                .map(|i| {
+                    (0..d)
+                        .map(|o| {
+                            b[r * d + o] + (0..d).map(|k| w[r * d + o][k] * x[i][k]).sum::<f32>()
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        let (q, k, v) = (proj(0), proj(1), proj(2));
+        let (a, bb) = if vv { (&v, &v) } else { (&q, &k) };
+        let hd = att.head_dim;
+        let mut merged = vec![vec![0f32; d]; l];
+        for h in 0..att.num_heads {
+            for i in 0..l {
+                let s: Vec<f32> = (0..l)
+                    .map(|j| {
+                        (0..hd)
+                            .map(|c| a[i][h * hd + c] * bb[j][h * hd + c])
+                            .sum::<f32>()
+                            / (hd as f32).sqrt()
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f32::MIN, f32::max);
+                let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f32 = e.iter().sum();
+                for c in 0..hd {
+                    merged[i][h * hd + c] =
+                        hw[h] * (0..l).map(|j| e[j] / z * v[j][h * hd + c]).sum::<f32>();
+                }
+            }
+        }
+        let ow = to2(att.out_proj.weight());
+        let ob = att.out_proj.bias().unwrap().to_vec1::<f32>().unwrap();
+        (0..l)
+            .map(|i| {
+                (0..d)
+                    .map(|o| ob[o] + (0..d).map(|k| ow[o][k] * merged[i][k]).sum::<f32>())
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn attention_matches_a_naive_per_head_computation() {
+        let att = Attention::load(vb(3).pp("attn"), 8, 2).unwrap();
+        let x = randn(&[1, 5, 8], 1);
+        let hw = Tensor::new(&[0.5f32, 2.0], &Device::Cpu).unwrap();
+        let out = att.forward(&x, None, Some(&hw), true).unwrap();
+        let xs = to2(&x.i(0).unwrap());
+        for (got, vv) in [(out.ori, false), (out.vv.unwrap(), true)] {
+            let want = naive(&att, &xs, &[0.5, 2.0], vv);
+            let got = to2(&got.i(0).unwrap());
+            for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+                assert!((g - w).abs() < 1e-5, "vv={vv}: {g} vs {w}");
+            }
+        }
+    }
+
+    fn encoder() -> Encoder {
+        Encoder::load(vb(5), 3, 8, 2, 16, 1e-5, Activation::QuickGelu).unwrap()
+    }
+
+    /// Append placement: prompts at layer 0 are appended, at layer 1 they replace the last n
+    /// tokens; taps drop them. Checked against the blocks applied by hand.
+    #[test]
+    fn vision_prompts_are_appended_then_substituted() {
+        let enc = encoder();
+        let x = randn(&[2, 4, 8], 2);
+        let p0 = randn(&[3, 8], 3);
+        let p1 = randn(&[2, 3, 8], 4); // per-image prompts
+        let prompts = [Some(p0.clone()), Some(p1.clone())];
+        let taps = [1, 3];
+        let got = enc
+            .forward(
+                &x,
+                None,
+                &Hooks {
+                    taps: &taps,
+                    prompts: &prompts,
+                    ..Default::default()
+                },
+                PromptPlacement::Append,
+            )
+            .unwrap();
+        let blk = |i: usize, x: &Tensor| enc.layers[i].forward(x, None, None, false).unwrap().0;
+        let x1 = blk(
+            0,
+            &Tensor::cat(
+                &[
+                    &x,
+                    &p0.unsqueeze(0).unwrap().broadcast_as((2, 3, 8)).unwrap(),
+                ],
+                1,
+            )
+            .unwrap(),
+        );
+        let x2 = blk(
+            1,
+            &Tensor::cat(&[&x1.narrow(1, 0, 4).unwrap(), &p1], 1).unwrap(),
+        );
+        let x3 = blk(2, &x2);
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert_eq!(got.taps[0].dims(), &[2, 4, 8]);
+        assert!(diff(&got.taps[0], &x1.narrow(1, 0, 4).unwrap()) < 1e-6);
+        assert!(diff(&got.taps[1], &x3.narrow(1, 0, 4).unwrap()) < 1e-6);
+        assert!(diff(&got.last, &got.taps[1]) == 0.0);
+    }
+
+    /// AfterStart placement substitutes positions 1..=n: substituting the values already there
+    /// changes nothing, other values change everything after SOT.
+    #[test]
+    fn text_prompts_substitute_after_start() {
+        let enc = encoder();
+        let x = randn(&[2, 6, 8], 6);
+        let same = x.narrow(1, 1, 2).unwrap(); // [2, 2, 8]
+        let taps = [3];
+        let plain = enc
+            .forward(
+                &x,
+                None,
+                &Hooks {
+                    taps: &taps,
+                    ..Default::default()
+                },
+                PromptPlacement::AfterStart,
+            )
+            .unwrap();
+        let prompts = [Some(same)];
+        let subst = enc
+            .forward(
+                &x,
+                None,
+                &Hooks {
+                    taps: &taps,
+                    prompts: &prompts,
+                    ..Default::default()
+                },
+                PromptPlacement::AfterStart,
+            )
+            .unwrap();
+        let d = (&plain.taps[0] - &subst.taps[0])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+        let other = [None, Some(randn(&[2, 8], 7))];
+        let changed = enc
+            .forward(
+                &x,
+                None,
+                &Hooks {
+                    taps: &taps,
+                    prompts: &other,
+                    ..Default::default()
+                },
+                PromptPlacement::AfterStart,
+            )
+            .unwrap();
+        assert_eq!(changed.taps[0].dims(), &[2, 6, 8]);
+        let sot = (plain.taps[0].i((.., 0)).unwrap() - changed.taps[0].i((.., 0)).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        assert!(
+            sot.to_scalar::<f32>().unwrap() > 0.0,
+            "without a causal mask SOT sees the prompts"
+        );
+    }
+
+    /// AnomalyCLIP's DPAM recursion: x_vv starts as the stream entering layer v and accumulates
+    /// only V-V attention outputs (no MLP), while the ordinary stream is unchanged.
+    #[test]
+    fn vv_path_follows_anomalyclip() {
+        let enc = encoder();
+        let x = randn(&[1, 4, 8], 8);
+        let taps = [1, 2, 3];
+        let plain = enc
+            .forward(
+                &x,
+                None,
+                &Hooks {
+                    taps: &taps,
+                    ..Default::default()
+                },
+                PromptPlacement::Append,
+            )
+            .unwrap();
+        let out = enc
+            .forward(
+                &x,
+                None,
+                &Hooks {
+                    taps: &taps,
+                    vv_from: Some(2),
+                    ..Default::default()
+                },
+                PromptPlacement::Append,
+            )
+            .unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        for i in 0..3 {
+            assert_eq!(
+                diff(&plain.taps[i], &out.taps[i]),
+                0.0,
+                "ordinary stream untouched"
+            );
+        }
+        assert_eq!(
+            diff(&out.vv_taps[0], &out.taps[0]),
+            0.0,
+            "before the V-V start both streams agree"
+        );
+        let x1 = &out.taps[0];
+        let vv = |i: usize, x_ori: &Tensor| {
+            let h = enc.layers[i].layer_norm1.forward(x_ori).unwrap();
+            enc.layers[i]
+                .self_attn
+                .forward(&h, None, None, true)
+                .unwrap()
+                .vv
+                .unwrap()
+        };
+        let want2 = (x1 + vv(1, x1)).unwrap();
+        let want3 = (&want2 + vv(2, &out.taps[1])).unwrap();
+        assert!(diff(&out.vv_taps[1], &want2) < 1e-6);
+        assert!(diff(&out.vv_taps[2], &want3) < 1e-6);
+    }
+
+    /// With a learnable tensor upstream, the differentiable ops are used: gradients are non-zero.
+    #[test]
+    fn gradients_reach_prompts_and_head_weights() {
+        let enc = encoder();
+        let x = randn(&[1, 4, 8], 9);
+        let p = candle_core::Var::from_tensor(&randn(&[2, 8], 10)).unwrap();
+        let hw = candle_core::Var::ones((3, 2), DType::F32, &Device::Cpu).unwrap();
+        let prompts = [Some(p.as_tensor().clone())];
+        let out = enc
+            .forward(
+                &x,
+                None,
+                &Hooks {
+                    taps: &[3],
+                    prompts: &prompts,
+                    head_weights: Some(hw.as_tensor()),
+                    vv_from: Some(2),
+                },
+                PromptPlacement::Append,
+            )
+            .unwrap();
+        let loss = (out.taps[0].sqr().unwrap().sum_all().unwrap()
+            + out.vv_taps[0].sqr().unwrap().sum_all().unwrap())
+        .unwrap();
+        let grads = loss.backward().unwrap();
+        for (name, v) in [("prompt", &p), ("head weights", &hw)] {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 1e-12, "{name} gradient is zero");
+        }
     }
 }

@@ -43,7 +43,12 @@ impl ClipModel {
                 &cfg.vision_config,
                 cfg.projection_dim,
             )?,
-            text: TextTransformer::load(vb.pp("text_model"), vb.pp("text_projection"), &cfg.text_config, cfg.projection_dim)?,
+            text: TextTransformer::load(
+                vb.pp("text_model"),
+                vb.pp("text_projection"),
+                &cfg.text_config,
+                cfg.projection_dim,
+            )?,
             config: cfg.clone(),
         })
     }
@@ -70,7 +75,11 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, device: Device::Cpu, activation: None }
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            activation: None,
+        }
     }
 }
 
@@ -93,27 +102,55 @@ pub fn load_model(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
             if let Some(a) = opts.activation {
                 cfg = cfg.with_activation(a);
             }
-            let vb = VarBuilder::from_backend(Box::new(weights::RandomWeights { seed: *seed }), opts.dtype, opts.device.clone());
+            let vb = VarBuilder::from_backend(
+                Box::new(weights::RandomWeights { seed: *seed }),
+                opts.dtype,
+                opts.device.clone(),
+            );
             let model = ClipModel::load(vb, &cfg)?;
-            Ok(LoadedModel { model, source, tokenizer: None, naming: None })
+            Ok(LoadedModel {
+                model,
+                source,
+                tokenizer: None,
+                naming: None,
+            })
         }
-        ModelSource::Files { config, weights: files, tokenizer } => {
+        ModelSource::Files {
+            config,
+            weights: files,
+            tokenizer,
+        } => {
             let ckpt = weights::Checkpoint::open(files)?;
             let naming = ckpt.naming();
             let mut cfg = match config {
                 Some(path) => {
                     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-                    ClipConfig::from_hf_json(&text).map_err(|e| Error::Model(format!("{}: {e}", path.display())))?
+                    ClipConfig::from_hf_json(&text)
+                        .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?
                 }
                 None => ckpt.infer_config()?,
             };
             if let Some(a) = opts.activation {
                 cfg = cfg.with_activation(a);
             }
-            let origin = files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
-            let model = ClipModel::load(ckpt.var_builder(opts.dtype, &opts.device), &cfg)
-                .map_err(|e| Error::Weights { file: origin, message: e.to_string() })?;
-            Ok(LoadedModel { model, source: source.clone(), tokenizer: tokenizer.clone(), naming: Some(naming) })
+            let origin = files
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let model =
+                ClipModel::load(ckpt.var_builder(opts.dtype, &opts.device), &cfg).map_err(|e| {
+                    Error::Weights {
+                        file: origin,
+                        message: e.to_string(),
+                    }
+                })?;
+            Ok(LoadedModel {
+                model,
+                source: source.clone(),
+                tokenizer: tokenizer.clone(),
+                naming: Some(naming),
+            })
         }
     }
 }

@@ -29,10 +29,17 @@ pub struct TextOutput {
 }
 
 impl TextTransformer {
-    pub fn load(vb: VarBuilder, proj_vb: VarBuilder, cfg: &TextConfig, embed_dim: usize) -> Result<Self> {
+    pub fn load(
+        vb: VarBuilder,
+        proj_vb: VarBuilder,
+        cfg: &TextConfig,
+        embed_dim: usize,
+    ) -> Result<Self> {
         let d = cfg.hidden_size;
         let emb = vb.pp("embeddings");
-        let tok = emb.pp("token_embedding").get((cfg.vocab_size, d), "weight")?;
+        let tok = emb
+            .pp("token_embedding")
+            .get((cfg.vocab_size, d), "weight")?;
         Ok(Self {
             token_embedding: Embedding::new(tok, d),
             position_embedding: emb
@@ -72,7 +79,9 @@ impl TextTransformer {
                     let max = seq.iter().copied().max().unwrap_or(0);
                     seq.iter().position(|&t| t == max).unwrap_or(0)
                 } else {
-                    seq.iter().position(|&t| t == self.cfg.eos_token_id).unwrap_or(0)
+                    seq.iter()
+                        .position(|&t| t == self.cfg.eos_token_id)
+                        .unwrap_or(0)
                 }
             })
             .collect()
@@ -85,7 +94,11 @@ impl TextTransformer {
         if ids.iter().any(|s| s.len() != l) {
             return Err(crate::error::invalid!("token sequences differ in length"));
         }
-        if let Some(&bad) = ids.iter().flatten().find(|&&t| t as usize >= self.cfg.vocab_size) {
+        if let Some(&bad) = ids
+            .iter()
+            .flatten()
+            .find(|&&t| t as usize >= self.cfg.vocab_size)
+        {
             return Err(crate::error::invalid!(
                 "token id {bad} is outside the text model's vocabulary of {}",
                 self.cfg.vocab_size
@@ -105,10 +118,18 @@ impl TextTransformer {
 
     /// The pass from token embeddings `[N, L, D]` (learnable context already spliced in) with
     /// the pooling position of each sequence. Prompt tokens of `hooks` replace positions `1..=n`.
-    pub fn forward_embeds(&self, tokens: &Tensor, eot: &[usize], hooks: &Hooks) -> Result<TextOutput> {
+    pub fn forward_embeds(
+        &self,
+        tokens: &Tensor,
+        eot: &[usize],
+        hooks: &Hooks,
+    ) -> Result<TextOutput> {
         let (n, l, _d) = tokens.dims3()?;
         if eot.len() != n {
-            return Err(crate::error::invalid!("{} EOT positions for {n} sequences", eot.len()));
+            return Err(crate::error::invalid!(
+                "{} EOT positions for {n} sequences",
+                eot.len()
+            ));
         }
         if l > self.cfg.max_position_embeddings {
             return Err(crate::error::invalid!(
@@ -117,15 +138,34 @@ impl TextTransformer {
             ));
         }
         if let Some(&bad) = eot.iter().find(|&&e| e >= l) {
-            return Err(crate::error::invalid!("EOT position {bad} is outside {l} tokens"));
+            return Err(crate::error::invalid!(
+                "EOT position {bad} is outside {l} tokens"
+            ));
         }
-        let widest_prompt = hooks.prompts.iter().flatten().map(|p| p.dim(p.rank() - 2)).collect::<candle_core::Result<Vec<_>>>()?;
-        let need = eot.iter().max().map_or(1, |m| m + 1).max(1 + widest_prompt.into_iter().max().unwrap_or(0));
+        let widest_prompt = hooks
+            .prompts
+            .iter()
+            .flatten()
+            .map(|p| p.dim(p.rank() - 2))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let need = eot
+            .iter()
+            .max()
+            .map_or(1, |m| m + 1)
+            .max(1 + widest_prompt.into_iter().max().unwrap_or(0));
         let len = need.min(l);
         let x = tokens.narrow(1, 0, len)?;
-        let x = x.broadcast_add(&self.position_embedding.narrow(0, 0, len)?.unsqueeze(0)?.to_dtype(x.dtype())?)?;
+        let x = x.broadcast_add(
+            &self
+                .position_embedding
+                .narrow(0, 0, len)?
+                .unsqueeze(0)?
+                .to_dtype(x.dtype())?,
+        )?;
         let mask = causal_mask(len, x.dtype(), x.device())?;
-        let out = self.encoder.forward(&x, Some(&mask), hooks, PromptPlacement::AfterStart)?;
+        let out = self
+            .encoder
+            .forward(&x, Some(&mask), hooks, PromptPlacement::AfterStart)?;
         let h = self.final_layer_norm.forward(&out.last)?;
         let rows = eot
             .iter()
@@ -133,7 +173,10 @@ impl TextTransformer {
             .map(|(i, &e)| h.i((i, e)))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let pooled = self.projection.forward(&Tensor::stack(&rows, 0)?)?;
-        Ok(TextOutput { pooled, taps: out.taps })
+        Ok(TextOutput {
+            pooled,
+            taps: out.taps,
+        })
     }
 }
 

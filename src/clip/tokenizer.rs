@@ -17,9 +17,14 @@ impl ClipTokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        let tok = Self { inner, context_length: 77 };
+        let tok = Self {
+            inner,
+            context_length: 77,
+        };
         // Guard against a non-CLIP tokenizer.json: its special tokens must be CLIP's.
-        if tok.inner.token_to_id("<|startoftext|>") != Some(SOT) || tok.inner.token_to_id("<|endoftext|>") != Some(EOT) {
+        if tok.inner.token_to_id("<|startoftext|>") != Some(SOT)
+            || tok.inner.token_to_id("<|endoftext|>") != Some(EOT)
+        {
             return Err(Error::Tokenizer(format!(
                 "{}: not a CLIP tokenizer (<|startoftext|> must be {SOT} and <|endoftext|> {EOT})",
                 path.display()
@@ -35,7 +40,10 @@ impl ClipTokenizer {
 
     /// BPE ids of `text` without SOT/EOT.
     pub fn bpe(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(format!("{text:?}: {e}")))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(format!("{text:?}: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -65,7 +73,8 @@ mod tests {
     use super::*;
 
     fn shared() -> Option<ClipTokenizer> {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/clip-tokenizer/tokenizer.json");
+        let p =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/clip-tokenizer/tokenizer.json");
         if !p.exists() {
             eprintln!("skipping: {} is absent", p.display());
             return None;

@@ -41,13 +41,22 @@ pub struct VisionOutput {
 
 impl VisionTransformer {
     /// Loads `vision_model.*` from `vb` and the projection from `proj_vb` (`visual_projection`).
-    pub fn load(vb: VarBuilder, proj_vb: VarBuilder, cfg: &VisionConfig, embed_dim: usize) -> Result<Self> {
+    pub fn load(
+        vb: VarBuilder,
+        proj_vb: VarBuilder,
+        cfg: &VisionConfig,
+        embed_dim: usize,
+    ) -> Result<Self> {
         let d = cfg.hidden_size;
         let emb = vb.pp("embeddings");
-        let conv_cfg = Conv2dConfig { stride: cfg.patch_size, ..Default::default() };
-        let conv_w = emb
-            .pp("patch_embedding")
-            .get((d, cfg.num_channels, cfg.patch_size, cfg.patch_size), "weight")?;
+        let conv_cfg = Conv2dConfig {
+            stride: cfg.patch_size,
+            ..Default::default()
+        };
+        let conv_w = emb.pp("patch_embedding").get(
+            (d, cfg.num_channels, cfg.patch_size, cfg.patch_size),
+            "weight",
+        )?;
         let patch_embedding = Conv2d::new(conv_w, None, conv_cfg);
         let class_embedding = emb.get(d, "class_embedding")?;
         let n_pos = cfg.grid() * cfg.grid() + 1;
@@ -102,7 +111,9 @@ impl VisionTransformer {
     pub fn at_image_size(&self, image_size: usize, mode: PosInterpolation) -> Result<Self> {
         let p = self.cfg.patch_size;
         if image_size < p {
-            return Err(crate::error::invalid!("image size {image_size} is smaller than one {p}px patch"));
+            return Err(crate::error::invalid!(
+                "image size {image_size} is smaller than one {p}px patch"
+            ));
         }
         let mut out = self.clone();
         out.image_size = image_size;
@@ -122,10 +133,15 @@ impl VisionTransformer {
                 s = self.image_size
             ));
         }
-        let x = self.patch_embedding.forward(&pixels.to_dtype(self.class_embedding.dtype())?)?; // [B, D, g, g]
+        let x = self
+            .patch_embedding
+            .forward(&pixels.to_dtype(self.class_embedding.dtype())?)?; // [B, D, g, g]
         let x = x.flatten_from(2)?.transpose(1, 2)?; // [B, P, D]
         let d = self.cfg.hidden_size;
-        let cls = self.class_embedding.reshape((1, 1, d))?.broadcast_as((b, 1, d))?;
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, d))?
+            .broadcast_as((b, 1, d))?;
         let x = Tensor::cat(&[&cls, &x], 1)?;
         let x = x.broadcast_add(&self.positions.unsqueeze(0)?)?;
         Ok(self.pre_layrnorm.forward(&x)?)
@@ -134,16 +150,25 @@ impl VisionTransformer {
     /// The full pass with hooks; `Hooks::default()` is Hugging Face `get_image_features`.
     pub fn forward(&self, pixels: &Tensor, hooks: &Hooks) -> Result<VisionOutput> {
         let x = self.embed(pixels)?;
-        let out = self.encoder.forward(&x, None, hooks, PromptPlacement::Append)?;
+        let out = self
+            .encoder
+            .forward(&x, None, hooks, PromptPlacement::Append)?;
         let cls = out.last.narrow(1, 0, 1)?.squeeze(1)?;
         let pooled = self.project(&cls)?;
-        Ok(VisionOutput { pooled, last: out.last, taps: out.taps, vv_taps: out.vv_taps })
+        Ok(VisionOutput {
+            pooled,
+            last: out.last,
+            taps: out.taps,
+            vv_taps: out.vv_taps,
+        })
     }
 
     /// `ln_post(x) @ proj` on any tokens `[..., D]` -> `[..., E]` (AnomalyCLIP projects every
     /// patch token this way; AdaCLIP uses the raw stream instead).
     pub fn project(&self, tokens: &Tensor) -> Result<Tensor> {
-        Ok(self.projection.forward(&self.post_layernorm.forward(tokens)?)?)
+        Ok(self
+            .projection
+            .forward(&self.post_layernorm.forward(tokens)?)?)
     }
 
     /// `x @ proj` without ln_post (AnomalyCLIP's image feature quirk, SPEC §2).
@@ -157,7 +182,9 @@ pub fn resize_positions(pos: &Tensor, n: usize, mode: PosInterpolation) -> Resul
     let (len, d) = pos.dims2()?;
     let g = ((len - 1) as f64).sqrt().round() as usize;
     if g * g + 1 != len {
-        return Err(crate::error::invalid!("position embedding of {len} rows is not 1 + a square grid"));
+        return Err(crate::error::invalid!(
+            "position embedding of {len} rows is not 1 + a square grid"
+        ));
     }
     if n == g {
         return Ok(pos.clone());
@@ -172,7 +199,11 @@ pub fn resize_positions(pos: &Tensor, n: usize, mode: PosInterpolation) -> Resul
     let grid = pos.narrow(0, 1, g * g)?.to_dtype(candle_core::DType::F32)?;
     // rows: [n, g] @ [g, g*D] -> [n, g, D]; columns: [n, n, g] @ [n, g, D] -> [n, n, D]
     let rows = m.matmul(&grid.reshape((g, g * d))?)?.reshape((n, g, d))?;
-    let both = m.unsqueeze(0)?.broadcast_as((n, n, g))?.contiguous()?.matmul(&rows)?;
+    let both = m
+        .unsqueeze(0)?
+        .broadcast_as((n, n, g))?
+        .contiguous()?
+        .matmul(&rows)?;
     let both = both.reshape((n * n, d))?.to_dtype(dtype)?;
     Ok(Tensor::cat(&[&pos.narrow(0, 0, 1)?, &both], 0)?)
 }

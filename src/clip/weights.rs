@@ -32,7 +32,9 @@ enum Raw {
 
 impl Raw {
     fn open(files: &[PathBuf]) -> Result<Self> {
-        let first = files.first().ok_or_else(|| Error::Model("no weight file given".into()))?;
+        let first = files
+            .first()
+            .ok_or_else(|| Error::Model("no weight file given".into()))?;
         let is_pickle = files.len() == 1
             && matches!(
                 first.extension().and_then(|e| e.to_str()),
@@ -57,7 +59,8 @@ impl Raw {
         } else {
             // SAFETY: the file is mapped read-only; like every mmap user we assume it is not
             // truncated while the model loads.
-            let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }.map_err(fail)?;
+            let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
+                .map_err(fail)?;
             Ok(Raw::Safetensors(st))
         }
     }
@@ -72,7 +75,10 @@ impl Raw {
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
         match self {
             Raw::Safetensors(s) => s.get(name).ok().map(|v| v.shape().to_vec()),
-            Raw::Pickle(p) => p.tensor_infos().get(name).map(|i| i.layout.shape().dims().to_vec()),
+            Raw::Pickle(p) => p
+                .tensor_infos()
+                .get(name)
+                .map(|i| i.layout.shape().dims().to_vec()),
         }
     }
 
@@ -81,7 +87,9 @@ impl Raw {
             Raw::Safetensors(s) => s.load(name, dev),
             Raw::Pickle(p) => p
                 .get(name)?
-                .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }),
+                .ok_or_else(|| candle_core::Error::CannotFindTensor {
+                    path: name.to_string(),
+                }),
         }
     }
 }
@@ -100,17 +108,53 @@ pub enum Derive {
 pub fn openai_name(hf: &str) -> Option<(String, Derive)> {
     use Derive::*;
     let fixed = [
-        ("vision_model.embeddings.patch_embedding.weight", "visual.conv1.weight", Same),
-        ("vision_model.embeddings.class_embedding", "visual.class_embedding", Same),
-        ("vision_model.embeddings.position_embedding.weight", "visual.positional_embedding", Same),
-        ("vision_model.pre_layrnorm.weight", "visual.ln_pre.weight", Same),
+        (
+            "vision_model.embeddings.patch_embedding.weight",
+            "visual.conv1.weight",
+            Same,
+        ),
+        (
+            "vision_model.embeddings.class_embedding",
+            "visual.class_embedding",
+            Same,
+        ),
+        (
+            "vision_model.embeddings.position_embedding.weight",
+            "visual.positional_embedding",
+            Same,
+        ),
+        (
+            "vision_model.pre_layrnorm.weight",
+            "visual.ln_pre.weight",
+            Same,
+        ),
         ("vision_model.pre_layrnorm.bias", "visual.ln_pre.bias", Same),
-        ("vision_model.post_layernorm.weight", "visual.ln_post.weight", Same),
-        ("vision_model.post_layernorm.bias", "visual.ln_post.bias", Same),
+        (
+            "vision_model.post_layernorm.weight",
+            "visual.ln_post.weight",
+            Same,
+        ),
+        (
+            "vision_model.post_layernorm.bias",
+            "visual.ln_post.bias",
+            Same,
+        ),
         ("visual_projection.weight", "visual.proj", Transpose),
-        ("text_model.embeddings.token_embedding.weight", "token_embedding.weight", Same),
-        ("text_model.embeddings.position_embedding.weight", "positional_embedding", Same),
-        ("text_model.final_layer_norm.weight", "ln_final.weight", Same),
+        (
+            "text_model.embeddings.token_embedding.weight",
+            "token_embedding.weight",
+            Same,
+        ),
+        (
+            "text_model.embeddings.position_embedding.weight",
+            "positional_embedding",
+            Same,
+        ),
+        (
+            "text_model.final_layer_norm.weight",
+            "ln_final.weight",
+            Same,
+        ),
         ("text_model.final_layer_norm.bias", "ln_final.bias", Same),
         ("text_projection.weight", "text_projection", Transpose),
     ];
@@ -163,16 +207,28 @@ impl Checkpoint {
     /// Opens one or more weight files (several = a sharded safetensors checkpoint).
     pub fn open(files: &[PathBuf]) -> Result<Self> {
         let raw = Raw::open(files)?;
-        let origin = files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        let origin = files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
         let names: HashSet<String> = raw.names().into_iter().collect();
         let probes = [
-            ("vision_model.embeddings.patch_embedding.weight", Naming::HuggingFace),
+            (
+                "vision_model.embeddings.patch_embedding.weight",
+                Naming::HuggingFace,
+            ),
             ("visual.conv1.weight", Naming::OpenAi),
         ];
         for (probe, naming) in probes {
             for prefix in ["", "module.", "model.", "clip.", "clip_model."] {
                 if names.contains(&format!("{prefix}{probe}")) {
-                    return Ok(Self { raw, naming, prefix: prefix.into(), origin });
+                    return Ok(Self {
+                        raw,
+                        naming,
+                        prefix: prefix.into(),
+                        origin,
+                    });
                 }
             }
         }
@@ -196,7 +252,10 @@ impl Checkpoint {
     /// widths, depths, patch size and trained input size; heads = width / 64 as in every CLIP
     /// ViT. The activation is QuickGELU, OpenAI's; override it for GELU-trained weights.
     pub fn infer_config(&self) -> Result<ClipConfig> {
-        let err = |m: &str| Error::Weights { file: self.origin.clone(), message: m.to_string() };
+        let err = |m: &str| Error::Weights {
+            file: self.origin.clone(),
+            message: m.to_string(),
+        };
         let (conv, pos, vproj, tok, tpos, tproj, vlayer, tlayer) = match self.naming {
             Naming::HuggingFace => (
                 "vision_model.embeddings.patch_embedding.weight",
@@ -219,13 +278,30 @@ impl Checkpoint {
                 "transformer.resblocks.",
             ),
         };
-        let conv = self.shape_of(conv).ok_or_else(|| err("missing patch embedding"))?;
-        let pos = self.shape_of(pos).ok_or_else(|| err("missing vision position embedding"))?;
-        let vproj = self.shape_of(vproj).ok_or_else(|| err("missing visual projection"))?;
-        let tok = self.shape_of(tok).ok_or_else(|| err("missing token embedding"))?;
-        let tpos = self.shape_of(tpos).ok_or_else(|| err("missing text position embedding"))?;
-        let tproj = self.shape_of(tproj).ok_or_else(|| err("missing text projection"))?;
-        if conv.len() != 4 || pos.len() != 2 || vproj.len() != 2 || tok.len() != 2 || tpos.len() != 2 {
+        let conv = self
+            .shape_of(conv)
+            .ok_or_else(|| err("missing patch embedding"))?;
+        let pos = self
+            .shape_of(pos)
+            .ok_or_else(|| err("missing vision position embedding"))?;
+        let vproj = self
+            .shape_of(vproj)
+            .ok_or_else(|| err("missing visual projection"))?;
+        let tok = self
+            .shape_of(tok)
+            .ok_or_else(|| err("missing token embedding"))?;
+        let tpos = self
+            .shape_of(tpos)
+            .ok_or_else(|| err("missing text position embedding"))?;
+        let tproj = self
+            .shape_of(tproj)
+            .ok_or_else(|| err("missing text projection"))?;
+        if conv.len() != 4
+            || pos.len() != 2
+            || vproj.len() != 2
+            || tok.len() != 2
+            || tpos.len() != 2
+        {
             return Err(err("unexpected tensor ranks for a CLIP ViT"));
         }
         let count_layers = |prefix: &str| {
@@ -233,7 +309,13 @@ impl Checkpoint {
             self.raw
                 .names()
                 .iter()
-                .filter_map(|n| n.strip_prefix(&full)?.split('.').next()?.parse::<usize>().ok())
+                .filter_map(|n| {
+                    n.strip_prefix(&full)?
+                        .split('.')
+                        .next()?
+                        .parse::<usize>()
+                        .ok()
+                })
                 .max()
                 .map_or(0, |m| m + 1)
         };
@@ -315,7 +397,14 @@ impl Checkpoint {
 }
 
 impl SimpleBackend for Checkpoint {
-    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let t = self.fetch(name, dev)?;
         if t.shape() != &s {
             return Err(candle_core::Error::Msg(format!(
@@ -350,7 +439,9 @@ pub struct RandomWeights {
 
 impl RandomWeights {
     fn values(&self, name: &str, n: usize) -> Vec<f32> {
-        let is_norm = ["layer_norm", "layrnorm", "layernorm"].iter().any(|k| name.contains(k));
+        let is_norm = ["layer_norm", "layrnorm", "layernorm"]
+            .iter()
+            .any(|k| name.contains(k));
         if name.ends_with(".bias") {
             return vec![0.0; n];
         }
@@ -386,10 +477,22 @@ impl RandomWeights {
 }
 
 impl SimpleBackend for RandomWeights {
-    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         Tensor::from_vec(self.values(name, s.elem_count()), s, dev)?.to_dtype(dtype)
     }
-    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         candle_core::bail!("random weights need a shape for `{name}`")
     }
     fn contains_tensor(&self, _name: &str) -> bool {
@@ -412,10 +515,26 @@ mod tests {
     #[test]
     fn openai_names_cover_a_block() {
         let cases = [
-            ("vision_model.encoder.layers.3.self_attn.q_proj.weight", "visual.transformer.resblocks.3.attn.in_proj_weight", Derive::Chunk(0)),
-            ("vision_model.encoder.layers.3.self_attn.k_proj.bias", "visual.transformer.resblocks.3.attn.in_proj_bias", Derive::Chunk(1)),
-            ("text_model.encoder.layers.11.self_attn.v_proj.weight", "transformer.resblocks.11.attn.in_proj_weight", Derive::Chunk(2)),
-            ("text_model.encoder.layers.0.mlp.fc2.bias", "transformer.resblocks.0.mlp.c_proj.bias", Derive::Same),
+            (
+                "vision_model.encoder.layers.3.self_attn.q_proj.weight",
+                "visual.transformer.resblocks.3.attn.in_proj_weight",
+                Derive::Chunk(0),
+            ),
+            (
+                "vision_model.encoder.layers.3.self_attn.k_proj.bias",
+                "visual.transformer.resblocks.3.attn.in_proj_bias",
+                Derive::Chunk(1),
+            ),
+            (
+                "text_model.encoder.layers.11.self_attn.v_proj.weight",
+                "transformer.resblocks.11.attn.in_proj_weight",
+                Derive::Chunk(2),
+            ),
+            (
+                "text_model.encoder.layers.0.mlp.fc2.bias",
+                "transformer.resblocks.0.mlp.c_proj.bias",
+                Derive::Same,
+            ),
             ("visual_projection.weight", "visual.proj", Derive::Transpose),
         ];
         for (hf, oa, d) in cases {
@@ -433,6 +552,9 @@ mod tests {
         let v = r.values("big.weight", 100_000);
         let mean = v.iter().sum::<f32>() / v.len() as f32;
         let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / v.len() as f32).sqrt();
-        assert!(mean.abs() < 1e-3 && (std - 0.02).abs() < 1e-3, "{mean} {std}");
+        assert!(
+            mean.abs() < 1e-3 && (std - 0.02).abs() < 1e-3,
+            "{mean} {std}"
+        );
     }
 }

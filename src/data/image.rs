@@ -7,19 +7,21 @@
 //! rounding `v / 257` (PIL's `convert("RGB")` clips them instead, which saturates most 16-bit
 //! images). Alpha is dropped without compositing, as `convert("RGB")` does.
 //!
-//! Resizing: Pillow's convolution resampling via `fast_image_resize` (same kernels, support
-//! scaled on downscale, 8-bit rounding per pass): `BICUBIC` (Keys a = -0.5) for images,
-//! `BILINEAR` for masks.
+//! Resizing: Pillow's convolution resampling, bit-exact ([`super::resample`]): `BICUBIC`
+//! (Keys a = -0.5) for images, `BILINEAR` for masks.
 
 use std::path::Path;
 
-use fast_image_resize::{self as fr, images::Image as FrImage, FilterType, PixelType, ResizeAlg, ResizeOptions};
 use image::{DynamicImage, GrayImage, ImageDecoder, ImageReader, RgbImage};
 
+use super::resample::{resize, Filter};
 use crate::{Error, Result};
 
 fn image_error(path: &Path, message: impl Into<String>) -> Error {
-    Error::Image { path: path.to_path_buf(), message: message.into() }
+    Error::Image {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
 }
 
 /// Decodes any supported image file, EXIF orientation applied.
@@ -37,12 +39,19 @@ pub fn decode_bytes(path: &Path, bytes: &[u8]) -> Result<DynamicImage> {
         .with_guessed_format()
         .map_err(|e| image_error(path, format!("cannot read: {e}")))?;
     if reader.format().is_none() {
-        return Err(image_error(path, "not an image: unrecognised file signature"));
+        return Err(image_error(
+            path,
+            "not an image: unrecognised file signature",
+        ));
     }
-    let mut decoder = reader.into_decoder().map_err(|e| image_error(path, format!("cannot decode: {e}")))?;
-    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img =
-        DynamicImage::from_decoder(decoder).map_err(|e| image_error(path, format!("cannot decode: {e}")))?;
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| image_error(path, format!("cannot decode: {e}")))?;
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder)
+        .map_err(|e| image_error(path, format!("cannot decode: {e}")))?;
     img.apply_orientation(orientation);
     if img.width() == 0 || img.height() == 0 {
         return Err(image_error(path, "image has no pixels"));
@@ -71,33 +80,42 @@ pub fn to_luma8(img: &DynamicImage) -> GrayImage {
     }
 }
 
-fn resize_u8(src: &[u8], w: u32, h: u32, pt: PixelType, dw: u32, dh: u32, filter: FilterType) -> Vec<u8> {
-    if (w, h) == (dw, dh) {
-        return src.to_vec();
-    }
-    let src = FrImage::from_vec_u8(w, h, src.to_vec(), pt).expect("buffer matches its size");
-    let mut dst = FrImage::new(dw, dh, pt);
-    let opts = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(filter)).use_alpha(false);
-    fr::Resizer::new().resize(&src, &mut dst, &opts).expect("same pixel type, non-empty images");
-    dst.into_vec()
-}
-
 /// PIL `img.resize((w, h), Image.BICUBIC)` of an RGB image (aspect ratio not kept).
 pub fn resize_bicubic(img: &RgbImage, w: u32, h: u32) -> RgbImage {
-    let out = resize_u8(img.as_raw(), img.width(), img.height(), PixelType::U8x3, w, h, FilterType::CatmullRom);
+    let out = resize(
+        img.as_raw(),
+        img.width() as usize,
+        img.height() as usize,
+        3,
+        w as usize,
+        h as usize,
+        Filter::Bicubic,
+    );
     RgbImage::from_raw(w, h, out).expect("size matches")
 }
 
 /// PIL `mask.resize((w, h), Image.BILINEAR)` of an 8-bit grey image.
 pub fn resize_bilinear_gray(img: &GrayImage, w: u32, h: u32) -> GrayImage {
-    let out = resize_u8(img.as_raw(), img.width(), img.height(), PixelType::U8, w, h, FilterType::Bilinear);
+    let out = resize(
+        img.as_raw(),
+        img.width() as usize,
+        img.height() as usize,
+        1,
+        w as usize,
+        h as usize,
+        Filter::Bilinear,
+    );
     GrayImage::from_raw(w, h, out).expect("size matches")
 }
 
 /// The references' mask pipeline: bilinear resize of the 0/255 mask, `ToTensor`, `> 0.5`.
 /// Row-major booleans.
 pub fn resize_mask(mask: &GrayImage, w: u32, h: u32) -> Vec<bool> {
-    resize_bilinear_gray(mask, w, h).as_raw().iter().map(|&v| v as f32 / 255.0 > 0.5).collect()
+    resize_bilinear_gray(mask, w, h)
+        .as_raw()
+        .iter()
+        .map(|&v| v as f32 / 255.0 > 0.5)
+        .collect()
 }
 
 #[cfg(test)]
@@ -107,18 +125,31 @@ mod tests {
     #[test]
     fn errors_name_the_problem() {
         let p = Path::new("x.png");
-        assert!(decode_bytes(p, b"").unwrap_err().to_string().contains("empty file"));
-        let e = decode_bytes(p, b"hello, I am text").unwrap_err().to_string();
+        assert!(decode_bytes(p, b"")
+            .unwrap_err()
+            .to_string()
+            .contains("empty file"));
+        let e = decode_bytes(p, b"hello, I am text")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("x.png") && e.contains("not an image"), "{e}");
         let mut png = Vec::new();
-        DynamicImage::new_rgb8(4, 4).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
-        let e = decode_bytes(p, &png[..png.len() / 2]).unwrap_err().to_string();
+        DynamicImage::new_rgb8(4, 4)
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let e = decode_bytes(p, &png[..png.len() / 2])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cannot decode"), "{e}");
     }
 
     #[test]
     fn sixteen_bit_is_scaled_not_clipped() {
-        let img = DynamicImage::ImageLuma16(image::ImageBuffer::from_pixel(2, 2, image::Luma([32896u16])));
+        let img = DynamicImage::ImageLuma16(image::ImageBuffer::from_pixel(
+            2,
+            2,
+            image::Luma([32896u16]),
+        ));
         assert_eq!(to_rgb8(&img).get_pixel(0, 0).0, [128, 128, 128]);
     }
 

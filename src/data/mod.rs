@@ -1,3 +1,4 @@
 //! Data I/O that does not depend on the model: image decoding and PIL-exact resizing.
 
 pub mod image;
+pub mod resample;

@@ -1,0 +1,88 @@
+//! Image-encoder forward speed on random weights of the real shapes (no downloads).
+//!
+//! `cargo bench --bench encoder [-- FILTER]` prints, per configuration, ms per image and the
+//! achieved GFLOP/s (matmul FLOPs of the forward pass, counted analytically). Configurations:
+//! ViT-B/16 at 224 px and ViT-L/14 at 518 px (the AdaCLIP/AnomalyCLIP resolution, 37x37 grid),
+//! f32, all threads of the machine, one image per pass.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use zsad::clip::{load_model, Hooks, LoadOptions, PosInterpolation};
+
+/// Multiply-add FLOPs of one ViT forward: patch embedding, q/k/v/out, QKᵀ and AV, MLP, proj.
+fn vit_flops(
+    width: usize,
+    mlp: usize,
+    layers: usize,
+    patch: usize,
+    grid: usize,
+    embed: usize,
+) -> f64 {
+    let p = (grid * grid) as f64;
+    let t = p + 1.0;
+    let (d, m) = (width as f64, mlp as f64);
+    let patch_embed = 2.0 * p * d * 3.0 * (patch * patch) as f64;
+    let per_layer = 2.0 * t * (4.0 * d * d + 2.0 * d * m) + 4.0 * t * t * d;
+    patch_embed + layers as f64 * per_layer + 2.0 * d * embed as f64
+}
+
+fn main() {
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let runs: usize = std::env::var("ZSAD_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    println!("threads: {}", rayon::current_num_threads());
+    for (arch, size) in [("ViT-B-16", 224usize), ("ViT-L-14-336", 518)] {
+        let name = format!("{arch}@{size}");
+        if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
+            continue;
+        }
+        let t0 = Instant::now();
+        let model = load_model(&format!("random:{arch}"), &LoadOptions::default())
+            .unwrap()
+            .model;
+        let load_s = t0.elapsed().as_secs_f64();
+        let vision = model
+            .vision
+            .at_image_size(size, PosInterpolation::Bicubic)
+            .unwrap();
+        let c = vision.config();
+        let flops = vit_flops(
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_hidden_layers,
+            c.patch_size,
+            vision.grid(),
+            model.config.projection_dim,
+        );
+        let x = Tensor::randn(0f32, 1.0, (1, 3, size, size), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let taps: Vec<usize> = (1..=4).map(|q| q * c.num_hidden_layers / 4).collect();
+        let hooks = Hooks {
+            taps: &taps,
+            ..Default::default()
+        };
+        vision.forward(&x, &hooks).unwrap(); // warm-up
+        let mut times = Vec::new();
+        for _ in 0..runs {
+            let t = Instant::now();
+            let out = vision.forward(&x, &hooks).unwrap();
+            out.pooled.to_vec2::<f32>().unwrap();
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let median = times[times.len() / 2];
+        println!(
+            "{name:<18} {:>9.1} ms/image (median of {runs}, min {:.1})  {:>7.1} GFLOP/s  ({:.0} GFLOP/pass, random weights built in {:.1} s)",
+            median * 1e3,
+            times[0] * 1e3,
+            flops / median / 1e9,
+            flops / 1e9,
+            load_s
+        );
+    }
+}

@@ -1,0 +1,213 @@
+//! End-to-end runs of the `zsad` binary: `features`, `info`, and the error paths users meet.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use common::*;
+
+fn zsad(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_zsad"))
+        .args(args)
+        .output()
+        .expect("runs")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("zsad-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Image file -> PIL-exact resize -> model, and texts -> real tokenizer -> model, through the
+/// CLI, against transformers (tolerance 1e-4).
+#[test]
+fn features_match_the_reference_end_to_end() {
+    let Some(shared) = shared() else {
+        eprintln!("skipping: ../shared is absent");
+        return;
+    };
+    let exp = load_expected("tiny-quickgelu.expected.safetensors");
+    let meta = {
+        let bytes = std::fs::read(fixtures().join("tiny-quickgelu.expected.safetensors")).unwrap();
+        let (_, m) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        m.metadata().clone().unwrap()
+    };
+    let texts: Vec<String> = serde_json::from_str(&meta["texts"]).unwrap();
+    let out = tmp("features").join("f.safetensors");
+    let img = fixtures().join("preprocess/rgb_50x37.png");
+    let model = fixtures().join("models/tiny-quickgelu");
+    let tokenizer = shared.join("clip-tokenizer/tokenizer.json");
+    let mut args = vec![
+        "features".to_string(),
+        "--model".into(),
+        model.display().to_string(),
+        "--tokenizer".into(),
+        tokenizer.display().to_string(),
+        "--layers".into(),
+        "1,3".into(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    for t in &texts {
+        args.push("--text".into());
+        args.push(t.clone());
+    }
+    args.push(img.display().to_string());
+    args.push(img.display().to_string());
+    let o = zsad(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(got["image_embeds"].dims(), &[2, 24]);
+    assert_eq!(got["layer_1"].dims(), &[2, 17, 32]);
+    assert_eq!(got["layer_3"].dims(), &[2, 17, 32]);
+    let want = exp["file_image_embeds"].broadcast_as((2, 24)).unwrap();
+    assert_close("image_embeds (file)", &got["image_embeds"], &want, 1e-4);
+    assert_close(
+        "text_embeds",
+        &got["text_embeds"],
+        &exp["text_embeds"],
+        1e-4,
+    );
+    // No temporary file is left beside the output.
+    let left: Vec<_> = std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+}
+
+#[test]
+fn features_name_a_corrupt_image_and_fail() {
+    let d = tmp("corrupt");
+    let bad = d.join("broken.png");
+    std::fs::write(&bad, b"this is not a png").unwrap();
+    let out = d.join("f.safetensors");
+    let o = zsad(&[
+        "features",
+        "--model",
+        "random:tiny",
+        "--out",
+        out.to_str().unwrap(),
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(
+        e.contains("broken.png") && e.contains("not an image"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn features_reject_a_layer_beyond_the_depth() {
+    let d = tmp("depth");
+    let img = fixtures().join("preprocess/rgb_50x37.png");
+    let out = d.join("f.safetensors");
+    let o = zsad(&[
+        "features",
+        "-m",
+        "random:tiny",
+        "--layers",
+        "9",
+        "-o",
+        out.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("--layers 9: the vision tower has 4 layers"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// A larger input size resizes the position embedding: layer_i grows to the new grid.
+#[test]
+fn features_at_another_image_size() {
+    let d = tmp("size");
+    let img = fixtures().join("preprocess/grey_50x37.png");
+    let out = d.join("f.safetensors");
+    let o = zsad(&[
+        "features",
+        "-m",
+        "random:tiny",
+        "--image-size",
+        "48",
+        "--pos-interp",
+        "bilinear",
+        "--layers",
+        "2",
+        "-o",
+        out.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(got["layer_2"].dims(), &[1, 37, 32]);
+}
+
+#[test]
+fn info_reports_the_architecture() {
+    let o = zsad(&["info", "--model", "random:ViT-B-32", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["grid"], 7);
+    assert_eq!(j["config"]["vision_config"]["num_hidden_layers"], 12);
+    assert_eq!(j["naming"], "random");
+
+    let o = zsad(&[
+        "info",
+        "--model",
+        fixtures().join("models/tiny-vitb-openai").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("openai names") && text.contains("14x14 grid"),
+        "{text}"
+    );
+}
+
+/// Offline, a hub id that is not cached fails at once with one line that says what to fetch.
+#[test]
+fn uncached_hub_model_offline_is_one_clear_line() {
+    let cache = tmp("hub-cache");
+    let o = Command::new(env!("CARGO_BIN_EXE_zsad"))
+        .args(["info", "--model", "openai/clip-vit-base-patch16"])
+        .env("HF_HUB_CACHE", &cache)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+    assert!(e.contains("config.json and model.safetensors"), "{e}");
+    assert!(
+        e.contains("https://huggingface.co/openai/clip-vit-base-patch16"),
+        "{e}"
+    );
+    assert!(e.contains(cache.to_str().unwrap()), "{e}");
+}
+
+#[test]
+fn help_documents_models_and_exit_status() {
+    let o = zsad(&["--help"]);
+    let h = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        h.contains("random:ARCH") && h.contains("Exit status"),
+        "{h}"
+    );
+    let o = zsad(&["features", "--help"]);
+    let h = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        h.contains("image_embeds") && h.contains("hidden_states"),
+        "{h}"
+    );
+}
