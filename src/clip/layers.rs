@@ -464,6 +464,11 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
+    fn diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+        d.max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
     fn to2(t: &Tensor) -> Vec<Vec<f32>> {
         t.to_vec2::<f32>().unwrap()
     }
@@ -578,18 +583,6 @@ mod tests {
             &Tensor::cat(&[&x1.narrow(1, 0, 4).unwrap(), &p1], 1).unwrap(),
         );
         let x3 = blk(2, &x2);
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
         assert_eq!(got.taps[0].dims(), &[2, 4, 8]);
         assert!(diff(&got.taps[0], &x1.narrow(1, 0, 4).unwrap()) < 1e-6);
         assert!(diff(&got.taps[1], &x3.narrow(1, 0, 4).unwrap()) < 1e-6);
@@ -628,15 +621,7 @@ mod tests {
                 PromptPlacement::AfterStart,
             )
             .unwrap();
-        let d = (&plain.taps[0] - &subst.taps[0])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(diff(&plain.taps[0], &subst.taps[0]), 0.0);
         let other = [None, Some(randn(&[2, 8], 7))];
         let changed = enc
             .forward(
@@ -693,18 +678,6 @@ mod tests {
                 PromptPlacement::Append,
             )
             .unwrap();
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
         for i in 0..3 {
             assert_eq!(
                 diff(&plain.taps[i], &out.taps[i]),
