@@ -85,7 +85,7 @@ pub struct ModelArgs {
     /// Override the MLP activation of the checkpoint's config
     #[arg(long, value_enum)]
     pub activation: Option<ActivationArg>,
-    /// Compute precision of the backbone
+    /// Compute precision of the backbone (bf16: CUDA only)
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DTypeArg,
     /// Where to run the model
@@ -100,6 +100,9 @@ impl ModelArgs {
             DeviceArg::Cuda => candle_core::Device::new_cuda(0)
                 .context("--device cuda: no CUDA device (is zsad built with --features cuda?)")?,
         };
+        if matches!((self.dtype, self.device), (DTypeArg::Bf16, DeviceArg::Cpu)) {
+            anyhow::bail!("--dtype bf16 needs --device cuda: candle's CPU matmul has no bf16 kernel (use f32 or f16 on CPU)");
+        }
         let opts = LoadOptions {
             dtype: match self.dtype {
                 DTypeArg::F32 => candle_core::DType::F32,
