@@ -237,6 +237,26 @@ def preprocessing():
     save_file(out, str(OUT / "preprocess.expected.safetensors"))
 
 
+def maps():
+    """scipy.ndimage.gaussian_filter and F.interpolate(bilinear) references."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(2)
+    out = {}
+    m = rng.random((50, 40), dtype=np.float32)
+    out["map_50x40"] = torch.from_numpy(m)
+    for s in (4.0, 1.5):
+        out[f"gauss_50x40_s{s}"] = torch.from_numpy(gaussian_filter(m, sigma=s))
+    small = rng.random((3, 5), dtype=np.float32)  # radius 16 > size: repeated reflections
+    out["map_3x5"] = torch.from_numpy(small)
+    out["gauss_3x5_s4.0"] = torch.from_numpy(gaussian_filter(small, sigma=4.0))
+    g = torch.from_numpy(rng.standard_normal((2, 5, 6), dtype=np.float32))
+    out["grid_2x5x6"] = g
+    for ac in (True, False):
+        out[f"up_13x17_ac{int(ac)}"] = F.interpolate(g[None], size=(13, 17), mode="bilinear", align_corners=ac)[0]
+    save_file(out, str(OUT / "maps.expected.safetensors"))
+
+
 def tokens():
     tok = CLIPTokenizer(str(SHARED / "clip-tokenizer" / "vocab.json"), str(SHARED / "clip-tokenizer" / "merges.txt"))
     strings = [
@@ -261,6 +281,7 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     preprocessing()
     models()
+    maps()
     tokens()
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print(f"wrote {OUT} ({total / 1e6:.2f} MB)")

@@ -2,12 +2,14 @@
 //!
 //! Layers, from the bottom: [`clip`] (the backbone, exact to the reference implementations),
 //! [`data`] (image decoding and PIL-exact resizing), [`interp`] (PyTorch-exact interpolation
-//! weights), and [`cli`] (the `zsad` command line).
+//! weights), [`method`] (anomaly-detection pieces on top of CLIP) and [`cli`] (the `zsad`
+//! command line).
 
 pub mod cli;
 pub mod clip;
 pub mod data;
 pub mod error;
 pub mod interp;
+pub mod method;
 
 pub use error::{Error, Result};

@@ -1,0 +1,154 @@
+//! Anomaly-map post-processing exactly as the references do it: bilinear upsampling of patch
+//! grids (`F.interpolate`, both `align_corners` conventions; SPEC §6.5) and
+//! `scipy.ndimage.gaussian_filter` (SPEC §6.6).
+
+use candle_core::{Device, Tensor};
+
+use crate::interp::bilinear_matrix;
+use crate::Result;
+
+/// `F.interpolate(x, size=(out_h, out_w), mode="bilinear", align_corners=...)` of `[C, h, w]` ->
+/// `[C, out_h, out_w]`, as two matmuls with PyTorch-exact weights, so gradients flow through it
+/// (candle's `upsample_bilinear2d` has no backward).
+///
+/// AdaCLIP and April-GAN upsample logits with `align_corners=True`; AnomalyCLIP upsamples
+/// probabilities with `align_corners=False`.
+pub fn upsample_bilinear(
+    x: &Tensor,
+    out_h: usize,
+    out_w: usize,
+    align_corners: bool,
+) -> Result<Tensor> {
+    let (c, h, w) = x.dims3()?;
+    let dev = x.device();
+    let wh = Tensor::from_vec(bilinear_matrix(h, out_h, align_corners), (out_h, h), dev)?
+        .to_dtype(x.dtype())?;
+    let ww = Tensor::from_vec(bilinear_matrix(w, out_w, align_corners), (out_w, w), dev)?
+        .to_dtype(x.dtype())?;
+    // [C, h, w] @ [w, W] -> [C, h, W]; [H, h] @ [C, h, W] -> [C, H, W]
+    let cols = x
+        .reshape((c * h, w))?
+        .matmul(&ww.t()?)?
+        .reshape((c, h, out_w))?;
+    let rows = wh
+        .unsqueeze(0)?
+        .broadcast_as((c, out_h, h))?
+        .contiguous()?
+        .matmul(&cols)?;
+    Ok(rows)
+}
+
+/// scipy's `_gaussian_kernel1d(sigma, 0, radius)` with `radius = int(truncate * sigma + 0.5)`.
+pub fn gaussian_kernel(sigma: f64, truncate: f64) -> Vec<f64> {
+    let radius = (truncate * sigma + 0.5) as i64;
+    let s2 = sigma * sigma;
+    let phi: Vec<f64> = (-radius..=radius)
+        .map(|x| (-0.5 / s2 * (x * x) as f64).exp())
+        .collect();
+    let sum: f64 = phi.iter().sum();
+    phi.into_iter().map(|p| p / sum).collect()
+}
+
+/// scipy's `mode="reflect"` (half-sample symmetric, `d c b a | a b c d | d c b a`) index.
+fn reflect(i: i64, n: i64) -> usize {
+    let period = 2 * n;
+    let m = i.rem_euclid(period);
+    (if m >= n { period - 1 - m } else { m }) as usize
+}
+
+/// One `correlate1d` pass along a strided line set, in f64, stored as f32 (scipy casts each
+/// pass's output to the input dtype).
+fn correlate_pass(
+    src: &[f32],
+    dst: &mut [f32],
+    lines: usize,
+    len: usize,
+    line_stride: usize,
+    step: usize,
+    k: &[f64],
+) {
+    let r = (k.len() / 2) as i64;
+    let mut buf = vec![0f64; len];
+    for l in 0..lines {
+        let base = l * line_stride;
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = src[base + i * step] as f64;
+        }
+        for i in 0..len as i64 {
+            let mut acc = buf[i as usize] * k[r as usize];
+            for j in 1..=r {
+                let a = buf[reflect(i - j, len as i64)];
+                let b = buf[reflect(i + j, len as i64)];
+                acc += (a + b) * k[(r + j) as usize];
+            }
+            dst[base + i as usize * step] = acc as f32;
+        }
+    }
+}
+
+/// `scipy.ndimage.gaussian_filter(map, sigma, truncate=4.0, mode="reflect")` of a row-major
+/// `h x w` f32 map: axis 0 then axis 1, each pass cast to f32.
+pub fn gaussian_filter(map: &[f32], h: usize, w: usize, sigma: f64) -> Vec<f32> {
+    assert_eq!(map.len(), h * w, "map does not match {h}x{w}");
+    if sigma <= 0.0 {
+        return map.to_vec();
+    }
+    let k = gaussian_kernel(sigma, 4.0);
+    let mut tmp = vec![0f32; h * w];
+    correlate_pass(map, &mut tmp, w, h, 1, w, &k); // along axis 0 (columns)
+    let mut out = vec![0f32; h * w];
+    correlate_pass(&tmp, &mut out, h, w, w, 1, &k); // along axis 1 (rows)
+    out
+}
+
+/// Convenience: the same on a `[h, w]` tensor (computed on the CPU).
+pub fn gaussian_filter_tensor(map: &Tensor, sigma: f64) -> Result<Tensor> {
+    let (h, w) = map.dims2()?;
+    let v = map
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok(
+        Tensor::from_vec(gaussian_filter(&v, h, w, sigma), (h, w), &Device::Cpu)?
+            .to_device(map.device())?,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_radius_and_normalisation() {
+        // sigma 4 -> radius int(16.5) = 16, 33 taps (SPEC §6.6).
+        let k = gaussian_kernel(4.0, 4.0);
+        assert_eq!(k.len(), 33);
+        assert!((k.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        assert!((k[16] / k[17] - (1.0f64 / 32.0).exp()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn reflect_is_half_sample_symmetric() {
+        let idx: Vec<usize> = (-5..9).map(|i| reflect(i, 4)).collect();
+        assert_eq!(idx, vec![3, 3, 2, 1, 0, 0, 1, 2, 3, 3, 2, 1, 0, 0]);
+    }
+
+    #[test]
+    fn constant_map_is_unchanged() {
+        let m = vec![0.25f32; 6 * 9];
+        for v in gaussian_filter(&m, 6, 9, 4.0) {
+            assert!((v - 0.25).abs() < 1e-7);
+        }
+    }
+
+    #[test]
+    fn upsampling_a_constant_grid_is_constant() {
+        let x = Tensor::full(0.5f32, (2, 3, 4), &Device::Cpu).unwrap();
+        for ac in [true, false] {
+            let y = upsample_bilinear(&x, 7, 9, ac).unwrap();
+            assert_eq!(y.dims(), &[2, 7, 9]);
+            let v = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(v.iter().all(|&v| (v - 0.5).abs() < 1e-6));
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Anomaly-detection methods built on the CLIP backbone (SPEC §1-§4). Pieces land here as the
+//! methods are built: `maps` (upsampling and smoothing of anomaly maps).
+
+pub mod maps;
