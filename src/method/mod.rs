@@ -1,4 +1,5 @@
 //! Anomaly-detection methods built on the CLIP backbone (SPEC §1-§4). Pieces land here as the
-//! methods are built: `maps` (upsampling and smoothing of anomaly maps).
+//! methods are built: `maps` (upsampling and smoothing of anomaly maps), `kmeans` (HSF clustering).
 
+pub mod kmeans;
 pub mod maps;
