@@ -278,24 +278,14 @@ impl Checkpoint {
                 "transformer.resblocks.",
             ),
         };
-        let conv = self
-            .shape_of(conv)
-            .ok_or_else(|| err("missing patch embedding"))?;
-        let pos = self
-            .shape_of(pos)
-            .ok_or_else(|| err("missing vision position embedding"))?;
-        let vproj = self
-            .shape_of(vproj)
-            .ok_or_else(|| err("missing visual projection"))?;
-        let tok = self
-            .shape_of(tok)
-            .ok_or_else(|| err("missing token embedding"))?;
-        let tpos = self
-            .shape_of(tpos)
-            .ok_or_else(|| err("missing text position embedding"))?;
-        let tproj = self
-            .shape_of(tproj)
-            .ok_or_else(|| err("missing text projection"))?;
+        let need = |name: &str| {
+            self.shape_of(name)
+                .ok_or_else(|| err(&format!("tensor `{}{name}` is missing", self.prefix)))
+        };
+        let (conv, pos, vproj) = (need(conv)?, need(pos)?, need(vproj)?);
+        let (tok, tpos) = (need(tok)?, need(tpos)?);
+        // Only its presence matters: the embedding width comes from the visual projection.
+        need(tproj)?;
         if conv.len() != 4
             || pos.len() != 2
             || vproj.len() != 2
@@ -327,7 +317,6 @@ impl Checkpoint {
             Naming::OpenAi => vproj[1],
         };
         let text_width = tok[1];
-        let _ = tproj;
         let cfg = ClipConfig {
             vision_config: VisionConfig {
                 hidden_size: width,
