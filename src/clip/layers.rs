@@ -540,6 +540,10 @@ mod tests {
         }
     }
 
+    fn run(enc: &Encoder, x: &Tensor, hooks: Hooks, placement: PromptPlacement) -> EncoderOutput {
+        enc.forward(x, None, &hooks, placement).unwrap()
+    }
+
     fn encoder() -> Encoder {
         Encoder::load(vb(5), 3, 8, 2, 16, 1e-5, Activation::QuickGelu).unwrap()
     }
@@ -554,18 +558,16 @@ mod tests {
         let p1 = randn(&[2, 3, 8], 4); // per-image prompts
         let prompts = [Some(p0.clone()), Some(p1.clone())];
         let taps = [1, 3];
-        let got = enc
-            .forward(
-                &x,
-                None,
-                &Hooks {
-                    taps: &taps,
-                    prompts: &prompts,
-                    ..Default::default()
-                },
-                PromptPlacement::Append,
-            )
-            .unwrap();
+        let got = run(
+            &enc,
+            &x,
+            Hooks {
+                taps: &taps,
+                prompts: &prompts,
+                ..Default::default()
+            },
+            PromptPlacement::Append,
+        );
         let blk = |i: usize, x: &Tensor| enc.layers[i].forward(x, None, None, false).unwrap().0;
         let x1 = blk(
             0,
@@ -597,44 +599,38 @@ mod tests {
         let x = randn(&[2, 6, 8], 6);
         let same = x.narrow(1, 1, 2).unwrap(); // [2, 2, 8]
         let taps = [3];
-        let plain = enc
-            .forward(
-                &x,
-                None,
-                &Hooks {
-                    taps: &taps,
-                    ..Default::default()
-                },
-                PromptPlacement::AfterStart,
-            )
-            .unwrap();
+        let plain = run(
+            &enc,
+            &x,
+            Hooks {
+                taps: &taps,
+                ..Default::default()
+            },
+            PromptPlacement::AfterStart,
+        );
         let prompts = [Some(same)];
-        let subst = enc
-            .forward(
-                &x,
-                None,
-                &Hooks {
-                    taps: &taps,
-                    prompts: &prompts,
-                    ..Default::default()
-                },
-                PromptPlacement::AfterStart,
-            )
-            .unwrap();
+        let subst = run(
+            &enc,
+            &x,
+            Hooks {
+                taps: &taps,
+                prompts: &prompts,
+                ..Default::default()
+            },
+            PromptPlacement::AfterStart,
+        );
         assert_eq!(diff(&plain.taps[0], &subst.taps[0]), 0.0);
         let other = [None, Some(randn(&[2, 8], 7))];
-        let changed = enc
-            .forward(
-                &x,
-                None,
-                &Hooks {
-                    taps: &taps,
-                    prompts: &other,
-                    ..Default::default()
-                },
-                PromptPlacement::AfterStart,
-            )
-            .unwrap();
+        let changed = run(
+            &enc,
+            &x,
+            Hooks {
+                taps: &taps,
+                prompts: &other,
+                ..Default::default()
+            },
+            PromptPlacement::AfterStart,
+        );
         assert_eq!(changed.taps[0].dims(), &[2, 6, 8]);
         let sot = (plain.taps[0].i((.., 0)).unwrap() - changed.taps[0].i((.., 0)).unwrap())
             .unwrap()
@@ -655,29 +651,25 @@ mod tests {
         let enc = encoder();
         let x = randn(&[1, 4, 8], 8);
         let taps = [1, 2, 3];
-        let plain = enc
-            .forward(
-                &x,
-                None,
-                &Hooks {
-                    taps: &taps,
-                    ..Default::default()
-                },
-                PromptPlacement::Append,
-            )
-            .unwrap();
-        let out = enc
-            .forward(
-                &x,
-                None,
-                &Hooks {
-                    taps: &taps,
-                    vv_from: Some(2),
-                    ..Default::default()
-                },
-                PromptPlacement::Append,
-            )
-            .unwrap();
+        let plain = run(
+            &enc,
+            &x,
+            Hooks {
+                taps: &taps,
+                ..Default::default()
+            },
+            PromptPlacement::Append,
+        );
+        let out = run(
+            &enc,
+            &x,
+            Hooks {
+                taps: &taps,
+                vv_from: Some(2),
+                ..Default::default()
+            },
+            PromptPlacement::Append,
+        );
         for i in 0..3 {
             assert_eq!(
                 diff(&plain.taps[i], &out.taps[i]),
@@ -714,19 +706,17 @@ mod tests {
         let p = candle_core::Var::from_tensor(&randn(&[2, 8], 10)).unwrap();
         let hw = candle_core::Var::ones((3, 2), DType::F32, &Device::Cpu).unwrap();
         let prompts = [Some(p.as_tensor().clone())];
-        let out = enc
-            .forward(
-                &x,
-                None,
-                &Hooks {
-                    taps: &[3],
-                    prompts: &prompts,
-                    head_weights: Some(hw.as_tensor()),
-                    vv_from: Some(2),
-                },
-                PromptPlacement::Append,
-            )
-            .unwrap();
+        let out = run(
+            &enc,
+            &x,
+            Hooks {
+                taps: &[3],
+                prompts: &prompts,
+                head_weights: Some(hw.as_tensor()),
+                vv_from: Some(2),
+            },
+            PromptPlacement::Append,
+        );
         let loss = (out.taps[0].sqr().unwrap().sum_all().unwrap()
             + out.vv_taps[0].sqr().unwrap().sum_all().unwrap())
         .unwrap();

@@ -80,32 +80,35 @@ pub fn to_luma8(img: &DynamicImage) -> GrayImage {
     }
 }
 
-/// PIL `img.resize((w, h), Image.BICUBIC)` of an RGB image (aspect ratio not kept).
-pub fn resize_bicubic(img: &RgbImage, w: u32, h: u32) -> RgbImage {
+/// Pillow-exact resize of an 8-bit image of any channel count.
+fn resize_buffer<P: image::Pixel<Subpixel = u8>>(
+    img: &image::ImageBuffer<P, Vec<u8>>,
+    w: u32,
+    h: u32,
+    filter: Filter,
+) -> image::ImageBuffer<P, Vec<u8>> {
+    let channels = P::CHANNEL_COUNT as usize;
+    let (sw, sh) = (img.width() as usize, img.height() as usize);
     let out = resize(
         img.as_raw(),
-        img.width() as usize,
-        img.height() as usize,
-        3,
+        sw,
+        sh,
+        channels,
         w as usize,
         h as usize,
-        Filter::Bicubic,
+        filter,
     );
-    RgbImage::from_raw(w, h, out).expect("size matches")
+    image::ImageBuffer::from_raw(w, h, out).expect("size matches")
+}
+
+/// PIL `img.resize((w, h), Image.BICUBIC)` of an RGB image (aspect ratio not kept).
+pub fn resize_bicubic(img: &RgbImage, w: u32, h: u32) -> RgbImage {
+    resize_buffer(img, w, h, Filter::Bicubic)
 }
 
 /// PIL `mask.resize((w, h), Image.BILINEAR)` of an 8-bit grey image.
 pub fn resize_bilinear_gray(img: &GrayImage, w: u32, h: u32) -> GrayImage {
-    let out = resize(
-        img.as_raw(),
-        img.width() as usize,
-        img.height() as usize,
-        1,
-        w as usize,
-        h as usize,
-        Filter::Bilinear,
-    );
-    GrayImage::from_raw(w, h, out).expect("size matches")
+    resize_buffer(img, w, h, Filter::Bilinear)
 }
 
 /// The references' mask pipeline: bilinear resize of the 0/255 mask, `ToTensor`, `> 0.5`.
