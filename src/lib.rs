@@ -11,5 +11,6 @@ pub mod data;
 pub mod error;
 pub mod interp;
 pub mod method;
+pub mod rng;
 
 pub use error::{Error, Result};

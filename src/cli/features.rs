@@ -127,36 +127,7 @@ pub fn run(args: FeaturesArgs) -> anyhow::Result<()> {
     ]
     .into_iter()
     .collect();
-    let bytes = serialize(&out, meta)?;
+    let bytes = crate::data::tensors::serialize(&out, meta)?;
     super::write_atomic(&args.out, &bytes)?;
     Ok(())
-}
-
-/// safetensors bytes of f32 tensors with string metadata.
-pub fn serialize(
-    tensors: &HashMap<String, Tensor>,
-    meta: HashMap<String, String>,
-) -> anyhow::Result<Vec<u8>> {
-    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (name, t) in tensors {
-        let t = t
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let bytes: Vec<u8> = t.iter().flat_map(|v| v.to_le_bytes()).collect();
-        data.push((name.clone(), tensors[name].dims().to_vec(), bytes));
-    }
-    data.sort_by(|a, b| a.0.cmp(&b.0));
-    let views = data
-        .iter()
-        .map(|(n, shape, bytes)| {
-            let v = safetensors::tensor::TensorView::new(
-                safetensors::Dtype::F32,
-                shape.clone(),
-                bytes,
-            )?;
-            Ok((n.clone(), v))
-        })
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    Ok(safetensors::serialize(views, Some(meta))?)
 }

@@ -1,7 +1,10 @@
 //! The `zsad` command line: parsing, model options shared by subcommands, exit codes.
 
+mod detect;
 mod features;
+mod import;
 mod info;
+mod merge;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -13,6 +16,8 @@ use crate::clip::{self, Activation, LoadOptions, LoadedModel, PosInterpolation};
 
 /// Exit status when the command did what was asked.
 pub const EXIT_OK: u8 = 0;
+/// Exit status when some inputs could not be scored (the others were, and were written).
+pub const EXIT_SOME_FAILED: u8 = 1;
 /// Exit status for bad usage, a model that cannot be loaded, or an output that cannot be written.
 pub const EXIT_ERROR: u8 = 2;
 
@@ -27,8 +32,9 @@ Models (--model):
   random:ARCH     deterministic random weights of ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336 or
                   tiny, for benchmarks and tests without downloads (append :SEED to vary them)
 
-Exit status: 0 success; 2 bad usage, a model that cannot be loaded, an unreadable input or an
-output that cannot be written (the message names the file).";
+Exit status: 0 success; 1 some inputs could not be scored (detect: each is reported in the
+record file with an `error`, every other input is scored and written); 2 bad usage, a model or
+adapter that cannot be loaded, or an output that cannot be written (the message names the file).";
 
 /// Zero-shot visual anomaly detection with CLIP.
 #[derive(Debug, Parser)]
@@ -40,6 +46,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Score images: an anomaly score and a pixel anomaly map per image, written as records
+    /// (JSON Lines or CSV), 16-bit map PNGs and heatmaps.
+    Detect(detect::DetectArgs),
+    /// Convert a published AdaCLIP or AnomalyCLIP checkpoint (.pth) into a zsad adapter.
+    ImportCheckpoint(import::ImportArgs),
+    /// Join the output folders of `zsad detect --shard` runs.
+    Merge(merge::MergeArgs),
     /// Print a model's architecture (widths, depths, patch grid, parameters, naming).
     Info(info::InfoArgs),
     /// Write CLIP image/text embeddings and per-layer hidden states to a safetensors file.
@@ -76,8 +89,17 @@ pub enum PosInterpArg {
     Bilinear,
 }
 
+impl From<Activation> for ActivationArg {
+    fn from(a: Activation) -> Self {
+        match a {
+            Activation::QuickGelu => Self::QuickGelu,
+            Activation::Gelu => Self::Gelu,
+        }
+    }
+}
+
 /// Options that pick and load a CLIP model.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// CLIP model: folder, weight file, hub id (org/name) or random:ARCH (see below)
     #[arg(long, short = 'm', value_name = "M")]
@@ -129,37 +151,23 @@ impl From<PosInterpArg> for PosInterpolation {
     }
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename.
+/// Writes `bytes` to `path` atomically (temporary file + rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create folder {}", dir.display()))?;
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} is not a file path", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    Ok(crate::data::outputs::write_atomic(path, bytes)?)
 }
 
 /// Runs the command line; returns the process exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Info(a) => info::run(a),
-        Command::Features(a) => features::run(a),
+        Command::Detect(a) => detect::run(a),
+        Command::ImportCheckpoint(a) => import::run(a).map(|()| EXIT_OK),
+        Command::Merge(a) => merge::run(a).map(|()| EXIT_OK),
+        Command::Info(a) => info::run(a).map(|()| EXIT_OK),
+        Command::Features(a) => features::run(a).map(|()| EXIT_OK),
     };
     match result {
-        Ok(()) => ExitCode::from(EXIT_OK),
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("zsad: error: {e:#}");
             ExitCode::from(EXIT_ERROR)

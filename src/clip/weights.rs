@@ -437,31 +437,7 @@ impl RandomWeights {
         if is_norm {
             return vec![1.0; n];
         }
-        // FNV-1a of the name, mixed with the seed, drives a splitmix64 stream.
-        let mut h: u64 = 0xcbf29ce484222325 ^ self.seed.wrapping_mul(0x9e3779b97f4a7c15);
-        for b in name.bytes() {
-            h = (h ^ b as u64).wrapping_mul(0x100000001b3);
-        }
-        let mut state = h;
-        let mut next = move || {
-            state = state.wrapping_add(0x9e3779b97f4a7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-        };
-        let mut out = Vec::with_capacity(n);
-        while out.len() < n {
-            // Box-Muller
-            let (u1, u2) = (next().max(1e-300), next());
-            let r = (-2.0 * u1.ln()).sqrt() * 0.02;
-            let t = 2.0 * std::f64::consts::PI * u2;
-            out.push((r * t.cos()) as f32);
-            if out.len() < n {
-                out.push((r * t.sin()) as f32);
-            }
-        }
-        out
+        crate::rng::SplitMix64::keyed(self.seed, name).normal(n, 0.02)
     }
 }
 

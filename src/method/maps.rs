@@ -114,6 +114,45 @@ pub fn gaussian_filter_tensor(map: &Tensor, sigma: f64) -> Result<Tensor> {
     )
 }
 
+/// Bilinear resize of a row-major `h x w` f32 map to `out_h x out_w`, as
+/// `F.interpolate(mode="bilinear", align_corners=False)` without antialiasing: how a map at the
+/// model's input size is brought back to the image's own size. Bilinear weights are convex, so
+/// values stay inside the input's range.
+pub fn resize_map(map: &[f32], h: usize, w: usize, out_h: usize, out_w: usize) -> Vec<f32> {
+    assert_eq!(map.len(), h * w, "map does not match {h}x{w}");
+    if (h, w) == (out_h, out_w) {
+        return map.to_vec();
+    }
+    // (i0, i1, weight of i1) per output coordinate, PyTorch's area_pixel_compute_source_index.
+    let taps = |n_in: usize, n_out: usize| -> Vec<(usize, usize, f32)> {
+        let scale = n_in as f64 / n_out as f64;
+        (0..n_out)
+            .map(|o| {
+                let src = ((o as f64 + 0.5) * scale - 0.5).max(0.0);
+                let i0 = (src.floor() as usize).min(n_in - 1);
+                let i1 = (i0 + 1).min(n_in - 1);
+                (i0, i1, (src - i0 as f64) as f32)
+            })
+            .collect()
+    };
+    let ty = taps(h, out_h);
+    let tx = taps(w, out_w);
+    let mut rows = vec![0f32; h * out_w];
+    for y in 0..h {
+        let src = &map[y * w..(y + 1) * w];
+        for (x, &(i0, i1, l)) in tx.iter().enumerate() {
+            rows[y * out_w + x] = (1.0 - l) * src[i0] + l * src[i1];
+        }
+    }
+    let mut out = vec![0f32; out_h * out_w];
+    for (y, &(i0, i1, l)) in ty.iter().enumerate() {
+        for x in 0..out_w {
+            out[y * out_w + x] = (1.0 - l) * rows[i0 * out_w + x] + l * rows[i1 * out_w + x];
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +188,25 @@ mod tests {
             assert_eq!(y.dims(), &[2, 7, 9]);
             let v = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert!(v.iter().all(|&v| (v - 0.5).abs() < 1e-6));
+        }
+    }
+
+    #[test]
+    fn resize_map_matches_the_interpolation_matrices() {
+        let (h, w) = (5, 7);
+        let m: Vec<f32> = (0..h * w).map(|i| ((i * 37) % 11) as f32 / 10.0).collect();
+        for (oh, ow) in [(9, 13), (3, 4), (5, 7), (1, 1)] {
+            let got = resize_map(&m, h, w, oh, ow);
+            let x = Tensor::from_vec(m.clone(), (1, h, w), &Device::Cpu).unwrap();
+            let want = upsample_bilinear(&x, oh, ow, false)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-6, "{oh}x{ow}: {a} vs {b}");
+            }
         }
     }
 }

@@ -1,7 +1,18 @@
-//! Anomaly-detection methods built on the CLIP backbone (SPEC §1-§4). Pieces land here as the
-//! methods are built: `maps` (upsampling and smoothing of anomaly maps), `kmeans` (HSF
-//! clustering), `prompts` (hand-made prompt ensembles).
+//! The anomaly-detection methods on top of the CLIP towers: one configurable detector
+//! ([`detector`]) whose named presets are AdaCLIP, AnomalyCLIP, HeadCLIP, a training-free
+//! ensemble and our own combination ([`config`]); the adapter file format ([`adapter`]);
+//! import of the published checkpoints ([`import`]); and the pieces they share.
 
+pub mod adapter;
+pub mod config;
+pub mod detector;
+pub mod import;
 pub mod kmeans;
 pub mod maps;
 pub mod prompts;
+pub mod text;
+
+pub use adapter::Adapter;
+pub use config::{DetectorConfig, Preset};
+pub use detector::{Detection, Detector};
+pub use text::TextInputs;

@@ -28,6 +28,31 @@ pub const ADACLIP_TEMPLATES: &[&str] = &[
     "a cropped photo of the {}.",
 ];
 
+/// WinCLIP's templates (anomalib `prompting.py`), without its duplicated
+/// "a jpeg corrupted photo of the {}." (21 listed, 20 distinct).
+pub const WINCLIP_TEMPLATES: &[&str] = &[
+    "a cropped photo of the {}.",
+    "a close-up photo of a {}.",
+    "a close-up photo of the {}.",
+    "a bright photo of a {}.",
+    "a bright photo of the {}.",
+    "a dark photo of the {}.",
+    "a dark photo of a {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a blurry photo of the {}.",
+    "a blurry photo of a {}.",
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a photo of a small {}.",
+    "a photo of the small {}.",
+    "a photo of a large {}.",
+    "a photo of the large {}.",
+    "a photo of the {} for visual inspection.",
+    "a photo of a {} for visual inspection.",
+    "a photo of the {} for anomaly detection.",
+    "a photo of a {} for anomaly detection.",
+];
+
 /// The object word as AdaCLIP derives it from a dataset folder: `-` becomes a space,
 /// underscores stay (`metal_nut`, `pcb1`).
 pub fn class_word(folder: &str) -> String {

@@ -1,0 +1,404 @@
+//! `zsad detect`: score images, write maps, heatmaps and one record per input.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use image::RgbImage;
+
+use super::{ModelArgs, EXIT_OK, EXIT_SOME_FAILED};
+use crate::clip::{ClipTokenizer, LoadedModel};
+use crate::data::inputs::{self, Input, Shard};
+use crate::data::outputs::{self, HeatmapKind, Record, RecordFormat, RecordLog};
+use crate::method::config::JointScore;
+use crate::method::{Adapter, Detection, Detector, DetectorConfig, Preset, TextInputs};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MapFormat {
+    /// 16-bit grey PNG, value = round(p · 65535)
+    Png,
+    /// float32 NumPy array (full precision)
+    Npy,
+    /// no map files (scores only)
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JointArg {
+    /// the method's global score alone
+    None,
+    /// alpha · global + (1 − alpha) · max(map)
+    Mean,
+    /// global · max(map)
+    Product,
+    /// max(global, max(map))
+    Max,
+}
+
+#[derive(Debug, Args)]
+pub struct DetectArgs {
+    /// Images, folders (searched recursively for png/jpg/jpeg/bmp/tif/tiff/webp) or `-` to read
+    /// one path per line from stdin
+    #[arg(value_name = "INPUT", required = true)]
+    pub inputs: Vec<String>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Adapter file (from `zsad train` or `zsad import-checkpoint`); it records its preset,
+    /// image size, layers and switches
+    #[arg(long, short = 'a', value_name = "A.safetensors")]
+    pub adapter: Option<PathBuf>,
+    /// Method when no adapter is given. Only zero-shot is meaningful untrained; the others run
+    /// with freshly initialised (untrained) parameters, for timing and smoke tests
+    #[arg(long, value_enum, default_value = "zero-shot")]
+    pub preset: Preset,
+    /// Seed of the untrained parameters of --preset without --adapter
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub init_seed: u64,
+    /// Square input size of the model (default: the adapter's, else 518 for ViT-L/14-336 and
+    /// the backbone's own size otherwise)
+    #[arg(long, value_name = "S")]
+    pub image_size: Option<usize>,
+    /// Object word in the prompts of methods that use one (default: the adapter's, `object`)
+    #[arg(long, value_name = "NAME")]
+    pub class_name: Option<String>,
+    /// How map evidence is fused into the image score (default: the method's)
+    #[arg(long, value_enum)]
+    pub joint: Option<JointArg>,
+    /// Weight of the global score in `--joint mean`
+    #[arg(long, default_value_t = 0.5, value_name = "ALPHA")]
+    pub joint_alpha: f64,
+    /// tokenizer.json (default: the one beside the model)
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
+    /// Output folder (created); the input folders are never written to
+    #[arg(long, short = 'o', value_name = "DIR")]
+    pub out: PathBuf,
+    /// Record file format: DIR/scores.jsonl or DIR/scores.csv
+    #[arg(long, value_enum, default_value = "jsonl")]
+    pub format: RecordFormat,
+    /// Anomaly map files under DIR/maps/, at each image's own size
+    #[arg(long, value_enum, default_value = "png")]
+    pub maps: MapFormat,
+    /// Heatmaps under DIR/heatmaps/ (inferno colormap, fixed [0, 1] scale)
+    #[arg(long, value_enum, default_value = "overlay")]
+    pub heatmaps: HeatmapKind,
+    /// Opacity of the colour in overlay heatmaps
+    #[arg(long, default_value_t = 0.5, value_name = "A")]
+    pub heatmap_alpha: f32,
+    /// Adds `"anomalous": score >= T` to every record
+    #[arg(long, value_name = "T")]
+    pub threshold: Option<f32>,
+    /// Continue a run: skip inputs that already have a record (scored or failed)
+    #[arg(long)]
+    pub resume: bool,
+    /// With --resume: score failed inputs again, replacing their records
+    #[arg(long, requires = "resume")]
+    pub retry_failed: bool,
+    /// Start again, replacing an existing record file
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
+    /// Score only shard K of N (0-based), chosen by a stable hash of each path, so N machines
+    /// split a dataset; give each its own --out and join them with `zsad merge`
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<Shard>,
+    /// No progress bar or per-file warnings (the exit status still tells)
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+/// Builds the detector configuration and the model it needs (activation per method).
+fn setup(args: &DetectArgs) -> anyhow::Result<(LoadedModel, Adapter)> {
+    let file_adapter = match &args.adapter {
+        Some(p) => Some(Adapter::load(p).with_context(|| format!("cannot read adapter {}", p.display()))?),
+        None => None,
+    };
+    let mut model_args = args.model.clone();
+    if model_args.activation.is_none() {
+        let act = match &file_adapter {
+            Some(a) => a.config.activation,
+            None => args.preset.activation(),
+        };
+        model_args.activation = act.map(Into::into);
+    }
+    let loaded = model_args.load()?;
+    let clip = &loaded.model.config;
+    let mut adapter = match file_adapter {
+        Some(a) => a,
+        None => {
+            let cfg = DetectorConfig::preset(args.preset, clip, &args.model.model);
+            if args.preset != Preset::ZeroShot && !args.quiet {
+                eprintln!(
+                    "zsad: warning: --preset {} without --adapter runs untrained parameters (seed {}); train one with `zsad train` or import a published checkpoint",
+                    args.preset.name(),
+                    args.init_seed
+                );
+            }
+            Adapter::init(cfg, clip, args.init_seed)?
+        }
+    };
+    let cfg = &mut adapter.config;
+    if let Some(s) = args.image_size {
+        cfg.image_size = s;
+    }
+    if let Some(c) = &args.class_name {
+        cfg.class_name = c.clone();
+    }
+    if let Some(j) = args.joint {
+        cfg.joint = match j {
+            JointArg::None => JointScore::None,
+            JointArg::Mean => JointScore::Mean {
+                alpha: args.joint_alpha,
+            },
+            JointArg::Product => JointScore::Product,
+            JointArg::Max => JointScore::Max,
+        };
+    }
+    adapter.check(clip).with_context(|| match &args.adapter {
+        Some(p) => format!("adapter {} does not fit model `{}`", p.display(), args.model.model),
+        None => format!("preset {} on model `{}`", args.preset.name(), args.model.model),
+    })?;
+    Ok((loaded, adapter))
+}
+
+pub fn tokenizer(flag: &Option<PathBuf>, loaded: &LoadedModel) -> anyhow::Result<ClipTokenizer> {
+    let path = flag.clone().or_else(|| loaded.tokenizer.clone()).context(
+        "the prompts need the CLIP tokenizer: no tokenizer.json beside the model; pass --tokenizer FILE \
+         (every CLIP model shares it, e.g. tokenizer.json of openai/clip-vit-base-patch32 on huggingface.co)",
+    )?;
+    Ok(ClipTokenizer::from_file(&path)?)
+}
+
+/// A decoded, preprocessed input on its way to the model.
+struct Prepared {
+    input: Input,
+    result: Result<(RgbImage, candle_core::Tensor), String>,
+}
+
+fn prepare(input: Input, size: usize, dev: &candle_core::Device) -> Prepared {
+    let result = (|| -> crate::Result<(RgbImage, candle_core::Tensor)> {
+        let img = crate::data::image::decode(&input.path)?;
+        let rgb = crate::data::image::to_rgb8(&img);
+        let pixels = crate::clip::preprocess::preprocess(&rgb, size, dev)?;
+        Ok((rgb, pixels))
+    })()
+    .map_err(|e| {
+        // Image errors already name the file; the record's path says which input it was.
+        let msg = e.to_string();
+        let prefix = format!("{}: ", input.path.display());
+        msg.strip_prefix(&prefix).unwrap_or(&msg).to_string()
+    });
+    Prepared { input, result }
+}
+
+/// Writes the files of one scored input and returns its record.
+fn write_outputs(
+    args: &DetectArgs,
+    input: &Input,
+    rgb: &RgbImage,
+    det: &Detection,
+) -> anyhow::Result<Record> {
+    let (w, h) = rgb.dimensions();
+    let map = crate::method::maps::resize_map(&det.map, det.size, det.size, h as usize, w as usize);
+    let rel = |dir: &str, ext: &str| -> String {
+        let mut p = PathBuf::from(dir);
+        p.push(&input.key);
+        let mut s = p.into_os_string();
+        s.push(".");
+        s.push(ext);
+        PathBuf::from(s).to_string_lossy().replace('\\', "/")
+    };
+    let map_rel = match args.maps {
+        MapFormat::Png => Some(rel("maps", "png")),
+        MapFormat::Npy => Some(rel("maps", "npy")),
+        MapFormat::None => None,
+    };
+    if let Some(r) = &map_rel {
+        let bytes = match args.maps {
+            MapFormat::Png => outputs::map_png(&map, w, h)?,
+            _ => outputs::map_npy(&map, w, h),
+        };
+        outputs::write_atomic(&args.out.join(r), &bytes)?;
+    }
+    let heat_rel = match args.heatmaps {
+        HeatmapKind::None => None,
+        kind => {
+            let r = rel("heatmaps", "png");
+            let under = (kind == HeatmapKind::Overlay).then_some(rgb);
+            let img = outputs::heatmap(&map, under, w, h, args.heatmap_alpha);
+            outputs::write_atomic(&args.out.join(&r), &outputs::png_bytes_rgb(&img)?)?;
+            Some(r)
+        }
+    };
+    let map_max = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let map_mean = (map.iter().map(|&v| v as f64).sum::<f64>() / map.len() as f64) as f32;
+    Ok(Record {
+        path: input.given.clone(),
+        score: Some(det.score),
+        global_score: Some(det.global),
+        map_max: Some(map_max),
+        map_mean: Some(map_mean),
+        anomalous: args.threshold.map(|t| det.score >= t),
+        width: Some(w),
+        height: Some(h),
+        map: map_rel,
+        heatmap: heat_rel,
+        error: None,
+    })
+}
+
+/// Holds an exclusive lock on `DIR/.zsad.lock` while a run writes there.
+fn lock_out_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(".zsad.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "another zsad process is writing to {} (give each run or shard its own --out)",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
+pub fn run(args: DetectArgs) -> anyhow::Result<u8> {
+    if args.inputs.iter().filter(|a| *a == "-").count() > 1 {
+        bail!("`-` (read paths from stdin) may be given once");
+    }
+    let (loaded, adapter) = setup(&args)?;
+    let tok = tokenizer(&args.tokenizer, &loaded)?;
+    let inputs_text = TextInputs::build(&adapter.config, &tok)?;
+    let detector = Detector::new(&loaded.model, &adapter, inputs_text)
+        .context("cannot set up the detector")?;
+
+    let _lock = lock_out_dir(&args.out)?;
+    let log_path = args.out.join(args.format.file_name());
+    let mut kept: Vec<Record> = Vec::new();
+    if log_path.exists() && std::fs::metadata(&log_path)?.len() > 0 {
+        if args.resume {
+            let (records, torn) = outputs::read_records(&log_path)?;
+            if !torn.is_empty() && !args.quiet {
+                eprintln!(
+                    "zsad: warning: {}: dropping {} unreadable line(s) ({:?}); those inputs are scored again",
+                    log_path.display(),
+                    torn.len(),
+                    torn
+                );
+            }
+            kept = records
+                .into_iter()
+                .filter(|r| !(args.retry_failed && r.is_failure()))
+                .collect();
+        } else if !args.overwrite {
+            bail!(
+                "{} exists: pass --resume to continue that run or --overwrite to start again",
+                log_path.display()
+            );
+        }
+    }
+    let done: std::collections::HashSet<String> = kept.iter().map(|r| r.path.clone()).collect();
+
+    let (all, missing) = inputs::expand(&args.inputs, &mut std::io::stdin().lock())?;
+    let in_shard = |given: &str| args.shard.is_none_or(|s| s.contains(given));
+    let todo: Vec<Input> = all
+        .into_iter()
+        .filter(|i| in_shard(&i.given) && !done.contains(&i.given))
+        .collect();
+    let missing: Vec<_> = missing
+        .into_iter()
+        .filter(|m| in_shard(&m.given) && !done.contains(&m.given))
+        .collect();
+    let skipped = done.len();
+    let prior_failed = kept.iter().filter(|r| r.is_failure()).count();
+
+    let mut log = RecordLog::create(&log_path, args.format, &kept)?;
+    let mut failed = 0usize;
+    let mut scored = 0usize;
+    let show = !args.quiet;
+    for m in &missing {
+        if show {
+            eprintln!("zsad: {}: {}", m.given, m.error);
+        }
+        log.append(&Record::failed(&m.given, &m.error))?;
+        failed += 1;
+    }
+
+    let bar = if show && std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(todo.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} images  {per_sec}  ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+
+    // Decode and resize on a second thread while the model runs (bounded: little memory).
+    let size = detector.image_size();
+    let dev = detector.device().clone();
+    let (tx, rx) = mpsc::sync_channel::<Prepared>(2);
+    let producer = std::thread::spawn(move || {
+        for input in todo {
+            if tx.send(prepare(input, size, &dev)).is_err() {
+                break;
+            }
+        }
+    });
+    for item in rx {
+        let record = match item.result {
+            Err(e) => Record::failed(&item.input.given, e),
+            Ok((rgb, pixels)) => match pixels
+                .unsqueeze(0)
+                .map_err(crate::Error::from)
+                .and_then(|p| detector.detect(&p))
+            {
+                Ok(mut dets) => write_outputs(&args, &item.input, &rgb, &dets.remove(0))
+                    .with_context(|| format!("cannot write the outputs of {}", item.input.given))?,
+                Err(e) => Record::failed(&item.input.given, format!("model: {e}")),
+            },
+        };
+        if let Some(e) = &record.error {
+            failed += 1;
+            if show {
+                bar.suspend(|| eprintln!("zsad: {}: {e}", record.path));
+            }
+        } else {
+            scored += 1;
+        }
+        log.append(&record)?;
+        bar.inc(1);
+    }
+    producer.join().expect("the decoding thread panicked");
+    bar.finish_and_clear();
+    if show {
+        eprintln!(
+            "zsad: {scored} scored, {failed} failed{} -> {}",
+            if skipped > 0 {
+                format!(", {skipped} already done")
+            } else {
+                String::new()
+            },
+            log_path.display()
+        );
+    }
+    if show && prior_failed > 0 {
+        eprintln!("zsad: {prior_failed} input(s) failed in the earlier run (--retry-failed tries them again)");
+    }
+    Ok(if failed + prior_failed > 0 {
+        EXIT_SOME_FAILED
+    } else {
+        EXIT_OK
+    })
+}

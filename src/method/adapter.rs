@@ -1,0 +1,284 @@
+//! The adapter file: the few learned tensors that turn frozen CLIP into a detector, plus its
+//! [`DetectorConfig`] in the safetensors metadata (key `zsad.config`), so that a file alone says
+//! how to run it.
+//!
+//! Tensor names (Linear weights are `[out, in]`, as PyTorch stores them):
+//!
+//! | name | shape | used by |
+//! |---|---|---|
+//! | `text.ctx_normal`, `text.ctx_abnormal` | `[n_ctx, Dt]` | learned text prompts |
+//! | `text.deep.{i}`, i = 1..depth | `[len, Dt]` | deep text prompts (static part) |
+//! | `text.dynamic.{k}.weight/.bias`, k < len | `[Dt, E]` / `[Dt]` | dynamic text prompts |
+//! | `vision.deep.{i}`, i = 0..depth | `[len, Dv]` | deep visual prompts (static part) |
+//! | `vision.dynamic.{k}.weight/.bias` | `[Dv, E]` / `[Dv]` | dynamic visual prompts |
+//! | `vision.patch_proj.{j}.weight/.bias`, j per tapped layer | `[E, Dv]` / `[E]` | linear patch features |
+//! | `vision.cls_proj.weight/.bias` | `[E, E]` / `[E]` | HSF image score |
+//! | `vision.head_weights` | `[layers, heads]` | head weights (θ of the parametrisation) |
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use super::config::{DetectorConfig, HeadWeights, ImageScore, PatchFeatures, TextPrompts};
+use crate::clip::ClipConfig;
+use crate::rng::SplitMix64;
+use crate::{Error, Result};
+
+/// Metadata key of the configuration JSON.
+pub const CONFIG_KEY: &str = "zsad.config";
+/// Metadata key of the format marker.
+pub const FORMAT_KEY: &str = "zsad.format";
+pub const FORMAT: &str = "zsad-adapter/1";
+
+/// How a fresh tensor is initialised.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    /// N(0, std²) (prompt tokens: std 0.02 as AdaCLIP and AnomalyCLIP).
+    Normal(f64),
+    /// U(−1/√fan_in, 1/√fan_in): PyTorch's default for `nn.Linear` weights and biases.
+    LinearDefault { fan_in: usize },
+    Constant(f32),
+}
+
+/// One learned tensor the configuration calls for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: Init,
+}
+
+/// The tensors `cfg` needs on the backbone `clip`, in a fixed order.
+pub fn param_specs(cfg: &DetectorConfig, clip: &ClipConfig) -> Vec<ParamSpec> {
+    let dt = clip.text_config.hidden_size;
+    let dv = clip.vision_config.hidden_size;
+    let e = clip.projection_dim;
+    let mut out = Vec::new();
+    let mut push = |name: String, shape: Vec<usize>, init: Init| {
+        out.push(ParamSpec { name, shape, init })
+    };
+    let prompt = Init::Normal(0.02);
+    let linear = |prefix: &str, push: &mut dyn FnMut(String, Vec<usize>, Init), o: usize, i: usize| {
+        push(
+            format!("{prefix}.weight"),
+            vec![o, i],
+            Init::LinearDefault { fan_in: i },
+        );
+        push(format!("{prefix}.bias"), vec![o], Init::LinearDefault { fan_in: i });
+    };
+    if let TextPrompts::Learned { context_length } = cfg.text {
+        push("text.ctx_normal".into(), vec![context_length, dt], prompt);
+        push("text.ctx_abnormal".into(), vec![context_length, dt], prompt);
+    }
+    let text_deep = cfg.text_prompt_depth > 1 && cfg.text_prompt_length > 0;
+    if text_deep {
+        for i in 1..cfg.text_prompt_depth {
+            push(format!("text.deep.{i}"), vec![cfg.text_prompt_length, dt], prompt);
+        }
+        if cfg.dynamic_prompts {
+            for k in 0..cfg.text_prompt_length {
+                linear(&format!("text.dynamic.{k}"), &mut push, dt, e);
+            }
+        }
+    }
+    if cfg.visual_prompt_depth > 0 && cfg.visual_prompt_length > 0 {
+        for i in 0..cfg.visual_prompt_depth {
+            push(format!("vision.deep.{i}"), vec![cfg.visual_prompt_length, dv], prompt);
+        }
+        if cfg.dynamic_prompts {
+            for k in 0..cfg.visual_prompt_length {
+                linear(&format!("vision.dynamic.{k}"), &mut push, dv, e);
+            }
+        }
+    }
+    if cfg.patch_features == PatchFeatures::Linear {
+        for j in 0..cfg.layers.len() {
+            linear(&format!("vision.patch_proj.{j}"), &mut push, e, dv);
+        }
+    }
+    if matches!(cfg.image_score, ImageScore::Hsf { .. }) {
+        linear("vision.cls_proj", &mut push, e, e);
+    }
+    if let Some(hw) = cfg.head_weights {
+        let init = match hw {
+            HeadWeights::Raw => Init::Constant(1.0),
+            HeadWeights::Sigmoid => Init::Constant(0.0),
+        };
+        push(
+            "vision.head_weights".into(),
+            vec![
+                clip.vision_config.num_hidden_layers,
+                clip.vision_config.num_attention_heads,
+            ],
+            init,
+        );
+    }
+    out
+}
+
+/// A detector configuration with its learned tensors (f32, on the CPU until used).
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    pub config: DetectorConfig,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl Adapter {
+    /// Fresh, untrained tensors for `config` (seeded): what training starts from, and what
+    /// `zsad detect --preset P` runs when no adapter file is given.
+    pub fn init(config: DetectorConfig, clip: &ClipConfig, seed: u64) -> Result<Self> {
+        config.validate(clip)?;
+        let mut tensors = HashMap::new();
+        for spec in param_specs(&config, clip) {
+            let n: usize = spec.shape.iter().product();
+            let mut rng = SplitMix64::keyed(seed, &spec.name);
+            let values = match spec.init {
+                Init::Normal(std) => rng.normal(n, std),
+                Init::LinearDefault { fan_in } => rng.uniform(n, 1.0 / (fan_in as f64).sqrt()),
+                Init::Constant(c) => vec![c; n],
+            };
+            tensors.insert(
+                spec.name,
+                Tensor::from_vec(values, spec.shape, &Device::Cpu)?,
+            );
+        }
+        Ok(Self { config, tensors })
+    }
+
+    /// Checks that the tensors are exactly those the configuration needs on `clip`, with the
+    /// right shapes; the error names every problem at once.
+    pub fn check(&self, clip: &ClipConfig) -> Result<()> {
+        self.config.validate(clip)?;
+        let specs = param_specs(&self.config, clip);
+        let mut problems = Vec::new();
+        for s in &specs {
+            match self.tensors.get(&s.name) {
+                None => problems.push(format!("missing `{}` {:?}", s.name, s.shape)),
+                Some(t) if t.dims() != s.shape.as_slice() => problems.push(format!(
+                    "`{}` has shape {:?}, the backbone needs {:?}",
+                    s.name,
+                    t.dims(),
+                    s.shape
+                )),
+                _ => {}
+            }
+        }
+        let mut extra: Vec<&String> = self
+            .tensors
+            .keys()
+            .filter(|k| !specs.iter().any(|s| &s.name == *k))
+            .collect();
+        extra.sort();
+        for k in extra {
+            problems.push(format!("unexpected tensor `{k}`"));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "adapter does not fit the {} preset on this backbone: {}",
+                self.config.preset.name(),
+                problems.join("; ")
+            )))
+        }
+    }
+
+    /// The safetensors bytes (tensors as f32, the configuration in the metadata).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let config = serde_json::to_string(&self.config)
+            .map_err(|e| Error::InvalidArgument(format!("cannot serialise the config: {e}")))?;
+        let meta = HashMap::from([
+            (FORMAT_KEY.to_string(), FORMAT.to_string()),
+            (CONFIG_KEY.to_string(), config),
+        ]);
+        crate::data::tensors::serialize(&self.tensors, meta)
+    }
+
+    /// Reads an adapter file written by [`Self::to_bytes`].
+    pub fn load(path: &Path) -> Result<Self> {
+        let (tensors, meta) = crate::data::tensors::read(path)?;
+        let bad = |m: String| Error::Weights {
+            file: path.display().to_string(),
+            message: m,
+        };
+        let json = meta.get(CONFIG_KEY).ok_or_else(|| {
+            bad(format!(
+                "not a zsad adapter (no `{CONFIG_KEY}` metadata); convert published checkpoints with `zsad import-checkpoint`"
+            ))
+        })?;
+        let config: DetectorConfig = serde_json::from_str(json)
+            .map_err(|e| bad(format!("unreadable `{CONFIG_KEY}` metadata: {e}")))?;
+        let tensors = tensors
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_dtype(candle_core::DType::F32)?)))
+            .collect::<Result<_>>()?;
+        Ok(Self { config, tensors })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::method::config::Preset;
+
+    #[test]
+    fn init_fits_and_round_trips() {
+        let clip = ClipConfig::tiny();
+        for p in [
+            Preset::ZeroShot,
+            Preset::Adaclip,
+            Preset::Anomalyclip,
+            Preset::Headclip,
+            Preset::Zsad,
+        ] {
+            let cfg = DetectorConfig::preset(p, &clip, "random:tiny");
+            let a = Adapter::init(cfg, &clip, 7).unwrap();
+            a.check(&clip).unwrap();
+            let dir = std::env::temp_dir().join(format!("zsad-adapter-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join(format!("{}.safetensors", p.name()));
+            std::fs::write(&path, a.to_bytes().unwrap()).unwrap();
+            let b = Adapter::load(&path).unwrap();
+            assert_eq!(a.config, b.config);
+            assert_eq!(a.tensors.len(), b.tensors.len());
+            for (k, t) in &a.tensors {
+                let u = &b.tensors[k];
+                let d = (t - u).unwrap().abs().unwrap().flatten_all().unwrap();
+                assert_eq!(d.max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0, "{k}");
+            }
+        }
+    }
+
+    #[test]
+    fn adaclip_has_the_published_parameter_count_at_vit_l() {
+        // SPEC §7: 10,665,472 parameters, minus text static prompt 0 (dead, 5 x 768).
+        let clip = ClipConfig::vit_l_14_336();
+        let cfg = DetectorConfig::preset(Preset::Adaclip, &clip, "x");
+        let n: usize = param_specs(&cfg, &clip)
+            .iter()
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum();
+        assert_eq!(n, 10_665_472 - 5 * 768);
+    }
+
+    #[test]
+    fn check_names_every_problem() {
+        let clip = ClipConfig::tiny();
+        let cfg = DetectorConfig::preset(Preset::Anomalyclip, &clip, "x");
+        let mut a = Adapter::init(cfg, &clip, 1).unwrap();
+        a.tensors.remove("text.ctx_normal");
+        a.tensors.insert(
+            "text.ctx_abnormal".into(),
+            Tensor::zeros((3, 5), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+        a.tensors.insert(
+            "bogus".into(),
+            Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+        let e = a.check(&clip).unwrap_err().to_string();
+        assert!(e.contains("missing `text.ctx_normal`"), "{e}");
+        assert!(e.contains("`text.ctx_abnormal` has shape [3, 5]"), "{e}");
+        assert!(e.contains("unexpected tensor `bogus`"), "{e}");
+    }
+}

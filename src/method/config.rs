@@ -1,0 +1,435 @@
+//! What turns frozen CLIP into a detector: one configuration for every method, and the named
+//! presets. The configuration travels in the adapter file's metadata, so a file alone says how
+//! to run it.
+//!
+//! Layer choices scale with the backbone: the papers' 6/12/18/24 of 24 layers are the quarter
+//! points, so every preset also runs on ViT-B (12 layers) and tiny test models.
+
+use serde::{Deserialize, Serialize};
+
+use crate::clip::{Activation, ClipConfig, PosInterpolation};
+use crate::error::invalid;
+use crate::Result;
+
+/// The named methods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// Training-free: hand-made prompt ensembles against V-V patch tokens of the upper layers.
+    ZeroShot,
+    /// AdaCLIP (ECCV'24): static + dynamic prompts in both towers, per-layer projections, HSF.
+    Adaclip,
+    /// AnomalyCLIP (ICLR'24): object-agnostic learnable text prompts, deep text prompts, V-V.
+    Anomalyclip,
+    /// HeadCLIP: AnomalyCLIP's prompts + learnable attention-head weights + a joint score.
+    Headclip,
+    /// Ours: head weights + hybrid static/dynamic prompts + learnable text + joint score.
+    Zsad,
+}
+
+impl Preset {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ZeroShot => "zero-shot",
+            Self::Adaclip => "adaclip",
+            Self::Anomalyclip => "anomalyclip",
+            Self::Headclip => "headclip",
+            Self::Zsad => "zsad",
+        }
+    }
+
+    /// The MLP activation the method runs OpenAI weights with (SPEC §0): exact GELU for AdaCLIP,
+    /// QuickGELU for AnomalyCLIP and HeadCLIP; `None` keeps the checkpoint's own.
+    pub fn activation(self) -> Option<Activation> {
+        match self {
+            Self::Adaclip => Some(Activation::Gelu),
+            Self::Anomalyclip | Self::Headclip => Some(Activation::QuickGelu),
+            Self::ZeroShot | Self::Zsad => None,
+        }
+    }
+}
+
+/// Which hand-made templates an ensemble uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Templates {
+    /// AdaCLIP's 4 templates (28 normal + 20 abnormal sentences).
+    Adaclip,
+    /// WinCLIP's 21 templates without its duplicate (20).
+    Winclip,
+}
+
+/// How the normal/abnormal text embeddings are made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum TextPrompts {
+    /// States × templates around the class word; each sentence L2-normalised, averaged per
+    /// state group, normalised again (AdaCLIP, April-GAN).
+    Ensemble { templates: Templates },
+    /// `[SOT] + ctx (n learnable tokens) + "object." / "damaged object." + [EOT]`, with separate
+    /// context for the two sentences (AnomalyCLIP's object-agnostic prompts).
+    Learned { context_length: usize },
+}
+
+/// Which patch tokens are compared with the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PatchFeatures {
+    /// `ln_post(x) @ proj` of the tapped stream (the V-V stream when `vv_from` is set):
+    /// AnomalyCLIP; the training-free preset.
+    Projected,
+    /// A learned `Linear(width → embed)` per tapped layer on the raw stream (AdaCLIP, April-GAN).
+    Linear,
+}
+
+/// How per-layer patch-text similarities become one map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MapFusion {
+    /// AdaCLIP: upsample each layer's logits (bilinear, align_corners=True), average over layers,
+    /// softmax over {normal, abnormal}, take abnormal.
+    MeanLogits,
+    /// AnomalyCLIP: per layer softmax, upsample the probabilities (bilinear, align_corners=False),
+    /// `(p_abnormal + 1 − p_normal) / 2`, average over layers. (AnomalyCLIP sums; the mean keeps
+    /// the map a probability in [0, 1] and ranks pixels identically.)
+    MeanProbs,
+}
+
+/// The global (image-level) score before pixel evidence is fused in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum ImageScore {
+    /// `softmax(scale · cos(image, T))[abnormal]` with the image embedding `ln_post(CLS) @ proj`,
+    /// or `CLS @ proj` without ln_post (AnomalyCLIP's quirk) when `ln_post` is false.
+    Cls { ln_post: bool },
+    /// AdaCLIP's hybrid semantic fusion: the top `5·clusters` patches by the mean-logit map,
+    /// k-means into `clusters`, `h` = normalised mean of the centres, fused with the projected
+    /// class token as `normalize((1 − cls_weight)·h + cls_weight·c)`.
+    Hsf { clusters: usize, cls_weight: f64 },
+}
+
+/// How the map's evidence enters the image score (HeadCLIP's joint anomaly score; SPEC §3).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum JointScore {
+    /// The global score alone (AdaCLIP, AnomalyCLIP as published).
+    None,
+    /// `alpha · global + (1 − alpha) · max(map)`.
+    Mean { alpha: f64 },
+    /// `global · max(map)`.
+    Product,
+    /// `max(global, max(map))`.
+    Max,
+}
+
+impl JointScore {
+    pub fn combine(&self, global: f32, map_max: f32) -> f32 {
+        match *self {
+            Self::None => global,
+            Self::Mean { alpha } => (alpha * global as f64 + (1.0 - alpha) * map_max as f64) as f32,
+            Self::Product => global * map_max,
+            Self::Max => global.max(map_max),
+        }
+    }
+}
+
+/// Parametrisation of HeadCLIP's learnable head weights `w[layer, head]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeadWeights {
+    /// `w = θ`, initialised to 1.
+    Raw,
+    /// `w = 2·σ(θ)`, initialised to θ = 0 (w = 1), bounded in (0, 2).
+    Sigmoid,
+}
+
+/// Everything that defines a detector besides the backbone weights and the learned tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DetectorConfig {
+    pub preset: Preset,
+    /// The `--model` the adapter was made for (informational; widths are checked on load).
+    pub backbone: String,
+    /// Square input size in pixels (the papers: 518 for ViT-L/14).
+    pub image_size: usize,
+    /// Tapped layers, 1-based (residual stream after that block).
+    pub layers: Vec<usize>,
+    /// MLP activation the method runs the backbone with (`None`: the checkpoint's own).
+    pub activation: Option<Activation>,
+    pub pos_interpolation: PosInterpolation,
+    pub text: TextPrompts,
+    /// The object word in prompts (`object` for object-agnostic methods).
+    pub class_name: String,
+    /// Deep text prompts replace positions `1..=len` at text layers `1..depth` (0 = none).
+    pub text_prompt_depth: usize,
+    pub text_prompt_length: usize,
+    /// Deep visual prompts: appended before block 0, substituted before blocks `1..depth`.
+    pub visual_prompt_depth: usize,
+    pub visual_prompt_length: usize,
+    /// Image-conditioned prompts added to the static ones (AdaCLIP's dynamic prompts: one extra
+    /// plain backbone pass per image).
+    pub dynamic_prompts: bool,
+    /// Round prompt tokens to fp16 before they enter the stream (AdaCLIP's `.half()`).
+    pub round_prompts_f16: bool,
+    pub patch_features: PatchFeatures,
+    /// First layer (1-based) with the V-V attention path (AnomalyCLIP's DPAM).
+    pub vv_from: Option<usize>,
+    pub head_weights: Option<HeadWeights>,
+    /// Multiplier of cosine similarities before softmax (100 = CLIP's; 1/0.07 AnomalyCLIP).
+    pub logit_scale: f64,
+    pub map_fusion: MapFusion,
+    /// Gaussian smoothing of the map at `image_size` (scipy `gaussian_filter`; 0 = off).
+    pub sigma: f64,
+    pub image_score: ImageScore,
+    pub joint: JointScore,
+    /// Seed of HSF's k-means.
+    pub kmeans_seed: u64,
+    /// Where the learned tensors came from (training run, imported checkpoint); free-form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<serde_json::Value>,
+}
+
+/// `[d/4, d/2, 3d/4, d]` without duplicates or zeros: the papers' 6/12/18/24 of 24.
+pub fn quarter_layers(depth: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = [depth / 4, depth / 2, 3 * depth / 4, depth]
+        .into_iter()
+        .filter(|&l| l > 0)
+        .collect();
+    v.dedup();
+    v
+}
+
+impl DetectorConfig {
+    /// The preset's defaults for a backbone, following SPEC §1-3 at 24 layers and scaling the
+    /// depths with the backbone.
+    pub fn preset(preset: Preset, clip: &ClipConfig, backbone: &str) -> Self {
+        let vd = clip.vision_config.num_hidden_layers;
+        let td = clip.text_config.num_hidden_layers;
+        let quarters = quarter_layers(vd);
+        // The first V-V layer: 6 of 24 (AnomalyCLIP's DPAM_layer = 20).
+        let vv_start = (vd / 4).max(1);
+        // The papers run 336 px ViT-L at 518 (37x37 patches); other backbones at their own size.
+        let image_size = if clip.vision_config.image_size == 336 && clip.vision_config.patch_size == 14 {
+            518
+        } else {
+            clip.vision_config.image_size
+        };
+        let base = Self {
+            preset,
+            activation: preset.activation(),
+            backbone: backbone.to_string(),
+            image_size,
+            layers: quarters.clone(),
+            pos_interpolation: PosInterpolation::Bicubic,
+            text: TextPrompts::Ensemble {
+                templates: Templates::Adaclip,
+            },
+            class_name: "object".into(),
+            text_prompt_depth: 0,
+            text_prompt_length: 0,
+            visual_prompt_depth: 0,
+            visual_prompt_length: 0,
+            dynamic_prompts: false,
+            round_prompts_f16: false,
+            patch_features: PatchFeatures::Projected,
+            vv_from: None,
+            head_weights: None,
+            logit_scale: 100.0,
+            map_fusion: MapFusion::MeanProbs,
+            sigma: 4.0,
+            image_score: ImageScore::Cls { ln_post: true },
+            joint: JointScore::None,
+            kmeans_seed: 111,
+            provenance: None,
+        };
+        let anomalyclip = Self {
+            pos_interpolation: PosInterpolation::Bilinear,
+            text: TextPrompts::Learned { context_length: 12 },
+            // AnomalyCLIP's `depth = 9` of 12 text layers: prompts at layers 1..8.
+            text_prompt_depth: (3 * td / 4).max(1),
+            text_prompt_length: 4,
+            vv_from: Some(vv_start),
+            // Layer 24 only: the published checkpoints' effective setting (SPEC §2 history).
+            layers: vec![vd],
+            logit_scale: 1.0 / 0.07,
+            image_score: ImageScore::Cls { ln_post: false },
+            ..base.clone()
+        };
+        let j = 4.min(vd).min(td);
+        match preset {
+            Preset::ZeroShot => Self {
+                // The upper quarter points: lower layers' tokens are not aligned with the text
+                // space without training.
+                layers: quarters.iter().copied().filter(|&l| 2 * l >= vd).collect(),
+                text: TextPrompts::Ensemble {
+                    templates: Templates::Winclip,
+                },
+                vv_from: Some(vv_start),
+                joint: JointScore::Mean { alpha: 0.5 },
+                ..base
+            },
+            Preset::Adaclip => Self {
+                text_prompt_depth: j,
+                text_prompt_length: 5,
+                visual_prompt_depth: j,
+                visual_prompt_length: 5,
+                dynamic_prompts: true,
+                round_prompts_f16: true,
+                patch_features: PatchFeatures::Linear,
+                map_fusion: MapFusion::MeanLogits,
+                image_score: ImageScore::Hsf {
+                    clusters: 20,
+                    cls_weight: 0.8,
+                },
+                ..base
+            },
+            Preset::Anomalyclip => anomalyclip,
+            Preset::Headclip => Self {
+                head_weights: Some(HeadWeights::Sigmoid),
+                layers: quarters,
+                joint: JointScore::Mean { alpha: 0.5 },
+                ..anomalyclip
+            },
+            Preset::Zsad => Self {
+                text: TextPrompts::Learned { context_length: 12 },
+                text_prompt_depth: j,
+                text_prompt_length: 4,
+                visual_prompt_depth: j,
+                visual_prompt_length: 5,
+                dynamic_prompts: true,
+                patch_features: PatchFeatures::Linear,
+                head_weights: Some(HeadWeights::Sigmoid),
+                map_fusion: MapFusion::MeanLogits,
+                image_score: ImageScore::Hsf {
+                    clusters: 20,
+                    cls_weight: 0.8,
+                },
+                joint: JointScore::Mean { alpha: 0.5 },
+                ..base
+            },
+        }
+    }
+
+    /// Checks the configuration against a backbone.
+    pub fn validate(&self, clip: &ClipConfig) -> Result<()> {
+        let vd = clip.vision_config.num_hidden_layers;
+        let td = clip.text_config.num_hidden_layers;
+        let p = clip.vision_config.patch_size;
+        if self.image_size < p {
+            return Err(invalid!(
+                "image size {} is smaller than one {p}px patch",
+                self.image_size
+            ));
+        }
+        if self.layers.is_empty() {
+            return Err(invalid!("no layers to tap"));
+        }
+        if let Some(&l) = self.layers.iter().find(|&&l| l == 0 || l > vd) {
+            return Err(invalid!("layer {l} is outside the image tower's 1..={vd}"));
+        }
+        if self.visual_prompt_depth > vd {
+            return Err(invalid!(
+                "visual prompts at depth {} but the image tower has {vd} layers",
+                self.visual_prompt_depth
+            ));
+        }
+        if self.text_prompt_depth > td {
+            return Err(invalid!(
+                "text prompts at depth {} but the text tower has {td} layers",
+                self.text_prompt_depth
+            ));
+        }
+        if let Some(v) = self.vv_from {
+            if v == 0 || v > vd {
+                return Err(invalid!("V-V start layer {v} is outside 1..={vd}"));
+            }
+        }
+        if matches!(self.image_score, ImageScore::Hsf { .. })
+            && self.patch_features != PatchFeatures::Linear
+        {
+            return Err(invalid!(
+                "HSF image scores need learned patch projections (patch_features = linear)"
+            ));
+        }
+        if let ImageScore::Hsf { clusters: 0, .. } = self.image_score {
+            return Err(invalid!("HSF needs at least one cluster"));
+        }
+        if self.dynamic_prompts && self.visual_prompt_depth == 0 && self.text_prompt_depth == 0 {
+            return Err(invalid!("dynamic prompts need a prompt depth"));
+        }
+        if !(self.logit_scale.is_finite() && self.logit_scale > 0.0) {
+            return Err(invalid!("logit scale must be positive"));
+        }
+        if let JointScore::Mean { alpha } = self.joint {
+            if !(0.0..=1.0).contains(&alpha) {
+                return Err(invalid!("joint score alpha {alpha} is outside [0, 1]"));
+            }
+        }
+        if let TextPrompts::Learned { context_length } = self.text {
+            // Deep prompts replace positions 1..=len, which must stay inside the context.
+            if self.text_prompt_depth > 1 && self.text_prompt_length > context_length {
+                return Err(invalid!(
+                    "deep text prompts of length {} overrun {context_length} context tokens",
+                    self.text_prompt_length
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the text features depend on the image (then they are encoded per image).
+    pub fn text_is_dynamic(&self) -> bool {
+        self.dynamic_prompts && self.text_prompt_depth > 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quarter_points() {
+        assert_eq!(quarter_layers(24), vec![6, 12, 18, 24]);
+        assert_eq!(quarter_layers(12), vec![3, 6, 9, 12]);
+        assert_eq!(quarter_layers(4), vec![1, 2, 3, 4]);
+        assert_eq!(quarter_layers(3), vec![1, 2, 3]);
+        assert_eq!(quarter_layers(1), vec![1]);
+    }
+
+    #[test]
+    fn papers_settings_at_vit_l() {
+        let clip = ClipConfig::vit_l_14_336();
+        let a = DetectorConfig::preset(Preset::Adaclip, &clip, "x");
+        assert_eq!(a.image_size, 518);
+        assert_eq!(a.layers, vec![6, 12, 18, 24]);
+        assert_eq!((a.visual_prompt_depth, a.visual_prompt_length), (4, 5));
+        assert_eq!(a.activation, Some(Activation::Gelu));
+        let c = DetectorConfig::preset(Preset::Anomalyclip, &clip, "x");
+        assert_eq!(c.vv_from, Some(6));
+        assert_eq!(c.layers, vec![24]);
+        assert_eq!((c.text_prompt_depth, c.text_prompt_length), (9, 4));
+        let z = DetectorConfig::preset(Preset::ZeroShot, &clip, "x");
+        assert_eq!(z.layers, vec![12, 18, 24]);
+        for p in [
+            Preset::ZeroShot,
+            Preset::Adaclip,
+            Preset::Anomalyclip,
+            Preset::Headclip,
+            Preset::Zsad,
+        ] {
+            for c in [ClipConfig::vit_l_14_336(), ClipConfig::vit_b_16(), ClipConfig::tiny()] {
+                let cfg = DetectorConfig::preset(p, &c, "x");
+                cfg.validate(&c).unwrap();
+                let json = serde_json::to_string(&cfg).unwrap();
+                assert_eq!(serde_json::from_str::<DetectorConfig>(&json).unwrap(), cfg);
+            }
+        }
+    }
+
+    #[test]
+    fn joint_scores() {
+        assert_eq!(JointScore::None.combine(0.2, 0.9), 0.2);
+        assert!((JointScore::Mean { alpha: 0.5 }.combine(0.2, 0.9) - 0.55).abs() < 1e-6);
+        assert!((JointScore::Product.combine(0.5, 0.8) - 0.4).abs() < 1e-6);
+        assert_eq!(JointScore::Max.combine(0.5, 0.8), 0.8);
+    }
+}
