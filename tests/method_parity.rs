@@ -97,7 +97,12 @@ fn adaclip_matches_the_reference() {
     };
     let det = Detector::new(&m.model, &adapter, text).unwrap();
     let (raw, map, score) = run(&det);
-    common::assert_close("adaclip map before smoothing", &raw, &want["adaclip.map_raw"], TOL);
+    common::assert_close(
+        "adaclip map before smoothing",
+        &raw,
+        &want["adaclip.map_raw"],
+        TOL,
+    );
     common::assert_close("adaclip map", &map, &want["adaclip.map"], TOL);
     let s = scalar(&want["adaclip.score"]);
     assert!((score - s).abs() < TOL, "adaclip score {score} vs {s}");
@@ -141,8 +146,18 @@ fn anomalyclip_matches_the_reference() {
     let (raw, map, score) = run(&det);
     // The reference sums the two layers' maps; ours is their mean.
     let half = |t: &Tensor| (t * 0.5).unwrap();
-    common::assert_close("anomalyclip map before smoothing", &raw, &half(&want["anomalyclip.map_raw"]), TOL);
-    common::assert_close("anomalyclip map", &map, &half(&want["anomalyclip.map"]), TOL);
+    common::assert_close(
+        "anomalyclip map before smoothing",
+        &raw,
+        &half(&want["anomalyclip.map_raw"]),
+        TOL,
+    );
+    common::assert_close(
+        "anomalyclip map",
+        &map,
+        &half(&want["anomalyclip.map"]),
+        TOL,
+    );
     let s = scalar(&want["anomalyclip.score"]);
     assert!((score - s).abs() < TOL, "anomalyclip score {score} vs {s}");
 }
@@ -161,20 +176,67 @@ fn headclip_head_weights_match_the_reference() {
     let det = Detector::new(&m.model, &adapter, learned_text(&want)).unwrap();
     let (raw, map, score) = run(&det);
     let half = |t: &Tensor| (t * 0.5).unwrap();
-    common::assert_close("headclip map before smoothing", &raw, &half(&want["headclip.map_raw"]), TOL);
+    common::assert_close(
+        "headclip map before smoothing",
+        &raw,
+        &half(&want["headclip.map_raw"]),
+        TOL,
+    );
     common::assert_close("headclip map", &map, &half(&want["headclip.map"]), TOL);
     let s = scalar(&want["headclip.score"]);
     assert!((score - s).abs() < TOL, "headclip score {score} vs {s}");
 
     // The same weights through the sigmoid parametrisation: θ = logit(w / 2).
     let w = &want["headclip.head_weights"];
-    let theta = ((w * 0.5).unwrap().log().unwrap() - (1.0 - (w * 0.5).unwrap()).unwrap().log().unwrap()).unwrap();
+    let theta = ((w * 0.5).unwrap().log().unwrap()
+        - (1.0 - (w * 0.5).unwrap()).unwrap().log().unwrap())
+    .unwrap();
     adapter.config.head_weights = Some(HeadWeights::Sigmoid);
     adapter.tensors.insert("vision.head_weights".into(), theta);
     adapter.config.joint = JointScore::Mean { alpha: 0.5 };
     let det = Detector::new(&m.model, &adapter, learned_text(&want)).unwrap();
     let d = det.detect(&common::pixels(1, 64)).unwrap().remove(0);
-    assert!((d.global - s).abs() < 1e-4, "sigmoid head weights: {} vs {s}", d.global);
+    assert!(
+        (d.global - s).abs() < 1e-4,
+        "sigmoid head weights: {} vs {s}",
+        d.global
+    );
     // Joint score: the mean of the global score and the map's maximum.
     assert!((d.score - 0.5 * (d.global + d.map_max())).abs() < 1e-6);
+}
+
+/// Text that does not depend on the image is encoded once per run; every preset runs a batch.
+#[test]
+fn text_is_encoded_once_unless_prompts_are_dynamic() {
+    let m = model(Activation::QuickGelu);
+    let clip = &m.model.config;
+    let mut sentence = vec![49406u32, 320, 1125, 539, 320, 14115, 269, 49407];
+    sentence.resize(77, 0);
+    for (preset, cached) in [
+        (Preset::ZeroShot, true),
+        (Preset::Adaclip, false),
+        (Preset::Anomalyclip, true),
+        (Preset::Headclip, true),
+        (Preset::Zsad, false),
+    ] {
+        let cfg = zsad::method::DetectorConfig::preset(preset, clip, "tiny-method");
+        let text = match cfg.text {
+            zsad::method::config::TextPrompts::Ensemble { .. } => TextInputs::Ensemble {
+                normal: vec![sentence.clone(); 2],
+                abnormal: vec![sentence.clone()],
+            },
+            _ => TextInputs::Learned {
+                normal_suffix: vec![14115, 269],
+                abnormal_suffix: vec![13568, 14115, 269],
+            },
+        };
+        let adapter = Adapter::init(cfg, clip, 3).unwrap();
+        let det = Detector::new(&m.model, &adapter, text).unwrap();
+        assert_eq!(det.text_is_cached(), cached, "{preset:?}");
+        let dets = det.detect(&common::pixels(2, 32)).unwrap();
+        assert_eq!(dets.len(), 2);
+        assert!(dets
+            .iter()
+            .all(|d| d.map.len() == 32 * 32 && (0.0..=1.0).contains(&d.score)));
+    }
 }

@@ -111,7 +111,9 @@ pub struct DetectArgs {
 /// Builds the detector configuration and the model it needs (activation per method).
 fn setup(args: &DetectArgs) -> anyhow::Result<(LoadedModel, Adapter)> {
     let file_adapter = match &args.adapter {
-        Some(p) => Some(Adapter::load(p).with_context(|| format!("cannot read adapter {}", p.display()))?),
+        Some(p) => {
+            Some(Adapter::load(p).with_context(|| format!("cannot read adapter {}", p.display()))?)
+        }
         None => None,
     };
     let mut model_args = args.model.clone();
@@ -156,8 +158,16 @@ fn setup(args: &DetectArgs) -> anyhow::Result<(LoadedModel, Adapter)> {
         };
     }
     adapter.check(clip).with_context(|| match &args.adapter {
-        Some(p) => format!("adapter {} does not fit model `{}`", p.display(), args.model.model),
-        None => format!("preset {} on model `{}`", args.preset.name(), args.model.model),
+        Some(p) => format!(
+            "adapter {} does not fit model `{}`",
+            p.display(),
+            args.model.model
+        ),
+        None => format!(
+            "preset {} on model `{}`",
+            args.preset.name(),
+            args.model.model
+        ),
     })?;
     Ok((loaded, adapter))
 }

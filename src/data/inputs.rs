@@ -120,7 +120,11 @@ pub fn expand(args: &[String], stdin: &mut dyn BufRead) -> Result<(Vec<Input>, V
         if p.is_dir() {
             for f in walk(p)? {
                 let rel = f.strip_prefix(p).unwrap_or(&f).to_path_buf();
-                found.push((f.clone(), p.join(&rel).display().to_string(), sanitize(&rel)));
+                found.push((
+                    f.clone(),
+                    p.join(&rel).display().to_string(),
+                    sanitize(&rel),
+                ));
             }
         } else if p.is_file() {
             add_file(p, &mut found);
@@ -147,7 +151,11 @@ pub fn expand(args: &[String], stdin: &mut dyn BufRead) -> Result<(Vec<Input>, V
     let inputs = found
         .into_iter()
         .map(|(path, given, rel)| {
-            let mut key = if count[&stem(&rel)] > 1 { rel.clone() } else { stem(&rel) };
+            let mut key = if count[&stem(&rel)] > 1 {
+                rel.clone()
+            } else {
+                stem(&rel)
+            };
             // Two folders with the same inner layout: fall back to the sanitised given path.
             if !keys_seen.insert(key.clone()) {
                 key = sanitize(Path::new(&given));
@@ -173,8 +181,14 @@ impl std::str::FromStr for Shard {
         let (k, n) = s
             .split_once('/')
             .ok_or_else(|| format!("`{s}` is not K/N (e.g. 0/4)"))?;
-        let k: u64 = k.trim().parse().map_err(|_| format!("`{k}` is not a number"))?;
-        let n: u64 = n.trim().parse().map_err(|_| format!("`{n}` is not a number"))?;
+        let k: u64 = k
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{k}` is not a number"))?;
+        let n: u64 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{n}` is not a number"))?;
         if n == 0 || k >= n {
             return Err(format!("shard {k}/{n}: K must be in 0..N (0-based)"));
         }
@@ -216,8 +230,7 @@ mod tests {
         let b = d.join("b").display().to_string();
         let extra = d.join("a/notes.txt").display().to_string();
         let mut stdin = std::io::Cursor::new(format!("{extra}\n\n/nonexistent/x.png\n"));
-        let (inputs, missing) =
-            expand(&[a.clone(), b, "-".into(), a.clone()], &mut stdin).unwrap();
+        let (inputs, missing) = expand(&[a.clone(), b, "-".into(), a.clone()], &mut stdin).unwrap();
         let keys: Vec<String> = inputs.iter().map(|i| i.key.display().to_string()).collect();
         assert_eq!(
             keys,
@@ -226,9 +239,17 @@ mod tests {
                 "good/0.jpg".into(),
                 "good/0.png".into(),
                 // b/good/0.png would take a's key: it falls back to its full path
-                d.join("b/good/0.png").strip_prefix("/").unwrap().display().to_string(),
+                d.join("b/good/0.png")
+                    .strip_prefix("/")
+                    .unwrap()
+                    .display()
+                    .to_string(),
                 // the explicitly named text file keeps its path
-                d.join("a/notes").strip_prefix("/").unwrap().display().to_string(),
+                d.join("a/notes")
+                    .strip_prefix("/")
+                    .unwrap()
+                    .display()
+                    .to_string(),
             ]
         );
         assert_eq!(inputs[0].given, format!("{a}/bad/1.PNG"));

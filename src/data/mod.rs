@@ -3,5 +3,5 @@
 pub mod image;
 pub mod inputs;
 pub mod outputs;
-pub mod tensors;
 pub mod resample;
+pub mod tensors;

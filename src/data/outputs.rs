@@ -119,8 +119,8 @@ fn csv_line(fields: &[String]) -> Result<Vec<u8>> {
 pub fn encode(r: &Record, format: RecordFormat) -> Result<Vec<u8>> {
     match format {
         RecordFormat::Jsonl => {
-            let mut v = serde_json::to_vec(r)
-                .map_err(|e| Error::InvalidArgument(format!("json: {e}")))?;
+            let mut v =
+                serde_json::to_vec(r).map_err(|e| Error::InvalidArgument(format!("json: {e}")))?;
             v.push(b'\n');
             Ok(v)
         }
@@ -212,7 +212,10 @@ pub fn encode_all(records: &[Record], format: RecordFormat) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     if format == RecordFormat::Csv {
         out.extend(csv_line(
-            &CSV_COLUMNS.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            &CSV_COLUMNS
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>(),
         )?);
     }
     for r in records {
@@ -229,9 +232,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let name = path.file_name().ok_or_else(|| {
-        Error::InvalidArgument(format!("{} is not a file path", path.display()))
-    })?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::InvalidArgument(format!("{} is not a file path", path.display())))?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
         name.to_string_lossy(),
@@ -302,7 +305,11 @@ pub fn read_map_png(path: &Path) -> Result<(Vec<f32>, u32, u32)> {
     let img = crate::data::image::decode(path)?;
     let g = img.to_luma16();
     let (w, h) = g.dimensions();
-    Ok((g.into_raw().iter().map(|&v| v as f32 / 65535.0).collect(), w, h))
+    Ok((
+        g.into_raw().iter().map(|&v| v as f32 / 65535.0).collect(),
+        w,
+        h,
+    ))
 }
 
 /// A little-endian f32 `.npy` (NumPy format 1.0) of shape `(h, w)`.
@@ -416,7 +423,10 @@ mod tests {
             assert!(v.get(k).is_some(), "{k} in {line}");
         }
         let f = String::from_utf8(encode(&sample()[1], RecordFormat::Jsonl).unwrap()).unwrap();
-        assert_eq!(f, "{\"path\":\"x.png\",\"error\":\"x.png: not an image\"}\n");
+        assert_eq!(
+            f,
+            "{\"path\":\"x.png\",\"error\":\"x.png: not an image\"}\n"
+        );
     }
 
     #[test]

@@ -37,7 +37,9 @@ pub enum Init {
     /// N(0, std²) (prompt tokens: std 0.02 as AdaCLIP and AnomalyCLIP).
     Normal(f64),
     /// U(−1/√fan_in, 1/√fan_in): PyTorch's default for `nn.Linear` weights and biases.
-    LinearDefault { fan_in: usize },
+    LinearDefault {
+        fan_in: usize,
+    },
     Constant(f32),
 }
 
@@ -55,18 +57,22 @@ pub fn param_specs(cfg: &DetectorConfig, clip: &ClipConfig) -> Vec<ParamSpec> {
     let dv = clip.vision_config.hidden_size;
     let e = clip.projection_dim;
     let mut out = Vec::new();
-    let mut push = |name: String, shape: Vec<usize>, init: Init| {
-        out.push(ParamSpec { name, shape, init })
-    };
+    let mut push =
+        |name: String, shape: Vec<usize>, init: Init| out.push(ParamSpec { name, shape, init });
     let prompt = Init::Normal(0.02);
-    let linear = |prefix: &str, push: &mut dyn FnMut(String, Vec<usize>, Init), o: usize, i: usize| {
-        push(
-            format!("{prefix}.weight"),
-            vec![o, i],
-            Init::LinearDefault { fan_in: i },
-        );
-        push(format!("{prefix}.bias"), vec![o], Init::LinearDefault { fan_in: i });
-    };
+    let linear =
+        |prefix: &str, push: &mut dyn FnMut(String, Vec<usize>, Init), o: usize, i: usize| {
+            push(
+                format!("{prefix}.weight"),
+                vec![o, i],
+                Init::LinearDefault { fan_in: i },
+            );
+            push(
+                format!("{prefix}.bias"),
+                vec![o],
+                Init::LinearDefault { fan_in: i },
+            );
+        };
     if let TextPrompts::Learned { context_length } = cfg.text {
         push("text.ctx_normal".into(), vec![context_length, dt], prompt);
         push("text.ctx_abnormal".into(), vec![context_length, dt], prompt);
@@ -74,7 +80,11 @@ pub fn param_specs(cfg: &DetectorConfig, clip: &ClipConfig) -> Vec<ParamSpec> {
     let text_deep = cfg.text_prompt_depth > 1 && cfg.text_prompt_length > 0;
     if text_deep {
         for i in 1..cfg.text_prompt_depth {
-            push(format!("text.deep.{i}"), vec![cfg.text_prompt_length, dt], prompt);
+            push(
+                format!("text.deep.{i}"),
+                vec![cfg.text_prompt_length, dt],
+                prompt,
+            );
         }
         if cfg.dynamic_prompts {
             for k in 0..cfg.text_prompt_length {
@@ -84,7 +94,11 @@ pub fn param_specs(cfg: &DetectorConfig, clip: &ClipConfig) -> Vec<ParamSpec> {
     }
     if cfg.visual_prompt_depth > 0 && cfg.visual_prompt_length > 0 {
         for i in 0..cfg.visual_prompt_depth {
-            push(format!("vision.deep.{i}"), vec![cfg.visual_prompt_length, dv], prompt);
+            push(
+                format!("vision.deep.{i}"),
+                vec![cfg.visual_prompt_length, dv],
+                prompt,
+            );
         }
         if cfg.dynamic_prompts {
             for k in 0..cfg.visual_prompt_length {

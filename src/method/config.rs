@@ -208,11 +208,12 @@ impl DetectorConfig {
         // The first V-V layer: 6 of 24 (AnomalyCLIP's DPAM_layer = 20).
         let vv_start = (vd / 4).max(1);
         // The papers run 336 px ViT-L at 518 (37x37 patches); other backbones at their own size.
-        let image_size = if clip.vision_config.image_size == 336 && clip.vision_config.patch_size == 14 {
-            518
-        } else {
-            clip.vision_config.image_size
-        };
+        let image_size =
+            if clip.vision_config.image_size == 336 && clip.vision_config.patch_size == 14 {
+                518
+            } else {
+                clip.vision_config.image_size
+            };
         let base = Self {
             preset,
             activation: preset.activation(),
@@ -416,7 +417,11 @@ mod tests {
             Preset::Headclip,
             Preset::Zsad,
         ] {
-            for c in [ClipConfig::vit_l_14_336(), ClipConfig::vit_b_16(), ClipConfig::tiny()] {
+            for c in [
+                ClipConfig::vit_l_14_336(),
+                ClipConfig::vit_b_16(),
+                ClipConfig::tiny(),
+            ] {
                 let cfg = DetectorConfig::preset(p, &c, "x");
                 cfg.validate(&c).unwrap();
                 let json = serde_json::to_string(&cfg).unwrap();

@@ -63,7 +63,10 @@ fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let inner = *dims.last().expect("rank >= 1");
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?.broadcast_add(b)?;
+    let y = x
+        .reshape((rows, inner))?
+        .matmul(&w.t()?)?
+        .broadcast_add(b)?;
     let mut out_dims = dims;
     *out_dims.last_mut().unwrap() = w.dim(0)?;
     Ok(y.reshape(out_dims)?)
@@ -134,6 +137,11 @@ impl Detector {
     }
     pub fn device(&self) -> &candle_core::Device {
         self.vision.device()
+    }
+    /// Whether `T` was encoded once for the run (it is re-encoded per image only when dynamic
+    /// prompts reach the text tower).
+    pub fn text_is_cached(&self) -> bool {
+        self.static_text.is_some()
     }
 
     fn param(&self, name: &str) -> Result<&Tensor> {
@@ -231,16 +239,18 @@ impl Detector {
             _ => None,
         };
         let dyn_txt = match &g {
-            Some(g) if cfg.text_is_dynamic() => Some(self.dynamic(
-                g,
-                "text.dynamic",
-                cfg.text_prompt_length,
-            )?),
+            Some(g) if cfg.text_is_dynamic() => {
+                Some(self.dynamic(g, "text.dynamic", cfg.text_prompt_length)?)
+            }
             _ => None,
         };
 
         // B. The prompted, head-weighted pass with taps.
-        let vis_prompts = (0..if vis_len > 0 { cfg.visual_prompt_depth } else { 0 })
+        let vis_prompts = (0..if vis_len > 0 {
+            cfg.visual_prompt_depth
+        } else {
+            0
+        })
             .map(|i| {
                 self.prompt(&format!("vision.deep.{i}"), dyn_vis.as_ref())
                     .map(Some)
@@ -335,9 +345,8 @@ impl Detector {
         let up = |x: &Tensor, align: bool| -> Result<Tensor> {
             Ok(upsample_bilinear(x, size, size, align)?.reshape((b, 2, size, size))?)
         };
-        let channels = |x: &Tensor| -> Result<(Tensor, Tensor)> {
-            Ok((x.i((.., 0))?, x.i((.., 1))?))
-        };
+        let channels =
+            |x: &Tensor| -> Result<(Tensor, Tensor)> { Ok((x.i((.., 0))?, x.i((.., 1))?)) };
         let mut layer_maps = Vec::new();
         let n_layers = logits.len() as f64;
         let map = match cfg.map_fusion {

@@ -120,7 +120,12 @@ pub fn import_checkpoint(
 
 type Converted = (DetectorConfig, HashMap<String, Tensor>, Vec<String>);
 
-fn adaclip(path: &Path, clip: &ClipConfig, backbone: &str, opts: &ImportOptions) -> Result<Converted> {
+fn adaclip(
+    path: &Path,
+    clip: &ClipConfig,
+    backbone: &str,
+    opts: &ImportOptions,
+) -> Result<Converted> {
     let raw = read(path, None)?;
     let tensors = raw
         .into_iter()
@@ -192,7 +197,11 @@ fn adaclip(path: &Path, clip: &ClipConfig, backbone: &str, opts: &ImportOptions)
         Ok(())
     };
     for j in 0..n_layers {
-        linear(&mut src, &format!("patch_token_layer.head.{j}"), &format!("vision.patch_proj.{j}"))?;
+        linear(
+            &mut src,
+            &format!("patch_token_layer.head.{j}"),
+            &format!("vision.patch_proj.{j}"),
+        )?;
     }
     linear(&mut src, "cls_token_layer.head.0", "vision.cls_proj")?;
     for k in 0..n_dyn_vis {
@@ -211,7 +220,10 @@ fn adaclip(path: &Path, clip: &ClipConfig, backbone: &str, opts: &ImportOptions)
     }
     let mut ignored: Vec<String> = src.tensors.into_keys().collect();
     ignored.sort();
-    ignored.insert(0, "text_prompter.static_prompts.0 (unused by the forward)".into());
+    ignored.insert(
+        0,
+        "text_prompter.static_prompts.0 (unused by the forward)".into(),
+    );
     Ok((cfg, out, ignored))
 }
 
@@ -234,8 +246,10 @@ fn anomalyclip(
         }
         Ok(t.reshape((d[n - 2], d[n - 1]))?)
     };
-    let ctx_pos = squeeze_ctx(src.take("ctx_pos")?).map_err(|e| src.error(format!("`ctx_pos`: {e}")))?;
-    let ctx_neg = squeeze_ctx(src.take("ctx_neg")?).map_err(|e| src.error(format!("`ctx_neg`: {e}")))?;
+    let ctx_pos =
+        squeeze_ctx(src.take("ctx_pos")?).map_err(|e| src.error(format!("`ctx_pos`: {e}")))?;
+    let ctx_neg =
+        squeeze_ctx(src.take("ctx_neg")?).map_err(|e| src.error(format!("`ctx_neg`: {e}")))?;
     let n_ctx = ctx_pos.dim(0)?;
     let deep = src.count("compound_prompts_text.", "");
     let mut cfg = DetectorConfig::preset(Preset::Anomalyclip, clip, backbone);

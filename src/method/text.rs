@@ -141,7 +141,8 @@ impl TextSide {
         };
         match &self.inputs {
             TextInputs::Ensemble { .. } => {
-                let pooled = normalize(&text.forward_embeds(&self.embeds, &self.eot, &hooks)?.pooled)?;
+                let pooled =
+                    normalize(&text.forward_embeds(&self.embeds, &self.eot, &hooks)?.pooled)?;
                 let n = self.n_normal;
                 let total = pooled.dim(0)?;
                 let group = |start: usize, len: usize| -> Result<Tensor> {
@@ -160,7 +161,11 @@ impl TextSide {
                         let e = self.embeds.i(i)?; // [L, Dt]
                         let l = e.dim(0)?;
                         Ok(Tensor::cat(
-                            &[&e.narrow(0, 0, 1)?, &c.to_dtype(e.dtype())?, &e.narrow(0, 1 + n, l - 1 - n)?],
+                            &[
+                                &e.narrow(0, 0, 1)?,
+                                &c.to_dtype(e.dtype())?,
+                                &e.narrow(0, 1 + n, l - 1 - n)?,
+                            ],
                             0,
                         )?)
                     })
