@@ -572,3 +572,49 @@ fn usage_and_model_errors_exit_2() {
         stderr(&r)
     );
 }
+
+/// The real sample images (900x900 MVTec bottles, MTD tiles of varied sizes with their masks
+/// beside them): every file is scored and its map has the image's own size.
+#[test]
+fn real_images_get_maps_of_their_own_size() {
+    let (Some(tok), Some(shared)) = (tokenizer(), shared()) else {
+        eprintln!("skipping: ../shared is absent");
+        return;
+    };
+    let bottle = shared.join("data/mvtec_ad/bottle/test/broken_large");
+    let mtd = shared.join("data/mtd/MT_Blowhole/Imgs");
+    if !bottle.exists() || !mtd.exists() {
+        eprintln!("skipping: sample data is absent");
+        return;
+    }
+    let out = tmp("real");
+    let o = out.display().to_string();
+    let m = model();
+    // A few files of each, through stdin.
+    let mut list = String::new();
+    for dir in [&bottle, &mtd] {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        for f in files.iter().take(4) {
+            list.push_str(&format!("{}\n", f.display()));
+        }
+    }
+    let mut a = detect_args(&tok, &m, &o);
+    a.extend(["--heatmaps", "map", "-"]);
+    let r = zsad_stdin(&a, &list);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let recs = records(&out);
+    assert_eq!(recs.len(), 8);
+    for rec in &recs {
+        let img = image::open(rec["path"].as_str().unwrap()).unwrap();
+        let map = image::open(out.join(rec["map"].as_str().unwrap())).unwrap();
+        assert_eq!(
+            (map.width(), map.height()),
+            (img.width(), img.height()),
+            "{rec}"
+        );
+    }
+}

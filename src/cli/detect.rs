@@ -56,8 +56,8 @@ pub struct DetectArgs {
     /// Seed of the untrained parameters of --preset without --adapter
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub init_seed: u64,
-    /// Square input size of the model (default: the adapter's, else 518 for ViT-L/14-336 and
-    /// the backbone's own size otherwise)
+    /// Square input size of the model (default: the adapter's, else the backbone's; the papers
+    /// run ViT-L/14-336 at 518)
     #[arg(long, value_name = "S")]
     pub image_size: Option<usize>,
     /// Object word in the prompts of methods that use one (default: the adapter's, `object`)
@@ -355,6 +355,7 @@ pub fn run(args: DetectArgs) -> anyhow::Result<u8> {
         .progress_chars("=> "),
     );
 
+    let started = std::time::Instant::now();
     // Decode and resize on a second thread while the model runs (bounded: little memory).
     let size = detector.image_size();
     let dev = detector.device().clone();
@@ -393,8 +394,14 @@ pub fn run(args: DetectArgs) -> anyhow::Result<u8> {
     producer.join().expect("the decoding thread panicked");
     bar.finish_and_clear();
     if show {
+        let secs = started.elapsed().as_secs_f64();
+        let rate = if scored > 0 {
+            format!(" in {secs:.1} s ({:.3} s per image)", secs / scored as f64)
+        } else {
+            String::new()
+        };
         eprintln!(
-            "zsad: {scored} scored, {failed} failed{} -> {}",
+            "zsad: {scored} scored{rate}, {failed} failed{} -> {}",
             if skipped > 0 {
                 format!(", {skipped} already done")
             } else {

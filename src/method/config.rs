@@ -188,6 +188,17 @@ pub struct DetectorConfig {
     pub provenance: Option<serde_json::Value>,
 }
 
+/// The input size the papers run a backbone at: 518 for ViT-L/14-336 (37x37 patches; AdaCLIP,
+/// AnomalyCLIP, April-GAN), the trained size otherwise.
+pub fn papers_image_size(clip: &ClipConfig) -> usize {
+    let v = &clip.vision_config;
+    if v.image_size == 336 && v.patch_size == 14 {
+        518
+    } else {
+        v.image_size
+    }
+}
+
 /// `[d/4, d/2, 3d/4, d]` without duplicates or zeros: the papers' 6/12/18/24 of 24.
 pub fn quarter_layers(depth: usize) -> Vec<usize> {
     let mut v: Vec<usize> = [depth / 4, depth / 2, 3 * depth / 4, depth]
@@ -207,18 +218,11 @@ impl DetectorConfig {
         let quarters = quarter_layers(vd);
         // The first V-V layer: 6 of 24 (AnomalyCLIP's DPAM_layer = 20).
         let vv_start = (vd / 4).max(1);
-        // The papers run 336 px ViT-L at 518 (37x37 patches); other backbones at their own size.
-        let image_size =
-            if clip.vision_config.image_size == 336 && clip.vision_config.patch_size == 14 {
-                518
-            } else {
-                clip.vision_config.image_size
-            };
         let base = Self {
             preset,
             activation: preset.activation(),
             backbone: backbone.to_string(),
-            image_size,
+            image_size: clip.vision_config.image_size,
             layers: quarters.clone(),
             pos_interpolation: PosInterpolation::Bicubic,
             text: TextPrompts::Ensemble {
@@ -400,7 +404,9 @@ mod tests {
     fn papers_settings_at_vit_l() {
         let clip = ClipConfig::vit_l_14_336();
         let a = DetectorConfig::preset(Preset::Adaclip, &clip, "x");
-        assert_eq!(a.image_size, 518);
+        assert_eq!(a.image_size, 336);
+        assert_eq!(papers_image_size(&clip), 518);
+        assert_eq!(papers_image_size(&ClipConfig::vit_b_16()), 224);
         assert_eq!(a.layers, vec![6, 12, 18, 24]);
         assert_eq!((a.visual_prompt_depth, a.visual_prompt_length), (4, 5));
         assert_eq!(a.activation, Some(Activation::Gelu));

@@ -11,7 +11,7 @@ use std::path::Path;
 use candle_core::Tensor;
 
 use super::adapter::Adapter;
-use super::config::{quarter_layers, DetectorConfig, Preset, TextPrompts};
+use super::config::{papers_image_size, quarter_layers, DetectorConfig, Preset, TextPrompts};
 use crate::clip::ClipConfig;
 use crate::{Error, Result};
 
@@ -93,9 +93,7 @@ pub fn import_checkpoint(
         CheckpointFormat::Adaclip => adaclip(path, clip, backbone, opts)?,
         CheckpointFormat::Anomalyclip => anomalyclip(path, clip, backbone, opts)?,
     };
-    if let Some(s) = opts.image_size {
-        cfg.image_size = s;
-    }
+    cfg.image_size = opts.image_size.unwrap_or_else(|| papers_image_size(clip));
     if let Some(c) = &opts.class_name {
         cfg.class_name = c.clone();
     }

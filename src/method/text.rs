@@ -176,3 +176,95 @@ impl TextSide {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clip::{load_model, LoadOptions};
+    use crate::method::config::{DetectorConfig, Preset};
+    use candle_core::Device;
+
+    /// `[SOT] + n context + suffix + [EOT]`: EOT lands right after the suffix; the context
+    /// enters at positions 1..=n and changes the output, padding after EOT does not.
+    #[test]
+    fn learned_prompt_positions() {
+        let m = load_model("random:tiny", &LoadOptions::default())
+            .unwrap()
+            .model;
+        let mut cfg = DetectorConfig::preset(Preset::Anomalyclip, &m.config, "random:tiny");
+        cfg.text = TextPrompts::Learned { context_length: 3 };
+        let inputs = TextInputs::Learned {
+            normal_suffix: vec![5, 6],
+            abnormal_suffix: vec![7, 5, 6],
+        };
+        let side = TextSide::new(&cfg, inputs, &m.text).unwrap();
+        assert_eq!(side.eot, vec![6, 7]);
+        let ids = m
+            .text
+            .embed_tokens(&[vec![SOT, 0, 0, 0, 5, 6, EOT]])
+            .unwrap();
+        // Placeholders are substituted, the rest is the tokens' own embedding.
+        let e = side.embeds.i(0).unwrap().narrow(0, 0, 7).unwrap();
+        let diff = (e - ids.i(0).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+
+        let dt = m.config.text_config.hidden_size;
+        // Not constant rows: LayerNorm would remove a constant.
+        let ctx = |seed: u64| {
+            let v = crate::rng::SplitMix64(seed).normal(3 * dt, 1.0);
+            Tensor::from_vec(v, (3, dt), &Device::Cpu).unwrap()
+        };
+        let t1 = side.encode(&m.text, &[], Some((&ctx(1), &ctx(2)))).unwrap();
+        let t2 = side.encode(&m.text, &[], Some((&ctx(3), &ctx(2)))).unwrap();
+        assert_eq!(t1.dims(), &[2, m.config.projection_dim]);
+        let d = (&t1 - &t2).unwrap().abs().unwrap();
+        let row = |i: usize| {
+            d.i(i)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(row(0) > 1e-4, "normal context changes t_n");
+        assert_eq!(
+            row(1),
+            0.0,
+            "abnormal sentence is independent of the normal context"
+        );
+        // Unit rows.
+        let n = t1.sqr().unwrap().sum(1).unwrap().to_vec1::<f32>().unwrap();
+        assert!(n.iter().all(|v| (v - 1.0).abs() < 1e-5));
+    }
+
+    /// Ensemble: rows are normalised means of normalised sentence embeddings, normal first.
+    #[test]
+    fn ensemble_groups_normal_then_abnormal() {
+        let m = load_model("random:tiny", &LoadOptions::default())
+            .unwrap()
+            .model;
+        let cfg = DetectorConfig::preset(Preset::ZeroShot, &m.config, "random:tiny");
+        let seq = |w: u32| {
+            let mut s = vec![SOT, w, EOT];
+            s.resize(77, 0);
+            s
+        };
+        let inputs = TextInputs::Ensemble {
+            normal: vec![seq(10), seq(11)],
+            abnormal: vec![seq(12)],
+        };
+        let side = TextSide::new(&cfg, inputs, &m.text).unwrap();
+        let t = side.encode(&m.text, &[], None).unwrap();
+        let f = normalize(&m.text_features(&[seq(10), seq(11), seq(12)]).unwrap()).unwrap();
+        let want_n = normalize(&f.narrow(0, 0, 2).unwrap().mean_keepdim(0).unwrap()).unwrap();
+        let want_a = f.narrow(0, 2, 1).unwrap();
+        let want = Tensor::cat(&[want_n, want_a], 0).unwrap();
+        let err = (t - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(err.to_scalar::<f32>().unwrap() < 1e-6);
+    }
+}
