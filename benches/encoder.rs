@@ -3,7 +3,8 @@
 //! `cargo bench --bench encoder [-- FILTER]` prints, per configuration, ms per image and the
 //! achieved GFLOP/s (matmul FLOPs of the forward pass, counted analytically). Configurations:
 //! ViT-B/16 at 224 px and ViT-L/14 at 518 px (the AdaCLIP/AnomalyCLIP resolution, 37x37 grid),
-//! f32, all threads of the machine, one image per pass.
+//! f32, all threads of the machine, one image per pass; each also with the V-V path (`+vv`,
+//! whose extra attention FLOPs are not counted).
 
 use std::time::Instant;
 
@@ -34,8 +35,13 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
     println!("threads: {}", rayon::current_num_threads());
-    for (arch, size) in [("ViT-B-16", 224usize), ("ViT-L-14-336", 518)] {
-        let name = format!("{arch}@{size}");
+    for (arch, size, vv) in [
+        ("ViT-B-16", 224usize, false),
+        ("ViT-B-16", 224, true),
+        ("ViT-L-14-336", 518, false),
+        ("ViT-L-14-336", 518, true),
+    ] {
+        let name = format!("{arch}@{size}{}", if vv { "+vv" } else { "" });
         if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
             continue;
         }
@@ -62,8 +68,10 @@ fn main() {
             .to_dtype(DType::F32)
             .unwrap();
         let taps: Vec<usize> = (1..=4).map(|q| q * c.num_hidden_layers / 4).collect();
+        // "+vv": AnomalyCLIP's V-V path from layer depth/4 (6 of 24), one more attention per layer.
         let hooks = Hooks {
             taps: &taps,
+            vv_from: vv.then_some(c.num_hidden_layers / 4),
             ..Default::default()
         };
         vision.forward(&x, &hooks).unwrap(); // warm-up

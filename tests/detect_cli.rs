@@ -16,6 +16,19 @@ fn tokenizer() -> Option<String> {
     p.exists().then(|| p.display().to_string())
 }
 
+/// The tokenizer path, or return from the test (skipped) when ../shared is absent.
+macro_rules! tokenizer_or_skip {
+    () => {
+        match tokenizer() {
+            Some(t) => t,
+            None => {
+                eprintln!("skipping: ../shared/clip-tokenizer is absent");
+                return;
+            }
+        }
+    };
+}
+
 fn model() -> String {
     fixtures().join("models/tiny-method").display().to_string()
 }
@@ -95,10 +108,7 @@ fn detect_args<'a>(tok: &'a str, model: &'a str, out: &'a str) -> Vec<&'a str> {
 
 #[test]
 fn every_preset_writes_valid_outputs() {
-    let Some(tok) = tokenizer() else {
-        eprintln!("skipping: ../shared/clip-tokenizer is absent");
-        return;
-    };
+    let tok = tokenizer_or_skip!();
     let data = tmp("presets-data");
     write_png(&data.join("a/wide.png"), 40, 30, 1);
     std::fs::create_dir_all(data.join("b")).unwrap();
@@ -166,10 +176,7 @@ fn every_preset_writes_valid_outputs() {
 /// else is scored, and the input folder is left as it was.
 #[test]
 fn bad_inputs_are_reported_and_the_rest_scored() {
-    let Some(tok) = tokenizer() else {
-        eprintln!("skipping: ../shared/clip-tokenizer is absent");
-        return;
-    };
+    let tok = tokenizer_or_skip!();
     let data = tmp("bad-data");
     write_png(&data.join("good.png"), 30, 20, 2);
     let png = std::fs::read(data.join("good.png")).unwrap();
@@ -218,26 +225,14 @@ fn bad_inputs_are_reported_and_the_rest_scored() {
         assert_eq!(err(ok), "", "{ok}: {:?}", recs[&format!("{d}/{ok}")]);
         assert!(recs[&format!("{d}/{ok}")]["score"].is_number());
     }
-    assert!(
-        err("sub/corrupt.png").contains("decode"),
-        "{}",
-        err("sub/corrupt.png")
-    );
-    assert!(
-        err("empty.png").contains("empty file"),
-        "{}",
-        err("empty.png")
-    );
-    assert!(
-        err("notes.png").contains("not an image"),
-        "{}",
-        err("notes.png")
-    );
-    assert!(
-        err("missing.png").contains("no such file"),
-        "{}",
-        err("missing.png")
-    );
+    for (name, problem) in [
+        ("sub/corrupt.png", "decode"),
+        ("empty.png", "empty file"),
+        ("notes.png", "not an image"),
+        ("missing.png", "no such file"),
+    ] {
+        assert!(err(name).contains(problem), "{name}: {}", err(name));
+    }
     for bad in ["sub/corrupt.png", "empty.png", "notes.png"] {
         assert!(recs[&format!("{d}/{bad}")].get("score").is_none());
     }
@@ -253,10 +248,7 @@ fn bad_inputs_are_reported_and_the_rest_scored() {
 
 #[test]
 fn resume_skips_what_is_done_and_retry_failed_rescores() {
-    let Some(tok) = tokenizer() else {
-        eprintln!("skipping: ../shared/clip-tokenizer is absent");
-        return;
-    };
+    let tok = tokenizer_or_skip!();
     let data = tmp("resume-data");
     for i in 0..3 {
         write_png(&data.join(format!("{i}.png")), 24, 24, i);
@@ -323,10 +315,7 @@ fn resume_skips_what_is_done_and_retry_failed_rescores() {
 
 #[test]
 fn shards_partition_the_inputs_and_merge_joins_them() {
-    let Some(tok) = tokenizer() else {
-        eprintln!("skipping: ../shared/clip-tokenizer is absent");
-        return;
-    };
+    let tok = tokenizer_or_skip!();
     let data = tmp("shard-data");
     for i in 0..8 {
         write_png(&data.join(format!("c{}/{i}.png", i % 2)), 20 + i, 18, i);
@@ -384,10 +373,7 @@ fn shards_partition_the_inputs_and_merge_joins_them() {
 
 #[test]
 fn csv_records_npy_maps_and_threshold() {
-    let Some(tok) = tokenizer() else {
-        eprintln!("skipping: ../shared/clip-tokenizer is absent");
-        return;
-    };
+    let tok = tokenizer_or_skip!();
     let data = tmp("csv-data");
     write_png(&data.join("x.png"), 21, 13, 4);
     write_png(&data.join("y.png"), 16, 16, 5);
@@ -453,10 +439,7 @@ fn csv_records_npy_maps_and_threshold() {
 
 #[test]
 fn imported_checkpoints_run_and_bad_ones_are_named() {
-    let Some(tok) = tokenizer() else {
-        eprintln!("skipping: ../shared/clip-tokenizer is absent");
-        return;
-    };
+    let tok = tokenizer_or_skip!();
     let dir = tmp("import");
     let m = model();
     let adapter = dir.join("anomalyclip.safetensors").display().to_string();

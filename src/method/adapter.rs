@@ -77,32 +77,28 @@ pub fn param_specs(cfg: &DetectorConfig, clip: &ClipConfig) -> Vec<ParamSpec> {
         push("text.ctx_normal".into(), vec![context_length, dt], prompt);
         push("text.ctx_abnormal".into(), vec![context_length, dt], prompt);
     }
-    let text_deep = cfg.text_prompt_depth > 1 && cfg.text_prompt_length > 0;
-    if text_deep {
-        for i in 1..cfg.text_prompt_depth {
-            push(
-                format!("text.deep.{i}"),
-                vec![cfg.text_prompt_length, dt],
-                prompt,
-            );
+    // Deep prompts: static tokens per prompted layer, plus one generator per token when
+    // dynamic. Text layer 0 is never prompted.
+    let deep = [
+        ("text", 1, cfg.text_prompt_depth, cfg.text_prompt_length, dt),
+        (
+            "vision",
+            0,
+            cfg.visual_prompt_depth,
+            cfg.visual_prompt_length,
+            dv,
+        ),
+    ];
+    for (tower, first, depth, len, width) in deep {
+        if depth <= first || len == 0 {
+            continue;
+        }
+        for i in first..depth {
+            push(format!("{tower}.deep.{i}"), vec![len, width], prompt);
         }
         if cfg.dynamic_prompts {
-            for k in 0..cfg.text_prompt_length {
-                linear(&format!("text.dynamic.{k}"), &mut push, dt, e);
-            }
-        }
-    }
-    if cfg.visual_prompt_depth > 0 && cfg.visual_prompt_length > 0 {
-        for i in 0..cfg.visual_prompt_depth {
-            push(
-                format!("vision.deep.{i}"),
-                vec![cfg.visual_prompt_length, dv],
-                prompt,
-            );
-        }
-        if cfg.dynamic_prompts {
-            for k in 0..cfg.visual_prompt_length {
-                linear(&format!("vision.dynamic.{k}"), &mut push, dv, e);
+            for k in 0..len {
+                linear(&format!("{tower}.dynamic.{k}"), &mut push, width, e);
             }
         }
     }
@@ -239,13 +235,7 @@ mod tests {
     #[test]
     fn init_fits_and_round_trips() {
         let clip = ClipConfig::tiny();
-        for p in [
-            Preset::ZeroShot,
-            Preset::Adaclip,
-            Preset::Anomalyclip,
-            Preset::Headclip,
-            Preset::Zsad,
-        ] {
+        for p in Preset::ALL {
             let cfg = DetectorConfig::preset(p, &clip, "random:tiny");
             let a = Adapter::init(cfg, &clip, 7).unwrap();
             a.check(&clip).unwrap();

@@ -28,6 +28,14 @@ pub enum Preset {
 }
 
 impl Preset {
+    pub const ALL: [Preset; 5] = [
+        Self::ZeroShot,
+        Self::Adaclip,
+        Self::Anomalyclip,
+        Self::Headclip,
+        Self::Zsad,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Self::ZeroShot => "zero-shot",
@@ -416,13 +424,7 @@ mod tests {
         assert_eq!((c.text_prompt_depth, c.text_prompt_length), (9, 4));
         let z = DetectorConfig::preset(Preset::ZeroShot, &clip, "x");
         assert_eq!(z.layers, vec![12, 18, 24]);
-        for p in [
-            Preset::ZeroShot,
-            Preset::Adaclip,
-            Preset::Anomalyclip,
-            Preset::Headclip,
-            Preset::Zsad,
-        ] {
+        for p in Preset::ALL {
             for c in [
                 ClipConfig::vit_l_14_336(),
                 ClipConfig::vit_b_16(),
