@@ -9,6 +9,7 @@ pub mod cli;
 pub mod clip;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod interp;
 pub mod method;
 pub mod rng;

@@ -1,6 +1,8 @@
 //! The `zsad` command line: parsing, model options shared by subcommands, exit codes.
 
 mod detect;
+mod detector_args;
+mod eval;
 mod features;
 mod import;
 mod info;
@@ -49,6 +51,9 @@ pub enum Command {
     /// Score images: an anomaly score and a pixel anomaly map per image, written as records
     /// (JSON Lines or CSV), 16-bit map PNGs and heatmaps.
     Detect(detect::DetectArgs),
+    /// Evaluate on an annotated dataset: image and pixel AUROC, AP, F1-max and AUPRO per class
+    /// and their mean, exactly as the papers compute them, with ROC and PR plots.
+    Eval(eval::EvalArgs),
     /// Convert a published AdaCLIP or AnomalyCLIP checkpoint (.pth) into a zsad adapter.
     ImportCheckpoint(import::ImportArgs),
     /// Join the output folders of `zsad detect --shard` runs.
@@ -161,6 +166,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Detect(a) => detect::run(a),
+        Command::Eval(a) => eval::run(a).map(|()| EXIT_OK),
         Command::ImportCheckpoint(a) => import::run(a).map(|()| EXIT_OK),
         Command::Merge(a) => merge::run(a).map(|()| EXIT_OK),
         Command::Info(a) => info::run(a).map(|()| EXIT_OK),

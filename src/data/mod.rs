@@ -1,5 +1,7 @@
-//! Data I/O that does not depend on the model: image decoding and PIL-exact resizing.
+//! Data I/O that does not depend on the model: image decoding and PIL-exact resizing, input
+//! lists, output records and maps, annotated datasets, safetensors files.
 
+pub mod dataset;
 pub mod image;
 pub mod inputs;
 pub mod outputs;

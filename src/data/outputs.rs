@@ -329,6 +329,51 @@ pub fn map_npy(map: &[f32], w: u32, h: u32) -> Vec<u8> {
     out
 }
 
+/// Reads a map written by [`map_npy`]: `(values, width, height)`.
+pub fn read_map_npy(path: &Path) -> Result<(Vec<f32>, u32, u32)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |m: &str| Error::Image {
+        path: path.to_path_buf(),
+        message: m.to_string(),
+    };
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(bad("not a .npy file"));
+    }
+    let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(
+        bytes
+            .get(10..10 + hlen)
+            .ok_or_else(|| bad("truncated header"))?,
+    )
+    .map_err(|_| bad("unreadable header"))?;
+    if !header.contains("'descr': '<f4'") || header.contains("'fortran_order': True") {
+        return Err(bad("expected a little-endian float32 array in C order"));
+    }
+    let shape = header
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .ok_or_else(|| bad("no shape"))?;
+    let dims: Vec<u32> = shape
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().map_err(|_| bad("bad shape")))
+        .collect::<Result<_>>()?;
+    let [h, w] = dims[..] else {
+        return Err(bad("expected a 2-D array"));
+    };
+    let data = &bytes[10 + hlen..];
+    if data.len() != 4 * (w * h) as usize {
+        return Err(bad("data does not match the shape"));
+    }
+    let v = data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok((v, w, h))
+}
+
 /// What heatmap to draw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum HeatmapKind {
@@ -448,6 +493,11 @@ mod tests {
         assert!(header.contains("'shape': (2, 3)"), "{header}");
         assert_eq!(b.len(), 10 + hlen + 24);
         assert_eq!(&b[10 + hlen..10 + hlen + 4], &1.0f32.to_le_bytes());
+        let p = std::env::temp_dir().join(format!("zsad-npy-{}.npy", std::process::id()));
+        std::fs::write(&p, &b).unwrap();
+        let (v, w, h) = read_map_npy(&p).unwrap();
+        assert_eq!((v, w, h), (vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 3, 2));
+        std::fs::remove_file(&p).unwrap();
     }
 
     #[test]

@@ -1,0 +1,133 @@
+//! The options that pick a model and a method, shared by `detect` and `eval`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+
+use super::ModelArgs;
+use crate::clip::{ClipTokenizer, LoadedModel};
+use crate::method::config::JointScore;
+use crate::method::{Adapter, DetectorConfig, Preset};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JointArg {
+    /// the method's global score alone
+    None,
+    /// alpha · global + (1 − alpha) · max(map)
+    Mean,
+    /// global · max(map)
+    Product,
+    /// max(global, max(map))
+    Max,
+}
+
+/// A CLIP model plus an adapter file or a preset, with run-time overrides.
+#[derive(Debug, Args)]
+pub struct DetectorArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Adapter file (from `zsad train` or `zsad import-checkpoint`); it records its preset,
+    /// image size, layers and switches
+    #[arg(long, short = 'a', value_name = "A.safetensors")]
+    pub adapter: Option<PathBuf>,
+    /// Method when no adapter is given. Only zero-shot is meaningful untrained; the others run
+    /// with freshly initialised (untrained) parameters, for timing and smoke tests
+    #[arg(long, value_enum, default_value = "zero-shot")]
+    pub preset: Preset,
+    /// Seed of the untrained parameters of --preset without --adapter
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub init_seed: u64,
+    /// Square input size of the model (default: the adapter's, else the backbone's; the papers
+    /// run ViT-L/14-336 at 518)
+    #[arg(long, value_name = "S")]
+    pub image_size: Option<usize>,
+    /// Object word in the prompts of methods that use one (default: the adapter's, `object`)
+    #[arg(long, value_name = "NAME")]
+    pub class_name: Option<String>,
+    /// How map evidence is fused into the image score (default: the method's)
+    #[arg(long, value_enum)]
+    pub joint: Option<JointArg>,
+    /// Weight of the global score in `--joint mean`
+    #[arg(long, default_value_t = 0.5, value_name = "ALPHA")]
+    pub joint_alpha: f64,
+    /// tokenizer.json (default: the one beside the model)
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
+}
+
+impl DetectorArgs {
+    /// Builds the detector configuration and the model it needs (activation per method).
+    pub fn setup(&self, quiet: bool) -> anyhow::Result<(LoadedModel, Adapter)> {
+        let args = self;
+        let file_adapter = match &args.adapter {
+            Some(p) => Some(
+                Adapter::load(p).with_context(|| format!("cannot read adapter {}", p.display()))?,
+            ),
+            None => None,
+        };
+        let mut model_args = args.model.clone();
+        if model_args.activation.is_none() {
+            let act = match &file_adapter {
+                Some(a) => a.config.activation,
+                None => args.preset.activation(),
+            };
+            model_args.activation = act.map(Into::into);
+        }
+        let loaded = model_args.load()?;
+        let clip = &loaded.model.config;
+        let mut adapter = match file_adapter {
+            Some(a) => a,
+            None => {
+                let cfg = DetectorConfig::preset(args.preset, clip, &args.model.model);
+                if args.preset != Preset::ZeroShot && !quiet {
+                    eprintln!(
+                        "zsad: warning: --preset {} without --adapter runs untrained parameters (seed {}); train one with `zsad train` or import a published checkpoint",
+                        args.preset.name(),
+                        args.init_seed
+                    );
+                }
+                Adapter::init(cfg, clip, args.init_seed)?
+            }
+        };
+        let cfg = &mut adapter.config;
+        if let Some(s) = args.image_size {
+            cfg.image_size = s;
+        }
+        if let Some(c) = &args.class_name {
+            cfg.class_name = c.clone();
+        }
+        if let Some(j) = args.joint {
+            cfg.joint = match j {
+                JointArg::None => JointScore::None,
+                JointArg::Mean => JointScore::Mean {
+                    alpha: args.joint_alpha,
+                },
+                JointArg::Product => JointScore::Product,
+                JointArg::Max => JointScore::Max,
+            };
+        }
+        adapter.check(clip).with_context(|| match &args.adapter {
+            Some(p) => format!(
+                "adapter {} does not fit model `{}`",
+                p.display(),
+                args.model.model
+            ),
+            None => format!(
+                "preset {} on model `{}`",
+                args.preset.name(),
+                args.model.model
+            ),
+        })?;
+        Ok((loaded, adapter))
+    }
+}
+
+/// The tokenizer: `--tokenizer`, else `tokenizer.json` beside the model.
+pub fn tokenizer(flag: &Option<PathBuf>, loaded: &LoadedModel) -> anyhow::Result<ClipTokenizer> {
+    let path = flag.clone().or_else(|| loaded.tokenizer.clone()).context(
+        "the prompts need the CLIP tokenizer: no tokenizer.json beside the model; pass --tokenizer FILE \
+         (every CLIP model shares it, e.g. tokenizer.json of openai/clip-vit-base-patch32 on huggingface.co)",
+    )?;
+    Ok(ClipTokenizer::from_file(&path)?)
+}

@@ -1,0 +1,346 @@
+//! `zsad eval`: metrics per class and their mean, as the papers compute them, from a model run
+//! over an annotated dataset or from the written predictions of `zsad detect`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+
+use super::detector_args::{tokenizer, DetectorArgs};
+use crate::data::dataset::{self, Sample};
+use crate::data::outputs::{self, Record};
+use crate::eval::metrics::Curve;
+use crate::eval::report::ClassMetrics;
+use crate::eval::{plot, Evaluation, SingleLabel};
+use crate::method::config::TextPrompts;
+use crate::method::{prompts, Detector, TextInputs};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Resolution {
+    /// the model's input size (the papers: 518), masks resized with PIL bilinear, then > 0.5
+    Model,
+    /// each image's own size, maps resized bilinearly
+    Original,
+}
+
+#[derive(Debug, Args)]
+// The model is needed only without --predictions.
+#[command(mut_arg("model", |a| a.required(false).default_value("")))]
+pub struct EvalArgs {
+    /// Annotated data: an MVTec AD root or class folder, a VisA root (split_csv/1cls.csv), a
+    /// manifest (.csv / .jsonl with image, mask, label, class), or a folder of images with masks
+    /// beside them; may be repeated
+    #[arg(long, required = true, value_name = "D")]
+    pub data: Vec<PathBuf>,
+    /// Evaluate the records and maps that `zsad detect` wrote to this folder instead of running
+    /// a model (at the resolution of the written maps)
+    #[arg(long, value_name = "DIR", conflicts_with = "model")]
+    pub predictions: Option<PathBuf>,
+    #[command(flatten)]
+    pub detector: DetectorArgs,
+    /// Output folder for metrics.json, metrics.csv, metrics.md and the curve plots
+    #[arg(long, short = 'o', value_name = "DIR")]
+    pub out: PathBuf,
+    /// Resolution of the pixel metrics when running a model
+    #[arg(long, value_enum, default_value = "model")]
+    pub resolution: Resolution,
+    /// Classes whose images (or pixels) all have one label: leave the metric out of the mean
+    /// (skip), or count it as 0 as AdaCLIP does (zero)
+    #[arg(long, value_enum, default_value = "skip")]
+    pub single_label: SingleLabel,
+    /// How AUPRO's 200-threshold grid is evaluated: as under NumPy 1.x (AnomalyCLIP's pinned
+    /// environment, the published numbers) or NumPy 2.x; they differ only on exact ties with
+    /// a threshold
+    #[arg(long, value_enum, default_value = "numpy1")]
+    pub aupro_grid: crate::eval::metrics::ProGrid,
+    /// No progress bar
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+fn read_mask(s: &Sample) -> anyhow::Result<Option<image::GrayImage>> {
+    match &s.mask {
+        None => Ok(None),
+        Some(m) => Ok(Some(crate::data::image::to_luma8(
+            &crate::data::image::decode(m)
+                .with_context(|| format!("mask of {}", s.image.display()))?,
+        ))),
+    }
+}
+
+/// The mask at its own size, `> 0.5` after `ToTensor` (i.e. > 127).
+fn mask_bits(mask: &Option<image::GrayImage>, w: u32, h: u32) -> Vec<bool> {
+    match mask {
+        Some(m) => m.as_raw().iter().map(|&v| v > 127).collect(),
+        None => vec![false; (w * h) as usize],
+    }
+}
+
+fn load_samples(args: &EvalArgs) -> anyhow::Result<Vec<Sample>> {
+    let mut samples = Vec::new();
+    for d in &args.data {
+        let (_, s) =
+            dataset::read(d).with_context(|| format!("cannot read dataset {}", d.display()))?;
+        if s.is_empty() {
+            bail!("{}: no images", d.display());
+        }
+        samples.extend(s);
+    }
+    let problems = dataset::check(&samples, &[]);
+    if !problems.is_empty() {
+        bail!(
+            "the dataset has {} problem(s):\n  {}",
+            problems.len(),
+            problems.join("\n  ")
+        );
+    }
+    Ok(samples)
+}
+
+fn progress(n: usize, quiet: bool) -> indicatif::ProgressBar {
+    let bar = if !quiet && std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(n as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} images  {per_sec}  ETA {eta}  {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+fn by_class(samples: &[Sample]) -> BTreeMap<String, Vec<&Sample>> {
+    let mut m: BTreeMap<String, Vec<&Sample>> = BTreeMap::new();
+    for s in samples {
+        m.entry(s.class.clone()).or_default().push(s);
+    }
+    m
+}
+
+fn run_model(
+    args: &EvalArgs,
+    detector_args: &DetectorArgs,
+    samples: &[Sample],
+) -> anyhow::Result<Evaluation> {
+    let (loaded, adapter) = detector_args.setup(args.quiet)?;
+    let tok = tokenizer(&detector_args.tokenizer, &loaded)?;
+    let bar = progress(samples.len(), args.quiet);
+    let mut eval = Evaluation::default();
+    for (class, group) in by_class(samples) {
+        // Hand-made ensembles name the object: the dataset's class word, as the papers do,
+        // unless --class-name fixes one; learned prompts keep their own word.
+        let mut a = adapter.clone();
+        if detector_args.class_name.is_none()
+            && matches!(a.config.text, TextPrompts::Ensemble { .. })
+        {
+            a.config.class_name = prompts::class_word(&class);
+        }
+        let det = Detector::new(&loaded.model, &a, TextInputs::build(&a.config, &tok)?)?;
+        let size = det.image_size();
+        bar.set_message(class.clone());
+        for s in group {
+            let img = crate::data::image::decode(&s.image)?;
+            let rgb = crate::data::image::to_rgb8(&img);
+            let px = crate::clip::preprocess::preprocess(&rgb, size, det.device())?;
+            let d = det
+                .detect(&px.unsqueeze(0)?)
+                .with_context(|| format!("model on {}", s.image.display()))?
+                .remove(0);
+            let mask = read_mask(s)?;
+            let (w, h) = rgb.dimensions();
+            let own_mask = mask_bits(&mask, w, h);
+            let anomalous = s.label.unwrap_or_else(|| own_mask.iter().any(|&b| b));
+            match args.resolution {
+                Resolution::Model => {
+                    let m = match &mask {
+                        Some(m) => crate::data::image::resize_mask(m, size as u32, size as u32),
+                        None => vec![false; size * size],
+                    };
+                    eval.add(&class, d.score, anomalous, &d.map, &m, size, size);
+                }
+                Resolution::Original => {
+                    let map =
+                        crate::method::maps::resize_map(&d.map, size, size, h as usize, w as usize);
+                    eval.add(
+                        &class, d.score, anomalous, &map, &own_mask, h as usize, w as usize,
+                    );
+                }
+            }
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(eval)
+}
+
+fn canonical(p: &Path) -> PathBuf {
+    p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
+}
+
+fn read_predictions(args: &EvalArgs, dir: &Path, samples: &[Sample]) -> anyhow::Result<Evaluation> {
+    let file = [dir.join("scores.jsonl"), dir.join("scores.csv")]
+        .into_iter()
+        .find(|p| p.is_file())
+        .with_context(|| format!("{}: no scores.jsonl or scores.csv", dir.display()))?;
+    let (records, torn) = outputs::read_records(&file)?;
+    if !torn.is_empty() {
+        bail!("{}: unreadable lines {:?}", file.display(), torn);
+    }
+    let index: HashMap<PathBuf, Record> = records
+        .into_iter()
+        .map(|r| (canonical(Path::new(&r.path)), r))
+        .collect();
+    // Every problem at once: missing predictions, failed inputs, missing map files.
+    let mut problems = Vec::new();
+    for s in samples {
+        match index.get(&canonical(&s.image)) {
+            None => problems.push(format!(
+                "{}: no prediction in {}",
+                s.image.display(),
+                file.display()
+            )),
+            Some(r) if r.score.is_none() => problems.push(format!(
+                "{}: detection failed: {}",
+                s.image.display(),
+                r.error.as_deref().unwrap_or("no score")
+            )),
+            Some(r) if r.map.is_none() => problems.push(format!(
+                "{}: no map was written (run detect with --maps png or npy)",
+                s.image.display()
+            )),
+            _ => {}
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "{} prediction problem(s):\n  {}",
+            problems.len(),
+            problems.join("\n  ")
+        );
+    }
+    let bar = progress(samples.len(), args.quiet);
+    let mut eval = Evaluation::default();
+    for (class, group) in by_class(samples) {
+        for s in group {
+            let r = &index[&canonical(&s.image)];
+            let map_path = dir.join(r.map.as_ref().expect("checked"));
+            let (map, w, h) = if map_path.extension().is_some_and(|e| e == "npy") {
+                outputs::read_map_npy(&map_path)?
+            } else {
+                outputs::read_map_png(&map_path)?
+            };
+            let mask = read_mask(s)?;
+            let (mw, mh) = match &mask {
+                Some(m) => m.dimensions(),
+                None => image::ImageReader::open(&s.image)?
+                    .with_guessed_format()?
+                    .into_dimensions()?,
+            };
+            if (mw, mh) != (w, h) {
+                bail!(
+                    "{}: the map is {w}x{h} but {} is {mw}x{mh}",
+                    map_path.display(),
+                    if mask.is_some() {
+                        "the mask"
+                    } else {
+                        "the image"
+                    }
+                );
+            }
+            let bits = mask_bits(&mask, w, h);
+            let anomalous = s.label.unwrap_or_else(|| bits.iter().any(|&b| b));
+            eval.add(
+                &class,
+                r.score.expect("checked"),
+                anomalous,
+                &map,
+                &bits,
+                h as usize,
+                w as usize,
+            );
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(eval)
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    let samples = load_samples(&args)?;
+    let started = std::time::Instant::now();
+    let eval = match &args.predictions {
+        Some(dir) => read_predictions(&args, dir, &samples)?,
+        None if args.detector.model.model.is_empty() => {
+            bail!(
+                "give --model (with --adapter or --preset) to run a detector, or --predictions DIR"
+            )
+        }
+        None => run_model(&args, &args.detector, &samples)?,
+    };
+    let report = eval.finish(args.single_label, args.aupro_grid);
+    let out = &args.out;
+    outputs::write_atomic(&out.join("metrics.json"), report.to_json().as_bytes())?;
+    outputs::write_atomic(&out.join("metrics.csv"), report.to_csv().as_bytes())?;
+    let md = report.to_markdown();
+    outputs::write_atomic(&out.join("metrics.md"), md.as_bytes())?;
+    type Pick = fn(&(Curve, Curve)) -> &Curve;
+    type Value = fn(&ClassMetrics) -> Option<f64>;
+    let levels: [(&str, Pick, Value, Value); 2] = [
+        ("image", |c| &c.0, |m| m.image_auroc, |m| m.image_ap),
+        ("pixel", |c| &c.1, |m| m.pixel_auroc, |m| m.pixel_ap),
+    ];
+    for (level, pick, auroc, ap) in levels {
+        let series = |points: fn(&Curve) -> Vec<(f64, f64)>, value: Value| -> Vec<_> {
+            report
+                .curves
+                .iter()
+                // Classes where the metric is undefined (one label) have no curve to show.
+                .filter(|(n, _)| value(&report.classes[*n]).is_some())
+                .map(|(n, c)| {
+                    (
+                        n.clone(),
+                        plot::thin(points(pick(c)), 2000),
+                        value(&report.classes[n]),
+                    )
+                })
+                .collect()
+        };
+        let roc = plot::plot(
+            &format!("{level} ROC (AUROC %)"),
+            "false positive rate",
+            "true positive rate",
+            &series(Curve::roc_points, auroc),
+        );
+        let pr = plot::plot(
+            &format!("{level} PR (AP %)"),
+            "recall",
+            "precision",
+            &series(Curve::pr_points, ap),
+        );
+        outputs::write_atomic(
+            &out.join(format!("roc_{level}.png")),
+            &outputs::png_bytes_rgb(&roc)?,
+        )?;
+        outputs::write_atomic(
+            &out.join(format!("pr_{level}.png")),
+            &outputs::png_bytes_rgb(&pr)?,
+        )?;
+    }
+    if !args.quiet {
+        print!("{md}");
+        eprintln!(
+            "zsad: evaluated {} images of {} classes in {:.1} s -> {}",
+            samples.len(),
+            report.classes.len(),
+            started.elapsed().as_secs_f64(),
+            out.join("metrics.json").display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! Evaluation as the papers compute it: per-class image and pixel metrics, the unweighted mean
+//! over classes, reports and curve plots.
+
+pub mod metrics;
+pub mod plot;
+pub mod report;
+
+use std::collections::BTreeMap;
+
+use metrics::{BinaryMetrics, Curve, PixelScores};
+
+/// What to do with a class whose images (or pixels) all have one label, where the metrics are
+/// undefined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum SingleLabel {
+    /// Report the metric as undefined (null) and leave the class out of that metric's mean.
+    #[default]
+    Skip,
+    /// AdaCLIP's rule: AUROC, AP and F1-max are 0 and count in the mean.
+    Zero,
+}
+
+/// Evidence of one class, added image by image.
+#[derive(Debug, Clone, Default)]
+pub struct ClassEvidence {
+    image_pos: Vec<f32>,
+    image_neg: Vec<f32>,
+    pixels: Option<PixelScores>,
+}
+
+/// Per-class evidence of a whole evaluation.
+#[derive(Debug, Clone, Default)]
+pub struct Evaluation {
+    pub classes: BTreeMap<String, ClassEvidence>,
+}
+
+impl Evaluation {
+    /// Adds one image: its score and label, and its map and mask (same `h x w`).
+    pub fn add(
+        &mut self,
+        class: &str,
+        score: f32,
+        anomalous: bool,
+        map: &[f32],
+        mask: &[bool],
+        h: usize,
+        w: usize,
+    ) {
+        let c = self.classes.entry(class.to_string()).or_default();
+        if anomalous {
+            c.image_pos.push(score);
+        } else {
+            c.image_neg.push(score);
+        }
+        c.pixels
+            .get_or_insert_with(PixelScores::new)
+            .add(map, mask, h, w);
+    }
+
+    /// Computes every class's metrics and the mean.
+    pub fn finish(self, rule: SingleLabel, grid: metrics::ProGrid) -> report::Report {
+        let mut classes = BTreeMap::new();
+        let mut curves = BTreeMap::new();
+        for (name, mut ev) in self.classes {
+            let images = ev.image_pos.len() + ev.image_neg.len();
+            let anomalous_images = ev.image_pos.len();
+            let image_curve = Curve::new(&mut ev.image_pos, &mut ev.image_neg);
+            let mut image = BinaryMetrics::from(&image_curve);
+            let pixels = ev.pixels.unwrap_or_else(PixelScores::new);
+            let n_pixels = pixels.pixels();
+            let (mut pixel, aupro, pixel_curve) = pixels.finish_with(grid);
+            let mut notes = Vec::new();
+            if anomalous_images == 0 {
+                notes.push("only normal images".to_string());
+            } else if anomalous_images == images {
+                notes.push("only anomalous images".to_string());
+            }
+            if pixel.auroc.is_none() {
+                notes.push("no anomalous pixels".to_string());
+            }
+            // One label only: AUROC is undefined and AP/F1 are trivial (1 with only positives),
+            // so all three are left out, or set to 0 under AdaCLIP's rule.
+            let single = match rule {
+                SingleLabel::Skip => BinaryMetrics::default(),
+                SingleLabel::Zero => BinaryMetrics {
+                    auroc: Some(0.0),
+                    ap: Some(0.0),
+                    f1_max: Some(0.0),
+                },
+            };
+            if image.auroc.is_none() {
+                image = single;
+            }
+            if pixel.auroc.is_none() {
+                pixel = single;
+            }
+            classes.insert(
+                name.clone(),
+                report::ClassMetrics {
+                    image_auroc: image.auroc,
+                    image_ap: image.ap,
+                    image_f1_max: image.f1_max,
+                    pixel_auroc: pixel.auroc,
+                    pixel_ap: pixel.ap,
+                    pixel_f1_max: pixel.f1_max,
+                    pixel_aupro: aupro,
+                    images,
+                    anomalous_images,
+                    pixels: n_pixels,
+                    note: (!notes.is_empty()).then(|| notes.join("; ")),
+                },
+            );
+            curves.insert(name, (image_curve, pixel_curve));
+        }
+        report::Report::new(classes, curves)
+    }
+}

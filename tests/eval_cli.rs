@@ -1,0 +1,337 @@
+//! End-to-end `zsad eval` on the real sample data in `../shared/data` (MVTec AD bottle, MTD)
+//! with the tiny random CLIP: the reports exist and parse, and evaluating the written
+//! predictions gives the same numbers as evaluating the model directly.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::*;
+use serde_json::Value;
+
+fn zsad(args: &[&str], stdin: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zsad"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("zsad-eval-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn metrics(dir: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.json")).unwrap()).unwrap()
+}
+
+const KEYS: [&str; 7] = [
+    "image_auroc",
+    "image_ap",
+    "image_f1_max",
+    "pixel_auroc",
+    "pixel_ap",
+    "pixel_f1_max",
+    "pixel_aupro",
+];
+
+/// A small mixed manifest: bottle images (normal and defective) and MTD tiles of two classes.
+fn manifest(shared: &Path, dir: &Path) -> Option<PathBuf> {
+    let bottle = shared.join("data/mvtec_ad/bottle");
+    let mtd = shared.join("data/mtd");
+    if !bottle.exists() || !mtd.exists() {
+        return None;
+    }
+    let mut lines = Vec::new();
+    for (kind, n) in [("good", 2), ("broken_large", 2), ("contamination", 1)] {
+        for i in 0..n {
+            let img = bottle.join(format!("test/{kind}/{i:03}.png"));
+            let mask = bottle.join(format!("ground_truth/{kind}/{i:03}_mask.png"));
+            let mut v = serde_json::json!({"image": img, "class": "bottle", "label": (kind != "good") as u8});
+            if kind != "good" {
+                v["mask"] = serde_json::json!(mask);
+            }
+            lines.push(v.to_string());
+        }
+    }
+    for class in ["MT_Free", "MT_Crack"] {
+        let d = mtd.join(class).join("Imgs");
+        let mut jpgs: Vec<PathBuf> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
+            .collect();
+        jpgs.sort();
+        for j in jpgs.iter().take(3) {
+            lines.push(
+                serde_json::json!({"image": j, "mask": j.with_extension("png"), "class": class})
+                    .to_string(),
+            );
+        }
+    }
+    let p = dir.join("manifest.jsonl");
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    Some(p)
+}
+
+#[test]
+fn predictions_and_model_runs_agree_and_reports_parse() {
+    let Some(shared) = shared() else {
+        eprintln!("skipping: ../shared is absent");
+        return;
+    };
+    let dir = tmp("agree");
+    let Some(man) = manifest(&shared, &dir) else {
+        eprintln!("skipping: sample data is absent");
+        return;
+    };
+    let tok = shared
+        .join("clip-tokenizer/tokenizer.json")
+        .display()
+        .to_string();
+    let model = fixtures().join("models/tiny-method").display().to_string();
+    let m = man.display().to_string();
+    // 1. detect writes float maps at each image's size.
+    let images: String = std::fs::read_to_string(&man)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["image"]
+                .as_str()
+                .unwrap()
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    let pred = dir.join("pred").display().to_string();
+    let o = zsad(
+        &[
+            "detect",
+            "--model",
+            &model,
+            "--tokenizer",
+            &tok,
+            "--maps",
+            "npy",
+            "--heatmaps",
+            "none",
+            "--out",
+            &pred,
+            "-q",
+            "-",
+        ],
+        &images,
+    );
+    assert!(o.status.success(), "{}", err(&o));
+    // 2. eval from the predictions; 3. eval running the model at the original resolution.
+    let from_pred = dir.join("from-pred");
+    let o = zsad(
+        &[
+            "eval",
+            "--data",
+            &m,
+            "--predictions",
+            &pred,
+            "--out",
+            from_pred.to_str().unwrap(),
+            "-q",
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", err(&o));
+    let from_model = dir.join("from-model");
+    let o = zsad(
+        &[
+            "eval",
+            "--data",
+            &m,
+            "--model",
+            &model,
+            "--tokenizer",
+            &tok,
+            "--class-name",
+            "object",
+            "--resolution",
+            "original",
+            "--out",
+            from_model.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("| **mean** |"),
+        "the table is printed"
+    );
+    let (a, b) = (metrics(&from_pred), metrics(&from_model));
+    for class in ["bottle", "MT_Crack", "MT_Free", "mean"] {
+        let (x, y) = if class == "mean" {
+            (&a["mean"], &b["mean"])
+        } else {
+            (&a["classes"][class], &b["classes"][class])
+        };
+        for k in KEYS {
+            match (x[k].as_f64(), y[k].as_f64()) {
+                (Some(p), Some(q)) => assert!((p - q).abs() < 1e-12, "{class} {k}: {p} vs {q}"),
+                (None, None) => {}
+                _ => panic!("{class} {k}: {} vs {}", x[k], y[k]),
+            }
+        }
+    }
+    // MT_Free has only normal tiles: its image and pixel metrics are undefined and it says so.
+    let free = &a["classes"]["MT_Free"];
+    assert!(free["image_auroc"].is_null() && free["pixel_aupro"].is_null());
+    assert!(free["note"]
+        .as_str()
+        .unwrap()
+        .contains("only normal images"));
+    assert_eq!(a["classes"]["bottle"]["images"], 5);
+    assert_eq!(a["classes"]["bottle"]["anomalous_images"], 3);
+    // The mean is over the classes where a metric is defined.
+    let mean_auroc = (a["classes"]["bottle"]["image_auroc"].as_f64().unwrap()
+        + a["classes"]["MT_Crack"]["image_auroc"]
+            .as_f64()
+            .unwrap_or(f64::NAN))
+        / 2.0;
+    if mean_auroc.is_finite() {
+        assert!((a["mean"]["image_auroc"].as_f64().unwrap() - mean_auroc).abs() < 1e-12);
+    }
+    // The other reports and the plots.
+    let csv = std::fs::read_to_string(from_pred.join("metrics.csv")).unwrap();
+    assert!(csv.starts_with(
+        "class,image_auroc,image_ap,image_f1_max,pixel_auroc,pixel_ap,pixel_f1_max,pixel_aupro"
+    ));
+    assert_eq!(csv.lines().count(), 1 + 3 + 1);
+    let md = std::fs::read_to_string(from_pred.join("metrics.md")).unwrap();
+    assert!(md.contains("| MT_Free | n/a |"), "{md}");
+    for plot in [
+        "roc_image.png",
+        "pr_image.png",
+        "roc_pixel.png",
+        "pr_pixel.png",
+    ] {
+        let img = image::open(from_pred.join(plot)).unwrap();
+        assert!(img.width() > 100);
+    }
+
+    // AdaCLIP's rule counts single-label classes as 0.
+    let zero = dir.join("zero");
+    let o = zsad(
+        &[
+            "eval",
+            "--data",
+            &m,
+            "--predictions",
+            &pred,
+            "--single-label",
+            "zero",
+            "--out",
+            zero.to_str().unwrap(),
+            "-q",
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(metrics(&zero)["classes"]["MT_Free"]["image_auroc"], 0.0);
+}
+
+#[test]
+fn an_mvtec_root_is_read_and_problems_are_named() {
+    let Some(shared) = shared() else {
+        eprintln!("skipping: ../shared is absent");
+        return;
+    };
+    let root = shared.join("data/mvtec_ad");
+    if !root.exists() {
+        return;
+    }
+    let tok = shared
+        .join("clip-tokenizer/tokenizer.json")
+        .display()
+        .to_string();
+    let model = fixtures().join("models/tiny-method").display().to_string();
+    let out = tmp("mvtec");
+    let o = zsad(
+        &[
+            "eval",
+            "--data",
+            root.to_str().unwrap(),
+            "--model",
+            &model,
+            "--tokenizer",
+            &tok,
+            "--out",
+            out.to_str().unwrap(),
+            "-q",
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", err(&o));
+    let m = metrics(&out);
+    let bottle = &m["classes"]["bottle"];
+    assert_eq!(bottle["images"], 83);
+    assert_eq!(bottle["anomalous_images"], 63);
+    // At the model's input size (32 px for this tiny model): 83 * 32 * 32 pixels.
+    assert_eq!(bottle["pixels"], 83 * 32 * 32);
+    for k in KEYS {
+        let v = bottle[k].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{k} = {v}");
+    }
+
+    // Predictions missing for some images: every one is named, nothing is written.
+    let pred = tmp("partial");
+    let one = root.join("bottle/test/good/000.png").display().to_string();
+    let o = zsad(
+        &[
+            "detect",
+            "--model",
+            &model,
+            "--tokenizer",
+            &tok,
+            "--out",
+            pred.to_str().unwrap(),
+            "-q",
+            &one,
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", err(&o));
+    let out2 = tmp("partial-out");
+    let o = zsad(
+        &[
+            "eval",
+            "--data",
+            root.to_str().unwrap(),
+            "--predictions",
+            pred.to_str().unwrap(),
+            "--out",
+            out2.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let e = err(&o);
+    assert!(
+        e.contains("82 prediction problem(s)") && e.contains("001.png: no prediction"),
+        "{e}"
+    );
+    assert!(!out2.join("metrics.json").exists());
+}
