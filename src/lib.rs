@@ -13,5 +13,6 @@ pub mod eval;
 pub mod interp;
 pub mod method;
 pub mod rng;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -7,7 +7,9 @@
 //! otherwise, so inference stays fast and training gets true gradients without a mode flag.
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::frozen::FrozenLinear as Linear;
 
 use super::config::Activation;
 use crate::Result;

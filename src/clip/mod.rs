@@ -3,6 +3,7 @@
 //! (taps, per-head weights, deep prompts, V-V attention). SPEC §0 and §6.
 
 pub mod config;
+pub mod frozen;
 pub mod hub;
 pub mod layers;
 pub mod preprocess;

@@ -4,7 +4,9 @@
 //! pooled = ln_final(x)[eot] @ text_projection`.
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
+
+use super::frozen::FrozenLinear as Linear;
 
 use super::config::TextConfig;
 use super::layers::{Encoder, Hooks, LayerNorm, PromptPlacement};

@@ -4,7 +4,9 @@
 //! `x = ln_pre([cls; conv1(img)] + pos); x = blocks(x); pooled = ln_post(x[:, 0]) @ proj`.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+
+use super::frozen::FrozenLinear as Linear;
 
 use super::config::{PosInterpolation, VisionConfig};
 use super::layers::{Encoder, Hooks, LayerNorm, PromptPlacement};
