@@ -6,7 +6,9 @@ mod eval;
 mod features;
 mod import;
 mod info;
+mod manifest;
 mod merge;
+mod train;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -54,6 +56,10 @@ pub enum Command {
     /// Evaluate on an annotated dataset: image and pixel AUROC, AP, F1-max and AUPRO per class
     /// and their mean, exactly as the papers compute them, with ROC and PR plots.
     Eval(eval::EvalArgs),
+    /// Train an adapter on annotated auxiliary data (the target classes are never seen).
+    Train(train::TrainArgs),
+    /// Write a manifest (image, mask, label, class) from a dataset folder.
+    Manifest(manifest::ManifestArgs),
     /// Convert a published AdaCLIP or AnomalyCLIP checkpoint (.pth) into a zsad adapter.
     ImportCheckpoint(import::ImportArgs),
     /// Join the output folders of `zsad detect --shard` runs.
@@ -167,6 +173,8 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Detect(a) => detect::run(a),
         Command::Eval(a) => eval::run(a).map(|()| EXIT_OK),
+        Command::Train(a) => train::run(a).map(|()| EXIT_OK),
+        Command::Manifest(a) => manifest::run(a).map(|()| EXIT_OK),
         Command::ImportCheckpoint(a) => import::run(a).map(|()| EXIT_OK),
         Command::Merge(a) => merge::run(a).map(|()| EXIT_OK),
         Command::Info(a) => info::run(a).map(|()| EXIT_OK),
