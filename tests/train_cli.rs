@@ -142,4 +142,14 @@ fn training_transfers_to_held_out_classes_and_round_trips() {
     let cfg: Value = serde_json::from_str(&header.metadata().as_ref().unwrap()["zsad.config"]).unwrap();
     assert_eq!(cfg["provenance"]["epochs"], 3);
     assert_eq!(cfg["provenance"]["steps"], 3 * 48);
+
+    // The adapter written is bit-equal to the trained variables (kept in the checkpoint) and
+    // to what `zsad detect` loads.
+    let adapter_tensors = zsad::method::Adapter::load(&adapter).unwrap().tensors;
+    let (ckpt, _) = zsad::data::tensors::read(&dir.join("a.ckpt.safetensors")).unwrap();
+    for (name, t) in &adapter_tensors {
+        let c = &ckpt[&format!("param.{name}")];
+        let (a, b) = (t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), c.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name}");
+    }
 }

@@ -14,10 +14,14 @@ use super::frozen::FrozenLinear as Linear;
 use super::config::Activation;
 use crate::Result;
 
-/// Softmax over the last dimension, in f32, differentiable when needed.
+/// Softmax over the last dimension, in f32 at least (f64 stays f64), differentiable when needed.
 pub fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
     let dtype = xs.dtype();
-    let xs = xs.to_dtype(DType::F32)?;
+    let xs = if dtype == DType::F64 {
+        xs.clone()
+    } else {
+        xs.to_dtype(DType::F32)?
+    };
     let ys = if xs.track_op() {
         candle_nn::ops::softmax(&xs, D::Minus1)?
     } else {
@@ -46,7 +50,8 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if xs.track_op() {
+        // The fused kernel has no backward and no f64.
+        if xs.track_op() || xs.dtype() == DType::F64 {
             candle_nn::ops::layer_norm_slow(xs, &self.weight, &self.bias, self.eps as f32)
         } else {
             candle_nn::ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps as f32)

@@ -200,6 +200,11 @@ impl Trainer {
         })
     }
 
+    /// The variables, by adapter tensor name.
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
     fn params(&self) -> HashMap<String, Tensor> {
         self.vars
             .iter()
