@@ -516,6 +516,22 @@ fn imported_checkpoints_run_and_bad_ones_are_named() {
 }
 
 #[test]
+fn help_documents_outputs_and_exit_status() {
+    let o = zsad(&["detect", "--help"]);
+    let h = String::from_utf8_lossy(&o.stdout);
+    for needle in [
+        "scores.jsonl",
+        "maps/NAME.png",
+        "Exit status: 0 every input scored; 1 some inputs failed",
+        "--shard",
+        "--resume",
+        "random:ARCH",
+    ] {
+        assert!(h.contains(needle), "{needle} in {h}");
+    }
+}
+
+#[test]
 fn usage_and_model_errors_exit_2() {
     let out = tmp("usage");
     let o = out.display().to_string();

@@ -334,4 +334,41 @@ fn an_mvtec_root_is_read_and_problems_are_named() {
         "{e}"
     );
     assert!(!out2.join("metrics.json").exists());
+
+    // A map of the wrong size is named.
+    let man = out2.join("one.jsonl");
+    std::fs::write(
+        &man,
+        format!("{{\"image\": \"{one}\", \"class\": \"bottle\", \"label\": 0}}\n"),
+    )
+    .unwrap();
+    let rec: Value = serde_json::from_str(
+        std::fs::read_to_string(pred.join("scores.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::new(10, 10)
+        .save(pred.join(rec["map"].as_str().unwrap()))
+        .unwrap();
+    let o = zsad(
+        &[
+            "eval",
+            "--data",
+            man.to_str().unwrap(),
+            "--predictions",
+            pred.to_str().unwrap(),
+            "--out",
+            out2.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let e = err(&o);
+    assert!(
+        e.contains("the map is 10x10 but the image is 900x900"),
+        "{e}"
+    );
 }

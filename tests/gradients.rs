@@ -20,7 +20,11 @@ fn example(size: usize, x0: usize, anomalous: bool) -> Example {
     let mask: Vec<bool> = (0..size * size)
         .map(|i| anomalous && (i % size) >= x0 && (i % size) < x0 + 8 && (i / size) < 12)
         .collect();
-    Example { pixels, mask, label: anomalous }
+    Example {
+        pixels,
+        mask,
+        label: anomalous,
+    }
 }
 
 fn check(preset: Preset) {
@@ -80,7 +84,12 @@ fn check(preset: Preset) {
             .unwrap()
             .to_vec1::<f64>()
             .unwrap();
-        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let base = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let n = base.len();
         let mut worst = 0.0f64;
         let mut largest = 0.0f64;

@@ -12,7 +12,10 @@ use common::*;
 use serde_json::Value;
 
 fn zsad(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zsad")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_zsad"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -63,8 +66,15 @@ fn make_class(root: &Path, c: u32, n: usize, seed: u64) {
         if i % 2 == 1 {
             for _ in 0..1 + rng.below(2) {
                 let s = 8 + rng.below(9) as u32;
-                let (x0, y0) = (rng.below((64 - s) as u64) as u32, rng.below((64 - s) as u64) as u32);
-                let colour = if rng.below(2) == 0 { [230, 40, 30] } else { [30, 60, 220] };
+                let (x0, y0) = (
+                    rng.below((64 - s) as u64) as u32,
+                    rng.below((64 - s) as u64) as u32,
+                );
+                let colour = if rng.below(2) == 0 {
+                    [230, 40, 30]
+                } else {
+                    [30, 60, 220]
+                };
                 for y in y0..y0 + s {
                     for x in x0..x0 + s {
                         img.put_pixel(x, y, image::Rgb(colour));
@@ -79,7 +89,8 @@ fn make_class(root: &Path, c: u32, n: usize, seed: u64) {
 }
 
 fn pixel_auroc(dir: &Path) -> f64 {
-    let m: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.json")).unwrap()).unwrap();
+    let m: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.json")).unwrap()).unwrap();
     m["mean"]["pixel_auroc"].as_f64().unwrap()
 }
 
@@ -89,7 +100,10 @@ fn training_transfers_to_held_out_classes_and_round_trips() {
         eprintln!("skipping: ../shared is absent");
         return;
     };
-    let tok = shared.join("clip-tokenizer/tokenizer.json").display().to_string();
+    let tok = shared
+        .join("clip-tokenizer/tokenizer.json")
+        .display()
+        .to_string();
     let model = fixtures().join("models/tiny-method").display().to_string();
     let dir = tmp("learn");
     let (train, held) = (dir.join("train"), dir.join("held"));
@@ -99,17 +113,64 @@ fn training_transfers_to_held_out_classes_and_round_trips() {
     for c in 3..5 {
         make_class(&held, c, 16, 2);
     }
+    // `zsad manifest` lists the folder layout with labels read from the masks.
+    let man = dir.join("train.csv");
+    let o = zsad(&[
+        "manifest",
+        train.to_str().unwrap(),
+        "--out",
+        man.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", err(&o));
+    let text = std::fs::read_to_string(&man).unwrap();
+    let rows: Vec<&str> = text.lines().collect();
+    assert_eq!(rows[0], "image,mask,label,class");
+    assert_eq!(rows.len(), 1 + 48);
+    assert_eq!(
+        rows[1],
+        "train/class0/000.png,train/class0/000_mask.png,0,class0"
+    );
+    assert_eq!(
+        rows[2],
+        "train/class0/001.png,train/class0/001_mask.png,1,class0"
+    );
+
     let adapter = dir.join("a.safetensors");
     let a = adapter.display().to_string();
-    let common = ["--model", model.as_str(), "--tokenizer", tok.as_str(), "--image-size", "64"];
-    let mut args = vec!["train", "--data", train.to_str().unwrap(), "--preset", "adaclip", "--epochs", "2", "--out", &a, "-q"];
+    let common = [
+        "--model",
+        model.as_str(),
+        "--tokenizer",
+        tok.as_str(),
+        "--image-size",
+        "64",
+    ];
+    let mut args = vec![
+        "train",
+        "--data",
+        train.to_str().unwrap(),
+        "--preset",
+        "adaclip",
+        "--epochs",
+        "2",
+        "--out",
+        &a,
+        "-q",
+    ];
     args.extend(common);
     let o = zsad(&args);
     assert!(o.status.success(), "{}", err(&o));
 
     let eval = |name: &str, method: &[&str]| -> f64 {
         let out = dir.join(name);
-        let mut args = vec!["eval", "--data", held.to_str().unwrap(), "--out", out.to_str().unwrap(), "-q"];
+        let mut args = vec![
+            "eval",
+            "--data",
+            held.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "-q",
+        ];
         args.extend(common);
         args.extend(method);
         let o = zsad(&args);
@@ -120,26 +181,49 @@ fn training_transfers_to_held_out_classes_and_round_trips() {
     let before = eval("before", &["--preset", "adaclip"]);
     let after = eval("after", &["--adapter", a.as_str()]);
     eprintln!("held-out pixel AUROC: untrained {before:.4}, trained {after:.4}");
-    assert!(after > before + 0.15 && after > 0.8, "untrained {before}, trained {after}");
+    assert!(
+        after > before + 0.15 && after > 0.8,
+        "untrained {before}, trained {after}"
+    );
 
     // The adapter carries its provenance; a checkpoint is beside it.
     let bytes = std::fs::read(&adapter).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let cfg: Value = serde_json::from_str(&header.metadata().as_ref().unwrap()["zsad.config"]).unwrap();
+    let cfg: Value =
+        serde_json::from_str(&header.metadata().as_ref().unwrap()["zsad.config"]).unwrap();
     assert_eq!(cfg["preset"], "adaclip");
     assert_eq!(cfg["provenance"]["epochs"], 2);
-    assert_eq!(cfg["provenance"]["classes"], serde_json::json!(["class0", "class1", "class2"]));
-    assert!(cfg["provenance"]["final_loss"].as_f64().unwrap().is_finite());
+    assert_eq!(
+        cfg["provenance"]["classes"],
+        serde_json::json!(["class0", "class1", "class2"])
+    );
+    assert!(cfg["provenance"]["final_loss"]
+        .as_f64()
+        .unwrap()
+        .is_finite());
     assert!(dir.join("a.ckpt.safetensors").exists());
 
     // Resume: one more epoch continues from the checkpoint instead of starting over.
-    let mut args = vec!["train", "--data", train.to_str().unwrap(), "--preset", "adaclip", "--epochs", "3", "--out", &a, "--resume", "-q"];
+    let mut args = vec![
+        "train",
+        "--data",
+        train.to_str().unwrap(),
+        "--preset",
+        "adaclip",
+        "--epochs",
+        "3",
+        "--out",
+        &a,
+        "--resume",
+        "-q",
+    ];
     args.extend(common);
     let o = zsad(&args);
     assert!(o.status.success(), "{}", err(&o));
     let bytes = std::fs::read(&adapter).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let cfg: Value = serde_json::from_str(&header.metadata().as_ref().unwrap()["zsad.config"]).unwrap();
+    let cfg: Value =
+        serde_json::from_str(&header.metadata().as_ref().unwrap()["zsad.config"]).unwrap();
     assert_eq!(cfg["provenance"]["epochs"], 3);
     assert_eq!(cfg["provenance"]["steps"], 3 * 48);
 
@@ -149,7 +233,13 @@ fn training_transfers_to_held_out_classes_and_round_trips() {
     let (ckpt, _) = zsad::data::tensors::read(&dir.join("a.ckpt.safetensors")).unwrap();
     for (name, t) in &adapter_tensors {
         let c = &ckpt[&format!("param.{name}")];
-        let (a, b) = (t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), c.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name}");
+        let (a, b) = (
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            c.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{name}"
+        );
     }
 }

@@ -33,10 +33,21 @@ pub fn run(args: ManifestArgs) -> anyhow::Result<()> {
     if samples.is_empty() {
         bail!("{}: no images", args.root.display());
     }
-    let base = args.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let base = args
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(base)?;
-    let csv = args.out.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"));
-    let mut out = if csv { String::from("image,mask,label,class\n") } else { String::new() };
+    let csv = args
+        .out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    let mut out = if csv {
+        String::from("image,mask,label,class\n")
+    } else {
+        String::new()
+    };
     let mut anomalous = 0usize;
     for s in &samples {
         // Labels from the masks where the layout has none, so the manifest is explicit.
@@ -52,10 +63,19 @@ pub fn run(args: ManifestArgs) -> anyhow::Result<()> {
         };
         anomalous += label as usize;
         let image = relative(&s.image, base);
-        let mask = s.mask.as_ref().map(|m| relative(m, base)).unwrap_or_default();
+        let mask = s
+            .mask
+            .as_ref()
+            .map(|m| relative(m, base))
+            .unwrap_or_default();
         if csv {
             let mut w = csv::Writer::from_writer(Vec::new());
-            w.write_record([image.as_str(), mask.as_str(), if label { "1" } else { "0" }, s.class.as_str()])?;
+            w.write_record([
+                image.as_str(),
+                mask.as_str(),
+                if label { "1" } else { "0" },
+                s.class.as_str(),
+            ])?;
             out.push_str(std::str::from_utf8(&w.into_inner()?)?);
         } else {
             let mut v = serde_json::json!({"image": image, "label": label as u8, "class": s.class});
@@ -67,7 +87,8 @@ pub fn run(args: ManifestArgs) -> anyhow::Result<()> {
         }
     }
     write_atomic(&args.out, out.as_bytes())?;
-    let classes: std::collections::BTreeSet<&str> = samples.iter().map(|s| s.class.as_str()).collect();
+    let classes: std::collections::BTreeSet<&str> =
+        samples.iter().map(|s| s.class.as_str()).collect();
     eprintln!(
         "zsad: {} images ({} anomalous) in {} classes, read as {:?} -> {}",
         samples.len(),

@@ -25,8 +25,10 @@ pub const EXIT_SOME_FAILED: u8 = 1;
 /// Exit status for bad usage, a model that cannot be loaded, or an output that cannot be written.
 pub const EXIT_ERROR: u8 = 2;
 
-const AFTER_HELP: &str = "\
-Models (--model):
+/// The `--model` forms, shared by every command's help.
+macro_rules! models_help {
+    () => {
+        "Models (--model):
   a folder        with config.json + model.safetensors (Hugging Face CLIPModel layout) or an
                   OpenAI/open_clip state dict (open_clip_model.safetensors, *.bin, *.pth)
   a file          one weight file; config.json and tokenizer.json are read from beside it
@@ -34,11 +36,39 @@ Models (--model):
                   local hub cache ($HF_HUB_CACHE, else $HF_HOME/hub, else
                   ~/.cache/huggingface/hub) and downloaded when missing, unless HF_HUB_OFFLINE=1
   random:ARCH     deterministic random weights of ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336 or
-                  tiny, for benchmarks and tests without downloads (append :SEED to vary them)
+                  tiny, for benchmarks and tests without downloads (append :SEED to vary them)"
+    };
+}
+
+const AFTER_HELP: &str = concat!(
+    models_help!(),
+    "
 
 Exit status: 0 success; 1 some inputs could not be scored (detect: each is reported in the
 record file with an `error`, every other input is scored and written); 2 bad usage, a model or
-adapter that cannot be loaded, or an output that cannot be written (the message names the file).";
+adapter that cannot be loaded, or an output that cannot be written (the message names the file)."
+);
+
+const DETECT_AFTER_HELP: &str = concat!(
+    "Outputs in --out DIR, written as each input finishes:
+  scores.jsonl    one JSON object per input: path, score, global_score, map_max, map_mean,
+                  width, height, map, heatmap (paths relative to DIR), anomalous (--threshold);
+                  a failed input has path and error instead (--format csv: scores.csv)
+  maps/NAME.png   the anomaly map at the image's size, 16-bit grey, value = round(p * 65535)
+  heatmaps/NAME.png  inferno colormap on the fixed [0, 1] scale, over the image
+NAME is the path inside the folder argument (or as given) without extension.
+
+Batch runs: --resume skips inputs already recorded; --shard K/N scores one of N shares (give
+each its own --out, then `zsad merge`).
+
+",
+    models_help!(),
+    "
+
+Exit status: 0 every input scored; 1 some inputs failed (each has an `error` record, the others
+are scored and written); 2 bad usage, a model or adapter that cannot be loaded, or an output
+that cannot be written."
+);
 
 /// Zero-shot visual anomaly detection with CLIP.
 #[derive(Debug, Parser)]
@@ -52,15 +82,19 @@ pub struct Cli {
 pub enum Command {
     /// Score images: an anomaly score and a pixel anomaly map per image, written as records
     /// (JSON Lines or CSV), 16-bit map PNGs and heatmaps.
+    #[command(after_help = DETECT_AFTER_HELP)]
     Detect(detect::DetectArgs),
     /// Evaluate on an annotated dataset: image and pixel AUROC, AP, F1-max and AUPRO per class
     /// and their mean, exactly as the papers compute them, with ROC and PR plots.
+    #[command(after_help = AFTER_HELP)]
     Eval(eval::EvalArgs),
     /// Train an adapter on annotated auxiliary data (the target classes are never seen).
+    #[command(after_help = AFTER_HELP)]
     Train(train::TrainArgs),
     /// Write a manifest (image, mask, label, class) from a dataset folder.
     Manifest(manifest::ManifestArgs),
     /// Convert a published AdaCLIP or AnomalyCLIP checkpoint (.pth) into a zsad adapter.
+    #[command(after_help = AFTER_HELP)]
     ImportCheckpoint(import::ImportArgs),
     /// Join the output folders of `zsad detect --shard` runs.
     Merge(merge::MergeArgs),

@@ -11,7 +11,9 @@ use super::detector_args::{tokenizer, DetectorArgs};
 use crate::data::dataset::{self, Sample};
 use crate::data::outputs::write_atomic;
 use crate::rng::SplitMix64;
-use crate::train::{self, epoch_batches, load_example, DiceGroups, ImageLoss, TrainOptions, Trainer};
+use crate::train::{
+    self, epoch_batches, load_example, DiceGroups, ImageLoss, TrainOptions, Trainer,
+};
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -70,7 +72,8 @@ fn checkpoint_path(out: &Path) -> PathBuf {
 fn load_data(paths: &[PathBuf]) -> anyhow::Result<Vec<Sample>> {
     let mut samples = Vec::new();
     for d in paths {
-        let (_, s) = dataset::read(d).with_context(|| format!("cannot read dataset {}", d.display()))?;
+        let (_, s) =
+            dataset::read(d).with_context(|| format!("cannot read dataset {}", d.display()))?;
         if s.is_empty() {
             bail!("{}: no images", d.display());
         }
@@ -78,7 +81,11 @@ fn load_data(paths: &[PathBuf]) -> anyhow::Result<Vec<Sample>> {
     }
     let problems = dataset::check(&samples, &[]);
     if !problems.is_empty() {
-        bail!("the training data has {} problem(s):\n  {}", problems.len(), problems.join("\n  "));
+        bail!(
+            "the training data has {} problem(s):\n  {}",
+            problems.len(),
+            problems.join("\n  ")
+        );
     }
     if !samples.iter().any(|s| s.mask.is_some()) {
         bail!("no image in the training data has a mask: the pixel losses need anomalous examples");
@@ -139,11 +146,17 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             texts.insert(s.class.clone(), t);
         }
     }
-    let vision = model.vision.at_image_size(cfg.image_size, cfg.pos_interpolation)?;
-    let by_class: HashMap<&str, Vec<usize>> = samples.iter().enumerate().fold(HashMap::new(), |mut m, (i, s)| {
-        m.entry(s.class.as_str()).or_default().push(i);
-        m
-    });
+    let vision = model
+        .vision
+        .at_image_size(cfg.image_size, cfg.pos_interpolation)?;
+    let by_class: HashMap<&str, Vec<usize>> =
+        samples
+            .iter()
+            .enumerate()
+            .fold(HashMap::new(), |mut m, (i, s)| {
+                m.entry(s.class.as_str()).or_default().push(i);
+                m
+            });
 
     let steps_per_epoch = epoch_batches(&samples, opts.batch_size, opts.seed, 0).len();
     let total = opts
@@ -169,7 +182,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         bar.set_prefix(format!("{}/{}", epoch + 1, opts.epochs));
         let mut sum = 0.0;
         let mut n = 0usize;
-        for (k, batch) in epoch_batches(&samples, opts.batch_size, opts.seed, epoch).into_iter().enumerate() {
+        for (k, batch) in epoch_batches(&samples, opts.batch_size, opts.seed, epoch)
+            .into_iter()
+            .enumerate()
+        {
             if trainer.progress.steps >= total {
                 break 'epochs;
             }
@@ -179,10 +195,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 .iter()
                 .map(|&i| {
                     let same = &by_class[samples[i].class.as_str()];
-                    let group: Vec<&Sample> = if same.len() >= 4 && rng.next_f64() < opts.mosaic_rate {
+                    let group: Vec<&Sample> = if same.len() >= 4
+                        && rng.next_f64() < opts.mosaic_rate
+                    {
                         // the sample and three random others of its class
                         std::iter::once(i)
-                            .chain((0..3).map(|_| same[(rng.next_u64() % same.len() as u64) as usize]))
+                            .chain(
+                                (0..3).map(|_| same[(rng.next_u64() % same.len() as u64) as usize]),
+                            )
                             .map(|j| &samples[j])
                             .collect()
                     } else {

@@ -143,12 +143,7 @@ impl Attention {
 
     /// `softmax(a bᵀ · scale + mask) v` per head; `[B, H, L, hd]`.
     fn attend(&self, a: &Tensor, b: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let scores = (a.matmul(&b.t()?)? * self.scale)?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        Ok(softmax_last_dim(&scores)?.matmul(v)?)
+        Ok(super::frozen::attention(a, b, v, self.scale, mask)?)
     }
 
     /// Scales each head by its weight, merges heads and applies `out_proj`.

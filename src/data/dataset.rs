@@ -395,6 +395,34 @@ mod tests {
     }
 
     #[test]
+    fn visa_split_csv_test_rows() {
+        let d = std::env::temp_dir().join(format!("zsad-ds3-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("split_csv")).unwrap();
+        std::fs::write(
+            d.join("split_csv/1cls.csv"),
+            "object,split,label,image,mask\n\
+             candle,train,normal,candle/Data/Images/Normal/0000.JPG,\n\
+             candle,test,normal,candle/Data/Images/Normal/0001.JPG,\n\
+             pcb1,test,anomaly,pcb1/Data/Images/Anomaly/000.JPG,pcb1/Data/Masks/Anomaly/000.png\n",
+        )
+        .unwrap();
+        let (layout, s) = read(&d).unwrap();
+        assert_eq!(layout, Layout::Visa);
+        assert_eq!(s.len(), 2, "the test split only");
+        assert_eq!(
+            (s[0].class.as_str(), s[0].label, s[0].mask.is_none()),
+            ("candle", Some(false), true)
+        );
+        assert_eq!(s[1].label, Some(true));
+        assert_eq!(
+            s[1].mask.as_deref(),
+            Some(d.join("pcb1/Data/Masks/Anomaly/000.png").as_path())
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
     fn side_by_side_and_manifest() {
         let d = std::env::temp_dir().join(format!("zsad-ds2-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
