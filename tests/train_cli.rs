@@ -6,27 +6,21 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
 use serde_json::Value;
 
 fn zsad(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zsad"))
-        .args(args)
-        .output()
-        .unwrap()
+    run_zsad(args, "")
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("zsad-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    fresh_dir("train", name)
 }
 
 fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    stderr_of(o)
 }
 
 /// splitmix64 for the generator.

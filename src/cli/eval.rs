@@ -78,27 +78,6 @@ fn mask_bits(mask: &Option<image::GrayImage>, w: u32, h: u32) -> Vec<bool> {
     }
 }
 
-fn load_samples(args: &EvalArgs) -> anyhow::Result<Vec<Sample>> {
-    let mut samples = Vec::new();
-    for d in &args.data {
-        let (_, s) =
-            dataset::read(d).with_context(|| format!("cannot read dataset {}", d.display()))?;
-        if s.is_empty() {
-            bail!("{}: no images", d.display());
-        }
-        samples.extend(s);
-    }
-    let problems = dataset::check(&samples, &[]);
-    if !problems.is_empty() {
-        bail!(
-            "the dataset has {} problem(s):\n  {}",
-            problems.len(),
-            problems.join("\n  ")
-        );
-    }
-    Ok(samples)
-}
-
 fn progress(n: usize, quiet: bool) -> indicatif::ProgressBar {
     let bar = if !quiet && std::io::stderr().is_terminal() {
         indicatif::ProgressBar::new(n as u64)
@@ -272,7 +251,7 @@ fn read_predictions(args: &EvalArgs, dir: &Path, samples: &[Sample]) -> anyhow::
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
-    let samples = load_samples(&args)?;
+    let samples = dataset::read_all(&args.data)?;
     let started = std::time::Instant::now();
     let eval = match &args.predictions {
         Some(dir) => read_predictions(&args, dir, &samples)?,

@@ -70,23 +70,7 @@ fn checkpoint_path(out: &Path) -> PathBuf {
 }
 
 fn load_data(paths: &[PathBuf]) -> anyhow::Result<Vec<Sample>> {
-    let mut samples = Vec::new();
-    for d in paths {
-        let (_, s) =
-            dataset::read(d).with_context(|| format!("cannot read dataset {}", d.display()))?;
-        if s.is_empty() {
-            bail!("{}: no images", d.display());
-        }
-        samples.extend(s);
-    }
-    let problems = dataset::check(&samples, &[]);
-    if !problems.is_empty() {
-        bail!(
-            "the training data has {} problem(s):\n  {}",
-            problems.len(),
-            problems.join("\n  ")
-        );
-    }
+    let samples = dataset::read_all(paths)?;
     if !samples.iter().any(|s| s.mask.is_some()) {
         bail!("no image in the training data has a mask: the pixel losses need anomalous examples");
     }

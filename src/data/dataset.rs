@@ -298,6 +298,28 @@ pub fn read_side_by_side(root: &Path) -> Result<Vec<Sample>> {
     Ok(out)
 }
 
+/// Reads and combines several datasets, then checks them as a whole ([`check`]); the error
+/// lists every problem.
+pub fn read_all(paths: &[PathBuf]) -> Result<Vec<Sample>> {
+    let mut samples = Vec::new();
+    for d in paths {
+        let (_, s) = read(d)?;
+        if s.is_empty() {
+            return Err(bad(d, "no images"));
+        }
+        samples.extend(s);
+    }
+    let problems = check(&samples, &[]);
+    if !problems.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "the data has {} problem(s):\n  {}",
+            problems.len(),
+            problems.join("\n  ")
+        )));
+    }
+    Ok(samples)
+}
+
 /// Checks every sample before any work: files exist and decode their headers, masks exist
 /// for anomalous images and match their image's size, no class is empty. Returns all
 /// problems, one line each.

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -67,4 +68,42 @@ pub fn ids(t: &Tensor) -> Vec<Vec<u32>> {
         .into_iter()
         .map(|r| r.into_iter().map(|x| x as u32).collect())
         .collect()
+}
+
+/// Runs the `zsad` binary with `args`, feeding `stdin`.
+pub fn run_zsad(args: &[&str], stdin: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zsad"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// A fresh, empty folder under the system temp dir, unique to this test process.
+pub fn fresh_dir(prefix: &str, name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("zsad-{prefix}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn stderr_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The `zsad.config` metadata of an adapter file.
+pub fn adapter_config(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    serde_json::from_str(&header.metadata().as_ref().unwrap()["zsad.config"]).unwrap()
 }
