@@ -148,7 +148,7 @@ fn to_storage(t: &Tensor) -> candle_core::Result<CpuStorage> {
 impl Attention {
     /// The attention probabilities `[B, H, Lq, Lk]`.
     fn probs(&self, q: &Tensor, k: &Tensor) -> candle_core::Result<Tensor> {
-        let s = (q.matmul(&k.t()?)? * self.scale)?;
+        let s = (q * self.scale)?.matmul(&k.t()?)?;
         let s = match &self.mask {
             Some(m) => s.broadcast_add(&m.to_dtype(s.dtype())?)?,
             None => s,
@@ -216,7 +216,9 @@ pub fn attention(
             .contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
     }
-    let s = (q.matmul(&k.t()?)? * scale)?;
+    // Scale q (as `nn.MultiheadAttention` and Hugging Face do) rather than the L x L scores:
+    // 64x fewer multiplications at 1370 tokens, the same values for the power-of-two 1/8.
+    let s = (q * scale)?.matmul(&k.t()?)?;
     let s = match mask {
         Some(m) => s.broadcast_add(m)?,
         None => s,
