@@ -600,3 +600,40 @@ fn real_images_get_maps_of_their_own_size() {
         );
     }
 }
+
+#[test]
+fn bench_reports_seconds_per_stage_as_json() {
+    let tok = tokenizer_or_skip!();
+    let data = tmp("bench-data");
+    write_png(&data.join("a.png"), 50, 40, 1);
+    write_png(&data.join("sub/b.png"), 30, 30, 2);
+    let (m, d) = (model(), data.display().to_string());
+    let r = zsad(&[
+        "bench", "--model", &m, "--tokenizer", &tok, "--preset", "adaclip", "--images", &d,
+        "--runs", "2", "--json",
+    ]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let out = String::from_utf8(r.stdout).unwrap();
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{out}: {e}"));
+    assert_eq!(v["images"], 4, "{v}");
+    assert_eq!(v["preset"], "adaclip");
+    let per_image = v["seconds_per_image"].as_f64().unwrap();
+    assert!(per_image > 0.0);
+    assert!((v["images_per_second"].as_f64().unwrap() * per_image - 1.0).abs() < 1e-9);
+    assert!(v["peak_rss_mb"].as_f64().unwrap() > 1.0, "{v}");
+    let stages = v["stages"].as_object().unwrap();
+    for k in ["decode", "resize", "backbone", "text", "maps", "smoothing", "png_encode", "write"] {
+        assert!(stages[k].as_f64().unwrap() >= 0.0, "{k}: {v}");
+    }
+    // The stages are disjoint parts of the per-image time, and the model did run.
+    let sum: f64 = stages.values().map(|s| s.as_f64().unwrap()).sum();
+    assert!(sum <= per_image * 1.01 + 1e-4, "{sum} > {per_image}");
+    assert!(stages["backbone"].as_f64().unwrap() > 0.0);
+    assert!(stages["text"].as_f64().unwrap() > 0.0, "adaclip encodes text per image: {v}");
+
+    let empty = tmp("bench-empty");
+    let e = empty.display().to_string();
+    let r = zsad(&["bench", "--model", &m, "--tokenizer", &tok, "--images", &e]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(stderr(&r).contains("no images"), "{}", stderr(&r));
+}

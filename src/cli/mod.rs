@@ -1,5 +1,6 @@
 //! The `zsad` command line: parsing, model options shared by subcommands, exit codes.
 
+mod bench;
 mod detect;
 mod detector_args;
 mod eval;
@@ -98,6 +99,10 @@ pub enum Command {
     ImportCheckpoint(import::ImportArgs),
     /// Join the output folders of `zsad detect --shard` runs.
     Merge(merge::MergeArgs),
+    /// Time the detection pipeline per stage (decode, resize, backbone, text, maps, smoothing,
+    /// PNG encoding, writing) over a folder of images, with peak memory.
+    #[command(after_help = AFTER_HELP)]
+    Bench(bench::BenchArgs),
     /// Print a model's architecture (widths, depths, patch grid, parameters, naming).
     Info(info::InfoArgs),
     /// Write CLIP image/text embeddings and per-layer hidden states to a safetensors file.
@@ -211,6 +216,7 @@ pub fn main() -> ExitCode {
         Command::Manifest(a) => manifest::run(a).map(|()| EXIT_OK),
         Command::ImportCheckpoint(a) => import::run(a).map(|()| EXIT_OK),
         Command::Merge(a) => merge::run(a).map(|()| EXIT_OK),
+        Command::Bench(a) => bench::run(a).map(|()| EXIT_OK),
         Command::Info(a) => info::run(a).map(|()| EXIT_OK),
         Command::Features(a) => features::run(a).map(|()| EXIT_OK),
     };

@@ -30,6 +30,35 @@ pub struct Forward {
     pub map: Tensor,
 }
 
+/// Wall time per stage of [`Detector::forward`] / [`Detector::detect`], accumulated (CPU ops
+/// are synchronous, so wall time between stages is the stage's time).
+#[derive(Debug, Clone, Default)]
+pub struct StageTimes {
+    /// Image tower passes and patch features.
+    pub backbone: f64,
+    /// Text tower (per image only with dynamic prompts).
+    pub text: f64,
+    /// Similarities, upsampling, fusion, image score.
+    pub maps: f64,
+    /// Gaussian smoothing and the joint score.
+    pub smoothing: f64,
+}
+
+struct Lap<'a> {
+    times: Option<&'a mut StageTimes>,
+    last: std::time::Instant,
+}
+
+impl Lap<'_> {
+    fn mark(&mut self, stage: fn(&mut StageTimes) -> &mut f64) {
+        let now = std::time::Instant::now();
+        if let Some(t) = self.times.as_deref_mut() {
+            *stage(t) += (now - self.last).as_secs_f64();
+        }
+        self.last = now;
+    }
+}
+
 /// The result for one image.
 #[derive(Debug, Clone)]
 pub struct Detection {
@@ -221,6 +250,20 @@ impl Detector {
 
     /// The differentiable pass for `pixels: [B, 3, S, S]` (normalised).
     pub fn forward(&self, pixels: &Tensor, with_layer_maps: bool) -> Result<Forward> {
+        self.forward_timed(pixels, with_layer_maps, None)
+    }
+
+    /// [`Self::forward`], adding each stage's wall time to `times`.
+    pub fn forward_timed(
+        &self,
+        pixels: &Tensor,
+        with_layer_maps: bool,
+        times: Option<&mut StageTimes>,
+    ) -> Result<Forward> {
+        let mut lap = Lap {
+            times,
+            last: std::time::Instant::now(),
+        };
         let cfg = &self.cfg;
         let b = pixels.dim(0)?;
         let scale = cfg.logit_scale;
@@ -287,6 +330,8 @@ impl Detector {
             })
             .collect::<Result<Vec<_>>>()?;
 
+        lap.mark(|t| &mut t.backbone);
+
         // D. Text T [B, 2, E].
         let text = match &self.static_text {
             Some(t) => {
@@ -302,6 +347,7 @@ impl Detector {
             }
         };
         let text_t = text.transpose(1, 2)?.contiguous()?; // [B, E, 2]
+        lap.mark(|t| &mut t.text);
 
         // E1. Logits per layer A_l = scale · F_l Tᵀ, [B, P, 2].
         let logits = feats
@@ -388,6 +434,9 @@ impl Detector {
                 (sum.expect("at least one layer") / n_layers)?
             }
         };
+        // Materialise the lazy results before the clock stops (a no-op on the CPU).
+        map.device().synchronize()?;
+        lap.mark(|t| &mut t.maps);
         Ok(Forward {
             image_probs,
             layer_maps,
@@ -449,7 +498,13 @@ impl Detector {
 
     /// Inference for a batch: maps smoothed as the references do, scores fused per the config.
     pub fn detect(&self, pixels: &Tensor) -> Result<Vec<Detection>> {
-        let fwd = self.forward(pixels, false)?;
+        self.detect_timed(pixels, None)
+    }
+
+    /// [`Self::detect`], adding each stage's wall time to `times`.
+    pub fn detect_timed(&self, pixels: &Tensor, mut times: Option<&mut StageTimes>) -> Result<Vec<Detection>> {
+        let fwd = self.forward_timed(pixels, false, times.as_deref_mut())?;
+        let started = std::time::Instant::now();
         let probs = fwd.image_probs.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         let maps = fwd.map.to_dtype(DType::F32)?;
         let size = self.cfg.image_size;
@@ -469,7 +524,12 @@ impl Detector {
                 det.score = self.cfg.joint.combine(global, det.map_max());
                 Ok(det)
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()
+            .inspect(|_| {
+                if let Some(t) = times {
+                    t.smoothing += started.elapsed().as_secs_f64();
+                }
+            })
     }
 }
 

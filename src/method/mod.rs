@@ -14,5 +14,5 @@ pub mod text;
 
 pub use adapter::Adapter;
 pub use config::{DetectorConfig, Preset};
-pub use detector::{Detection, Detector};
+pub use detector::{Detection, Detector, StageTimes};
 pub use text::TextInputs;
