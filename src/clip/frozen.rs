@@ -67,8 +67,23 @@ impl CustomOp1 for MatmulFrozen {
     }
 }
 
+impl FrozenLinear {
+    /// `act(x Wᵀ + b)`, fused on the CPU inference path (the epilogue is the caller's to apply
+    /// elsewhere, so only inference callers pass one).
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        epilogue: super::kernels::Epilogue,
+    ) -> candle_core::Result<Tensor> {
+        super::kernels::linear(x, &self.weight, self.bias.as_ref(), epilogue)
+    }
+}
+
 impl Module for FrozenLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if super::kernels::applies(x) && self.weight.dtype() == DType::F32 {
+            return super::kernels::linear(x, &self.weight, self.bias.as_ref(), super::kernels::Epilogue::None);
+        }
         let y = if x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 {
             x.contiguous()?.apply_op1(MatmulFrozen {
                 weight: self.weight.clone(),

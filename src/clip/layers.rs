@@ -10,6 +10,7 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::frozen::FrozenLinear as Linear;
+use super::kernels;
 
 use super::config::Activation;
 use crate::Result;
@@ -89,6 +90,10 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if kernels::applies(xs) && self.act == Activation::QuickGelu {
+            let h = self.fc1.forward_with(xs, kernels::Epilogue::QuickGelu)?;
+            return self.fc2.forward(&h);
+        }
         let xs = self.fc1.forward(xs)?;
         let xs = match self.act {
             Activation::QuickGelu => (&xs * candle_nn::ops::sigmoid(&(&xs * 1.702)?)?)?,
@@ -169,6 +174,23 @@ impl Attention {
     ) -> Result<AttentionOutput> {
         let (b, l, _) = xs.dims3()?;
         let qkv = self.qkv.forward(xs)?; // [B, L, 3D]
+        if kernels::applies(&qkv) {
+            // Fused kernel: q, k, v read in place, heads come back merged [B, L, D].
+            let run = |roles| -> Result<Tensor> {
+                let merged = kernels::attention(&qkv, self.num_heads, self.scale, mask, roles)?;
+                let merged = match head_weights {
+                    Some(w) => merged
+                        .reshape((b, l, self.num_heads, self.head_dim))?
+                        .broadcast_mul(&w.reshape((1, 1, self.num_heads, 1))?)?
+                        .reshape((b, l, self.num_heads * self.head_dim))?,
+                    None => merged,
+                };
+                Ok(self.out_proj.forward(&merged)?)
+            };
+            let ori = run(kernels::ORDINARY)?;
+            let vv = if with_vv { Some(run(kernels::VALUE_VALUE)?) } else { None };
+            return Ok(AttentionOutput { ori, vv });
+        }
         let qkv = qkv
             .reshape((b, l, 3, self.num_heads, self.head_dim))?
             .permute((2, 0, 3, 1, 4))?; // [3, B, H, L, hd]

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod frozen;
 pub mod hub;
+pub mod kernels;
 pub mod layers;
 pub mod preprocess;
 pub mod text;
