@@ -90,8 +90,12 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if kernels::applies(xs) && self.act == Activation::QuickGelu {
-            let h = self.fc1.forward_with(xs, kernels::Epilogue::QuickGelu)?;
+        if kernels::applies(xs) && self.fc1.weight().dtype() == DType::F32 {
+            let epilogue = match self.act {
+                Activation::QuickGelu => kernels::Epilogue::QuickGelu,
+                Activation::Gelu => kernels::Epilogue::Gelu,
+            };
+            let h = self.fc1.forward_with(xs, epilogue)?;
             return self.fc2.forward(&h);
         }
         let xs = self.fc1.forward(xs)?;
@@ -160,6 +164,38 @@ impl Attention {
         };
         let merged = heads.transpose(1, 2)?.reshape((b, l, h * hd))?;
         Ok(self.out_proj.forward(&merged)?)
+    }
+
+    /// The ordinary output for the first `rows` queries only, `[B, rows, D]`, when the fused CPU
+    /// kernels apply (`None` otherwise: the caller takes the full pass).
+    fn forward_first_rows(
+        &self,
+        xs: &Tensor,
+        mask: Option<&Tensor>,
+        head_weights: Option<&Tensor>,
+        rows: usize,
+    ) -> Result<Option<Tensor>> {
+        if !kernels::applies(xs) {
+            return Ok(None);
+        }
+        let b = xs.dim(0)?;
+        let qkv = self.qkv.forward(xs)?;
+        let merged = kernels::attention_first_queries(
+            &qkv,
+            self.num_heads,
+            self.scale,
+            mask,
+            kernels::ORDINARY,
+            rows,
+        )?;
+        let merged = match head_weights {
+            Some(w) => merged
+                .reshape((b, rows, self.num_heads, self.head_dim))?
+                .broadcast_mul(&w.reshape((1, 1, self.num_heads, 1))?)?
+                .reshape((b, rows, self.num_heads * self.head_dim))?,
+            None => merged,
+        };
+        Ok(Some(self.out_proj.forward(&merged)?))
     }
 
     /// # Shapes
@@ -254,6 +290,26 @@ impl ResidualBlock {
         let xs = (residual + self.mlp.forward(&self.layer_norm2.forward(&xs)?)?)?;
         Ok((xs, attn.vv))
     }
+
+    /// The block's output for the first `rows` tokens only, `[B, rows, D]` (every token still
+    /// serves as key and value): a quarter of the attention and a `L / rows`-th of the MLP.
+    pub fn forward_first_rows(
+        &self,
+        xs: &Tensor,
+        mask: Option<&Tensor>,
+        head_weights: Option<&Tensor>,
+        rows: usize,
+    ) -> Result<Tensor> {
+        let h = self.layer_norm1.forward(xs)?;
+        let x = match self.self_attn.forward_first_rows(&h, mask, head_weights, rows)? {
+            Some(attn) => (xs.narrow(1, 0, rows)? + attn)?,
+            None => {
+                let (x, _) = self.forward(xs, mask, head_weights, false)?;
+                return Ok(x.narrow(1, 0, rows)?);
+            }
+        };
+        Ok((&x + self.mlp.forward(&self.layer_norm2.forward(&x)?)?)?)
+    }
 }
 
 /// Where a tower puts its deep prompt tokens.
@@ -280,6 +336,11 @@ pub struct Hooks<'a> {
     /// First layer (1-based) whose attention also computes the V-V path (AnomalyCLIP's DPAM:
     /// `Some(6)` for 24 layers). Vision only.
     pub vv_from: Option<usize>,
+    /// Only the first `n` tokens of the final stream are wanted (`Some(1)`: the CLS token for
+    /// the pooled embedding), so the last block computes its queries and MLP for those rows
+    /// alone; `EncoderOutput::last` then has `n` tokens. Ignored when the last layer is tapped
+    /// or runs the V-V path.
+    pub last_rows: Option<usize>,
 }
 
 /// What the encoder stack returns.
@@ -377,7 +438,7 @@ impl Encoder {
         let mut taps: Vec<Option<Tensor>> = vec![None; hooks.taps.len()];
         let mut vv_taps: Vec<Option<Tensor>> = vec![None; hooks.taps.len()];
         let strip = |t: &Tensor| -> Result<Tensor> {
-            Ok(if t.dim(1)? == base_len {
+            Ok(if t.dim(1)? <= base_len {
                 t.clone()
             } else {
                 t.narrow(1, 0, base_len)?
@@ -443,6 +504,13 @@ impl Encoder {
                 Some(w) => Some(w.get(i)?),
                 None => None,
             };
+            let rows_only = hooks.last_rows.filter(|_| {
+                layer == self.layers.len() && !with_vv && !hooks.taps.contains(&layer)
+            });
+            if let Some(rows) = rows_only {
+                x = block.forward_first_rows(&x, mask, hw.as_ref(), rows.min(x.dim(1)?))?;
+                continue;
+            }
             let (next, vv) = block.forward(&x, mask, hw.as_ref(), with_vv)?;
             if let Some(vv) = vv {
                 // DPAM: the V-V stream starts from the ordinary stream entering its first layer.
@@ -615,6 +683,43 @@ mod tests {
         assert!(diff(&got.last, &got.taps[1]) == 0.0);
     }
 
+    /// `last_rows`: the final stream's first rows equal the full pass's (with prompts appended and
+    /// head weights), and the option is ignored when the last layer is tapped or runs V-V.
+    #[test]
+    fn last_rows_only_computes_the_first_tokens() {
+        let enc = encoder();
+        let x = randn(&[2, 6, 8], 7);
+        let prompts = [Some(randn(&[2, 8], 8))];
+        let hw = randn(&[3, 2], 9);
+        let full = run(
+            &enc,
+            &x,
+            Hooks { taps: &[1], prompts: &prompts, head_weights: Some(&hw), ..Default::default() },
+            PromptPlacement::Append,
+        );
+        let rows = run(
+            &enc,
+            &x,
+            Hooks {
+                taps: &[1],
+                prompts: &prompts,
+                head_weights: Some(&hw),
+                last_rows: Some(2),
+                ..Default::default()
+            },
+            PromptPlacement::Append,
+        );
+        assert_eq!(rows.last.dims(), &[2, 2, 8]);
+        assert!(diff(&rows.last, &full.last.narrow(1, 0, 2).unwrap()) < 1e-6);
+        assert!(diff(&rows.taps[0], &full.taps[0]) == 0.0);
+        for hooks in [
+            Hooks { taps: &[3], last_rows: Some(1), ..Default::default() },
+            Hooks { vv_from: Some(3), last_rows: Some(1), ..Default::default() },
+        ] {
+            assert_eq!(run(&enc, &x, hooks, PromptPlacement::Append).last.dims(), &[2, 6, 8]);
+        }
+    }
+
     /// AfterStart placement substitutes positions 1..=n: substituting the values already there
     /// changes nothing, other values change everything after SOT.
     #[test]
@@ -738,6 +843,7 @@ mod tests {
                 prompts: &prompts,
                 head_weights: Some(hw.as_tensor()),
                 vv_from: Some(2),
+                last_rows: None,
             },
             PromptPlacement::Append,
         );

@@ -165,6 +165,16 @@ impl VisionTransformer {
         })
     }
 
+    /// The pooled embedding alone (`get_image_features`), skipping the last block's work on
+    /// patch tokens that nothing reads.
+    pub fn pooled(&self, pixels: &Tensor) -> Result<Tensor> {
+        let hooks = Hooks {
+            last_rows: Some(1),
+            ..Default::default()
+        };
+        Ok(self.forward(pixels, &hooks)?.pooled)
+    }
+
     /// `ln_post(x) @ proj` on any tokens `[..., D]` -> `[..., E]` (AnomalyCLIP projects every
     /// patch token this way; AdaCLIP uses the raw stream instead).
     pub fn project(&self, tokens: &Tensor) -> Result<Tensor> {

@@ -270,7 +270,7 @@ impl Detector {
 
         // A. Dynamic prompts from the plain pass's global embedding (AdaCLIP step A).
         let g = if cfg.dynamic_prompts {
-            Some(self.vision.forward(pixels, &Hooks::default())?.pooled)
+            Some(self.vision.pooled(pixels)?)
         } else {
             None
         };
@@ -305,6 +305,8 @@ impl Detector {
             head_weights: hw.as_ref(),
             prompts: &vis_prompts,
             vv_from: cfg.vv_from,
+            // Beyond the taps only the CLS token is read (the pooled embedding).
+            last_rows: Some(1),
         };
         let out = self.vision.forward(pixels, &hooks)?;
         let streams = if cfg.vv_from.is_some() {
