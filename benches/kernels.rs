@@ -44,6 +44,28 @@ fn main() {
             flop / candle / 1e9
         );
     }
+    // Weight layout: [out, in] as stored (read transposed) vs pre-transposed [in, out].
+    for (m, k, n) in [(197usize, 768usize, 2304usize), (197, 768, 3072), (1370, 1024, 4096)]
+        .into_iter()
+        .filter(|_| "layout".contains(filter.as_str()))
+    {
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32).collect();
+        let mut c = vec![0f32; m * n];
+        let flop = 2.0 * (m * n * k) as f64;
+        let xr = kernels::MatRef { data: &x, rs: k, cs: 1 };
+        let stored = best_of(10, || {
+            kernels::gemm(m, n, k, xr, kernels::MatRef { data: &w, rs: 1, cs: k }, &mut c, n, 1.0, false, true)
+        });
+        let pre = best_of(10, || {
+            kernels::gemm(m, n, k, xr, kernels::MatRef { data: &w, rs: n, cs: 1 }, &mut c, n, 1.0, false, true)
+        });
+        println!(
+            "layout {m}x{k} -> {n}: [out, in] {:.1} GFLOP/s, [in, out] {:.1} GFLOP/s",
+            flop / stored / 1e9,
+            flop / pre / 1e9
+        );
+    }
     if !"attention".contains(filter.as_str()) {
         return;
     }

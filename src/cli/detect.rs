@@ -90,6 +90,12 @@ fn prepare(input: Input, size: usize, dev: &candle_core::Device) -> Prepared {
     Prepared { input, result }
 }
 
+/// What the model thread hands to the writing thread.
+enum Scored {
+    Done(Input, RgbImage, Detection),
+    Failed(Record),
+}
+
 /// Writes the files of one scored input and returns its record.
 fn write_outputs(
     args: &DetectArgs,
@@ -244,42 +250,65 @@ pub fn run(args: DetectArgs) -> anyhow::Result<u8> {
     );
 
     let started = std::time::Instant::now();
-    // Decode and resize on a second thread while the model runs (bounded: little memory).
+    // Three stages overlap: decoding and resizing on one thread, the model on this one, map
+    // resizing, PNG encoding and writing on a third. Both channels are bounded, so memory stays
+    // flat however many images there are.
     let size = detector.image_size();
     let dev = detector.device().clone();
     let (tx, rx) = mpsc::sync_channel::<Prepared>(2);
-    let producer = std::thread::spawn(move || {
-        for input in todo {
-            if tx.send(prepare(input, size, &dev)).is_err() {
-                break;
+    let (out_tx, out_rx) = mpsc::sync_channel::<Scored>(2);
+    let args_ref = &args;
+    let (scored_now, failed_now) = std::thread::scope(|scope| -> anyhow::Result<(usize, usize)> {
+        scope.spawn(move || {
+            for input in todo {
+                if tx.send(prepare(input, size, &dev)).is_err() {
+                    break;
+                }
+            }
+        });
+        let bar_w = bar.clone();
+        let writer = scope.spawn(move || -> anyhow::Result<(usize, usize)> {
+            let (mut scored, mut failed) = (0usize, 0usize);
+            for item in out_rx {
+                let record = match item {
+                    Scored::Failed(record) => record,
+                    Scored::Done(input, rgb, det) => write_outputs(args_ref, &input, &rgb, &det)
+                        .with_context(|| format!("cannot write the outputs of {}", input.given))?,
+                };
+                if let Some(e) = &record.error {
+                    failed += 1;
+                    if show {
+                        bar_w.suspend(|| eprintln!("zsad: {}: {e}", record.path));
+                    }
+                } else {
+                    scored += 1;
+                }
+                log.append(&record)?;
+                bar_w.inc(1);
+            }
+            Ok((scored, failed))
+        });
+        for item in rx {
+            let out = match item.result {
+                Err(e) => Scored::Failed(Record::failed(&item.input.given, e)),
+                Ok((rgb, pixels)) => match pixels
+                    .unsqueeze(0)
+                    .map_err(crate::Error::from)
+                    .and_then(|p| detector.detect(&p))
+                {
+                    Ok(mut dets) => Scored::Done(item.input, rgb, dets.remove(0)),
+                    Err(e) => Scored::Failed(Record::failed(&item.input.given, format!("model: {e}"))),
+                },
+            };
+            if out_tx.send(out).is_err() {
+                break; // the writer stopped on an error, reported below
             }
         }
-    });
-    for item in rx {
-        let record = match item.result {
-            Err(e) => Record::failed(&item.input.given, e),
-            Ok((rgb, pixels)) => match pixels
-                .unsqueeze(0)
-                .map_err(crate::Error::from)
-                .and_then(|p| detector.detect(&p))
-            {
-                Ok(mut dets) => write_outputs(&args, &item.input, &rgb, &dets.remove(0))
-                    .with_context(|| format!("cannot write the outputs of {}", item.input.given))?,
-                Err(e) => Record::failed(&item.input.given, format!("model: {e}")),
-            },
-        };
-        if let Some(e) = &record.error {
-            failed += 1;
-            if show {
-                bar.suspend(|| eprintln!("zsad: {}: {e}", record.path));
-            }
-        } else {
-            scored += 1;
-        }
-        log.append(&record)?;
-        bar.inc(1);
-    }
-    producer.join().expect("the decoding thread panicked");
+        drop(out_tx);
+        writer.join().expect("the writing thread panicked")
+    })?;
+    scored += scored_now;
+    failed += failed_now;
     bar.finish_and_clear();
     if show {
         let secs = started.elapsed().as_secs_f64();

@@ -675,7 +675,8 @@ mod tests {
             let diff = max_diff(&got, &want);
             assert!(diff < 1e-5, "{roles:?} mask {}: {diff}", mask.is_some());
             let first = attention_first_queries(&qkv, heads, 0.125, mask, roles, 3).unwrap();
-            assert_eq!(first.to_vec3::<f32>().unwrap(), got.narrow(1, 0, 3).unwrap().to_vec3::<f32>().unwrap());
+            // The same sums, perhaps blocked differently by the GEMM for 3 rows than for 137.
+            assert!(max_diff(&first, &got.narrow(1, 0, 3).unwrap()) < 1e-6);
         }
     }
 }
