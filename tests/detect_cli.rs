@@ -637,3 +637,49 @@ fn bench_reports_seconds_per_stage_as_json() {
     assert_eq!(r.status.code(), Some(2));
     assert!(stderr(&r).contains("no images"), "{}", stderr(&r));
 }
+
+/// `--precision bf16` gives maps close to f32 (bf16 operands, f32 accumulation) but not
+/// identical; `--dtype bf16` on the CPU points to it.
+#[test]
+fn bf16_precision_is_close_to_f32() {
+    let tok = tokenizer_or_skip!();
+    let data = tmp("bf16-data");
+    for i in 0..3 {
+        write_png(&data.join(format!("{i}.png")), 48, 40, i);
+    }
+    let (m, d) = (model(), data.display().to_string());
+    let mut maps = Vec::new();
+    for precision in ["f32", "bf16"] {
+        let out = tmp(&format!("bf16-{precision}"));
+        let o = out.display().to_string();
+        let mut args = detect_args(&tok, &m, &o);
+        args.extend(["--preset", "adaclip", "--maps", "npy", "--precision", precision, &d]);
+        let r = zsad(&args);
+        assert!(r.status.success(), "{precision}: {}", stderr(&r));
+        let recs = by_path(&records(&out));
+        maps.push(
+            recs.values()
+                .map(|rec| {
+                    let p = out.join(rec["map"].as_str().unwrap());
+                    zsad::data::outputs::read_map_npy(&p).unwrap().0
+                })
+                .collect::<Vec<_>>(),
+        );
+    }
+    let diff = maps[0]
+        .iter()
+        .flatten()
+        .zip(maps[1].iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff > 0.0, "bf16 changed nothing: is it applied?");
+    assert!(diff < 0.02, "bf16 maps differ from f32 by {diff}");
+
+    let out = tmp("bf16-dtype");
+    let o = out.display().to_string();
+    let mut args = detect_args(&tok, &m, &o);
+    args.extend(["--dtype", "bf16", &d]);
+    let r = zsad(&args);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(stderr(&r).contains("--precision bf16"), "{}", stderr(&r));
+}

@@ -124,6 +124,12 @@ pub enum DTypeArg {
     Bf16,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PrecisionArg {
+    F32,
+    Bf16,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum DeviceArg {
     Cpu,
@@ -157,9 +163,14 @@ pub struct ModelArgs {
     /// Override the MLP activation of the checkpoint's config
     #[arg(long, value_enum)]
     pub activation: Option<ActivationArg>,
-    /// Compute precision of the backbone (bf16: CUDA only)
+    /// Tensor type of the whole backbone (f16/bf16: for CUDA; on the CPU use --precision)
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DTypeArg,
+    /// GEMM precision: bf16 stores the transformer weights in bfloat16 (half the memory) and
+    /// multiplies bf16 operands with f32 accumulation, as AMX / AVX512-BF16 and PyTorch's
+    /// autocast do; everything else stays f32. On CUDA it means --dtype bf16
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: PrecisionArg,
     /// Where to run the model
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
@@ -173,10 +184,18 @@ impl ModelArgs {
                 .context("--device cuda: no CUDA device (is zsad built with --features cuda?)")?,
         };
         if matches!((self.dtype, self.device), (DTypeArg::Bf16, DeviceArg::Cpu)) {
-            anyhow::bail!("--dtype bf16 needs --device cuda: candle's CPU matmul has no bf16 kernel (use f32 or f16 on CPU)");
+            anyhow::bail!("--dtype bf16 needs --device cuda: on the CPU use --precision bf16 (bf16 GEMMs, the rest in f32)");
         }
+        let cpu_bf16 = self.precision == PrecisionArg::Bf16 && matches!(self.device, DeviceArg::Cpu);
+        if cpu_bf16 && !matches!(self.dtype, DTypeArg::F32) {
+            anyhow::bail!("--precision bf16 on the CPU works on f32 tensors: drop --dtype");
+        }
+        let dtype = match (self.precision, self.dtype) {
+            (PrecisionArg::Bf16, _) if !cpu_bf16 => DTypeArg::Bf16,
+            (_, d) => d,
+        };
         let opts = LoadOptions {
-            dtype: match self.dtype {
+            dtype: match dtype {
                 DTypeArg::F32 => candle_core::DType::F32,
                 DTypeArg::F16 => candle_core::DType::F16,
                 DTypeArg::Bf16 => candle_core::DType::BF16,
@@ -187,8 +206,12 @@ impl ModelArgs {
                 ActivationArg::Gelu => Activation::Gelu,
             }),
         };
-        clip::load_model(&self.model, &opts)
-            .with_context(|| format!("cannot load model `{}`", self.model))
+        let mut loaded = clip::load_model(&self.model, &opts)
+            .with_context(|| format!("cannot load model `{}`", self.model))?;
+        if cpu_bf16 {
+            loaded.model.use_bf16().context("--precision bf16")?;
+        }
+        Ok(loaded)
     }
 }
 

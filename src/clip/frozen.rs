@@ -24,6 +24,11 @@ impl FrozenLinear {
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
+    /// Stores the weight in bfloat16 (half the memory); the CPU kernels then multiply in bf16.
+    pub fn to_bf16(&mut self) -> candle_core::Result<()> {
+        self.weight = self.weight.to_dtype(DType::BF16)?;
+        Ok(())
+    }
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
@@ -81,15 +86,15 @@ impl FrozenLinear {
 
 impl Module for FrozenLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if super::kernels::applies(x) && self.weight.dtype() == DType::F32 {
+        if super::kernels::applies(x) && matches!(self.weight.dtype(), DType::F32 | DType::BF16) {
             return super::kernels::linear(x, &self.weight, self.bias.as_ref(), super::kernels::Epilogue::None);
         }
+        // A bf16 weight outside the fast path (training, other devices) is widened per call.
+        let weight = self.weight.to_dtype(x.dtype())?;
         let y = if x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 {
-            x.contiguous()?.apply_op1(MatmulFrozen {
-                weight: self.weight.clone(),
-            })?
+            x.contiguous()?.apply_op1(MatmulFrozen { weight })?
         } else {
-            x.broadcast_matmul(&self.weight.t()?)?
+            x.broadcast_matmul(&weight.t()?)?
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),

@@ -218,6 +218,72 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R
     }
 }
 
+/// Borrow the bf16 data of a contiguous CPU tensor.
+fn with_bf16<R>(t: &Tensor, f: impl FnOnce(&[half::bf16]) -> R) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("kernels: tensor must be contiguous");
+    };
+    match &*storage {
+        Storage::Cpu(CpuStorage::BF16(v)) => Ok(f(&v[start..end])),
+        _ => candle_core::bail!("kernels: bf16 CPU tensors only"),
+    }
+}
+
+/// Output columns per block of widened weights (256 × 4096 f32 = 4 MB at most).
+const BF16_BLOCK: usize = 256;
+
+/// `out[m, n] (+)= xs[m, k] · w[n, k]ᵀ` with `w` in bf16, widened `BF16_BLOCK` rows at a time.
+fn linear_bf16(
+    xs: &[f32],
+    m: usize,
+    w: &[half::bf16],
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    let mut wide = vec![0f32; BF16_BLOCK.min(n) * k];
+    for c0 in (0..n).step_by(BF16_BLOCK) {
+        let nb = BF16_BLOCK.min(n - c0);
+        let wide = &mut wide[..nb * k];
+        wide.par_chunks_mut(16 * 1024)
+            .zip(w[c0 * k..(c0 + nb) * k].par_chunks(16 * 1024))
+            .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d = s.to_f32()));
+        gemm(
+            m,
+            nb,
+            k,
+            MatRef { data: xs, rs: k, cs: 1 },
+            MatRef { data: wide, rs: 1, cs: k },
+            &mut out[c0..],
+            n,
+            1.0,
+            accumulate,
+            true,
+        );
+    }
+}
+
+/// Rounds every value to the nearest bfloat16 (ties to even), kept as f32: what an autocast
+/// `x.to(bfloat16)` keeps of it.
+#[inline(always)]
+fn round_bf16_generic(xs: &mut [f32]) {
+    xs.iter_mut().for_each(|x| {
+        let b = x.to_bits();
+        let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000;
+        // NaN stays NaN (rounding could carry its payload into infinity).
+        *x = if x.is_nan() { *x } else { f32::from_bits(rounded) };
+    })
+}
+
+/// A copy of `t` (f32, CPU) with every value rounded to bfloat16.
+pub fn round_bf16(t: &Tensor) -> candle_core::Result<Tensor> {
+    let mut v = t.flatten_all()?.to_vec1::<f32>()?;
+    v.par_chunks_mut(16 * 1024).for_each(round_bf16_in_place);
+    Tensor::from_vec(v, t.shape(), &Device::Cpu)
+}
+
 /// Whether the fast kernels can take `t`: f32 on the CPU with nothing learnable upstream.
 pub fn applies(t: &Tensor) -> bool {
     !t.track_op() && t.device().is_cpu() && t.dtype() == candle_core::DType::F32
@@ -235,6 +301,9 @@ pub enum Epilogue {
 
 /// `act(x Wᵀ + b)` for `x: [..., in]`, `W: [out, in]`: one GEMM with the bias preloaded into the
 /// output, the activation applied in the same pass over it.
+///
+/// With a bf16 `W` (`--precision bf16`) the GEMM runs on bf16 operands with f32 accumulation, as
+/// AMX and AVX512-BF16 do: `x` is rounded to bf16 and `W` widened block by block. Outputs stay f32.
 pub fn linear(
     x: &Tensor,
     weight: &Tensor,
@@ -258,23 +327,29 @@ pub fn linear(
                 .for_each(|rows| rows.chunks_mut(n_out).for_each(|r| r.copy_from_slice(b)))
         })?;
     }
-    with_f32(&x, |xs| {
-        with_f32(weight, |w| {
-            gemm(
-                m,
-                n_out,
-                n_in,
-                MatRef { data: xs, rs: n_in, cs: 1 },
-                // Wᵀ: element (i, j) = W[j, i].
-                MatRef { data: w, rs: 1, cs: n_in },
-                &mut out,
-                n_out,
-                1.0,
-                bias.is_some(),
-                true,
-            )
-        })
-    })??;
+    if weight.dtype() == candle_core::DType::BF16 {
+        let mut xs = x.flatten_all()?.to_vec1::<f32>()?;
+        xs.par_chunks_mut(16 * 1024).for_each(round_bf16_in_place);
+        with_bf16(weight, |w| linear_bf16(&xs, m, w, n_out, n_in, &mut out, bias.is_some()))?;
+    } else {
+        with_f32(&x, |xs| {
+            with_f32(weight, |w| {
+                gemm(
+                    m,
+                    n_out,
+                    n_in,
+                    MatRef { data: xs, rs: n_in, cs: 1 },
+                    // Wᵀ: element (i, j) = W[j, i].
+                    MatRef { data: w, rs: 1, cs: n_in },
+                    &mut out,
+                    n_out,
+                    1.0,
+                    bias.is_some(),
+                    true,
+                )
+            })
+        })??;
+    }
     match epilogue {
         Epilogue::None => {}
         Epilogue::QuickGelu => out.par_chunks_mut(16 * 1024).for_each(quick_gelu_in_place),
@@ -314,11 +389,13 @@ pub fn attention(
     mask: Option<&Tensor>,
     roles: QkvRoles,
 ) -> candle_core::Result<Tensor> {
-    attention_first_queries(qkv, heads, scale, mask, roles, qkv.dim(1)?)
+    attention_first_queries(qkv, heads, scale, mask, roles, qkv.dim(1)?, false)
 }
 
 /// [`attention`] for the first `queries` query rows only (keys and values are all `L` rows):
 /// `[B, queries, D]`. A final layer whose only wanted output is the CLS token needs one row.
+/// `bf16_probs` rounds the (unnormalised) probabilities to bfloat16 before they meet `v`, for
+/// `--precision bf16` (the caller rounds `qkv`).
 pub fn attention_first_queries(
     qkv: &Tensor,
     heads: usize,
@@ -326,6 +403,7 @@ pub fn attention_first_queries(
     mask: Option<&Tensor>,
     roles: QkvRoles,
     queries: usize,
+    bf16_probs: bool,
 ) -> candle_core::Result<Tensor> {
     let qkv = qkv.contiguous()?;
     let (b, l, d3) = qkv.dims3()?;
@@ -382,6 +460,9 @@ pub fn attention_first_queries(
                         row.iter_mut().zip(mrow).for_each(|(x, m)| *x += m);
                     }
                     inv_sums[i] = 1.0 / exp_shifted_in_place(row);
+                    if bf16_probs {
+                        round_bf16_in_place(row);
+                    }
                 }
                 // O[rows, head h] = P v, written into the merged output.
                 // SAFETY: each task writes its own rows × head-columns block of `out`.
@@ -555,6 +636,7 @@ macro_rules! dispatch {
 dispatch!(exp_shifted_in_place, exp_shifted_generic, f32);
 dispatch!(quick_gelu_in_place, quick_gelu_generic, ());
 dispatch!(gelu_in_place, gelu_generic, ());
+dispatch!(round_bf16_in_place, round_bf16_generic, ());
 
 #[cfg(test)]
 mod tests {
@@ -638,6 +720,28 @@ mod tests {
         assert!(max_diff(&got, &want) < 1e-5);
     }
 
+    /// bf16 rounding: ties to even, as torch's `.to(torch.bfloat16)`; a bf16 weight gives the
+    /// f32 product of the rounded operands.
+    #[test]
+    fn bf16_rounding_and_linear() {
+        let mut v = vec![1.0f32, 1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -2.5e-3, f32::INFINITY, 0.0];
+        round_bf16_in_place(&mut v);
+        assert_eq!(v[0], 1.0);
+        assert_eq!(v[1], 1.0, "a tie rounds to the even mantissa");
+        assert_eq!(v[2], 1.0 + 4.0 / 256.0, "a tie rounds up to the even mantissa");
+        assert_eq!(v[3], half::bf16::from_f32(-2.5e-3).to_f32());
+        assert_eq!((v[4], v[5]), (f32::INFINITY, 0.0));
+        let dev = Device::Cpu;
+        let x = Tensor::from_vec(rand(5, 3 * 300 * 40), (3, 300, 40), &dev).unwrap();
+        let w = Tensor::from_vec(rand(6, 300 * 40), (300, 40), &dev).unwrap();
+        let b = Tensor::from_vec(rand(7, 300), 300, &dev).unwrap();
+        let got = linear(&x, &w.to_dtype(candle_core::DType::BF16).unwrap(), Some(&b), Epilogue::None).unwrap();
+        let want = candle_nn::Linear::new(round_bf16(&w).unwrap(), Some(b))
+            .forward(&round_bf16(&x).unwrap())
+            .unwrap();
+        assert!(max_diff(&got, &want) < 1e-5);
+    }
+
     /// Fused attention equals the per-head composition, ordinary and V-V, with a causal mask
     /// and with more tokens than one query chunk.
     #[test]
@@ -674,7 +778,7 @@ mod tests {
             let got = attention(&qkv, heads, 0.125, mask, roles).unwrap();
             let diff = max_diff(&got, &want);
             assert!(diff < 1e-5, "{roles:?} mask {}: {diff}", mask.is_some());
-            let first = attention_first_queries(&qkv, heads, 0.125, mask, roles, 3).unwrap();
+            let first = attention_first_queries(&qkv, heads, 0.125, mask, roles, 3, false).unwrap();
             // The same sums, perhaps blocked differently by the GEMM for 3 rows than for 137.
             assert!(max_diff(&first, &got.narrow(1, 0, 3).unwrap()) < 1e-6);
         }

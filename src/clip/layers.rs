@@ -79,6 +79,13 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// Stores the weights in bfloat16 (`--precision bf16`).
+    pub fn use_bf16(&mut self) -> Result<()> {
+        self.fc1.to_bf16()?;
+        self.fc2.to_bf16()?;
+        Ok(())
+    }
+
     pub fn load(vb: VarBuilder, dim: usize, hidden: usize, act: Activation) -> Result<Self> {
         Ok(Self {
             fc1: linear(vb.pp("fc1"), dim, hidden, true)?,
@@ -90,7 +97,7 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if kernels::applies(xs) && self.fc1.weight().dtype() == DType::F32 {
+        if kernels::applies(xs) {
             let epilogue = match self.act {
                 Activation::QuickGelu => kernels::Epilogue::QuickGelu,
                 Activation::Gelu => kernels::Epilogue::Gelu,
@@ -118,6 +125,8 @@ pub struct Attention {
     num_heads: usize,
     head_dim: usize,
     scale: f64,
+    /// `--precision bf16`: GEMM operands rounded to bfloat16 (weights stored so).
+    bf16: bool,
 }
 
 /// What one attention call returns: the ordinary output and, on request, the V-V output.
@@ -143,7 +152,22 @@ impl Attention {
             num_heads,
             head_dim,
             scale: 1.0 / (head_dim as f64).sqrt(),
+            bf16: false,
         })
+    }
+
+    /// Stores the weights in bfloat16 and rounds every GEMM operand to it (CPU inference).
+    pub fn use_bf16(&mut self) -> Result<()> {
+        self.qkv.to_bf16()?;
+        self.out_proj.to_bf16()?;
+        self.bf16 = true;
+        Ok(())
+    }
+
+    /// q, k, v for the fused kernel: the projection, rounded to bf16 in bf16 mode.
+    fn fused_qkv(&self, xs: &Tensor) -> Result<Tensor> {
+        let qkv = self.qkv.forward(xs)?;
+        Ok(if self.bf16 { kernels::round_bf16(&qkv)? } else { qkv })
     }
 
     pub fn num_heads(&self) -> usize {
@@ -179,7 +203,7 @@ impl Attention {
             return Ok(None);
         }
         let b = xs.dim(0)?;
-        let qkv = self.qkv.forward(xs)?;
+        let qkv = self.fused_qkv(xs)?;
         let merged = kernels::attention_first_queries(
             &qkv,
             self.num_heads,
@@ -187,6 +211,7 @@ impl Attention {
             mask,
             kernels::ORDINARY,
             rows,
+            self.bf16,
         )?;
         let merged = match head_weights {
             Some(w) => merged
@@ -209,11 +234,19 @@ impl Attention {
         with_vv: bool,
     ) -> Result<AttentionOutput> {
         let (b, l, _) = xs.dims3()?;
-        let qkv = self.qkv.forward(xs)?; // [B, L, 3D]
-        if kernels::applies(&qkv) {
+        if kernels::applies(xs) {
             // Fused kernel: q, k, v read in place, heads come back merged [B, L, D].
+            let qkv = self.fused_qkv(xs)?;
             let run = |roles| -> Result<Tensor> {
-                let merged = kernels::attention(&qkv, self.num_heads, self.scale, mask, roles)?;
+                let merged = kernels::attention_first_queries(
+                    &qkv,
+                    self.num_heads,
+                    self.scale,
+                    mask,
+                    roles,
+                    l,
+                    self.bf16,
+                )?;
                 let merged = match head_weights {
                     Some(w) => merged
                         .reshape((b, l, self.num_heads, self.head_dim))?
@@ -227,6 +260,7 @@ impl Attention {
             let vv = if with_vv { Some(run(kernels::VALUE_VALUE)?) } else { None };
             return Ok(AttentionOutput { ori, vv });
         }
+        let qkv = self.qkv.forward(xs)?; // [B, L, 3D]
         let qkv = qkv
             .reshape((b, l, 3, self.num_heads, self.head_dim))?
             .permute((2, 0, 3, 1, 4))?; // [3, B, H, L, hd]
@@ -271,6 +305,12 @@ impl ResidualBlock {
 
     pub fn num_heads(&self) -> usize {
         self.self_attn.num_heads()
+    }
+
+    /// Stores the block's weights in bfloat16 (`--precision bf16`).
+    pub fn use_bf16(&mut self) -> Result<()> {
+        self.self_attn.use_bf16()?;
+        self.mlp.use_bf16()
     }
 
     /// The ordinary block. Returns `(x_ori, vv)` where `vv` is the V-V attention output (without
@@ -379,6 +419,13 @@ impl Encoder {
 
     pub fn depth(&self) -> usize {
         self.layers.len()
+    }
+
+    /// `--precision bf16` for every block: weights stored in bfloat16, GEMM operands rounded to
+    /// it, accumulation and everything else in f32 (the numerics of AMX / AVX512-BF16 and of
+    /// PyTorch's CPU autocast). CPU inference only.
+    pub fn use_bf16(&mut self) -> Result<()> {
+        self.layers.iter_mut().try_for_each(ResidualBlock::use_bf16)
     }
 
     fn check_hooks(&self, hooks: &Hooks, dim: usize) -> Result<()> {

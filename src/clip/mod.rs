@@ -34,6 +34,14 @@ pub struct ClipModel {
 }
 
 impl ClipModel {
+    /// `--precision bf16` on the CPU: both towers' blocks keep their weights in bfloat16 and
+    /// multiply bf16 operands with f32 accumulation; LayerNorm, softmax, activations,
+    /// embeddings and projections stay f32.
+    pub fn use_bf16(&mut self) -> Result<()> {
+        self.vision.use_bf16()?;
+        self.text.use_bf16()
+    }
+
     /// Builds the model from Hugging Face names under `vb` (`vision_model`, `text_model`,
     /// `visual_projection`, `text_projection`).
     pub fn load(vb: VarBuilder, cfg: &ClipConfig) -> Result<Self> {

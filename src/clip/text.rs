@@ -112,6 +112,11 @@ impl TextTransformer {
         Ok(self.token_embedding.forward(&t)?)
     }
 
+    /// `--precision bf16` for the transformer blocks (see [`super::layers::Encoder::use_bf16`]).
+    pub fn use_bf16(&mut self) -> Result<()> {
+        self.encoder.use_bf16()
+    }
+
     /// The plain pass from ids `[N, L]`: Hugging Face `get_text_features`.
     pub fn forward_ids(&self, ids: &[Vec<u32>], hooks: &Hooks) -> Result<TextOutput> {
         let x = self.embed_tokens(ids)?;

@@ -175,6 +175,11 @@ impl VisionTransformer {
         Ok(self.forward(pixels, &hooks)?.pooled)
     }
 
+    /// `--precision bf16` for the transformer blocks (see [`super::layers::Encoder::use_bf16`]).
+    pub fn use_bf16(&mut self) -> Result<()> {
+        self.encoder.use_bf16()
+    }
+
     /// `ln_post(x) @ proj` on any tokens `[..., D]` -> `[..., E]` (AnomalyCLIP projects every
     /// patch token this way; AdaCLIP uses the raw stream instead).
     pub fn project(&self, tokens: &Tensor) -> Result<Tensor> {
