@@ -190,37 +190,58 @@ impl Attention {
         Ok(self.out_proj.forward(&merged)?)
     }
 
-    /// The ordinary output for the first `rows` queries only, `[B, rows, D]`, when the fused CPU
-    /// kernels apply (`None` otherwise: the caller takes the full pass).
+    /// One attention path on the fused kernel for the first `queries` rows, heads weighted and
+    /// merged, through `out_proj`: `[B, queries, D]`.
+    fn fused_path(
+        &self,
+        qkv: &Tensor,
+        mask: Option<&Tensor>,
+        head_weights: Option<&Tensor>,
+        roles: kernels::QkvRoles,
+        queries: usize,
+    ) -> Result<Tensor> {
+        let b = qkv.dim(0)?;
+        let merged = kernels::attention_first_queries(
+            qkv,
+            self.num_heads,
+            self.scale,
+            mask,
+            roles,
+            queries,
+            self.bf16,
+        )?;
+        let merged = match head_weights {
+            Some(w) => merged
+                .reshape((b, queries, self.num_heads, self.head_dim))?
+                .broadcast_mul(&w.reshape((1, 1, self.num_heads, 1))?)?
+                .reshape((b, queries, self.num_heads * self.head_dim))?,
+            None => merged,
+        };
+        Ok(self.out_proj.forward(&merged)?)
+    }
+
+    /// The ordinary output for the first `rows` queries only (`[B, rows, D]`) and, with
+    /// `with_vv`, the full V-V output, when the fused CPU kernels apply (`None` otherwise: the
+    /// caller takes the full pass).
     fn forward_first_rows(
         &self,
         xs: &Tensor,
         mask: Option<&Tensor>,
         head_weights: Option<&Tensor>,
         rows: usize,
-    ) -> Result<Option<Tensor>> {
+        with_vv: bool,
+    ) -> Result<Option<AttentionOutput>> {
         if !kernels::applies(xs) {
             return Ok(None);
         }
-        let b = xs.dim(0)?;
         let qkv = self.fused_qkv(xs)?;
-        let merged = kernels::attention_first_queries(
-            &qkv,
-            self.num_heads,
-            self.scale,
-            mask,
-            kernels::ORDINARY,
-            rows,
-            self.bf16,
-        )?;
-        let merged = match head_weights {
-            Some(w) => merged
-                .reshape((b, rows, self.num_heads, self.head_dim))?
-                .broadcast_mul(&w.reshape((1, 1, self.num_heads, 1))?)?
-                .reshape((b, rows, self.num_heads * self.head_dim))?,
-            None => merged,
+        let ori = self.fused_path(&qkv, mask, head_weights, kernels::ORDINARY, rows)?;
+        let vv = if with_vv {
+            Some(self.fused_path(&qkv, mask, head_weights, kernels::VALUE_VALUE, xs.dim(1)?)?)
+        } else {
+            None
         };
-        Ok(Some(self.out_proj.forward(&merged)?))
+        Ok(Some(AttentionOutput { ori, vv }))
     }
 
     /// # Shapes
@@ -237,27 +258,12 @@ impl Attention {
         if kernels::applies(xs) {
             // Fused kernel: q, k, v read in place, heads come back merged [B, L, D].
             let qkv = self.fused_qkv(xs)?;
-            let run = |roles| -> Result<Tensor> {
-                let merged = kernels::attention_first_queries(
-                    &qkv,
-                    self.num_heads,
-                    self.scale,
-                    mask,
-                    roles,
-                    l,
-                    self.bf16,
-                )?;
-                let merged = match head_weights {
-                    Some(w) => merged
-                        .reshape((b, l, self.num_heads, self.head_dim))?
-                        .broadcast_mul(&w.reshape((1, 1, self.num_heads, 1))?)?
-                        .reshape((b, l, self.num_heads * self.head_dim))?,
-                    None => merged,
-                };
-                Ok(self.out_proj.forward(&merged)?)
+            let ori = self.fused_path(&qkv, mask, head_weights, kernels::ORDINARY, l)?;
+            let vv = if with_vv {
+                Some(self.fused_path(&qkv, mask, head_weights, kernels::VALUE_VALUE, l)?)
+            } else {
+                None
             };
-            let ori = run(kernels::ORDINARY)?;
-            let vv = if with_vv { Some(run(kernels::VALUE_VALUE)?) } else { None };
             return Ok(AttentionOutput { ori, vv });
         }
         let qkv = self.qkv.forward(xs)?; // [B, L, 3D]
@@ -332,23 +338,27 @@ impl ResidualBlock {
     }
 
     /// The block's output for the first `rows` tokens only, `[B, rows, D]` (every token still
-    /// serves as key and value): a quarter of the attention and a `L / rows`-th of the MLP.
+    /// serves as key and value), and the full V-V output when `with_vv`: the ordinary path's
+    /// attention and MLP shrink to those rows.
     pub fn forward_first_rows(
         &self,
         xs: &Tensor,
         mask: Option<&Tensor>,
         head_weights: Option<&Tensor>,
         rows: usize,
-    ) -> Result<Tensor> {
+        with_vv: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let h = self.layer_norm1.forward(xs)?;
-        let x = match self.self_attn.forward_first_rows(&h, mask, head_weights, rows)? {
-            Some(attn) => (xs.narrow(1, 0, rows)? + attn)?,
+        let attn = match self.self_attn.forward_first_rows(&h, mask, head_weights, rows, with_vv)? {
+            Some(attn) => attn,
             None => {
-                let (x, _) = self.forward(xs, mask, head_weights, false)?;
-                return Ok(x.narrow(1, 0, rows)?);
+                let (x, vv) = self.forward(xs, mask, head_weights, with_vv)?;
+                return Ok((x.narrow(1, 0, rows)?, vv));
             }
         };
-        Ok((&x + self.mlp.forward(&self.layer_norm2.forward(&x)?)?)?)
+        let x = (xs.narrow(1, 0, rows)? + attn.ori)?;
+        let x = (&x + self.mlp.forward(&self.layer_norm2.forward(&x)?)?)?;
+        Ok((x, attn.vv))
     }
 }
 
@@ -552,13 +562,15 @@ impl Encoder {
                 None => None,
             };
             let rows_only = hooks.last_rows.filter(|_| {
-                layer == self.layers.len() && !with_vv && !hooks.taps.contains(&layer)
+                layer == self.layers.len() && (with_vv || !hooks.taps.contains(&layer))
             });
-            if let Some(rows) = rows_only {
-                x = block.forward_first_rows(&x, mask, hw.as_ref(), rows.min(x.dim(1)?))?;
-                continue;
-            }
-            let (next, vv) = block.forward(&x, mask, hw.as_ref(), with_vv)?;
+            let (next, vv) = match rows_only {
+                Some(rows) => {
+                    let rows = rows.min(x.dim(1)?);
+                    block.forward_first_rows(&x, mask, hw.as_ref(), rows, with_vv)?
+                }
+                None => block.forward(&x, mask, hw.as_ref(), with_vv)?,
+            };
             if let Some(vv) = vv {
                 // DPAM: the V-V stream starts from the ordinary stream entering its first layer.
                 let base = x_vv.as_ref().unwrap_or(&x);
@@ -759,11 +771,18 @@ mod tests {
         assert_eq!(rows.last.dims(), &[2, 2, 8]);
         assert!(diff(&rows.last, &full.last.narrow(1, 0, 2).unwrap()) < 1e-6);
         assert!(diff(&rows.taps[0], &full.taps[0]) == 0.0);
-        for hooks in [
-            Hooks { taps: &[3], last_rows: Some(1), ..Default::default() },
-            Hooks { vv_from: Some(3), last_rows: Some(1), ..Default::default() },
-        ] {
-            assert_eq!(run(&enc, &x, hooks, PromptPlacement::Append).last.dims(), &[2, 6, 8]);
+        let tapped = Hooks { taps: &[3], last_rows: Some(1), ..Default::default() };
+        assert_eq!(run(&enc, &x, tapped, PromptPlacement::Append).last.dims(), &[2, 6, 8]);
+        // V-V at the last layer: the V-V stream stays whole, the ordinary one shrinks.
+        let vv = |last_rows| Hooks { taps: &[2, 3], vv_from: Some(2), last_rows, ..Default::default() };
+        let full = run(&enc, &x, vv(None), PromptPlacement::Append);
+        let rows = run(&enc, &x, vv(Some(1)), PromptPlacement::Append);
+        assert_eq!(rows.last.dims(), &[2, 1, 8]);
+        assert_eq!(rows.taps[1].dims(), &[2, 1, 8]);
+        assert!(diff(&rows.last, &full.last.narrow(1, 0, 1).unwrap()) < 1e-6);
+        for i in 0..2 {
+            assert_eq!(rows.vv_taps[i].dims(), &[2, 6, 8]);
+            assert!(diff(&rows.vv_taps[i], &full.vv_taps[i]) < 1e-6);
         }
     }
 
