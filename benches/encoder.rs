@@ -3,8 +3,8 @@
 //! `cargo bench --bench encoder [-- FILTER]` prints, per configuration, ms per image and the
 //! achieved GFLOP/s (matmul FLOPs of the forward pass, counted analytically). Configurations:
 //! ViT-B/16 at 224 px and ViT-L/14 at 518 px (the AdaCLIP/AnomalyCLIP resolution, 37x37 grid),
-//! f32, all threads of the machine, one image per pass; each also with the V-V path (`+vv`,
-//! whose extra attention FLOPs are not counted).
+//! f32 (or `ZSAD_BENCH_PRECISION=bf16`), all threads of the machine, one image per pass; each
+//! also with the V-V path (`+vv`, whose extra attention FLOPs are not counted).
 
 use std::time::Instant;
 
@@ -34,7 +34,13 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    println!("threads: {}", rayon::current_num_threads());
+    // ZSAD_BENCH_PRECISION=bf16: the `--precision bf16` numerics (bf16 weights and operands).
+    let bf16 = std::env::var("ZSAD_BENCH_PRECISION").is_ok_and(|p| p == "bf16");
+    println!(
+        "threads: {}, precision: {}",
+        rayon::current_num_threads(),
+        if bf16 { "bf16" } else { "f32" }
+    );
     for (arch, size, vv) in [
         ("ViT-B-16", 224usize, false),
         ("ViT-B-16", 224, true),
@@ -46,9 +52,12 @@ fn main() {
             continue;
         }
         let t0 = Instant::now();
-        let model = load_model(&format!("random:{arch}"), &LoadOptions::default())
+        let mut model = load_model(&format!("random:{arch}"), &LoadOptions::default())
             .unwrap()
             .model;
+        if bf16 {
+            model.use_bf16().unwrap();
+        }
         let load_s = t0.elapsed().as_secs_f64();
         let vision = model
             .vision

@@ -21,11 +21,26 @@ fn best_of<F: FnMut()>(runs: usize, mut f: F) -> f64 {
 }
 
 fn main() {
-    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-')).unwrap_or_default();
+    let filter = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .unwrap_or_default();
     let dev = Device::Cpu;
-    println!("threads: {}, backend: {}", rayon::current_num_threads(), kernels::gemm_backend());
-    let shapes = [(1024usize, 1024usize, 4096usize), (1370, 1024, 4096), (1370, 4096, 1024), (1370, 1024, 3072)];
-    for (m, k, n) in shapes.into_iter().filter(|_| "linear".contains(filter.as_str())) {
+    println!(
+        "threads: {}, backend: {}",
+        rayon::current_num_threads(),
+        kernels::gemm_backend()
+    );
+    let shapes = [
+        (1024usize, 1024usize, 4096usize),
+        (1370, 1024, 4096),
+        (1370, 4096, 1024),
+        (1370, 1024, 3072),
+    ];
+    for (m, k, n) in shapes
+        .into_iter()
+        .filter(|_| "linear".contains(filter.as_str()))
+    {
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
@@ -45,20 +60,58 @@ fn main() {
         );
     }
     // Weight layout: [out, in] as stored (read transposed) vs pre-transposed [in, out].
-    for (m, k, n) in [(197usize, 768usize, 2304usize), (197, 768, 3072), (1370, 1024, 4096)]
-        .into_iter()
-        .filter(|_| "layout".contains(filter.as_str()))
+    for (m, k, n) in [
+        (197usize, 768usize, 2304usize),
+        (197, 768, 3072),
+        (1370, 1024, 4096),
+    ]
+    .into_iter()
+    .filter(|_| "layout".contains(filter.as_str()))
     {
         let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32).collect();
         let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32).collect();
         let mut c = vec![0f32; m * n];
         let flop = 2.0 * (m * n * k) as f64;
-        let xr = kernels::MatRef { data: &x, rs: k, cs: 1 };
+        let xr = kernels::MatRef {
+            data: &x,
+            rs: k,
+            cs: 1,
+        };
         let stored = best_of(10, || {
-            kernels::gemm(m, n, k, xr, kernels::MatRef { data: &w, rs: 1, cs: k }, &mut c, n, 1.0, false, true)
+            kernels::gemm(
+                m,
+                n,
+                k,
+                xr,
+                kernels::MatRef {
+                    data: &w,
+                    rs: 1,
+                    cs: k,
+                },
+                &mut c,
+                n,
+                1.0,
+                false,
+                true,
+            )
         });
         let pre = best_of(10, || {
-            kernels::gemm(m, n, k, xr, kernels::MatRef { data: &w, rs: n, cs: 1 }, &mut c, n, 1.0, false, true)
+            kernels::gemm(
+                m,
+                n,
+                k,
+                xr,
+                kernels::MatRef {
+                    data: &w,
+                    rs: n,
+                    cs: 1,
+                },
+                &mut c,
+                n,
+                1.0,
+                false,
+                true,
+            )
         });
         println!(
             "layout {m}x{k} -> {n}: [out, in] {:.1} GFLOP/s, [in, out] {:.1} GFLOP/s",
@@ -75,5 +128,9 @@ fn main() {
         kernels::attention(&qkv, heads, 0.125, None, kernels::ORDINARY).unwrap();
     });
     let flop = 4.0 * (l * l * heads * hd) as f64;
-    println!("attention {heads} heads x {l} tokens: {:.1} ms, {:.1} GFLOP/s", t * 1e3, flop / t / 1e9);
+    println!(
+        "attention {heads} heads x {l} tokens: {:.1} ms, {:.1} GFLOP/s",
+        t * 1e3,
+        flop / t / 1e9
+    );
 }

@@ -609,8 +609,18 @@ fn bench_reports_seconds_per_stage_as_json() {
     write_png(&data.join("sub/b.png"), 30, 30, 2);
     let (m, d) = (model(), data.display().to_string());
     let r = zsad(&[
-        "bench", "--model", &m, "--tokenizer", &tok, "--preset", "adaclip", "--images", &d,
-        "--runs", "2", "--json",
+        "bench",
+        "--model",
+        &m,
+        "--tokenizer",
+        &tok,
+        "--preset",
+        "adaclip",
+        "--images",
+        &d,
+        "--runs",
+        "2",
+        "--json",
     ]);
     assert!(r.status.success(), "{}", stderr(&r));
     let out = String::from_utf8(r.stdout).unwrap();
@@ -622,14 +632,26 @@ fn bench_reports_seconds_per_stage_as_json() {
     assert!((v["images_per_second"].as_f64().unwrap() * per_image - 1.0).abs() < 1e-9);
     assert!(v["peak_rss_mb"].as_f64().unwrap() > 1.0, "{v}");
     let stages = v["stages"].as_object().unwrap();
-    for k in ["decode", "resize", "backbone", "text", "maps", "smoothing", "png_encode", "write"] {
+    for k in [
+        "decode",
+        "resize",
+        "backbone",
+        "text",
+        "maps",
+        "smoothing",
+        "png_encode",
+        "write",
+    ] {
         assert!(stages[k].as_f64().unwrap() >= 0.0, "{k}: {v}");
     }
     // The stages are disjoint parts of the per-image time, and the model did run.
     let sum: f64 = stages.values().map(|s| s.as_f64().unwrap()).sum();
     assert!(sum <= per_image * 1.01 + 1e-4, "{sum} > {per_image}");
     assert!(stages["backbone"].as_f64().unwrap() > 0.0);
-    assert!(stages["text"].as_f64().unwrap() > 0.0, "adaclip encodes text per image: {v}");
+    assert!(
+        stages["text"].as_f64().unwrap() > 0.0,
+        "adaclip encodes text per image: {v}"
+    );
 
     let empty = tmp("bench-empty");
     let e = empty.display().to_string();
@@ -653,7 +675,15 @@ fn bf16_precision_is_close_to_f32() {
         let out = tmp(&format!("bf16-{precision}"));
         let o = out.display().to_string();
         let mut args = detect_args(&tok, &m, &o);
-        args.extend(["--preset", "adaclip", "--maps", "npy", "--precision", precision, &d]);
+        args.extend([
+            "--preset",
+            "adaclip",
+            "--maps",
+            "npy",
+            "--precision",
+            precision,
+            &d,
+        ]);
         let r = zsad(&args);
         assert!(r.status.success(), "{precision}: {}", stderr(&r));
         let recs = by_path(&records(&out));

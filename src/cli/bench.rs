@@ -74,7 +74,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let load_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let tok = tokenizer(&args.detector.tokenizer, &loaded)?;
-    let det = Detector::new(&loaded.model, &adapter, TextInputs::build(&adapter.config, &tok)?)?;
+    let det = Detector::new(
+        &loaded.model,
+        &adapter,
+        TextInputs::build(&adapter.config, &tok)?,
+    )?;
     let setup_seconds = t1.elapsed().as_secs_f64();
     let size = det.image_size();
     let out = tempdir()?;
@@ -178,7 +182,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             ("png encode", s.png_encode),
             ("write", s.write),
         ] {
-            println!("  {name:<11} {:>9.4} s  {:>5.1}%", v, 100.0 * v / report.seconds_per_image);
+            println!(
+                "  {name:<11} {:>9.4} s  {:>5.1}%",
+                v,
+                100.0 * v / report.seconds_per_image
+            );
         }
         println!(
             "load {:.2} s, set-up {:.2} s, peak RSS {}",

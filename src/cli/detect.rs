@@ -297,7 +297,9 @@ pub fn run(args: DetectArgs) -> anyhow::Result<u8> {
                     .and_then(|p| detector.detect(&p))
                 {
                     Ok(mut dets) => Scored::Done(item.input, rgb, dets.remove(0)),
-                    Err(e) => Scored::Failed(Record::failed(&item.input.given, format!("model: {e}"))),
+                    Err(e) => {
+                        Scored::Failed(Record::failed(&item.input.given, format!("model: {e}")))
+                    }
                 },
             };
             if out_tx.send(out).is_err() {

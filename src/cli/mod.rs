@@ -186,7 +186,8 @@ impl ModelArgs {
         if matches!((self.dtype, self.device), (DTypeArg::Bf16, DeviceArg::Cpu)) {
             anyhow::bail!("--dtype bf16 needs --device cuda: on the CPU use --precision bf16 (bf16 GEMMs, the rest in f32)");
         }
-        let cpu_bf16 = self.precision == PrecisionArg::Bf16 && matches!(self.device, DeviceArg::Cpu);
+        let cpu_bf16 =
+            self.precision == PrecisionArg::Bf16 && matches!(self.device, DeviceArg::Cpu);
         if cpu_bf16 && !matches!(self.dtype, DTypeArg::F32) {
             anyhow::bail!("--precision bf16 on the CPU works on f32 tensors: drop --dtype");
         }

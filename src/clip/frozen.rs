@@ -87,7 +87,12 @@ impl FrozenLinear {
 impl Module for FrozenLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if super::kernels::applies(x) && matches!(self.weight.dtype(), DType::F32 | DType::BF16) {
-            return super::kernels::linear(x, &self.weight, self.bias.as_ref(), super::kernels::Epilogue::None);
+            return super::kernels::linear(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                super::kernels::Epilogue::None,
+            );
         }
         // A bf16 weight outside the fast path (training, other devices) is widened per call.
         let weight = self.weight.to_dtype(x.dtype())?;

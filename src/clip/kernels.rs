@@ -57,7 +57,20 @@ pub fn gemm(
         assert!((m - 1) * ldc + n <= c.len(), "gemm: dst out of bounds");
     }
     // SAFETY: every index the kernels touch was bounds-checked above.
-    unsafe { backend::gemm(m, n, k, a, b, c.as_mut_ptr(), ldc, alpha, accumulate, parallel) }
+    unsafe {
+        backend::gemm(
+            m,
+            n,
+            k,
+            a,
+            b,
+            c.as_mut_ptr(),
+            ldc,
+            alpha,
+            accumulate,
+            parallel,
+        )
+    }
 }
 
 #[cfg(not(feature = "onednn"))]
@@ -254,8 +267,16 @@ fn linear_bf16(
             m,
             nb,
             k,
-            MatRef { data: xs, rs: k, cs: 1 },
-            MatRef { data: wide, rs: 1, cs: k },
+            MatRef {
+                data: xs,
+                rs: k,
+                cs: 1,
+            },
+            MatRef {
+                data: wide,
+                rs: 1,
+                cs: k,
+            },
             &mut out[c0..],
             n,
             1.0,
@@ -273,7 +294,11 @@ fn round_bf16_generic(xs: &mut [f32]) {
         let b = x.to_bits();
         let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000;
         // NaN stays NaN (rounding could carry its payload into infinity).
-        *x = if x.is_nan() { *x } else { f32::from_bits(rounded) };
+        *x = if x.is_nan() {
+            *x
+        } else {
+            f32::from_bits(rounded)
+        };
     })
 }
 
@@ -330,7 +355,9 @@ pub fn linear(
     if weight.dtype() == candle_core::DType::BF16 {
         let mut xs = x.flatten_all()?.to_vec1::<f32>()?;
         xs.par_chunks_mut(16 * 1024).for_each(round_bf16_in_place);
-        with_bf16(weight, |w| linear_bf16(&xs, m, w, n_out, n_in, &mut out, bias.is_some()))?;
+        with_bf16(weight, |w| {
+            linear_bf16(&xs, m, w, n_out, n_in, &mut out, bias.is_some())
+        })?;
     } else {
         with_f32(&x, |xs| {
             with_f32(weight, |w| {
@@ -338,9 +365,17 @@ pub fn linear(
                     m,
                     n_out,
                     n_in,
-                    MatRef { data: xs, rs: n_in, cs: 1 },
+                    MatRef {
+                        data: xs,
+                        rs: n_in,
+                        cs: 1,
+                    },
                     // Wᵀ: element (i, j) = W[j, i].
-                    MatRef { data: w, rs: 1, cs: n_in },
+                    MatRef {
+                        data: w,
+                        rs: 1,
+                        cs: n_in,
+                    },
                     &mut out,
                     n_out,
                     1.0,
@@ -443,8 +478,16 @@ pub fn attention_first_queries(
                     rows,
                     l,
                     hd,
-                    MatRef { data: &xs[col(roles.q) + row0 * d3..], rs: d3, cs: 1 },
-                    MatRef { data: &xs[col(roles.k)..], rs: 1, cs: d3 },
+                    MatRef {
+                        data: &xs[col(roles.q) + row0 * d3..],
+                        rs: d3,
+                        cs: 1,
+                    },
+                    MatRef {
+                        data: &xs[col(roles.k)..],
+                        rs: 1,
+                        cs: d3,
+                    },
                     s,
                     l,
                     scale as f32,
@@ -476,8 +519,16 @@ pub fn attention_first_queries(
                     rows,
                     hd,
                     l,
-                    MatRef { data: s, rs: l, cs: 1 },
-                    MatRef { data: &xs[col(roles.v)..], rs: d3, cs: 1 },
+                    MatRef {
+                        data: s,
+                        rs: l,
+                        cs: 1,
+                    },
+                    MatRef {
+                        data: &xs[col(roles.v)..],
+                        rs: d3,
+                        cs: 1,
+                    },
                     o,
                     d,
                     1.0,
@@ -492,7 +543,10 @@ pub fn attention_first_queries(
     };
     with_f32(&qkv, |xs| match &mask {
         Some(m) => with_f32(m, |m| run(xs, Some(m))),
-        None => Ok(run(xs, None)),
+        None => {
+            run(xs, None);
+            Ok(())
+        }
     })??;
     Tensor::from_vec(out, (b, lq, d), &Device::Cpu)
 }
@@ -688,14 +742,26 @@ mod tests {
             let got = Tensor::from_vec(v, (3, n), &dev).unwrap();
             assert!(max_diff(&got, &want) < 1e-6, "n = {n}");
         }
-        let x = Tensor::from_vec(rand(9, 4096).iter().map(|x| 8.0 * x).collect::<Vec<_>>(), 4096, &dev).unwrap();
+        let x = Tensor::from_vec(
+            rand(9, 4096).iter().map(|x| 8.0 * x).collect::<Vec<_>>(),
+            4096,
+            &dev,
+        )
+        .unwrap();
         let want = (&x * candle_nn::ops::sigmoid(&(&x * 1.702).unwrap()).unwrap()).unwrap();
         let mut v = x.to_vec1::<f32>().unwrap();
         quick_gelu_in_place(&mut v);
         let got = Tensor::from_vec(v, 4096, &dev).unwrap();
         assert!(max_diff(&got, &want) < 2e-6);
         // Exact GELU against candle's erf, over the whole range where it is not saturated.
-        let x = Tensor::from_vec((0..20_001).map(|i| -10.0 + i as f32 * 1e-3).collect::<Vec<_>>(), 20_001, &dev).unwrap();
+        let x = Tensor::from_vec(
+            (0..20_001)
+                .map(|i| -10.0 + i as f32 * 1e-3)
+                .collect::<Vec<_>>(),
+            20_001,
+            &dev,
+        )
+        .unwrap();
         let want = x.gelu_erf().unwrap();
         let mut v = x.to_vec1::<f32>().unwrap();
         gelu_in_place(&mut v);
@@ -710,7 +776,9 @@ mod tests {
         let x = Tensor::from_vec(rand(1, 2 * 37 * 48), (2, 37, 48), &dev).unwrap();
         let w = Tensor::from_vec(rand(2, 80 * 48), (80, 48), &dev).unwrap();
         let b = Tensor::from_vec(rand(3, 80), 80, &dev).unwrap();
-        let want = candle_nn::Linear::new(w.clone(), Some(b.clone())).forward(&x).unwrap();
+        let want = candle_nn::Linear::new(w.clone(), Some(b.clone()))
+            .forward(&x)
+            .unwrap();
         let got = linear(&x, &w, Some(&b), Epilogue::None).unwrap();
         assert_eq!(got.dims(), want.dims());
         assert!(max_diff(&got, &want) < 1e-5);
@@ -724,18 +792,35 @@ mod tests {
     /// f32 product of the rounded operands.
     #[test]
     fn bf16_rounding_and_linear() {
-        let mut v = vec![1.0f32, 1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -2.5e-3, f32::INFINITY, 0.0];
+        let mut v = vec![
+            1.0f32,
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            -2.5e-3,
+            f32::INFINITY,
+            0.0,
+        ];
         round_bf16_in_place(&mut v);
         assert_eq!(v[0], 1.0);
         assert_eq!(v[1], 1.0, "a tie rounds to the even mantissa");
-        assert_eq!(v[2], 1.0 + 4.0 / 256.0, "a tie rounds up to the even mantissa");
+        assert_eq!(
+            v[2],
+            1.0 + 4.0 / 256.0,
+            "a tie rounds up to the even mantissa"
+        );
         assert_eq!(v[3], half::bf16::from_f32(-2.5e-3).to_f32());
         assert_eq!((v[4], v[5]), (f32::INFINITY, 0.0));
         let dev = Device::Cpu;
         let x = Tensor::from_vec(rand(5, 3 * 300 * 40), (3, 300, 40), &dev).unwrap();
         let w = Tensor::from_vec(rand(6, 300 * 40), (300, 40), &dev).unwrap();
         let b = Tensor::from_vec(rand(7, 300), 300, &dev).unwrap();
-        let got = linear(&x, &w.to_dtype(candle_core::DType::BF16).unwrap(), Some(&b), Epilogue::None).unwrap();
+        let got = linear(
+            &x,
+            &w.to_dtype(candle_core::DType::BF16).unwrap(),
+            Some(&b),
+            Epilogue::None,
+        )
+        .unwrap();
         let want = candle_nn::Linear::new(round_bf16(&w).unwrap(), Some(b))
             .forward(&round_bf16(&x).unwrap())
             .unwrap();
@@ -751,7 +836,13 @@ mod tests {
         let d = heads * hd;
         let qkv = Tensor::from_vec(rand(4, b * l * 3 * d), (b, l, 3 * d), &dev).unwrap();
         let causal: Vec<f32> = (0..l * l)
-            .map(|i| if i % l > i / l { f32::NEG_INFINITY } else { 0.0 })
+            .map(|i| {
+                if i % l > i / l {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
             .collect();
         let causal = Tensor::from_vec(causal, (l, l), &dev).unwrap();
         let split = qkv
@@ -760,7 +851,11 @@ mod tests {
             .permute((2, 0, 3, 1, 4))
             .unwrap();
         let part = |i: usize| split.get(i).unwrap().contiguous().unwrap();
-        for (roles, mask) in [(ORDINARY, None), (ORDINARY, Some(&causal)), (VALUE_VALUE, None)] {
+        for (roles, mask) in [
+            (ORDINARY, None),
+            (ORDINARY, Some(&causal)),
+            (VALUE_VALUE, None),
+        ] {
             let (q, k, v) = (part(roles.q), part(roles.k), part(roles.v));
             let s = (q * 0.125).unwrap().matmul(&k.t().unwrap()).unwrap();
             let s = match mask {

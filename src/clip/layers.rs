@@ -167,7 +167,11 @@ impl Attention {
     /// q, k, v for the fused kernel: the projection, rounded to bf16 in bf16 mode.
     fn fused_qkv(&self, xs: &Tensor) -> Result<Tensor> {
         let qkv = self.qkv.forward(xs)?;
-        Ok(if self.bf16 { kernels::round_bf16(&qkv)? } else { qkv })
+        Ok(if self.bf16 {
+            kernels::round_bf16(&qkv)?
+        } else {
+            qkv
+        })
     }
 
     pub fn num_heads(&self) -> usize {
@@ -220,10 +224,10 @@ impl Attention {
         Ok(self.out_proj.forward(&merged)?)
     }
 
-    /// The ordinary output for the first `rows` queries only (`[B, rows, D]`) and, with
-    /// `with_vv`, the full V-V output, when the fused CPU kernels apply (`None` otherwise: the
-    /// caller takes the full pass).
-    fn forward_first_rows(
+    /// The ordinary output for the first `rows` queries (`[B, rows, D]`; all of them for the
+    /// ordinary pass) and, with `with_vv`, the full V-V output, when the fused CPU kernels apply
+    /// (`None` otherwise: the caller takes the plain ops).
+    fn forward_fused(
         &self,
         xs: &Tensor,
         mask: Option<&Tensor>,
@@ -255,16 +259,9 @@ impl Attention {
         with_vv: bool,
     ) -> Result<AttentionOutput> {
         let (b, l, _) = xs.dims3()?;
-        if kernels::applies(xs) {
-            // Fused kernel: q, k, v read in place, heads come back merged [B, L, D].
-            let qkv = self.fused_qkv(xs)?;
-            let ori = self.fused_path(&qkv, mask, head_weights, kernels::ORDINARY, l)?;
-            let vv = if with_vv {
-                Some(self.fused_path(&qkv, mask, head_weights, kernels::VALUE_VALUE, l)?)
-            } else {
-                None
-            };
-            return Ok(AttentionOutput { ori, vv });
+        // Fused kernel: q, k, v read in place, heads come back merged [B, L, D].
+        if let Some(out) = self.forward_fused(xs, mask, head_weights, l, with_vv)? {
+            return Ok(out);
         }
         let qkv = self.qkv.forward(xs)?; // [B, L, 3D]
         let qkv = qkv
@@ -349,7 +346,10 @@ impl ResidualBlock {
         with_vv: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let h = self.layer_norm1.forward(xs)?;
-        let attn = match self.self_attn.forward_first_rows(&h, mask, head_weights, rows, with_vv)? {
+        let attn = match self
+            .self_attn
+            .forward_fused(&h, mask, head_weights, rows, with_vv)?
+        {
             Some(attn) => attn,
             None => {
                 let (x, vv) = self.forward(xs, mask, head_weights, with_vv)?;
@@ -753,7 +753,12 @@ mod tests {
         let full = run(
             &enc,
             &x,
-            Hooks { taps: &[1], prompts: &prompts, head_weights: Some(&hw), ..Default::default() },
+            Hooks {
+                taps: &[1],
+                prompts: &prompts,
+                head_weights: Some(&hw),
+                ..Default::default()
+            },
             PromptPlacement::Append,
         );
         let rows = run(
@@ -771,10 +776,22 @@ mod tests {
         assert_eq!(rows.last.dims(), &[2, 2, 8]);
         assert!(diff(&rows.last, &full.last.narrow(1, 0, 2).unwrap()) < 1e-6);
         assert!(diff(&rows.taps[0], &full.taps[0]) == 0.0);
-        let tapped = Hooks { taps: &[3], last_rows: Some(1), ..Default::default() };
-        assert_eq!(run(&enc, &x, tapped, PromptPlacement::Append).last.dims(), &[2, 6, 8]);
+        let tapped = Hooks {
+            taps: &[3],
+            last_rows: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(
+            run(&enc, &x, tapped, PromptPlacement::Append).last.dims(),
+            &[2, 6, 8]
+        );
         // V-V at the last layer: the V-V stream stays whole, the ordinary one shrinks.
-        let vv = |last_rows| Hooks { taps: &[2, 3], vv_from: Some(2), last_rows, ..Default::default() };
+        let vv = |last_rows| Hooks {
+            taps: &[2, 3],
+            vv_from: Some(2),
+            last_rows,
+            ..Default::default()
+        };
         let full = run(&enc, &x, vv(None), PromptPlacement::Append);
         let rows = run(&enc, &x, vv(Some(1)), PromptPlacement::Append);
         assert_eq!(rows.last.dims(), &[2, 1, 8]);

@@ -311,7 +311,12 @@ where
     let mut out = Vec::new();
     let (w, h) = img.dimensions();
     PngEncoder::new_with_quality(&mut out, CompressionType::Fast, FilterType::Adaptive)
-        .write_image(img.as_bytes(), w, h, <I::Pixel as PixelWithColorType>::COLOR_TYPE.into())
+        .write_image(
+            img.as_bytes(),
+            w,
+            h,
+            <I::Pixel as PixelWithColorType>::COLOR_TYPE.into(),
+        )
         .map_err(|e| Error::InvalidArgument(format!("cannot encode PNG: {e}")))?;
     Ok(out)
 }

@@ -504,7 +504,11 @@ impl Detector {
     }
 
     /// [`Self::detect`], adding each stage's wall time to `times`.
-    pub fn detect_timed(&self, pixels: &Tensor, mut times: Option<&mut StageTimes>) -> Result<Vec<Detection>> {
+    pub fn detect_timed(
+        &self,
+        pixels: &Tensor,
+        mut times: Option<&mut StageTimes>,
+    ) -> Result<Vec<Detection>> {
         let fwd = self.forward_timed(pixels, false, times.as_deref_mut())?;
         let started = std::time::Instant::now();
         let probs = fwd.image_probs.to_dtype(DType::F32)?.to_vec2::<f32>()?;
