@@ -36,6 +36,11 @@ fn main() {
         .unwrap_or(3);
     // ZSAD_BENCH_PRECISION=bf16: the `--precision bf16` numerics (bf16 weights and operands).
     let bf16 = std::env::var("ZSAD_BENCH_PRECISION").is_ok_and(|p| p == "bf16");
+    // ZSAD_BENCH_BATCH=N: N images per pass (times are per image).
+    let batch: usize = std::env::var("ZSAD_BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     println!(
         "threads: {}, precision: {}",
         rayon::current_num_threads(),
@@ -72,7 +77,7 @@ fn main() {
             vision.grid(),
             model.config.projection_dim,
         );
-        let x = Tensor::randn(0f32, 1.0, (1, 3, size, size), &Device::Cpu)
+        let x = Tensor::randn(0f32, 1.0, (batch, 3, size, size), &Device::Cpu)
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap();
@@ -89,7 +94,7 @@ fn main() {
             let t = Instant::now();
             let out = vision.forward(&x, &hooks).unwrap();
             out.pooled.to_vec2::<f32>().unwrap();
-            times.push(t.elapsed().as_secs_f64());
+            times.push(t.elapsed().as_secs_f64() / batch as f64);
         }
         times.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let median = times[times.len() / 2];

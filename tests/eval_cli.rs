@@ -116,6 +116,9 @@ fn predictions_and_model_runs_agree_and_reports_parse() {
             "npy",
             "--heatmaps",
             "none",
+            // One image per pass, as `eval --model` runs: the two paths must agree to 1e-12.
+            "--batch-size",
+            "1",
             "--out",
             &pred,
             "-q",

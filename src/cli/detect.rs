@@ -63,9 +63,20 @@ pub struct DetectArgs {
     /// split a dataset; give each its own --out and join them with `zsad merge`
     #[arg(long, value_name = "K/N")]
     pub shard: Option<Shard>,
+    /// Images per model pass; 0 = about 1024 tokens per pass, at most 8 (ViT-B/16 at 224: 5
+    /// images, 16% less time per image on a CPU than one at a time; ViT-L at 518: 1). Scores do
+    /// not depend on it beyond float rounding
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub batch_size: usize,
     /// No progress bar or per-file warnings (the exit status still tells)
     #[arg(long, short = 'q')]
     pub quiet: bool,
+}
+
+/// `--batch-size 0`: enough images for about 1024 tokens per pass (GEMMs with few rows re-read
+/// every weight per image), at most 8.
+fn auto_batch(tokens: usize) -> usize {
+    (1024 / tokens.max(1)).clamp(1, 8)
 }
 
 /// A decoded, preprocessed input on its way to the model.
@@ -255,8 +266,12 @@ pub fn run(args: DetectArgs) -> anyhow::Result<u8> {
     // flat however many images there are.
     let size = detector.image_size();
     let dev = detector.device().clone();
-    let (tx, rx) = mpsc::sync_channel::<Prepared>(2);
-    let (out_tx, out_rx) = mpsc::sync_channel::<Scored>(2);
+    let batch = match args.batch_size {
+        0 => auto_batch(detector.image_tokens()),
+        n => n,
+    };
+    let (tx, rx) = mpsc::sync_channel::<Prepared>(2 * batch);
+    let (out_tx, out_rx) = mpsc::sync_channel::<Scored>(2 * batch);
     let args_ref = &args;
     let (scored_now, failed_now) = std::thread::scope(|scope| -> anyhow::Result<(usize, usize)> {
         scope.spawn(move || {
@@ -288,22 +303,35 @@ pub fn run(args: DetectArgs) -> anyhow::Result<u8> {
             }
             Ok((scored, failed))
         });
-        for item in rx {
-            let out = match item.result {
-                Err(e) => Scored::Failed(Record::failed(&item.input.given, e)),
-                Ok((rgb, pixels)) => match pixels
-                    .unsqueeze(0)
+        let mut pending = rx.into_iter().peekable();
+        'batches: while pending.peek().is_some() {
+            // Up to `batch` images that decoded; failures pass through in order.
+            let items: Vec<Prepared> = pending.by_ref().take(batch).collect();
+            let ok: Vec<&candle_core::Tensor> = items
+                .iter()
+                .filter_map(|i| i.result.as_ref().ok().map(|(_, px)| px))
+                .collect();
+            let mut dets = if ok.is_empty() {
+                Ok(Vec::new())
+            } else {
+                candle_core::Tensor::stack(&ok, 0)
                     .map_err(crate::Error::from)
-                    .and_then(|p| detector.detect(&p))
-                {
-                    Ok(mut dets) => Scored::Done(item.input, rgb, dets.remove(0)),
-                    Err(e) => {
+                    .and_then(|px| detector.detect(&px))
+            }
+            .map(|d| d.into_iter());
+            for item in items {
+                let out = match (item.result, &mut dets) {
+                    (Err(e), _) => Scored::Failed(Record::failed(&item.input.given, e)),
+                    (Ok((rgb, _)), Ok(d)) => {
+                        Scored::Done(item.input, rgb, d.next().expect("one detection per image"))
+                    }
+                    (Ok(_), Err(e)) => {
                         Scored::Failed(Record::failed(&item.input.given, format!("model: {e}")))
                     }
-                },
-            };
-            if out_tx.send(out).is_err() {
-                break; // the writer stopped on an error, reported below
+                };
+                if out_tx.send(out).is_err() {
+                    break 'batches; // the writer stopped on an error, reported below
+                }
             }
         }
         drop(out_tx);

@@ -164,6 +164,10 @@ impl Detector {
     pub fn image_size(&self) -> usize {
         self.cfg.image_size
     }
+    /// Tokens per image in the image tower (patches + CLS).
+    pub fn image_tokens(&self) -> usize {
+        self.vision.grid().pow(2) + 1
+    }
     pub fn device(&self) -> &candle_core::Device {
         self.vision.device()
     }
