@@ -1,20 +1,23 @@
 //! `zsad bench`: the detection pipeline over a folder of images, timed per stage.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
 use serde::Serialize;
 
+use super::detect::{render_outputs, write_rendered, OutputArgs};
 use super::detector_args::{tokenizer, DetectorArgs};
-use crate::data::outputs;
 use crate::method::{Detector, StageTimes, TextInputs};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     #[command(flatten)]
     pub detector: DetectorArgs,
+    /// The files `zsad detect` would write (encoded and written to a temporary folder)
+    #[command(flatten)]
+    pub output: OutputArgs,
     /// Folder of images to run over (searched recursively); the first one is also the warm-up
     #[arg(long, value_name = "DIR")]
     pub images: PathBuf,
@@ -35,6 +38,7 @@ pub struct Stages {
     pub text: f64,
     pub maps: f64,
     pub smoothing: f64,
+    /// Map resized to the image, map and heatmap encoded (what `--maps`/`--heatmaps` ask for).
     pub png_encode: f64,
     pub write: f64,
 }
@@ -103,14 +107,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         st.resize = t.elapsed().as_secs_f64();
         let d = det.detect_timed(&px, Some(&mut it))?.remove(0);
         let t = Instant::now();
-        let (w, h) = rgb.dimensions();
-        let map = crate::method::maps::resize_map(&d.map, d.size, d.size, h as usize, w as usize);
-        let map_png = outputs::map_png(&map, w, h)?;
-        let heat = outputs::png_bytes_rgb(&outputs::heatmap(&map, Some(&rgb), w, h, 0.5))?;
+        let rendered = render_outputs(&args.output, Path::new("image"), &rgb, &d)?;
         st.png_encode = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        outputs::write_atomic(&out.join("map.png"), &map_png)?;
-        outputs::write_atomic(&out.join("heatmap.png"), &heat)?;
+        write_rendered(&out, &rendered)?;
         st.write = t.elapsed().as_secs_f64();
         if !warm_up {
             count += 1;

@@ -24,6 +24,20 @@ pub enum MapFormat {
     None,
 }
 
+/// The files written per input (shared with `zsad bench`, which times producing them).
+#[derive(Debug, Clone, Args)]
+pub struct OutputArgs {
+    /// Anomaly map files under DIR/maps/, at each image's own size
+    #[arg(long, value_enum, default_value = "png")]
+    pub maps: MapFormat,
+    /// Heatmaps under DIR/heatmaps/ (inferno colormap, fixed [0, 1] scale)
+    #[arg(long, value_enum, default_value = "overlay")]
+    pub heatmaps: HeatmapKind,
+    /// Opacity of the colour in overlay heatmaps
+    #[arg(long, default_value_t = 0.5, value_name = "A")]
+    pub heatmap_alpha: f32,
+}
+
 #[derive(Debug, Args)]
 pub struct DetectArgs {
     /// Images, folders (searched recursively for png/jpg/jpeg/bmp/tif/tiff/webp) or `-` to read
@@ -38,15 +52,8 @@ pub struct DetectArgs {
     /// Record file format: DIR/scores.jsonl or DIR/scores.csv
     #[arg(long, value_enum, default_value = "jsonl")]
     pub format: RecordFormat,
-    /// Anomaly map files under DIR/maps/, at each image's own size
-    #[arg(long, value_enum, default_value = "png")]
-    pub maps: MapFormat,
-    /// Heatmaps under DIR/heatmaps/ (inferno colormap, fixed [0, 1] scale)
-    #[arg(long, value_enum, default_value = "overlay")]
-    pub heatmaps: HeatmapKind,
-    /// Opacity of the colour in overlay heatmaps
-    #[arg(long, default_value_t = 0.5, value_name = "A")]
-    pub heatmap_alpha: f32,
+    #[command(flatten)]
+    pub output: OutputArgs,
     /// Adds `"anomalous": score >= T` to every record
     #[arg(long, value_name = "T")]
     pub threshold: Option<f32>,
@@ -107,6 +114,71 @@ enum Scored {
     Failed(Record),
 }
 
+/// One scored input's files as bytes, with the statistics of its map at the image's size.
+pub struct Rendered {
+    /// `(path relative to the output folder, bytes)`: the map, then the heatmap.
+    pub files: Vec<(String, Vec<u8>)>,
+    pub map: Option<String>,
+    pub heatmap: Option<String>,
+    pub map_max: f32,
+    pub map_mean: f32,
+}
+
+/// Resizes the map to the image and encodes what `opts` asks for, under `key` (the input's
+/// name without extension).
+pub fn render_outputs(
+    opts: &OutputArgs,
+    key: &Path,
+    rgb: &RgbImage,
+    det: &Detection,
+) -> anyhow::Result<Rendered> {
+    let (w, h) = rgb.dimensions();
+    let map = crate::method::maps::resize_map(&det.map, det.size, det.size, h as usize, w as usize);
+    let rel = |dir: &str, ext: &str| -> String {
+        let mut p = PathBuf::from(dir);
+        p.push(key);
+        let mut s = p.into_os_string();
+        s.push(".");
+        s.push(ext);
+        PathBuf::from(s).to_string_lossy().replace('\\', "/")
+    };
+    let mut files = Vec::new();
+    let map_rel = match opts.maps {
+        MapFormat::Png => Some((rel("maps", "png"), outputs::map_png(&map, w, h)?)),
+        MapFormat::Npy => Some((rel("maps", "npy"), outputs::map_npy(&map, w, h))),
+        MapFormat::None => None,
+    }
+    .map(|(r, bytes)| {
+        files.push((r.clone(), bytes));
+        r
+    });
+    let heat_rel = match opts.heatmaps {
+        HeatmapKind::None => None,
+        kind => {
+            let r = rel("heatmaps", "png");
+            let under = (kind == HeatmapKind::Overlay).then_some(rgb);
+            let img = outputs::heatmap(&map, under, w, h, opts.heatmap_alpha);
+            files.push((r.clone(), outputs::png_bytes_rgb(&img)?));
+            Some(r)
+        }
+    };
+    Ok(Rendered {
+        files,
+        map: map_rel,
+        heatmap: heat_rel,
+        map_max: map.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+        map_mean: (map.iter().map(|&v| v as f64).sum::<f64>() / map.len() as f64) as f32,
+    })
+}
+
+/// Writes every file atomically under `out`.
+pub fn write_rendered(out: &Path, rendered: &Rendered) -> anyhow::Result<()> {
+    for (rel, bytes) in &rendered.files {
+        outputs::write_atomic(&out.join(rel), bytes)?;
+    }
+    Ok(())
+}
+
 /// Writes the files of one scored input and returns its record.
 fn write_outputs(
     args: &DetectArgs,
@@ -114,51 +186,20 @@ fn write_outputs(
     rgb: &RgbImage,
     det: &Detection,
 ) -> anyhow::Result<Record> {
+    let r = render_outputs(&args.output, &input.key, rgb, det)?;
+    write_rendered(&args.out, &r)?;
     let (w, h) = rgb.dimensions();
-    let map = crate::method::maps::resize_map(&det.map, det.size, det.size, h as usize, w as usize);
-    let rel = |dir: &str, ext: &str| -> String {
-        let mut p = PathBuf::from(dir);
-        p.push(&input.key);
-        let mut s = p.into_os_string();
-        s.push(".");
-        s.push(ext);
-        PathBuf::from(s).to_string_lossy().replace('\\', "/")
-    };
-    let map_rel = match args.maps {
-        MapFormat::Png => Some(rel("maps", "png")),
-        MapFormat::Npy => Some(rel("maps", "npy")),
-        MapFormat::None => None,
-    };
-    if let Some(r) = &map_rel {
-        let bytes = match args.maps {
-            MapFormat::Png => outputs::map_png(&map, w, h)?,
-            _ => outputs::map_npy(&map, w, h),
-        };
-        outputs::write_atomic(&args.out.join(r), &bytes)?;
-    }
-    let heat_rel = match args.heatmaps {
-        HeatmapKind::None => None,
-        kind => {
-            let r = rel("heatmaps", "png");
-            let under = (kind == HeatmapKind::Overlay).then_some(rgb);
-            let img = outputs::heatmap(&map, under, w, h, args.heatmap_alpha);
-            outputs::write_atomic(&args.out.join(&r), &outputs::png_bytes_rgb(&img)?)?;
-            Some(r)
-        }
-    };
-    let map_max = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let map_mean = (map.iter().map(|&v| v as f64).sum::<f64>() / map.len() as f64) as f32;
     Ok(Record {
         path: input.given.clone(),
         score: Some(det.score),
         global_score: Some(det.global),
-        map_max: Some(map_max),
-        map_mean: Some(map_mean),
+        map_max: Some(r.map_max),
+        map_mean: Some(r.map_mean),
         anomalous: args.threshold.map(|t| det.score >= t),
         width: Some(w),
         height: Some(h),
-        map: map_rel,
-        heatmap: heat_rel,
+        map: r.map,
+        heatmap: r.heatmap,
         error: None,
     })
 }

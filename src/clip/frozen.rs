@@ -73,8 +73,8 @@ impl CustomOp1 for MatmulFrozen {
 }
 
 impl FrozenLinear {
-    /// `act(x Wᵀ + b)`, fused on the CPU inference path (the epilogue is the caller's to apply
-    /// elsewhere, so only inference callers pass one).
+    /// `act(x Wᵀ + b)` on the fused CPU kernel: for callers that checked
+    /// [`super::kernels::applies`] (it has no backward).
     pub fn forward_with(
         &self,
         x: &Tensor,

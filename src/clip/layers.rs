@@ -386,10 +386,11 @@ pub struct Hooks<'a> {
     /// First layer (1-based) whose attention also computes the V-V path (AnomalyCLIP's DPAM:
     /// `Some(6)` for 24 layers). Vision only.
     pub vv_from: Option<usize>,
-    /// Only the first `n` tokens of the final stream are wanted (`Some(1)`: the CLS token for
-    /// the pooled embedding), so the last block computes its queries and MLP for those rows
-    /// alone; `EncoderOutput::last` then has `n` tokens. Ignored when the last layer is tapped
-    /// or runs the V-V path.
+    /// Only the first `n` tokens of the final ordinary stream are wanted (`Some(1)`: the CLS
+    /// token for the pooled embedding), so the last block computes its ordinary queries and MLP
+    /// for those rows alone; `EncoderOutput::last` then has `n` tokens. Ignored when the last
+    /// layer is tapped without V-V; with V-V there (AnomalyCLIP reads the V-V stream) the
+    /// ordinary tap of that layer has `n` tokens too, and the V-V stream stays whole.
     pub last_rows: Option<usize>,
 }
 
@@ -743,7 +744,8 @@ mod tests {
     }
 
     /// `last_rows`: the final stream's first rows equal the full pass's (with prompts appended and
-    /// head weights), and the option is ignored when the last layer is tapped or runs V-V.
+    /// head weights); the option is ignored when the last layer is tapped, and with V-V there
+    /// only the ordinary stream shrinks.
     #[test]
     fn last_rows_only_computes_the_first_tokens() {
         let enc = encoder();
