@@ -5,6 +5,7 @@
 //! weights), [`method`] (anomaly-detection pieces on top of CLIP) and [`cli`] (the `zsad`
 //! command line).
 
+pub mod batch;
 pub mod cli;
 pub mod clip;
 pub mod data;

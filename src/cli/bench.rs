@@ -1,15 +1,18 @@
 //! `zsad bench`: the detection pipeline over a folder of images, timed per stage.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
 use serde::Serialize;
 
-use super::detect::{render_outputs, write_rendered, OutputArgs};
+use super::detect::OutputArgs;
 use super::detector_args::{tokenizer, DetectorArgs};
-use crate::method::{Detector, StageTimes, TextInputs};
+use crate::batch::pipeline::{self, Outcome, PipelineOptions};
+use crate::batch::render;
+use crate::data::inputs::WalkOptions;
+use crate::method::{Detector, TextInputs};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -68,8 +71,14 @@ pub fn peak_rss_mb() -> Option<f64> {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let files = crate::data::inputs::walk(&args.images)
-        .with_context(|| format!("cannot list {}", args.images.display()))?;
+    if args.runs == 0 {
+        bail!("--runs 0: at least one pass over the images");
+    }
+    let output = args.output.options();
+    output.validate()?;
+    let files = crate::data::inputs::walk_with(&args.images, WalkOptions::default())
+        .with_context(|| format!("cannot list {}", args.images.display()))?
+        .files;
     if files.is_empty() {
         bail!("{}: no images", args.images.display());
     }
@@ -87,54 +96,57 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let size = det.image_size();
     let out = tempdir()?;
 
-    let mut stages = Stages::default();
-    let mut inner = StageTimes::default();
-    let mut count = 0usize;
-    let mut total = 0.0;
-    // The first image once as a warm-up, then every image `runs` times.
-    let order = std::iter::once((true, &files[0]))
-        .chain((0..args.runs).flat_map(|_| files.iter().map(|f| (false, f))));
-    for (warm_up, path) in order {
-        let start = Instant::now();
-        let mut st = Stages::default();
-        let mut it = StageTimes::default();
+    // detect's pipeline, its stages one after another on one image at a time, so each stage's
+    // time is its own share of the time per image.
+    let opts = PipelineOptions {
+        batch_size: 1,
+        overlap: false,
+        ..Default::default()
+    };
+    // (png_encode, write) seconds, summed; reset after the warm-up.
+    let spent = std::sync::Mutex::new((0.0f64, 0.0f64));
+    let consume = |_: PathBuf, outcome: Outcome| -> crate::Result<()> {
+        let (image, detection) = match outcome {
+            Outcome::Scored { image, detection } => (image, detection),
+            Outcome::Failed(e) => return Err(crate::Error::InvalidArgument(e)),
+        };
         let t = Instant::now();
-        let img = crate::data::image::decode(path)?;
-        st.decode = t.elapsed().as_secs_f64();
+        let rendered = render::render(&output, "image", &image, &detection)?;
+        let encode = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let rgb = crate::data::image::to_rgb8(&img);
-        let px = crate::clip::preprocess::preprocess(&rgb, size, det.device())?.unsqueeze(0)?;
-        st.resize = t.elapsed().as_secs_f64();
-        let d = det.detect_timed(&px, Some(&mut it))?.remove(0);
-        let t = Instant::now();
-        let rendered = render_outputs(&args.output, Path::new("image"), &rgb, &d)?;
-        st.png_encode = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        write_rendered(&out, &rendered)?;
-        st.write = t.elapsed().as_secs_f64();
-        if !warm_up {
-            count += 1;
-            total += start.elapsed().as_secs_f64();
-            for (acc, v) in [
-                (&mut stages.decode, st.decode),
-                (&mut stages.resize, st.resize),
-                (&mut stages.png_encode, st.png_encode),
-                (&mut stages.write, st.write),
-                (&mut inner.backbone, it.backbone),
-                (&mut inner.text, it.text),
-                (&mut inner.maps, it.maps),
-                (&mut inner.smoothing, it.smoothing),
-            ] {
-                *acc += v;
-            }
-        }
-    }
+        render::write(&out, &rendered)?;
+        let mut s = spent.lock().unwrap_or_else(|e| e.into_inner());
+        s.0 += encode;
+        s.1 += t.elapsed().as_secs_f64();
+        Ok(())
+    };
+    pipeline::run(
+        vec![files[0].clone()],
+        |p| p.as_path(),
+        &det,
+        &opts,
+        consume,
+    )
+    .with_context(|| format!("warm-up on {}", files[0].display()))?;
+    *spent.lock().unwrap_or_else(|e| e.into_inner()) = (0.0, 0.0);
+    let all: Vec<PathBuf> = (0..args.runs).flat_map(|_| files.iter().cloned()).collect();
+    let count = all.len();
+    let start = Instant::now();
+    let secs = pipeline::run(all, |p| p.as_path(), &det, &opts, consume)?;
+    let total = start.elapsed().as_secs_f64();
+    let (png_encode, write) = *spent.lock().unwrap_or_else(|e| e.into_inner());
+    let mut stages = Stages {
+        decode: secs.decode,
+        resize: secs.resize,
+        backbone: secs.model.backbone,
+        text: secs.model.text,
+        maps: secs.model.maps,
+        smoothing: secs.model.smoothing,
+        png_encode,
+        write,
+    };
     let _ = std::fs::remove_dir_all(&out);
     let n = count as f64;
-    stages.backbone = inner.backbone;
-    stages.text = inner.text;
-    stages.maps = inner.maps;
-    stages.smoothing = inner.smoothing;
     for v in [
         &mut stages.decode,
         &mut stages.resize,

@@ -22,6 +22,10 @@ pub enum JointArg {
     Max,
 }
 
+/// The largest `--image-size`: 4096 px is 16x the papers' 518 in tokens-per-side for a /14
+/// patch (85k tokens); beyond it one attention matrix alone would take tens of gigabytes.
+pub const MAX_IMAGE_SIZE: usize = 4096;
+
 /// A CLIP model plus an adapter file or a preset, with run-time overrides.
 #[derive(Debug, Args)]
 pub struct DetectorArgs {
@@ -48,9 +52,10 @@ pub struct DetectorArgs {
     /// How map evidence is fused into the image score (default: the method's)
     #[arg(long, value_enum)]
     pub joint: Option<JointArg>,
-    /// Weight of the global score in `--joint mean`
-    #[arg(long, default_value_t = 0.5, value_name = "ALPHA")]
-    pub joint_alpha: f64,
+    /// Weight of the global score in a `mean` joint score, in [0, 1] (default 0.5, or the
+    /// adapter's); refused when the joint score is not `mean`
+    #[arg(long, value_name = "ALPHA")]
+    pub joint_alpha: Option<f64>,
     /// tokenizer.json (default: the one beside the model)
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
@@ -92,20 +97,39 @@ impl DetectorArgs {
         };
         let cfg = &mut adapter.config;
         if let Some(s) = args.image_size {
+            let p = clip.vision_config.patch_size;
+            if s < p || s % p != 0 || s > MAX_IMAGE_SIZE {
+                anyhow::bail!(
+                    "--image-size {s}: must be a multiple of the backbone's {p}px patch, from {p} to {MAX_IMAGE_SIZE} (e.g. {})",
+                    (s.clamp(p, MAX_IMAGE_SIZE) / p).max(1) * p
+                );
+            }
             cfg.image_size = s;
         }
         if let Some(c) = &args.class_name {
+            if c.trim().is_empty() {
+                anyhow::bail!("--class-name is empty: name the object, e.g. --class-name screw");
+            }
             cfg.class_name = c.clone();
         }
         if let Some(j) = args.joint {
             cfg.joint = match j {
                 JointArg::None => JointScore::None,
-                JointArg::Mean => JointScore::Mean {
-                    alpha: args.joint_alpha,
-                },
+                JointArg::Mean => JointScore::Mean { alpha: 0.5 },
                 JointArg::Product => JointScore::Product,
                 JointArg::Max => JointScore::Max,
             };
+        }
+        if let Some(a) = args.joint_alpha {
+            if !(0.0..=1.0).contains(&a) {
+                anyhow::bail!("--joint-alpha {a}: must be in [0, 1]");
+            }
+            match &mut cfg.joint {
+                JointScore::Mean { alpha } => *alpha = a,
+                other => anyhow::bail!(
+                    "--joint-alpha weighs the `mean` joint score, but this run's is {other:?}: add --joint mean, or drop --joint-alpha"
+                ),
+            }
         }
         adapter.check(clip).with_context(|| match &args.adapter {
             Some(p) => format!(
@@ -121,6 +145,11 @@ impl DetectorArgs {
         })?;
         Ok((loaded, adapter))
     }
+}
+
+/// The tokenizer file in use: `--tokenizer`, else `tokenizer.json` beside the model.
+pub fn tokenizer_path(flag: &Option<PathBuf>, loaded: &LoadedModel) -> Option<PathBuf> {
+    flag.clone().or_else(|| loaded.tokenizer.clone())
 }
 
 /// The tokenizer: `--tokenizer`, else `tokenizer.json` beside the model.

@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 
 use super::detector_args::{tokenizer, DetectorArgs};
+use crate::batch::pipeline::{self, Outcome, PipelineOptions};
 use crate::data::dataset::{self, Sample};
 use crate::data::outputs::{self, Record};
 use crate::eval::metrics::Curve;
@@ -123,36 +124,49 @@ fn run_model(
         let det = Detector::new(&loaded.model, &a, TextInputs::build(&a.config, &tok)?)?;
         let size = det.image_size();
         bar.set_message(class.clone());
-        for s in group {
-            let img = crate::data::image::decode(&s.image)?;
-            let rgb = crate::data::image::to_rgb8(&img);
-            let px = crate::clip::preprocess::preprocess(&rgb, size, det.device())?;
-            let d = det
-                .detect(&px.unsqueeze(0)?)
-                .with_context(|| format!("model on {}", s.image.display()))?
-                .remove(0);
-            let mask = read_mask(s)?;
-            let (w, h) = rgb.dimensions();
-            let own_mask = mask_bits(&mask, w, h);
-            let anomalous = s.label.unwrap_or_else(|| own_mask.iter().any(|&b| b));
-            match args.resolution {
-                Resolution::Model => {
-                    let m = match &mask {
-                        Some(m) => crate::data::image::resize_mask(m, size as u32, size as u32),
-                        None => vec![false; size * size],
-                    };
-                    eval.add(&class, d.score, anomalous, &d.map, &m, size, size);
+        // detect's pipeline; a sample that cannot be scored stops the evaluation (its metrics
+        // would silently leave it out), naming the file.
+        pipeline::run(
+            group,
+            |s: &&Sample| s.image.as_path(),
+            &det,
+            &PipelineOptions::default(),
+            |s, outcome| {
+                let (rgb, d) = match outcome {
+                    Outcome::Scored { image, detection } => (image, detection),
+                    Outcome::Failed(e) => {
+                        return Err(crate::Error::InvalidArgument(format!(
+                            "{}: {e}",
+                            s.image.display()
+                        )))
+                    }
+                };
+                let mask =
+                    read_mask(s).map_err(|e| crate::Error::InvalidArgument(format!("{e:#}")))?;
+                let (w, h) = rgb.dimensions();
+                let own_mask = mask_bits(&mask, w, h);
+                let anomalous = s.label.unwrap_or_else(|| own_mask.iter().any(|&b| b));
+                match args.resolution {
+                    Resolution::Model => {
+                        let m = match &mask {
+                            Some(m) => crate::data::image::resize_mask(m, size as u32, size as u32),
+                            None => vec![false; size * size],
+                        };
+                        eval.add(&class, d.score, anomalous, &d.map, &m, size, size);
+                    }
+                    Resolution::Original => {
+                        let map = crate::method::maps::resize_map(
+                            &d.map, size, size, h as usize, w as usize,
+                        );
+                        eval.add(
+                            &class, d.score, anomalous, &map, &own_mask, h as usize, w as usize,
+                        );
+                    }
                 }
-                Resolution::Original => {
-                    let map =
-                        crate::method::maps::resize_map(&d.map, size, size, h as usize, w as usize);
-                    eval.add(
-                        &class, d.score, anomalous, &map, &own_mask, h as usize, w as usize,
-                    );
-                }
-            }
-            bar.inc(1);
-        }
+                bar.inc(1);
+                Ok(())
+            },
+        )?;
     }
     bar.finish_and_clear();
     Ok(eval)

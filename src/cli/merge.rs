@@ -1,11 +1,12 @@
 //! `zsad merge`: join the outputs of `zsad detect --shard` runs into one folder.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
 
+use crate::batch::run_record::RunRecord;
 use crate::data::outputs::{self, Record, RecordFormat};
 
 #[derive(Debug, Args)]
@@ -35,6 +36,56 @@ fn record_file(p: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     bail!("{}: no scores.jsonl or scores.csv", p.display())
 }
 
+/// `maps/a/b.png` with `~2` is `maps/a/b~2.png`.
+fn with_suffix(rel: &str, suffix: &str) -> String {
+    if suffix.is_empty() {
+        return rel.to_string();
+    }
+    match rel.rfind('.') {
+        Some(dot) if !rel[dot..].contains('/') => format!("{}{suffix}{}", &rel[..dot], &rel[dot..]),
+        _ => format!("{rel}{suffix}"),
+    }
+}
+
+/// The shards' `run.json`, which must agree on every setting but the shard: merging the
+/// records of two models into one file is what `run.json` exists to prevent.
+fn merged_run_record(shards: &[PathBuf]) -> anyhow::Result<Option<RunRecord>> {
+    let mut first: Option<(PathBuf, RunRecord)> = None;
+    let mut from = Vec::new();
+    for s in shards {
+        let (_, dir) = record_file(s)?;
+        let Some(mut r) = RunRecord::read(&dir)? else {
+            eprintln!(
+                "zsad: warning: {} has no run.json: its settings cannot be checked against the other shards",
+                dir.display()
+            );
+            continue;
+        };
+        if let serde_json::Value::Object(m) = &mut r.settings {
+            m.insert("shard".into(), serde_json::Value::Null);
+        }
+        from.push(dir.display().to_string());
+        match &first {
+            None => first = Some((dir, r)),
+            Some((d0, r0)) => {
+                let diff = r0.differences(&r);
+                if !diff.is_empty() {
+                    bail!(
+                        "{} and {} were made with other settings; their records would be mixed:\n  {}",
+                        d0.display(),
+                        dir.display(),
+                        diff.join("\n  ")
+                    );
+                }
+            }
+        }
+    }
+    Ok(first.map(|(_, mut r)| {
+        r.info = serde_json::json!({ "merged_from": from });
+        r
+    }))
+}
+
 fn same_dir(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(x), Ok(y)) => x == y,
@@ -45,6 +96,8 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 pub fn run(args: MergeArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
+    // Checked before anything is written.
+    let run = merged_run_record(&args.shards)?;
     // path -> (record, folder its files are relative to); a scored record beats a failure,
     // later shards beat earlier ones.
     let mut merged: HashMap<String, (Record, PathBuf)> = HashMap::new();
@@ -71,19 +124,46 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
     }
     let mut all: Vec<(Record, PathBuf)> = merged.into_values().collect();
     all.sort_by(|a, b| a.0.path.cmp(&b.0.path));
-    for (r, dir) in &all {
-        if same_dir(dir, &args.out) {
-            continue;
+    // Two shards can name different inputs' files alike (runs over different lists): the
+    // second gets `NAME~2.*`, so no record ever points at another input's map. Compared
+    // ignoring case, as some file systems do.
+    let mut taken: HashSet<String> = HashSet::new();
+    // Records whose files are already in --out keep their names, so no copy can overwrite a
+    // file that is still to be read.
+    let mut order: Vec<usize> = (0..all.len()).collect();
+    order.sort_by_key(|&i| !same_dir(&all[i].1, &args.out));
+    for i in order {
+        let (r, dir) = &mut all[i];
+        let free = |suffix: &str, r: &Record, taken: &HashSet<String>| {
+            [&r.map, &r.heatmap]
+                .into_iter()
+                .flatten()
+                .all(|rel| !taken.contains(&with_suffix(rel, suffix).to_lowercase()))
+        };
+        let mut suffix = String::new();
+        let mut n = 2;
+        while !free(&suffix, r, &taken) {
+            suffix = format!("~{n}");
+            n += 1;
         }
-        for rel in [&r.map, &r.heatmap].into_iter().flatten() {
-            let from = dir.join(rel);
-            let to = args.out.join(rel);
+        let in_place = same_dir(dir, &args.out);
+        for rel in [&mut r.map, &mut r.heatmap].into_iter().flatten() {
+            let to_rel = with_suffix(rel, &suffix);
+            taken.insert(to_rel.to_lowercase());
+            if in_place && suffix.is_empty() {
+                continue;
+            }
+            let from = dir.join(&*rel);
             let bytes = std::fs::read(&from)
                 .with_context(|| format!("{}: cannot read {}", r.path, from.display()))?;
-            outputs::write_atomic(&to, &bytes)?;
+            outputs::write_atomic(&args.out.join(&to_rel), &bytes)?;
+            *rel = to_rel;
         }
     }
     let records: Vec<Record> = all.into_iter().map(|(r, _)| r).collect();
+    if let Some(run) = run {
+        run.write(&args.out)?;
+    }
     let path = args.out.join(args.format.file_name());
     outputs::write_atomic(&path, &outputs::encode_all(&records, args.format)?)?;
     let failed = records.iter().filter(|r| r.is_failure()).count();

@@ -24,28 +24,189 @@ fn image_error(path: &Path, message: impl Into<String>) -> Error {
     }
 }
 
-/// Decodes any supported image file, EXIF orientation applied.
-pub fn decode(path: &Path) -> Result<DynamicImage> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode_bytes(path, &bytes)
+/// What an input may cost before it is refused: checked against the file's size and the
+/// header's dimensions before any pixel buffer is allocated, so a decompression bomb (a 100-byte
+/// BMP that declares 60000x60000) is an error for that input, never an abort of the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// Largest `width * height` accepted (`--max-pixels`).
+    pub max_pixels: u64,
+    /// Largest file read, in bytes.
+    pub max_file_bytes: u64,
 }
 
-/// Decodes bytes; `path` only names the image in errors.
+/// 40 megapixels: above every inspection camera in the benchmark datasets (MVTec's largest is
+/// 1024x1024, VisA's 2168x1516, a 20 MP line-scan frame fits) with room to spare.
+pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        Self::with_max_pixels(DEFAULT_MAX_PIXELS)
+    }
+}
+
+impl DecodeLimits {
+    /// Limits for a pixel budget; the file may hold at most 16 bytes per pixel (uncompressed
+    /// 16-bit RGBA is 8) plus 64 MiB of metadata.
+    pub fn with_max_pixels(max_pixels: u64) -> Self {
+        Self {
+            max_pixels,
+            max_file_bytes: max_pixels.saturating_mul(16).saturating_add(64 << 20),
+        }
+    }
+}
+
+/// Decodes any supported image file with the default limits, EXIF orientation applied.
+pub fn decode(path: &Path) -> Result<DynamicImage> {
+    decode_limited(path, &DecodeLimits::default())
+}
+
+/// Decodes an image file within `limits`. Only regular files are read: a FIFO, a device or a
+/// socket is refused without reading a byte (opened non-blocking, so even a FIFO swapped in
+/// after the check cannot stall the run).
+pub fn decode_limited(path: &Path, limits: &DecodeLimits) -> Result<DynamicImage> {
+    let bytes = read_regular_file(path, limits.max_file_bytes)?;
+    decode_bytes_limited(path, &bytes, limits)
+}
+
+/// What kind of file system object `ft` is, for messages.
+pub fn file_kind(ft: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_dir() {
+        "a folder"
+    } else if ft.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_symlink() {
+        "a symbolic link"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Reads a regular file of at most `max_bytes` bytes.
+pub fn read_regular_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(image_error(
+            path,
+            format!(
+                "{}: only regular files are read",
+                file_kind(&meta.file_type())
+            ),
+        ));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    // The file may have been replaced between the two looks: trust only the opened handle.
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(image_error(
+            path,
+            format!(
+                "{}: only regular files are read",
+                file_kind(&meta.file_type())
+            ),
+        ));
+    }
+    if meta.len() > max_bytes {
+        return Err(image_error(
+            path,
+            format!(
+                "file of {} bytes is larger than the {} bytes allowed for --max-pixels (raise --max-pixels to read it)",
+                meta.len(),
+                max_bytes
+            ),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // `take` bounds a file that grows while it is read.
+    file.take(max_bytes + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(image_error(
+            path,
+            "file grew past its limit while being read",
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Decodes bytes with the default limits; `path` only names the image in errors.
 pub fn decode_bytes(path: &Path, bytes: &[u8]) -> Result<DynamicImage> {
+    decode_bytes_limited(path, bytes, &DecodeLimits::default())
+}
+
+/// JPEG data must end its last scan with an EOI marker. A JPEG cut short decodes "fine" with
+/// the missing rows painted grey; Pillow refuses it ("image file is truncated"), and so do we.
+/// Entropy-coded data never holds `FF D9` (0xFF bytes are stuffed as `FF 00`), so the last EOI
+/// must come after the last start-of-scan (`FF DA`); an EXIF thumbnail's own markers come
+/// before the main image's scans.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let find_last = |m: [u8; 2]| bytes.windows(2).rposition(|w| w == m);
+    match (find_last([0xFF, 0xDA]), find_last([0xFF, 0xD9])) {
+        (Some(sos), Some(eoi)) => eoi > sos,
+        _ => false,
+    }
+}
+
+/// Decodes bytes within `limits`; `path` only names the image in errors.
+pub fn decode_bytes_limited(
+    path: &Path,
+    bytes: &[u8],
+    limits: &DecodeLimits,
+) -> Result<DynamicImage> {
     if bytes.is_empty() {
         return Err(image_error(path, "empty file (0 bytes)"));
     }
     let reader = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| image_error(path, format!("cannot read: {e}")))?;
-    if reader.format().is_none() {
+    let Some(format) = reader.format() else {
         return Err(image_error(
             path,
             "not an image: unrecognised file signature",
         ));
+    };
+    if format == image::ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        return Err(image_error(
+            path,
+            "image file is truncated (the JPEG data ends before its end-of-image marker)",
+        ));
     }
     let mut decoder = reader
         .into_decoder()
+        .map_err(|e| image_error(path, format!("cannot decode: {e}")))?;
+    let (w, h) = decoder.dimensions();
+    let pixels = w as u64 * h as u64;
+    if pixels > limits.max_pixels {
+        return Err(image_error(
+            path,
+            format!(
+                "{w}x{h} = {pixels} pixels is over the budget of {} (--max-pixels; raise it if the image is real)",
+                limits.max_pixels
+            ),
+        ));
+    }
+    // The decoder's own allocations (the frame, a decoder's scratch rows) stay within what the
+    // budget implies for the worst sample type (16-bit RGBA, 8 bytes a pixel), doubled.
+    let mut dec_limits = image::Limits::default();
+    dec_limits.max_image_width = Some(w);
+    dec_limits.max_image_height = Some(h);
+    dec_limits.max_alloc = Some(limits.max_pixels.saturating_mul(16).max(64 << 20));
+    decoder
+        .set_limits(dec_limits)
         .map_err(|e| image_error(path, format!("cannot decode: {e}")))?;
     let orientation = decoder
         .orientation()

@@ -1,9 +1,18 @@
 //! Turning command-line inputs (files, folders, `-` for a list on stdin) into the list of images
 //! to score, each with the path the user gave and a collision-free output name, plus the
 //! deterministic sharding that splits a dataset across machines.
+//!
+//! A folder is hostile until walked: only regular files are read (a FIFO or a device named
+//! `x.png` becomes a failed input, never a read), a folder reached twice through symbolic links
+//! (a `..` link, a cycle) is walked once, and masks are not images to score (`ground_truth/` and
+//! `Masks/` folders, `X.png` beside `X.jpg`, `X_mask.png` beside `X.png`: the layouts `zsad eval`
+//! reads) unless asked for.
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
 use std::io::BufRead;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use crate::{Error, Result};
@@ -11,23 +20,56 @@ use crate::{Error, Result};
 /// File extensions picked up when walking a folder (case-insensitive).
 pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp"];
 
+/// Folders that hold masks in the dataset layouts `zsad eval` reads (MVTec AD, VisA).
+pub const MASK_FOLDERS: &[&str] = &["ground_truth", "Masks"];
+
 /// One image to score.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Input {
     /// Where to read it.
     pub path: PathBuf,
     /// The path as the user gave it (folder argument joined with the file's place in it): the
-    /// `path` of its output record.
+    /// `path` of its output record. Bytes that are not UTF-8 are written `\xNN`.
     pub given: String,
-    /// Output name without extension, relative to the output folder's `maps/` and `heatmaps/`.
-    pub key: PathBuf,
+    /// Output name without extension, `/`-separated, relative to the output folder's `maps/`
+    /// and `heatmaps/`; unique among the inputs of a run, ignoring case.
+    pub key: String,
 }
 
-/// An input argument that named nothing usable (reported as a failed record).
+/// An input that named nothing readable (reported as a failed record).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Missing {
     pub given: String,
     pub error: String,
+}
+
+/// The arguments, expanded.
+#[derive(Debug, Default)]
+pub struct Expanded {
+    pub inputs: Vec<Input>,
+    pub missing: Vec<Missing>,
+    /// Mask files left out of folder walks (see [`WalkOptions::include_masks`]).
+    pub masks_skipped: usize,
+    /// Folders reached a second time through a symbolic link (cycles included), walked once.
+    pub links_skipped: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WalkOptions {
+    /// Keep mask files (by default they are counted and left out).
+    pub include_masks: bool,
+}
+
+/// What a folder walk found.
+#[derive(Debug, Default)]
+pub struct Walk {
+    /// Image files, sorted.
+    pub files: Vec<PathBuf>,
+    /// Image-named entries that cannot be read as images (FIFOs, devices, broken links,
+    /// unreadable folders), with why.
+    pub problems: Vec<(PathBuf, String)>,
+    pub masks_skipped: usize,
+    pub links_skipped: usize,
 }
 
 pub fn is_image_name(path: &Path) -> bool {
@@ -36,135 +78,328 @@ pub fn is_image_name(path: &Path) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
 }
 
-/// Image files under `dir`, recursively, sorted; hidden files and folders (`.name`) are skipped.
-pub fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let entries = std::fs::read_dir(&d).map_err(|e| Error::io(&d, e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::io(&d, e))?;
-            let p = entry.path();
-            if entry.file_name().to_string_lossy().starts_with('.') {
-                continue;
-            }
-            let ft = entry.file_type().map_err(|e| Error::io(&p, e))?;
-            // Follow symlinks to files and folders, as `find -L` would.
-            let is_dir = ft.is_dir() || (ft.is_symlink() && p.is_dir());
-            if is_dir {
-                stack.push(p);
-            } else if is_image_name(&p) {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
+/// A path as text for records and messages: UTF-8 as is, any other byte as `\xNN`, so two
+/// names that differ only in such bytes stay two names (a lossy conversion would merge them).
+pub fn path_text(p: &Path) -> String {
+    escape_bytes(p.as_os_str().as_bytes(), |_| false)
 }
 
-/// A relative path safe to put under the output folder: no root, no `.`, `..` spelled `__`.
-fn sanitize(p: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            Component::Normal(s) => out.push(s),
-            Component::ParentDir => out.push("__"),
-            Component::RootDir | Component::Prefix(_) | Component::CurDir => {}
+/// `bytes` as UTF-8 text; invalid bytes become `\xNN`, and characters for which `escape` says
+/// so become `%XX` per byte.
+fn escape_bytes(bytes: &[u8], escape: impl Fn(char) -> bool) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if escape(c) {
+                let mut buf = [0u8; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    out.push_str(&format!("%{b:02X}"));
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02X}"));
         }
     }
     out
 }
 
-/// Expands the arguments in order. Folders are walked; files are taken whatever their
-/// extension; `-` reads one path per line from `stdin`. Exact duplicates are dropped. Output
-/// keys are the path inside the folder (for folder arguments) or the path as given (files),
-/// without extension; where two inputs would share a key, they keep their extension.
-pub fn expand(args: &[String], stdin: &mut dyn BufRead) -> Result<(Vec<Input>, Vec<Missing>)> {
-    let mut found: Vec<(PathBuf, String, PathBuf)> = Vec::new(); // (path, given, rel)
-    let mut missing = Vec::new();
-    let add_file = |p: &Path, found: &mut Vec<_>| {
-        found.push((p.to_path_buf(), p.display().to_string(), sanitize(p)));
+/// One path component of an output name: `%`, `\` and invalid UTF-8 percent-encoded, so the
+/// mapping from components to names is one-to-one (`back\slash.png` and `back/slash.jpg` get
+/// different files) and every name is a plain file name on every system.
+fn key_component(c: &OsStr) -> String {
+    let text = escape_bytes(c.as_bytes(), |ch| matches!(ch, '%' | '\\' | ':'));
+    // Invalid bytes came out as `\xNN`; in a file name they are spelled `%NN` instead.
+    text.replace("\\x", "%")
+}
+
+/// Mask files among one folder's image files, by the rules of the side-by-side layout:
+/// `X.png` beside a non-PNG `X.*`, and `X_mask.png` beside `X.*`.
+fn masks_among(files: &[PathBuf]) -> HashSet<PathBuf> {
+    let is_png = |f: &Path| f.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    let stems: HashMap<Vec<u8>, Vec<&PathBuf>> = files.iter().fold(HashMap::new(), |mut m, f| {
+        let stem = f.file_stem().unwrap_or_default().as_bytes().to_vec();
+        m.entry(stem).or_default().push(f);
+        m
+    });
+    let mut masks = HashSet::new();
+    for f in files.iter().filter(|f| is_png(f)) {
+        let stem = f.file_stem().unwrap_or_default().as_bytes();
+        let beside_other = stems
+            .get(stem)
+            .is_some_and(|v| v.iter().any(|g| *g != f && !is_png(g)));
+        let mask_of = stem
+            .strip_suffix(b"_mask")
+            .is_some_and(|s| stems.contains_key(s));
+        if beside_other || mask_of {
+            masks.insert(f.clone());
+        }
+    }
+    masks
+}
+
+/// Image files under `dir`, recursively, sorted; hidden files and folders (`.name`) are
+/// skipped; symbolic links are followed (as `find -L`) but every folder is walked once. Masks
+/// are kept: this is the dataset readers' walk. See [`walk_with`].
+pub fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(walk_with(
+        dir,
+        WalkOptions {
+            include_masks: true,
+        },
+    )?
+    .files)
+}
+
+/// Walks `dir` (see the module docs). Fails only when `dir` itself cannot be read; problems
+/// below it are returned in [`Walk::problems`].
+pub fn walk_with(dir: &Path, opts: WalkOptions) -> Result<Walk> {
+    let mut walk = Walk::default();
+    let root = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
+    let mut visited: HashSet<(u64, u64)> = HashSet::from([(root.dev(), root.ino())]);
+    let mut stack = vec![(dir.to_path_buf(), false)];
+    let mut first = true;
+    while let Some((d, in_mask_folder)) = stack.pop() {
+        let entries = match std::fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) if first => return Err(Error::io(&d, e)),
+            Err(e) => {
+                walk.problems
+                    .push((d.clone(), format!("cannot read this folder: {e}")));
+                continue;
+            }
+        };
+        first = false;
+        let mut names: Vec<_> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .filter(|n| !n.as_bytes().starts_with(b"."))
+            .collect();
+        names.sort();
+        let mut files = Vec::new();
+        let mut subdirs = Vec::new();
+        for name in names {
+            let p = d.join(&name);
+            match std::fs::metadata(&p) {
+                Ok(m) if m.is_dir() => {
+                    if visited.insert((m.dev(), m.ino())) {
+                        let masks = in_mask_folder
+                            || MASK_FOLDERS.iter().any(|f| name.as_bytes() == f.as_bytes());
+                        subdirs.push((p, masks));
+                    } else {
+                        walk.links_skipped += 1;
+                    }
+                }
+                Ok(m) if m.is_file() => {
+                    if is_image_name(&p) {
+                        files.push(p);
+                    }
+                }
+                Ok(m) => {
+                    if is_image_name(&p) {
+                        let kind = crate::data::image::file_kind(&m.file_type());
+                        walk.problems
+                            .push((p, format!("{kind}: only regular files are read")));
+                    }
+                }
+                Err(e) => {
+                    let link = std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_symlink());
+                    if e.raw_os_error() == Some(libc::ELOOP) {
+                        walk.links_skipped += 1;
+                    } else if is_image_name(&p) {
+                        let what = if link {
+                            "broken symbolic link".to_string()
+                        } else {
+                            format!("cannot read: {e}")
+                        };
+                        walk.problems.push((p, what));
+                    }
+                }
+            }
+        }
+        if !opts.include_masks {
+            let masks = if in_mask_folder {
+                files.iter().cloned().collect()
+            } else {
+                masks_among(&files)
+            };
+            walk.masks_skipped += masks.len();
+            files.retain(|f| !masks.contains(f));
+        }
+        walk.files.extend(files);
+        // Popped in name order: which of two links to one folder is walked does not depend on
+        // the order the file system lists them in.
+        stack.extend(subdirs.into_iter().rev());
+    }
+    walk.files.sort();
+    walk.problems.sort();
+    Ok(walk)
+}
+
+/// A relative path safe to put under the output folder: no root, no `.`, `..` spelled `__`.
+fn sanitize(p: &Path) -> Vec<String> {
+    p.components()
+        .filter_map(|c| match c {
+            Component::Normal(s) => Some(key_component(s)),
+            Component::ParentDir => Some("__".into()),
+            Component::RootDir | Component::Prefix(_) | Component::CurDir => None,
+        })
+        .collect()
+}
+
+/// `rel` as an output name, without the extension when `strip`.
+fn key_of(rel: &Path, strip: bool) -> String {
+    let rel = if strip && rel.extension().is_some() {
+        rel.with_extension("")
+    } else {
+        rel.to_path_buf()
+    };
+    let parts = sanitize(&rel);
+    if parts.is_empty() {
+        "_".into()
+    } else {
+        parts.join("/")
+    }
+}
+
+/// Reads one path per line (any bytes but `\n`; a trailing `\r` is dropped).
+fn read_list(stdin: &mut dyn BufRead) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = stdin
+            .read_until(b'\n', &mut line)
+            .map_err(|e| Error::io("<stdin>", e))?;
+        if n == 0 {
+            break;
+        }
+        let t = line.strip_suffix(b"\n").unwrap_or(&line);
+        let t = t.strip_suffix(b"\r").unwrap_or(t);
+        if !t.is_empty() {
+            out.push(PathBuf::from(OsStr::from_bytes(t)));
+        }
+    }
+    Ok(out)
+}
+
+/// Expands the arguments in order. Folders are walked ([`walk_with`]); files are taken
+/// whatever their extension; `-` reads one path per line from `stdin`. The same path named
+/// twice is one input. Output keys are the path inside the folder (for folder arguments) or
+/// the path as given (files), without extension; where two inputs would share a key (ignoring
+/// case, as some file systems do), they keep their extension; where that is not enough, the
+/// full given path; then a `~N` suffix.
+pub fn expand(args: &[String], stdin: &mut dyn BufRead, opts: WalkOptions) -> Result<Expanded> {
+    let mut ex = Expanded::default();
+    // (path, given, path relative to its folder argument)
+    let mut found: Vec<(PathBuf, String, PathBuf)> = Vec::new();
+    let add_file = |p: &Path, listed: bool, ex: &mut Expanded, found: &mut Vec<_>| {
+        let given = path_text(p);
+        match std::fs::metadata(p) {
+            Ok(m) if m.is_file() => found.push((p.to_path_buf(), given, p.to_path_buf())),
+            Ok(m) if m.is_dir() => ex.missing.push(Missing {
+                given,
+                error: "a folder: name folders as arguments, not in a list".into(),
+            }),
+            Ok(m) => ex.missing.push(Missing {
+                given,
+                error: format!(
+                    "{}: only regular files are read",
+                    crate::data::image::file_kind(&m.file_type())
+                ),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ex.missing.push(Missing {
+                given,
+                error: if listed {
+                    "no such file".into()
+                } else {
+                    "no such file or folder".into()
+                },
+            }),
+            Err(e) => ex.missing.push(Missing {
+                given,
+                error: format!("cannot read: {e}"),
+            }),
+        }
     };
     for arg in args {
         if arg == "-" {
-            let mut line = String::new();
-            loop {
-                line.clear();
-                let n = stdin
-                    .read_line(&mut line)
-                    .map_err(|e| Error::io("<stdin>", e))?;
-                if n == 0 {
-                    break;
-                }
-                let t = line.trim_end_matches(['\n', '\r']);
-                if t.is_empty() {
-                    continue;
-                }
-                let p = Path::new(t);
-                if p.is_file() {
-                    add_file(p, &mut found);
-                } else {
-                    missing.push(Missing {
-                        given: t.to_string(),
-                        error: if p.exists() {
-                            "not a file".into()
-                        } else {
-                            "no such file".into()
-                        },
-                    });
-                }
+            for p in read_list(stdin)? {
+                add_file(&p, true, &mut ex, &mut found);
             }
             continue;
         }
         let p = Path::new(arg);
         if p.is_dir() {
-            for f in walk(p)? {
-                let rel = f.strip_prefix(p).unwrap_or(&f).to_path_buf();
-                found.push((
-                    f.clone(),
-                    p.join(&rel).display().to_string(),
-                    sanitize(&rel),
-                ));
+            let w = walk_with(p, opts)?;
+            ex.masks_skipped += w.masks_skipped;
+            ex.links_skipped += w.links_skipped;
+            for (f, why) in w.problems {
+                ex.missing.push(Missing {
+                    given: path_text(&f),
+                    error: why,
+                });
             }
-        } else if p.is_file() {
-            add_file(p, &mut found);
+            for f in w.files {
+                let rel = f.strip_prefix(p).unwrap_or(&f).to_path_buf();
+                found.push((f, path_text(&p.join(&rel)), rel));
+            }
         } else {
-            missing.push(Missing {
-                given: arg.clone(),
-                error: if p.exists() {
-                    "neither a file nor a folder".into()
-                } else {
-                    "no such file or folder".into()
-                },
-            });
+            add_file(p, false, &mut ex, &mut found);
         }
     }
-    let mut seen = HashSet::new();
-    found.retain(|(_, given, _)| seen.insert(given.clone()));
-    // Keys: the relative path without extension, unless that collides.
-    let stem = |rel: &Path| rel.with_extension("");
-    let mut count: HashMap<PathBuf, usize> = HashMap::new();
+    let mut seen_paths = HashSet::new();
+    found.retain(|(path, _, _)| seen_paths.insert(path.clone()));
+    // Two different paths with one text (only possible with a file literally named `\xNN`
+    // beside one with that byte): their records could not be told apart.
+    let mut seen_given: HashMap<String, PathBuf> = HashMap::new();
+    found.retain(|(path, given, _)| match seen_given.get(given) {
+        Some(other) if other != path => {
+            ex.missing.push(Missing {
+                given: given.clone(),
+                error: format!(
+                    "its name reads the same as another input's ({}): rename one of them",
+                    path_text(other)
+                ),
+            });
+            false
+        }
+        _ => {
+            seen_given.insert(given.clone(), path.clone());
+            true
+        }
+    });
+    let fold = |k: &str| k.to_lowercase();
+    let mut count: HashMap<String, usize> = HashMap::new();
     for (_, _, rel) in &found {
-        *count.entry(stem(rel)).or_default() += 1;
+        *count.entry(fold(&key_of(rel, true))).or_default() += 1;
     }
-    let mut keys_seen = HashSet::new();
-    let inputs = found
-        .into_iter()
-        .map(|(path, given, rel)| {
-            let mut key = if count[&stem(&rel)] > 1 {
-                rel.clone()
-            } else {
-                stem(&rel)
-            };
-            // Two folders with the same inner layout: fall back to the sanitised given path.
-            if !keys_seen.insert(key.clone()) {
-                key = sanitize(Path::new(&given));
-                keys_seen.insert(key.clone());
-            }
-            Input { path, given, key }
-        })
-        .collect();
-    Ok((inputs, missing))
+    let mut taken = HashSet::new();
+    for (path, given, rel) in found {
+        let stripped = key_of(&rel, true);
+        let mut key = if count[&fold(&stripped)] > 1 {
+            key_of(&rel, false)
+        } else {
+            stripped
+        };
+        if taken.contains(&fold(&key)) {
+            key = key_of(
+                Path::new(OsStr::from_bytes(path.as_os_str().as_bytes())),
+                false,
+            );
+        }
+        let base = key.clone();
+        let mut n = 2;
+        while taken.contains(&fold(&key)) {
+            key = format!("{base}~{n}");
+            n += 1;
+        }
+        taken.insert(fold(&key));
+        ex.inputs.push(Input { path, given, key });
+    }
+    Ok(ex)
 }
 
 /// `--shard K/N`: which of `n` shards (0-based `k`) an input belongs to, by a stable hash of the
@@ -230,8 +465,14 @@ mod tests {
         let b = d.join("b").display().to_string();
         let extra = d.join("a/notes.txt").display().to_string();
         let mut stdin = std::io::Cursor::new(format!("{extra}\n\n/nonexistent/x.png\n"));
-        let (inputs, missing) = expand(&[a.clone(), b, "-".into(), a.clone()], &mut stdin).unwrap();
-        let keys: Vec<String> = inputs.iter().map(|i| i.key.display().to_string()).collect();
+        let ex = expand(
+            &[a.clone(), b, "-".into(), a.clone()],
+            &mut stdin,
+            WalkOptions::default(),
+        )
+        .unwrap();
+        let (inputs, missing) = (ex.inputs, ex.missing);
+        let keys: Vec<String> = inputs.iter().map(|i| i.key.clone()).collect();
         assert_eq!(
             keys,
             vec![

@@ -395,6 +395,17 @@ pub fn read_map_npy(path: &Path) -> Result<(Vec<f32>, u32, u32)> {
     Ok((v, w, h))
 }
 
+/// What map file to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MapFormat {
+    /// 16-bit grey PNG, value = round(p · 65535)
+    Png,
+    /// float32 NumPy array (full precision)
+    Npy,
+    /// no map files (scores only)
+    None,
+}
+
 /// What heatmap to draw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum HeatmapKind {

@@ -1,0 +1,411 @@
+//! `zsad detect` as a library job: inputs expanded and checked, the output folder locked and
+//! its run record compared, then every input through the [`pipeline`](super::pipeline), each
+//! one's files written before its record is appended.
+//!
+//! What a folder holds after a run: `run.json` (the settings, [`super::run_record`]), one
+//! record per input in `scores.jsonl` or `scores.csv`, and the files the records name.
+
+use std::collections::HashSet;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use super::pipeline::{self, Outcome, PipelineOptions, MAX_BATCH_SIZE};
+use super::progress::Progress;
+use super::render::{self, OutputOptions};
+use super::run_record::{self, RunRecord};
+use crate::clip::{LoadedModel, ModelSource};
+use crate::data::inputs::{self, Expanded, Input, Shard, WalkOptions};
+use crate::data::outputs::{self, Record, RecordFormat, RecordLog};
+use crate::method::{Adapter, Detector};
+use crate::{Error, Result};
+
+/// The largest `--max-pixels`: 4 gigapixels, past any camera; its decoded frame (12 GB) is
+/// already more than most machines can hold twice.
+pub const MAX_MAX_PIXELS: u64 = 4_000_000_000;
+
+/// Everything `zsad detect` is asked to do, besides the model.
+#[derive(Debug, Clone)]
+pub struct DetectOptions {
+    /// Files, folders and `-` (one path per line from stdin).
+    pub inputs: Vec<String>,
+    pub out: PathBuf,
+    pub format: RecordFormat,
+    pub output: OutputOptions,
+    /// `anomalous: score >= T` in every record.
+    pub threshold: Option<f32>,
+    pub resume: bool,
+    pub retry_failed: bool,
+    pub overwrite: bool,
+    pub shard: Option<Shard>,
+    pub pipeline: PipelineOptions,
+    pub walk: WalkOptions,
+    /// No progress and no per-input messages.
+    pub quiet: bool,
+}
+
+impl DetectOptions {
+    /// Range checks of every option, with the flag named.
+    pub fn validate(&self) -> Result<()> {
+        self.output.validate()?;
+        if let Some(t) = self.threshold {
+            if !(0.0..=1.0).contains(&t) {
+                return Err(Error::InvalidArgument(format!(
+                    "--threshold {t}: scores are in [0, 1], so the threshold must be too"
+                )));
+            }
+        }
+        if self.pipeline.batch_size > MAX_BATCH_SIZE {
+            return Err(Error::InvalidArgument(format!(
+                "--batch-size {}: at most {MAX_BATCH_SIZE} (0 picks about 1024 tokens per pass)",
+                self.pipeline.batch_size
+            )));
+        }
+        let px = self.pipeline.limits.max_pixels;
+        if !(1..=MAX_MAX_PIXELS).contains(&px) {
+            return Err(Error::InvalidArgument(format!(
+                "--max-pixels {px}: must be in 1..={MAX_MAX_PIXELS}"
+            )));
+        }
+        if self.inputs.iter().filter(|a| *a == "-").count() > 1 {
+            return Err(Error::InvalidArgument(
+                "`-` (read paths from stdin) may be given once".into(),
+            ));
+        }
+        if self.retry_failed && !self.resume {
+            return Err(Error::InvalidArgument(
+                "--retry-failed goes with --resume".into(),
+            ));
+        }
+        if self.resume && self.overwrite {
+            return Err(Error::InvalidArgument(
+                "--resume and --overwrite exclude each other".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The settings of the job itself that change what is written (for `run.json`).
+    fn settings(&self) -> Value {
+        json!({
+            "records": self.format.file_name(),
+            "maps": format!("{:?}", self.output.maps).to_lowercase(),
+            "heatmaps": format!("{:?}", self.output.heatmaps).to_lowercase(),
+            "heatmap_alpha": self.output.heatmap_alpha,
+            "threshold": self.threshold,
+            "max_pixels": self.pipeline.limits.max_pixels,
+            "include_masks": self.walk.include_masks,
+            "shard": self.shard.map(|s| format!("{}/{}", s.k, s.n)),
+        })
+    }
+}
+
+/// What a finished run did.
+#[derive(Debug, Clone, Default)]
+pub struct DetectSummary {
+    pub scored: usize,
+    pub failed: usize,
+    /// Inputs with a record from an earlier run (`--resume`), and how many of those failed.
+    pub already_done: usize,
+    pub prior_failed: usize,
+    pub masks_skipped: usize,
+    pub links_skipped: usize,
+    pub seconds: f64,
+    pub records: PathBuf,
+}
+
+/// The settings of the model side for `run.json`: the weights by content, the adapter (file by
+/// content, or preset and seed), the detector's configuration after every override.
+pub fn model_settings(
+    loaded: &LoadedModel,
+    spec: &str,
+    adapter_file: Option<&Path>,
+    adapter: &Adapter,
+    init_seed: u64,
+    tokenizer: Option<&Path>,
+    precision: &str,
+) -> Result<Value> {
+    let model = match &loaded.source {
+        ModelSource::Random { arch, seed } => json!({"spec": spec, "random": arch, "seed": seed}),
+        ModelSource::Files {
+            config, weights, ..
+        } => {
+            let files = config
+                .iter()
+                .chain(weights)
+                .map(|p| run_record::file_entry(p))
+                .collect::<Result<Vec<_>>>()?;
+            json!({"spec": spec, "files": files})
+        }
+    };
+    let adapter_v = match adapter_file {
+        Some(p) => json!({"path": p.display().to_string(), "sha256": run_record::sha256_file(p)?}),
+        None => json!({"untrained_preset_seed": init_seed}),
+    };
+    let tok = match tokenizer {
+        Some(p) => json!({"path": p.display().to_string(), "sha256": run_record::sha256_file(p)?}),
+        None => json!("embedded"),
+    };
+    Ok(json!({
+        "model": model,
+        "clip": serde_json::to_value(&loaded.model.config).unwrap_or(Value::Null),
+        "adapter": adapter_v,
+        "detector": serde_json::to_value(&adapter.config).unwrap_or(Value::Null),
+        "tokenizer": tok,
+        "precision": precision,
+    }))
+}
+
+/// A detect run with its inputs expanded and options checked, before any model is loaded (a
+/// mistyped folder costs nothing).
+pub struct DetectJob {
+    opts: DetectOptions,
+    expanded: Expanded,
+}
+
+impl DetectJob {
+    pub fn new(opts: DetectOptions, stdin: &mut dyn BufRead) -> Result<Self> {
+        opts.validate()?;
+        let expanded = inputs::expand(&opts.inputs, stdin, opts.walk)?;
+        if expanded.inputs.is_empty() && expanded.missing.is_empty() {
+            let masks = if expanded.masks_skipped > 0 {
+                format!(
+                    " ({} mask file(s) were left out: pass --include-masks to score them)",
+                    expanded.masks_skipped
+                )
+            } else {
+                String::new()
+            };
+            return Err(Error::InvalidArgument(format!(
+                "no images to score in {}{masks}; folders are searched for {}",
+                opts.inputs.join(" "),
+                inputs::IMAGE_EXTENSIONS.join("/")
+            )));
+        }
+        Ok(Self { opts, expanded })
+    }
+
+    pub fn inputs(&self) -> &[Input] {
+        &self.expanded.inputs
+    }
+
+    /// Runs the job. `model` is [`model_settings`]; `info` goes to `run.json` uncompared.
+    pub fn run(self, detector: &Detector, model: Value, info: Value) -> Result<DetectSummary> {
+        let Self { opts, expanded } = self;
+        let out = &opts.out;
+        let _lock = lock_out_dir(out)?;
+        let mut settings = model;
+        if let (Value::Object(m), Value::Object(job)) = (&mut settings, opts.settings()) {
+            m.extend(job);
+        }
+        let record = RunRecord::new(settings, info);
+        let log_path = out.join(opts.format.file_name());
+        let kept = previous_records(&opts, &record)?;
+        record_or_keep(&opts, &record)?;
+
+        let done: HashSet<&str> = kept.iter().map(|r| r.path.as_str()).collect();
+        let in_shard = |given: &str| opts.shard.is_none_or(|s| s.contains(given));
+        let wanted = |given: &str| in_shard(given) && !done.contains(given);
+        let missing: Vec<_> = expanded
+            .missing
+            .iter()
+            .filter(|m| wanted(&m.given))
+            .collect();
+        let todo: Vec<Input> = expanded
+            .inputs
+            .iter()
+            .filter(|i| wanted(&i.given))
+            .cloned()
+            .collect();
+        let mut summary = DetectSummary {
+            already_done: kept.len(),
+            prior_failed: kept.iter().filter(|r| r.is_failure()).count(),
+            masks_skipped: expanded.masks_skipped,
+            links_skipped: expanded.links_skipped,
+            records: log_path.clone(),
+            ..Default::default()
+        };
+        drop(done);
+
+        let mut log = RecordLog::create(&log_path, opts.format, &kept)?;
+        let progress = Progress::new("detect", "images", todo.len() as u64, opts.quiet);
+        for m in &missing {
+            progress.warn(&format!("zsad: {}: {}", m.given, m.error));
+            log.append(&Record::failed(&m.given, &m.error))?;
+            summary.failed += 1;
+        }
+        let started = std::time::Instant::now();
+        let (mut scored, mut failed) = (0usize, 0usize);
+        pipeline::run(
+            todo,
+            |i: &Input| i.path.as_path(),
+            detector,
+            &opts.pipeline,
+            |input, outcome| {
+                let record = match outcome {
+                    Outcome::Failed(e) => Record::failed(&input.given, e),
+                    Outcome::Scored { image, detection } => {
+                        let r = render::render(&opts.output, &input.key, &image, &detection)
+                            .and_then(|r| render::write(out, &r).map(|()| r))
+                            .map_err(|e| {
+                                Error::InvalidArgument(format!(
+                                    "cannot write the outputs of {}: {e}",
+                                    input.given
+                                ))
+                            })?;
+                        let (w, h) = image.dimensions();
+                        Record {
+                            path: input.given.clone(),
+                            score: Some(detection.score),
+                            global_score: Some(detection.global),
+                            map_max: Some(r.map_max),
+                            map_mean: Some(r.map_mean),
+                            anomalous: opts.threshold.map(|t| detection.score >= t),
+                            width: Some(w),
+                            height: Some(h),
+                            map: r.map,
+                            heatmap: r.heatmap,
+                            error: None,
+                        }
+                    }
+                };
+                match &record.error {
+                    Some(e) => {
+                        failed += 1;
+                        progress.warn(&format!("zsad: {}: {e}", record.path));
+                    }
+                    None => scored += 1,
+                }
+                log.append(&record)?;
+                progress.inc();
+                Ok(())
+            },
+        )?;
+        progress.finish();
+        summary.scored = scored;
+        summary.failed += failed;
+        summary.seconds = started.elapsed().as_secs_f64();
+        Ok(summary)
+    }
+}
+
+/// The record files a folder may hold (either format).
+fn record_files(out: &Path) -> Vec<PathBuf> {
+    [RecordFormat::Jsonl, RecordFormat::Csv]
+        .iter()
+        .map(|f| out.join(f.file_name()))
+        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0))
+        .collect()
+}
+
+/// The records a run keeps: none for a new folder or `--overwrite` (which removes the earlier
+/// run's records, `run.json` and the files its records name), those of the earlier run for
+/// `--resume` once its settings are the same.
+fn previous_records(opts: &DetectOptions, now: &RunRecord) -> Result<Vec<Record>> {
+    let out = &opts.out;
+    let existing = record_files(out);
+    if existing.is_empty() {
+        return Ok(Vec::new());
+    }
+    let names = existing
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" and ");
+    if opts.overwrite {
+        remove_run(out, &existing)?;
+        return Ok(Vec::new());
+    }
+    if !opts.resume {
+        return Err(Error::InvalidArgument(format!(
+            "{names} exists: pass --resume to continue that run or --overwrite to start again"
+        )));
+    }
+    let then = RunRecord::read(out)?.ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "{names} exists but {} does not, so nothing says which settings made it (a run of an older zsad, or files put there by hand): --resume cannot check that it would not mix results; use another --out, or --overwrite to start again",
+            out.join(run_record::FILE_NAME).display()
+        ))
+    })?;
+    let diff = then.differences(now);
+    if !diff.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{} was made with other settings than this run; resuming would mix their results in one record file:\n  {}\nrun with the earlier settings, use another --out, or --overwrite to start again",
+            out.join(run_record::FILE_NAME).display(),
+            diff.join("\n  ")
+        )));
+    }
+    let log_path = out.join(opts.format.file_name());
+    let (records, torn) = outputs::read_records(&log_path)?;
+    if !torn.is_empty() && !opts.quiet {
+        eprintln!(
+            "zsad: warning: {}: dropping {} unreadable line(s) ({:?}); those inputs are scored again",
+            log_path.display(),
+            torn.len(),
+            torn
+        );
+    }
+    Ok(records
+        .into_iter()
+        .filter(|r| !(opts.retry_failed && r.is_failure()))
+        .collect())
+}
+
+/// `run.json` for this run: written when the folder holds no run (or after `--overwrite`);
+/// kept as it is on `--resume`, whose settings were found equal.
+fn record_or_keep(opts: &DetectOptions, now: &RunRecord) -> Result<()> {
+    if opts.resume && RunRecord::read(&opts.out)?.is_some() {
+        return Ok(());
+    }
+    now.write(&opts.out)
+}
+
+/// Removes an earlier run: the files its records name (inside `out` only), its record files
+/// and `run.json`.
+fn remove_run(out: &Path, record_files: &[PathBuf]) -> Result<()> {
+    for f in record_files {
+        let (records, _) = outputs::read_records(f)?;
+        for rel in records.iter().flat_map(|r| [&r.map, &r.heatmap]).flatten() {
+            let p = Path::new(rel);
+            let inside = p
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if inside {
+                let _ = std::fs::remove_file(out.join(p));
+            }
+        }
+        std::fs::remove_file(f).map_err(|e| Error::io(f, e))?;
+    }
+    let rj = out.join(run_record::FILE_NAME);
+    match std::fs::remove_file(&rj) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&rj, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Holds an exclusive lock on `DIR/.zsad.lock` while a run writes there.
+fn lock_out_dir(dir: &Path) -> Result<std::fs::File> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "--out {}: exists and is not a folder",
+            dir.display()
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let path = dir.join(".zsad.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::InvalidArgument(format!(
+            "another zsad process is writing to {} (give each run or shard its own --out)",
+            dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+    }
+}

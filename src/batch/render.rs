@@ -1,0 +1,109 @@
+//! One scored input's files: the map at the image's size (16-bit PNG or `.npy`) and the
+//! heatmap, encoded to bytes and then written atomically.
+
+use std::path::Path;
+
+use image::RgbImage;
+
+use crate::data::outputs::{self, HeatmapKind, MapFormat};
+use crate::method::Detection;
+use crate::{Error, Result};
+
+/// The files written per input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutputOptions {
+    pub maps: MapFormat,
+    pub heatmaps: HeatmapKind,
+    /// Opacity of the colour in overlay heatmaps, in [0, 1].
+    pub heatmap_alpha: f32,
+}
+
+impl Default for OutputOptions {
+    fn default() -> Self {
+        Self {
+            maps: MapFormat::Png,
+            heatmaps: HeatmapKind::Overlay,
+            heatmap_alpha: 0.5,
+        }
+    }
+}
+
+impl OutputOptions {
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.heatmap_alpha) {
+            return Err(Error::InvalidArgument(format!(
+                "--heatmap-alpha {}: must be in [0, 1] (0 shows only the image, 1 only the colour)",
+                self.heatmap_alpha
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One scored input's files as bytes, with the statistics of its map at the image's size.
+pub struct Rendered {
+    /// `(path relative to the output folder, bytes)`: the map, then the heatmap.
+    pub files: Vec<(String, Vec<u8>)>,
+    pub map: Option<String>,
+    pub heatmap: Option<String>,
+    pub map_max: f32,
+    pub map_mean: f32,
+}
+
+/// `DIR/KEY.EXT` as a `/`-separated path relative to the output folder.
+pub fn output_path(dir: &str, key: &str, ext: &str) -> String {
+    format!("{dir}/{key}.{ext}")
+}
+
+/// Resizes the map to the image and encodes what `opts` asks for, under `key` (the input's
+/// output name, see [`crate::data::inputs::Input::key`]).
+pub fn render(
+    opts: &OutputOptions,
+    key: &str,
+    rgb: &RgbImage,
+    det: &Detection,
+) -> Result<Rendered> {
+    let (w, h) = rgb.dimensions();
+    let map = crate::method::maps::resize_map(&det.map, det.size, det.size, h as usize, w as usize);
+    let mut files = Vec::new();
+    let map_rel = match opts.maps {
+        MapFormat::Png => Some((
+            output_path("maps", key, "png"),
+            outputs::map_png(&map, w, h)?,
+        )),
+        MapFormat::Npy => Some((
+            output_path("maps", key, "npy"),
+            outputs::map_npy(&map, w, h),
+        )),
+        MapFormat::None => None,
+    }
+    .map(|(r, bytes)| {
+        files.push((r.clone(), bytes));
+        r
+    });
+    let heat_rel = match opts.heatmaps {
+        HeatmapKind::None => None,
+        kind => {
+            let r = output_path("heatmaps", key, "png");
+            let under = (kind == HeatmapKind::Overlay).then_some(rgb);
+            let img = outputs::heatmap(&map, under, w, h, opts.heatmap_alpha);
+            files.push((r.clone(), outputs::png_bytes_rgb(&img)?));
+            Some(r)
+        }
+    };
+    Ok(Rendered {
+        files,
+        map: map_rel,
+        heatmap: heat_rel,
+        map_max: map.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+        map_mean: (map.iter().map(|&v| v as f64).sum::<f64>() / map.len() as f64) as f32,
+    })
+}
+
+/// Writes every file atomically under `out`.
+pub fn write(out: &Path, rendered: &Rendered) -> Result<()> {
+    for (rel, bytes) in &rendered.files {
+        outputs::write_atomic(&out.join(rel), bytes)?;
+    }
+    Ok(())
+}
