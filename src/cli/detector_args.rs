@@ -51,7 +51,7 @@ pub struct DetectorArgs {
     /// Weight of the global score in `--joint mean`
     #[arg(long, default_value_t = 0.5, value_name = "ALPHA")]
     pub joint_alpha: f64,
-    /// tokenizer.json (default: the one beside the model)
+    /// tokenizer.json (default: the one beside the model, else the CLIP vocabulary built in)
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
 }
@@ -123,11 +123,11 @@ impl DetectorArgs {
     }
 }
 
-/// The tokenizer: `--tokenizer`, else `tokenizer.json` beside the model.
+/// The tokenizer: `--tokenizer`, else `tokenizer.json` beside the model, else the CLIP
+/// vocabulary compiled into the binary (every CLIP model shares it).
 pub fn tokenizer(flag: &Option<PathBuf>, loaded: &LoadedModel) -> anyhow::Result<ClipTokenizer> {
-    let path = flag.clone().or_else(|| loaded.tokenizer.clone()).context(
-        "the prompts need the CLIP tokenizer: no tokenizer.json beside the model; pass --tokenizer FILE \
-         (every CLIP model shares it, e.g. tokenizer.json of openai/clip-vit-base-patch32 on huggingface.co)",
-    )?;
-    Ok(ClipTokenizer::from_file(&path)?)
+    match flag.as_ref().or(loaded.tokenizer.as_ref()) {
+        Some(path) => Ok(ClipTokenizer::from_file(path)?),
+        None => Ok(ClipTokenizer::embedded()?),
+    }
 }
