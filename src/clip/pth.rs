@@ -27,7 +27,7 @@ const MAX_PICKLE_BYTES: u64 = 16 << 20;
 const MAX_OBJECTS: usize = 4 << 20;
 /// Nesting of lists, tuples and dicts. A state dict nests ~5 deep; the limit keeps every
 /// recursive walk (drop included) far from the stack's end.
-pub const MAX_DEPTH: u32 = 100;
+const MAX_DEPTH: u32 = 100;
 /// Container slots copied when a memoised container is modified (copy on write).
 const MAX_COPIED: usize = 16 << 20;
 /// Tensor rank (PyTorch itself stops at 64).

@@ -520,6 +520,7 @@ pub fn is_weight_file(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     #[test]
     fn openai_names_cover_a_block() {
@@ -565,5 +566,53 @@ mod tests {
             mean.abs() < 1e-3 && (std - 0.02).abs() < 1e-3,
             "{mean} {std}"
         );
+    }
+
+    /// The OpenAI-named tiny fixture with `edit` applied, saved to a fresh folder; the result of
+    /// loading it (the architecture is inferred from the shapes).
+    fn load_edited(name: &str, edit: impl Fn(&mut HashMap<String, Tensor>)) -> Result<()> {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/models/tiny-vitb-openai/open_clip_model.safetensors");
+        let mut tensors = candle_core::safetensors::load(&fixture, &Device::Cpu).unwrap();
+        edit(&mut tensors);
+        let dir = std::env::temp_dir().join(format!("zsad-weights-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("open_clip_model.safetensors");
+        candle_core::safetensors::save(&tensors, &file).unwrap();
+        super::super::load_model(file.to_str().unwrap(), &Default::default()).map(|_| ())
+    }
+
+    /// Malformed checkpoints: each is an error naming the tensor and what is wrong with it,
+    /// never an index out of bounds or an underflow.
+    #[test]
+    fn malformed_checkpoints_name_the_tensor() {
+        let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+        let cases: Vec<(&str, &str, Vec<usize>, &str)> = vec![
+            ("rank", "visual.conv1.weight", vec![128, 3, 16], "the patch embedding has shape [128, 3, 16], a CLIP ViT's has 4 dimensions"),
+            ("square", "visual.conv1.weight", vec![128, 3, 16, 8], "patches must be square"),
+            ("grid", "visual.positional_embedding", vec![198, 128], "the position embedding has 198 rows, not 1 + a square grid of patches"),
+            ("empty-grid", "visual.positional_embedding", vec![0, 128], "the position embedding has 0 rows"),
+            ("packed", "visual.transformer.resblocks.0.attn.in_proj_weight", vec![383, 128], "tensor `visual.transformer.resblocks.0.attn.in_proj_weight` has shape [383, 128], expected a first dimension divisible by 3 (packed q, k, v)"),
+            ("transposed", "text_projection", vec![64], "tensor `text_projection` has shape [64], expected 2 dimensions"),
+            ("mlp-rank-0", "visual.transformer.resblocks.0.mlp.c_fc.weight", vec![], "tensor `vision_model.encoder.layers.0.mlp.fc1.weight` has shape [], the model expects [512, 128]"),
+            ("heads", "visual.conv1.weight", vec![0, 3, 16, 16], "vision_config.hidden_size = 0 is outside 1..=16384"),
+        ];
+        for (name, tensor, shape, want) in cases {
+            let e = load_edited(name, |t| {
+                t.insert(tensor.to_string(), zeros(&shape));
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("open_clip_model.safetensors") && e.contains(want),
+                "{name}: {e}"
+            );
+        }
+        let e = load_edited("missing", |t| {
+            t.remove("text_projection");
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("tensor `text_projection` is missing"), "{e}");
     }
 }
