@@ -323,20 +323,26 @@ fn poke_number(v: &mut Value, rng: &mut Mutator) {
     const NUMBERS: &[f64] = &[
         0.0, 1.0, -1.0, 2.0, 3.0, 7.0, 8.0, 1e9, 1e18, 1e300, 0.5, -0.0, 65536.0, 4097.0,
     ];
-    let mut leaves: Vec<*mut Value> = Vec::new();
-    fn walk(v: &mut Value, out: &mut Vec<*mut Value>) {
+    // JSON pointers of the numeric leaves.
+    fn walk(v: &Value, at: String, out: &mut Vec<String>) {
         match v {
-            Value::Number(_) => out.push(v),
-            Value::Object(m) => m.values_mut().for_each(|x| walk(x, out)),
-            Value::Array(a) => a.iter_mut().for_each(|x| walk(x, out)),
+            Value::Number(_) => out.push(at),
+            Value::Object(m) => m
+                .iter()
+                .for_each(|(k, x)| walk(x, format!("{at}/{k}"), out)),
+            Value::Array(a) => a
+                .iter()
+                .enumerate()
+                .for_each(|(i, x)| walk(x, format!("{at}/{i}"), out)),
             _ => {}
         }
     }
-    walk(v, &mut leaves);
+    let mut leaves = Vec::new();
+    walk(v, String::new(), &mut leaves);
     if leaves.is_empty() {
         return;
     }
-    let leaf = leaves[rng.below(leaves.len())];
+    let leaf = leaves[rng.below(leaves.len())].clone();
     let x = NUMBERS[rng.below(NUMBERS.len())];
     let new = if x.fract() == 0.0 && x.abs() < 1e19 && rng.below(2) == 0 {
         if x < 0.0 {
@@ -347,8 +353,7 @@ fn poke_number(v: &mut Value, rng: &mut Mutator) {
     } else {
         json!(x)
     };
-    // SAFETY: the pointers come from one exclusive borrow of `v` and only one is written.
-    unsafe { *leaf = new };
+    *v.pointer_mut(&leaf).unwrap() = new;
 }
 
 #[test]
