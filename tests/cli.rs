@@ -190,12 +190,37 @@ fn uncached_hub_model_offline_is_one_clear_line() {
     assert_eq!(o.status.code(), Some(2));
     let e = stderr(&o);
     assert_eq!(e.trim_end().lines().count(), 1, "{e}");
-    assert!(e.contains("config.json and model.safetensors"), "{e}");
     assert!(
-        e.contains("https://huggingface.co/openai/clip-vit-base-patch16"),
+        e.contains("config.json and model.safetensors missing"),
+        "{e}"
+    );
+    assert!(
+        e.contains(
+            "`hf download openai/clip-vit-base-patch16 config.json model.safetensors \
+             tokenizer.json --local-dir DIR`"
+        ) && e.contains("pass `--model DIR`"),
         "{e}"
     );
     assert!(e.contains(cache.to_str().unwrap()), "{e}");
+}
+
+/// A mistyped local folder is reported as such, not looked up (and not found) on the hub.
+#[test]
+fn mistyped_model_folder_says_no_such_folder() {
+    for spec in ["./models/clip-vit-b16", "tests/fixtures/models/tiny-metod"] {
+        let o = Command::new(env!("CARGO_BIN_EXE_zsad"))
+            .args(["info", "--model", spec])
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2));
+        let e = stderr(&o);
+        assert!(
+            e.contains(&format!("no such model folder or file: {spec}")),
+            "{e}"
+        );
+        assert!(!e.contains("Hugging Face cache"), "{e}");
+    }
 }
 
 #[test]

@@ -524,10 +524,26 @@ fn usage_and_model_errors_exit_2() {
     let data = tmp("usage-data");
     write_png(&data.join("x.png"), 10, 10, 0);
     let d = data.display().to_string();
-    // random weights have no tokenizer beside them
-    let r = zsad(&["detect", "--model", "random:tiny", "--out", &o, &d]);
+    // a --tokenizer that is not a tokenizer.json is named
+    let bad_tok = data.join("tokenizer.json");
+    std::fs::write(&bad_tok, "{not json").unwrap();
+    let r = zsad(&[
+        "detect",
+        "--model",
+        "random:tiny",
+        "--tokenizer",
+        bad_tok.to_str().unwrap(),
+        "--out",
+        &o,
+        &d,
+    ]);
     assert_eq!(r.status.code(), Some(2));
-    assert!(stderr(&r).contains("--tokenizer"), "{}", stderr(&r));
+    assert!(
+        stderr(&r).contains(bad_tok.to_str().unwrap()),
+        "{}",
+        stderr(&r)
+    );
+    std::fs::remove_file(&bad_tok).unwrap();
     let r = zsad(&[
         "detect",
         "--model",
@@ -556,6 +572,54 @@ fn usage_and_model_errors_exit_2() {
         "{}",
         stderr(&r)
     );
+}
+
+/// Models without a tokenizer.json beside them (random weights, a folder of bare weights) run
+/// on the CLIP vocabulary compiled into the binary, and score exactly as with ../shared's file.
+#[test]
+fn detect_without_a_tokenizer_uses_the_embedded_vocabulary() {
+    let data = tmp("embedded-tok-data");
+    write_png(&data.join("x.png"), 24, 20, 3);
+    let d = data.display().to_string();
+    // A folder holding only weights (no config.json, no tokenizer.json), as OpenAI/open_clip
+    // checkpoints come.
+    let bare = tmp("embedded-tok-model");
+    std::fs::copy(
+        fixtures().join("models/tiny-method/model.safetensors"),
+        bare.join("model.safetensors"),
+    )
+    .unwrap();
+    let bare = bare.display().to_string();
+    for model in ["random:tiny", bare.as_str()] {
+        let out = tmp("embedded-tok");
+        let o = out.display().to_string();
+        let r = zsad(&["detect", "--model", model, "--out", &o, "--quiet", &d]);
+        assert!(r.status.success(), "{model}: {}", stderr(&r));
+        let recs = records(&out);
+        assert_eq!(recs.len(), 1, "{model}");
+        let Some(tok) = tokenizer() else {
+            eprintln!("skipping the comparison: ../shared/clip-tokenizer is absent");
+            continue;
+        };
+        let out2 = tmp("embedded-tok-file");
+        let o2 = out2.display().to_string();
+        let r = zsad(&[
+            "detect",
+            "--model",
+            model,
+            "--tokenizer",
+            &tok,
+            "--out",
+            &o2,
+            "--quiet",
+            &d,
+        ]);
+        assert!(r.status.success(), "{model}: {}", stderr(&r));
+        let with_file = records(&out2);
+        for key in ["score", "global_score", "map_max", "map_mean"] {
+            assert_eq!(recs[0][key], with_file[0][key], "{model} {key}");
+        }
+    }
 }
 
 /// The real sample images (900x900 MVTec bottles, MTD tiles of varied sizes with their masks

@@ -22,10 +22,6 @@ pub enum JointArg {
     Max,
 }
 
-/// The largest `--image-size`: 4096 px is 16x the papers' 518 in tokens-per-side for a /14
-/// patch (85k tokens); beyond it one attention matrix alone would take tens of gigabytes.
-pub const MAX_IMAGE_SIZE: usize = 4096;
-
 /// A CLIP model plus an adapter file or a preset, with run-time overrides.
 #[derive(Debug, Args)]
 pub struct DetectorArgs {
@@ -56,7 +52,7 @@ pub struct DetectorArgs {
     /// adapter's); refused when the joint score is not `mean`
     #[arg(long, value_name = "ALPHA")]
     pub joint_alpha: Option<f64>,
-    /// tokenizer.json (default: the one beside the model)
+    /// tokenizer.json (default: the one beside the model, else the CLIP vocabulary built in)
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
 }
@@ -98,10 +94,11 @@ impl DetectorArgs {
         let cfg = &mut adapter.config;
         if let Some(s) = args.image_size {
             let p = clip.vision_config.patch_size;
-            if s < p || s % p != 0 || s > MAX_IMAGE_SIZE {
+            let max = crate::clip::config::MAX_INPUT_SIZE.max(clip.vision_config.image_size);
+            if s < p || s % p != 0 || s > max {
                 anyhow::bail!(
-                    "--image-size {s}: must be a multiple of the backbone's {p}px patch, from {p} to {MAX_IMAGE_SIZE} (e.g. {})",
-                    (s.clamp(p, MAX_IMAGE_SIZE) / p).max(1) * p
+                    "--image-size {s}: must be a multiple of the backbone's {p}px patch, from {p} to {max} (e.g. {})",
+                    (s.clamp(p, max) / p).max(1) * p
                 );
             }
             cfg.image_size = s;
@@ -152,11 +149,11 @@ pub fn tokenizer_path(flag: &Option<PathBuf>, loaded: &LoadedModel) -> Option<Pa
     flag.clone().or_else(|| loaded.tokenizer.clone())
 }
 
-/// The tokenizer: `--tokenizer`, else `tokenizer.json` beside the model.
+/// The tokenizer: `--tokenizer`, else `tokenizer.json` beside the model, else the CLIP
+/// vocabulary compiled into the binary (every CLIP model shares it).
 pub fn tokenizer(flag: &Option<PathBuf>, loaded: &LoadedModel) -> anyhow::Result<ClipTokenizer> {
-    let path = flag.clone().or_else(|| loaded.tokenizer.clone()).context(
-        "the prompts need the CLIP tokenizer: no tokenizer.json beside the model; pass --tokenizer FILE \
-         (every CLIP model shares it, e.g. tokenizer.json of openai/clip-vit-base-patch32 on huggingface.co)",
-    )?;
-    Ok(ClipTokenizer::from_file(&path)?)
+    match flag.as_ref().or(loaded.tokenizer.as_ref()) {
+        Some(path) => Ok(ClipTokenizer::from_file(path)?),
+        None => Ok(ClipTokenizer::embedded()?),
+    }
 }

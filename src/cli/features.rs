@@ -4,12 +4,12 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use candle_core::Tensor;
 use clap::Args;
 
 use super::{ModelArgs, PosInterpArg};
-use crate::clip::{preprocess::preprocess, ClipTokenizer, Hooks};
+use crate::clip::{preprocess::preprocess, Hooks};
 use crate::data::image::{decode, to_rgb8};
 
 #[derive(Debug, Args)]
@@ -38,7 +38,7 @@ pub struct FeaturesArgs {
     /// How the position embedding is resized for --image-size
     #[arg(long, value_enum, default_value = "bicubic")]
     pub pos_interp: PosInterpArg,
-    /// tokenizer.json to use (default: the one beside the model)
+    /// tokenizer.json to use (default: the one beside the model, else the CLIP vocabulary built in)
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
     /// Images per forward pass
@@ -100,12 +100,8 @@ pub fn run(args: FeaturesArgs) -> anyhow::Result<()> {
     }
 
     if !args.texts.is_empty() {
-        let path = args
-            .tokenizer
-            .clone()
-            .or_else(|| loaded.tokenizer.clone())
-            .context("--text needs a tokenizer: pass --tokenizer tokenizer.json (none was found beside the model)")?;
-        let tok = ClipTokenizer::from_file(&path)?.with_context_length(model.text.context_length());
+        let tok = super::detector_args::tokenizer(&args.tokenizer, &loaded)?
+            .with_context_length(model.text.context_length());
         let ids = tok.encode_batch(&args.texts)?;
         out.insert("text_embeds".into(), model.text_features(&ids)?);
     }

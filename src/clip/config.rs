@@ -43,6 +43,19 @@ pub enum PosInterpolation {
     Bilinear,
 }
 
+/// Widest hidden state, embedding and (a quarter of the) MLP width a config may declare.
+pub const MAX_WIDTH: usize = 16384;
+/// Most blocks per tower.
+pub const MAX_LAYERS: usize = 256;
+/// Largest image size (and patch size) a config may declare as trained.
+pub const MAX_IMAGE_SIZE: usize = 4096;
+/// Largest input size a model runs at, unless it was trained larger: ViT-L/14 at 2048 px is
+/// 21,316 tokens per image, 16 times the papers' 518.
+pub const MAX_INPUT_SIZE: usize = 2048;
+/// Largest vocabulary and text context.
+pub const MAX_VOCAB: usize = 1 << 20;
+pub const MAX_POSITIONS: usize = 4096;
+
 fn default_eps() -> f64 {
     1e-5
 }
@@ -137,31 +150,92 @@ impl ClipConfig {
         Ok(cfg)
     }
 
+    /// Checks every field, naming each one that is out of range with its valid range. The upper
+    /// bounds are far above every released CLIP (ViT-bigG: width 1664, MLP 8192, 48 layers) and
+    /// keep a crafted config.json from sizing absurd allocations or dividing by zero.
     pub fn validate(&self) -> crate::Result<()> {
         let v = &self.vision_config;
         let t = &self.text_config;
-        let bad = |m: String| Err(crate::Error::Model(m));
-        if v.hidden_size % v.num_attention_heads != 0 {
-            return bad(format!(
-                "vision hidden_size {} is not divisible by num_attention_heads {}",
-                v.hidden_size, v.num_attention_heads
-            ));
+        let mut problems = Vec::new();
+        let mut within = |field: &str, value: usize, lo: usize, hi: usize| {
+            if !(lo..=hi).contains(&value) {
+                problems.push(format!("{field} = {value} is outside {lo}..={hi}"));
+            }
+        };
+        for (tower, hidden, mlp, layers) in [
+            (
+                "vision_config",
+                v.hidden_size,
+                v.intermediate_size,
+                v.num_hidden_layers,
+            ),
+            (
+                "text_config",
+                t.hidden_size,
+                t.intermediate_size,
+                t.num_hidden_layers,
+            ),
+        ] {
+            within(&format!("{tower}.hidden_size"), hidden, 1, MAX_WIDTH);
+            within(&format!("{tower}.intermediate_size"), mlp, 1, 4 * MAX_WIDTH);
+            within(&format!("{tower}.num_hidden_layers"), layers, 1, MAX_LAYERS);
         }
-        if t.hidden_size % t.num_attention_heads != 0 {
-            return bad(format!(
-                "text hidden_size {} is not divisible by num_attention_heads {}",
-                t.hidden_size, t.num_attention_heads
-            ));
+        within("projection_dim", self.projection_dim, 1, MAX_WIDTH);
+        within("vision_config.patch_size", v.patch_size, 1, MAX_IMAGE_SIZE);
+        within(
+            "vision_config.image_size",
+            v.image_size,
+            v.patch_size.max(1),
+            MAX_IMAGE_SIZE,
+        );
+        // Ids past the vocabulary are refused when tokens are embedded, so small test
+        // vocabularies stay usable.
+        within("text_config.vocab_size", t.vocab_size, 1, MAX_VOCAB);
+        within(
+            "text_config.max_position_embeddings",
+            t.max_position_embeddings,
+            2,
+            MAX_POSITIONS,
+        );
+        // The preprocessing always makes RGB pixels.
+        within("vision_config.num_channels", v.num_channels, 3, 3);
+        for (tower, hidden, heads) in [
+            ("vision_config", v.hidden_size, v.num_attention_heads),
+            ("text_config", t.hidden_size, t.num_attention_heads),
+        ] {
+            if heads == 0 || heads > hidden || hidden % heads != 0 {
+                problems.push(format!(
+                    "{tower}.num_attention_heads = {heads} must divide hidden_size = {hidden} (1..={hidden})"
+                ));
+            }
         }
-        if v.patch_size == 0 || v.image_size < v.patch_size {
-            return bad(format!(
-                "vision image_size {} / patch_size {} give no patch",
+        if v.patch_size > 0 && v.image_size % v.patch_size != 0 {
+            problems.push(format!(
+                "vision_config.image_size = {} is not a multiple of patch_size = {}",
                 v.image_size, v.patch_size
             ));
         }
-        v.activation()?;
-        t.activation()?;
-        Ok(())
+        for (field, eps) in [
+            ("vision_config.layer_norm_eps", v.layer_norm_eps),
+            ("text_config.layer_norm_eps", t.layer_norm_eps),
+        ] {
+            if !(eps > 0.0 && eps < 1.0) {
+                problems.push(format!("{field} = {eps} is outside (0, 1)"));
+            }
+        }
+        for act in [v.activation(), t.activation()] {
+            if let Err(e) = act {
+                problems.push(e.to_string());
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(crate::Error::Model(format!(
+                "not a usable CLIP config: {}",
+                problems.join("; ")
+            )))
+        }
     }
 
     /// Sets the MLP activation of both towers (AdaCLIP runs OpenAI weights with exact GELU).
@@ -301,6 +375,136 @@ mod tests {
             Some(ClipConfig::vit_b_16())
         );
         assert!(ClipConfig::by_name("resnet50").is_none());
+    }
+
+    /// A config.json with each field broken in turn: an error naming the field and its range,
+    /// never a panic (`num_attention_heads: 0` used to divide by zero).
+    #[test]
+    fn every_field_is_range_checked() {
+        let good = serde_json::to_value(ClipConfig::tiny()).unwrap();
+        let cases: &[(&str, &str, serde_json::Value, &str)] = &[
+            (
+                "vision_config",
+                "num_attention_heads",
+                0.into(),
+                "vision_config.num_attention_heads = 0 must divide hidden_size = 32 (1..=32)",
+            ),
+            (
+                "text_config",
+                "num_attention_heads",
+                3.into(),
+                "text_config.num_attention_heads = 3 must divide hidden_size = 32",
+            ),
+            (
+                "vision_config",
+                "hidden_size",
+                0.into(),
+                "vision_config.hidden_size = 0 is outside 1..=16384",
+            ),
+            (
+                "text_config",
+                "hidden_size",
+                1_000_000.into(),
+                "text_config.hidden_size = 1000000 is outside 1..=16384",
+            ),
+            (
+                "vision_config",
+                "num_hidden_layers",
+                0.into(),
+                "vision_config.num_hidden_layers = 0 is outside 1..=256",
+            ),
+            (
+                "text_config",
+                "num_hidden_layers",
+                100_000.into(),
+                "text_config.num_hidden_layers = 100000 is outside 1..=256",
+            ),
+            (
+                "vision_config",
+                "intermediate_size",
+                0.into(),
+                "vision_config.intermediate_size = 0 is outside 1..=65536",
+            ),
+            (
+                "vision_config",
+                "patch_size",
+                0.into(),
+                "vision_config.patch_size = 0 is outside 1..=4096",
+            ),
+            (
+                "vision_config",
+                "image_size",
+                36.into(),
+                "vision_config.image_size = 36 is not a multiple of patch_size = 8",
+            ),
+            (
+                "vision_config",
+                "image_size",
+                10_000_000.into(),
+                "vision_config.image_size = 10000000 is outside 8..=4096",
+            ),
+            (
+                "vision_config",
+                "image_size",
+                4.into(),
+                "vision_config.image_size = 4 is outside 8..=4096",
+            ),
+            (
+                "vision_config",
+                "num_channels",
+                1.into(),
+                "vision_config.num_channels = 1 is outside 3..=3",
+            ),
+            (
+                "vision_config",
+                "layer_norm_eps",
+                (-1.0).into(),
+                "vision_config.layer_norm_eps = -1 is outside (0, 1)",
+            ),
+            (
+                "text_config",
+                "vocab_size",
+                0.into(),
+                "text_config.vocab_size = 0 is outside 1..=1048576",
+            ),
+            (
+                "text_config",
+                "max_position_embeddings",
+                0.into(),
+                "text_config.max_position_embeddings = 0 is outside 2..=4096",
+            ),
+            (
+                "text_config",
+                "hidden_act",
+                "relu".into(),
+                "text hidden_act \"relu\" is not supported",
+            ),
+        ];
+        for (tower, field, value, want) in cases {
+            let mut j = good.clone();
+            j[*tower][*field] = value.clone();
+            let e = ClipConfig::from_hf_json(&j.to_string())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{tower}.{field} = {value}: {e}");
+        }
+        let mut j = good.clone();
+        j["projection_dim"] = 0.into();
+        let e = ClipConfig::from_hf_json(&j.to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("projection_dim = 0 is outside 1..=16384"), "{e}");
+        // Every problem at once.
+        let mut j = good;
+        j["vision_config"]["num_attention_heads"] = 0.into();
+        j["text_config"]["num_hidden_layers"] = 0.into();
+        let e = ClipConfig::from_hf_json(&j.to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("num_attention_heads") && e.contains("num_hidden_layers"),
+            "{e}"
+        );
     }
 
     #[test]

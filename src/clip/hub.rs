@@ -52,12 +52,32 @@ pub fn resolve(spec: &str) -> Result<ModelSource> {
     if path.exists() {
         return from_path(path);
     }
+    if is_local_path(spec) {
+        return Err(Error::Model(format!(
+            "no such model folder or file: {spec} (a path, not a Hugging Face id: check the spelling, \
+             or download the model into it with `hf download ORG/NAME config.json model.safetensors \
+             tokenizer.json --local-dir {spec}`)"
+        )));
+    }
     if looks_like_hub_id(spec) {
         return from_hub(spec);
     }
     Err(Error::Model(format!(
         "model `{spec}` is neither an existing path, a Hugging Face id (org/name) nor random:<arch>"
     )))
+}
+
+/// Whether a `--model` that does not exist can only have meant a local path: hub ids are
+/// `org/name`, so `./models/clip-b16`, `/data/m`, `~/m`, `a/b/c` or `models/typo` (when
+/// `models/` exists) are mistyped paths, and looking them up on the hub would only hide the typo
+/// behind a download error.
+fn is_local_path(spec: &str) -> bool {
+    spec.starts_with(['.', '/', '~', '\\'])
+        || spec.matches('/').count() > 1
+        || spec.contains('\\')
+        || Path::new(spec)
+            .parent()
+            .is_some_and(|p| !p.as_os_str().is_empty() && p.is_dir())
 }
 
 fn looks_like_hub_id(spec: &str) -> bool {
@@ -166,9 +186,9 @@ fn from_hub(id: &str) -> Result<ModelSource> {
     };
     let hint = |why: &str| {
         Error::Model(format!(
-            "model `{id}` is not in the Hugging Face cache ({}) and {why}: download {} (and tokenizer.json) \
-             from https://huggingface.co/{id} into a folder and pass --model <folder>, or run \
-             `huggingface-cli download {id} config.json model.safetensors tokenizer.json` where the hub is reachable",
+            "model `{id}` is not in the Hugging Face cache ({}) and {why}: {} missing. Where the \
+             hub is reachable, run `hf download {id} config.json model.safetensors tokenizer.json \
+             --local-dir DIR` (or fetch them from https://huggingface.co/{id}), then pass `--model DIR`",
             cache.path().display(),
             missing()
         ))
@@ -228,6 +248,27 @@ mod tests {
         assert!(!looks_like_hub_id("./a/b"));
         assert!(!looks_like_hub_id("a/b/c"));
         assert!(!looks_like_hub_id("single"));
+    }
+
+    #[test]
+    fn mistyped_local_paths_are_not_hub_ids() {
+        // `src/` exists (tests run in the crate root), so `src/typo` can only be a path.
+        for spec in [
+            "./models/clip-vit-b16",
+            "../models/x",
+            "/no/such/model",
+            "~/models/clip",
+            "models/clip/vit-b16",
+            "src/typo",
+        ] {
+            let e = resolve(spec).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("no such model folder or file: {spec} ")),
+                "{spec}: {e}"
+            );
+        }
+        assert!(!is_local_path("openai/clip-vit-base-patch16"));
+        assert!(!is_local_path("single"));
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod hub;
 pub mod kernels;
 pub mod layers;
 pub mod preprocess;
+pub mod pth;
 pub mod text;
 pub mod tokenizer;
 pub mod vision;

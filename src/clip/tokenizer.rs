@@ -1,6 +1,11 @@
 //! The CLIP BPE tokenizer from a Hugging Face `tokenizer.json`, producing OpenAI-style
 //! 77-token sequences: `[SOT] + bpe + [EOT]`, truncated with EOT kept last, zero-padded.
+//!
+//! Every CLIP model shares one vocabulary, so a copy is compiled into the binary
+//! ([`ClipTokenizer::embedded`]): models without a `tokenizer.json` beside them (random
+//! weights, OpenAI/open_clip state dicts) need no `--tokenizer`.
 
+use std::io::Read;
 use std::path::Path;
 
 use crate::{Error, Result};
@@ -13,24 +18,43 @@ pub struct ClipTokenizer {
     context_length: usize,
 }
 
+/// `tokenizer.json` of `openai/clip-vit-base-patch32` (OpenAI's `bpe_simple_vocab_16e6`
+/// converted by Hugging Face), gzip-compressed: 0.6 MB instead of 3.9 MB. See `assets/README.md`.
+const EMBEDDED_GZ: &[u8] = include_bytes!("../../assets/clip-tokenizer.json.gz");
+
 impl ClipTokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        let tok = Self {
-            inner,
-            context_length: 77,
-        };
-        // Guard against a non-CLIP tokenizer.json: its special tokens must be CLIP's.
-        if tok.inner.token_to_id("<|startoftext|>") != Some(SOT)
-            || tok.inner.token_to_id("<|endoftext|>") != Some(EOT)
+        Self::checked(inner, &path.display().to_string())
+    }
+
+    /// The CLIP vocabulary compiled into the binary (what `--tokenizer` defaults to when no
+    /// `tokenizer.json` lies beside the model).
+    pub fn embedded() -> Result<Self> {
+        let origin = "the embedded CLIP vocabulary";
+        let mut json = Vec::new();
+        flate2::read::GzDecoder::new(EMBEDDED_GZ)
+            .read_to_end(&mut json)
+            .map_err(|e| Error::Tokenizer(format!("{origin}: {e}")))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&json)
+            .map_err(|e| Error::Tokenizer(format!("{origin}: {e}")))?;
+        Self::checked(inner, origin)
+    }
+
+    /// Guards against a non-CLIP tokenizer.json: its special tokens must be CLIP's.
+    fn checked(inner: tokenizers::Tokenizer, origin: &str) -> Result<Self> {
+        if inner.token_to_id("<|startoftext|>") != Some(SOT)
+            || inner.token_to_id("<|endoftext|>") != Some(EOT)
         {
             return Err(Error::Tokenizer(format!(
-                "{}: not a CLIP tokenizer (<|startoftext|> must be {SOT} and <|endoftext|> {EOT})",
-                path.display()
+                "{origin}: not a CLIP tokenizer (<|startoftext|> must be {SOT} and <|endoftext|> {EOT})"
             )));
         }
-        Ok(tok)
+        Ok(Self {
+            inner,
+            context_length: 77,
+        })
     }
 
     pub fn with_context_length(mut self, n: usize) -> Self {
@@ -89,6 +113,13 @@ mod tests {
         assert_eq!(&ids[..7], &[49406, 320, 1125, 539, 320, 2368, 49407]);
         assert!(ids[7..].iter().all(|&i| i == 0));
         assert_eq!(ids.len(), 77);
+    }
+
+    #[test]
+    fn embedded_vocabulary_encodes_without_files() {
+        let t = ClipTokenizer::embedded().unwrap();
+        let ids = t.encode("a photo of a cat").unwrap();
+        assert_eq!(&ids[..7], &[49406, 320, 1125, 539, 320, 2368, 49407]);
     }
 
     #[test]

@@ -117,6 +117,14 @@ impl VisionTransformer {
                 "image size {image_size} is smaller than one {p}px patch"
             ));
         }
+        // The resized position embedding and every forward pass grow with the square of the
+        // size: bound it before allocating.
+        let max = super::config::MAX_INPUT_SIZE.max(self.cfg.image_size);
+        if image_size > max {
+            return Err(crate::error::invalid!(
+                "image size {image_size} is larger than {max}"
+            ));
+        }
         let mut out = self.clone();
         out.image_size = image_size;
         out.positions = resize_positions(&self.trained_positions, image_size / p, mode)?;

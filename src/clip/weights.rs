@@ -27,7 +27,7 @@ pub enum Naming {
 /// Raw tensors of one or more files.
 enum Raw {
     Safetensors(candle_core::safetensors::MmapedSafetensors),
-    Pickle(candle_core::pickle::PthTensors),
+    Pickle(super::pth::PthFile),
 }
 
 impl Raw {
@@ -40,13 +40,8 @@ impl Raw {
                 first.extension().and_then(|e| e.to_str()),
                 Some("bin" | "pt" | "pth" | "ckpt")
             );
-        let fail = |e: candle_core::Error| Error::Weights {
-            file: first.display().to_string(),
-            message: format!("cannot read: {e}"),
-        };
         if is_pickle {
-            let pth = candle_core::pickle::PthTensors::new(first, None).map_err(|e| {
-                let mut err = fail(e);
+            let pth = super::pth::PthFile::open(first, None).map_err(|mut err| {
                 if let Error::Weights { message, .. } = &mut err {
                     message.push_str(
                         " (TorchScript archives such as OpenAI's ViT-*.pt cannot be read: use the \
@@ -59,8 +54,12 @@ impl Raw {
         } else {
             // SAFETY: the file is mapped read-only; like every mmap user we assume it is not
             // truncated while the model loads.
-            let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
-                .map_err(fail)?;
+            let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }.map_err(
+                |e| Error::Weights {
+                    file: first.display().to_string(),
+                    message: format!("cannot read: {e}"),
+                },
+            )?;
             Ok(Raw::Safetensors(st))
         }
     }
@@ -68,28 +67,28 @@ impl Raw {
     fn names(&self) -> Vec<String> {
         match self {
             Raw::Safetensors(s) => s.tensors().into_iter().map(|(n, _)| n).collect(),
-            Raw::Pickle(p) => p.tensor_infos().keys().cloned().collect(),
+            Raw::Pickle(p) => p.names().to_vec(),
         }
     }
 
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
         match self {
             Raw::Safetensors(s) => s.get(name).ok().map(|v| v.shape().to_vec()),
-            Raw::Pickle(p) => p
-                .tensor_infos()
-                .get(name)
-                .map(|i| i.layout.shape().dims().to_vec()),
+            Raw::Pickle(p) => p.shape(name).map(<[usize]>::to_vec),
         }
     }
 
-    fn load(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
+    /// The tensor, or why it cannot be read (naming it, not the file).
+    fn load(&self, name: &str, dev: &Device) -> std::result::Result<Tensor, String> {
         match self {
-            Raw::Safetensors(s) => s.load(name, dev),
-            Raw::Pickle(p) => p
-                .get(name)?
-                .ok_or_else(|| candle_core::Error::CannotFindTensor {
-                    path: name.to_string(),
-                }),
+            Raw::Safetensors(s) => s
+                .load(name, dev)
+                .map_err(|e| format!("tensor `{name}`: {e}")),
+            Raw::Pickle(p) => match p.load(name) {
+                Ok(t) => t.to_device(dev).map_err(|e| e.to_string()),
+                Err(Error::Weights { message, .. }) => Err(message),
+                Err(e) => Err(e.to_string()),
+            },
         }
     }
 }
@@ -286,13 +285,23 @@ impl Checkpoint {
         let (tok, tpos) = (need(tok)?, need(tpos)?);
         // Only its presence matters: the embedding width comes from the visual projection.
         need(tproj)?;
-        if conv.len() != 4
-            || pos.len() != 2
-            || vproj.len() != 2
-            || tok.len() != 2
-            || tpos.len() != 2
-        {
-            return Err(err("unexpected tensor ranks for a CLIP ViT"));
+        for (name, shape, rank) in [
+            ("patch embedding", &conv, 4),
+            ("position embedding", &pos, 2),
+            ("visual projection", &vproj, 2),
+            ("token embedding", &tok, 2),
+            ("text position embedding", &tpos, 2),
+        ] {
+            if shape.len() != rank {
+                return Err(err(&format!(
+                    "the {name} has shape {shape:?}, a CLIP ViT's has {rank} dimensions"
+                )));
+            }
+        }
+        if conv[2] != conv[3] {
+            return Err(err(&format!(
+                "the patch embedding has shape {conv:?}: patches must be square"
+            )));
         }
         let count_layers = |prefix: &str| {
             let full = format!("{}{prefix}", self.prefix);
@@ -307,11 +316,17 @@ impl Checkpoint {
                         .ok()
                 })
                 .max()
-                .map_or(0, |m| m + 1)
+                .map_or(0, |m: usize| m.saturating_add(1))
         };
         let width = conv[0];
         let patch = conv[2];
-        let grid = ((pos[0] - 1) as f64).sqrt().round() as usize;
+        let grid = (pos[0].saturating_sub(1) as f64).sqrt().round() as usize;
+        if pos[0] == 0 || grid.checked_mul(grid).map(|g| g + 1) != Some(pos[0]) {
+            return Err(err(&format!(
+                "the position embedding has {} rows, not 1 + a square grid of patches",
+                pos[0]
+            )));
+        }
         let embed = match self.naming {
             Naming::HuggingFace => vproj[0],
             Naming::OpenAi => vproj[1],
@@ -323,7 +338,7 @@ impl Checkpoint {
                 intermediate_size: 4 * width,
                 num_hidden_layers: count_layers(vlayer),
                 num_attention_heads: (width / 64).max(1),
-                image_size: grid * patch,
+                image_size: grid.saturating_mul(patch),
                 patch_size: patch,
                 num_channels: conv[1],
                 layer_norm_eps: 1e-5,
@@ -348,13 +363,25 @@ impl Checkpoint {
             Naming::HuggingFace => format!("{tower}0.mlp.fc1.weight"),
             Naming::OpenAi => format!("{tower}0.mlp.c_fc.weight"),
         };
-        if let Some(s) = self.shape_of(&fc1(vlayer)) {
-            cfg.vision_config.intermediate_size = s[0];
+        if let Some(&rows) = self
+            .shape_of(&fc1(vlayer))
+            .as_deref()
+            .and_then(<[_]>::first)
+        {
+            cfg.vision_config.intermediate_size = rows;
         }
-        if let Some(s) = self.shape_of(&fc1(tlayer)) {
-            cfg.text_config.intermediate_size = s[0];
+        if let Some(&rows) = self
+            .shape_of(&fc1(tlayer))
+            .as_deref()
+            .and_then(<[_]>::first)
+        {
+            cfg.text_config.intermediate_size = rows;
         }
-        cfg.validate()?;
+        cfg.validate().map_err(|e| {
+            err(&format!(
+                "the shapes describe no usable CLIP ViT (inferred, as the files carry no config.json): {e}"
+            ))
+        })?;
         Ok(cfg)
     }
 
@@ -371,9 +398,26 @@ impl Checkpoint {
             })?,
         };
         let full = format!("{}{name}", self.prefix);
-        let t = self.raw.load(&full, dev).map_err(|_| {
-            candle_core::Error::Msg(format!("{}: tensor `{full}` is missing", self.origin))
-        })?;
+        let msg = |m: String| candle_core::Error::Msg(format!("{}: {m}", self.origin));
+        let Some(shape) = self.raw.shape(&full) else {
+            return Err(msg(format!("tensor `{full}` is missing")));
+        };
+        // Malformed checkpoints: the derivations below need these ranks.
+        let rank_ok = match derive {
+            Derive::Same => true,
+            Derive::Transpose => shape.len() == 2,
+            Derive::Chunk(_) => !shape.is_empty() && shape[0] % 3 == 0,
+        };
+        if !rank_ok {
+            return Err(msg(format!(
+                "tensor `{full}` has shape {shape:?}, expected {}",
+                match derive {
+                    Derive::Transpose => "2 dimensions",
+                    _ => "a first dimension divisible by 3 (packed q, k, v)",
+                }
+            )));
+        }
+        let t = self.raw.load(&full, dev).map_err(msg)?;
         match derive {
             Derive::Same => Ok(t),
             Derive::Transpose => t.t()?.contiguous(),
@@ -476,6 +520,7 @@ pub fn is_weight_file(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     #[test]
     fn openai_names_cover_a_block() {
@@ -521,5 +566,53 @@ mod tests {
             mean.abs() < 1e-3 && (std - 0.02).abs() < 1e-3,
             "{mean} {std}"
         );
+    }
+
+    /// The OpenAI-named tiny fixture with `edit` applied, saved to a fresh folder; the result of
+    /// loading it (the architecture is inferred from the shapes).
+    fn load_edited(name: &str, edit: impl Fn(&mut HashMap<String, Tensor>)) -> Result<()> {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/models/tiny-vitb-openai/open_clip_model.safetensors");
+        let mut tensors = candle_core::safetensors::load(&fixture, &Device::Cpu).unwrap();
+        edit(&mut tensors);
+        let dir = std::env::temp_dir().join(format!("zsad-weights-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("open_clip_model.safetensors");
+        candle_core::safetensors::save(&tensors, &file).unwrap();
+        super::super::load_model(file.to_str().unwrap(), &Default::default()).map(|_| ())
+    }
+
+    /// Malformed checkpoints: each is an error naming the tensor and what is wrong with it,
+    /// never an index out of bounds or an underflow.
+    #[test]
+    fn malformed_checkpoints_name_the_tensor() {
+        let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+        let cases: Vec<(&str, &str, Vec<usize>, &str)> = vec![
+            ("rank", "visual.conv1.weight", vec![128, 3, 16], "the patch embedding has shape [128, 3, 16], a CLIP ViT's has 4 dimensions"),
+            ("square", "visual.conv1.weight", vec![128, 3, 16, 8], "patches must be square"),
+            ("grid", "visual.positional_embedding", vec![198, 128], "the position embedding has 198 rows, not 1 + a square grid of patches"),
+            ("empty-grid", "visual.positional_embedding", vec![0, 128], "the position embedding has 0 rows"),
+            ("packed", "visual.transformer.resblocks.0.attn.in_proj_weight", vec![383, 128], "tensor `visual.transformer.resblocks.0.attn.in_proj_weight` has shape [383, 128], expected a first dimension divisible by 3 (packed q, k, v)"),
+            ("transposed", "text_projection", vec![64], "tensor `text_projection` has shape [64], expected 2 dimensions"),
+            ("mlp-rank-0", "visual.transformer.resblocks.0.mlp.c_fc.weight", vec![], "tensor `vision_model.encoder.layers.0.mlp.fc1.weight` has shape [], the model expects [512, 128]"),
+            ("heads", "visual.conv1.weight", vec![0, 3, 16, 16], "vision_config.hidden_size = 0 is outside 1..=16384"),
+        ];
+        for (name, tensor, shape, want) in cases {
+            let e = load_edited(name, |t| {
+                t.insert(tensor.to_string(), zeros(&shape));
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("open_clip_model.safetensors") && e.contains(want),
+                "{name}: {e}"
+            );
+        }
+        let e = load_edited("missing", |t| {
+            t.remove("text_projection");
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("tensor `text_projection` is missing"), "{e}");
     }
 }

@@ -353,6 +353,11 @@ pub fn map_npy(map: &[f32], w: u32, h: u32) -> Vec<u8> {
 /// Reads a map written by [`map_npy`]: `(values, width, height)`.
 pub fn read_map_npy(path: &Path) -> Result<(Vec<f32>, u32, u32)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_map_npy(&bytes, path)
+}
+
+/// [`read_map_npy`] on bytes in memory (`path` names them in errors).
+pub fn parse_map_npy(bytes: &[u8], path: &Path) -> Result<(Vec<f32>, u32, u32)> {
     let bad = |m: &str| Error::Image {
         path: path.to_path_buf(),
         message: m.to_string(),
@@ -385,8 +390,19 @@ pub fn read_map_npy(path: &Path) -> Result<(Vec<f32>, u32, u32)> {
         return Err(bad("expected a 2-D array"));
     };
     let data = &bytes[10 + hlen..];
-    if data.len() != 4 * (w * h) as usize {
-        return Err(bad("data does not match the shape"));
+    // A crafted shape must not overflow into a size that happens to match the data.
+    let want = (w as u64)
+        .checked_mul(h as u64)
+        .and_then(|n| n.checked_mul(4));
+    if want != Some(data.len() as u64) {
+        let want = want.map_or("more than 2^64".to_string(), |n| n.to_string());
+        return Err(Error::Image {
+            path: path.to_path_buf(),
+            message: format!(
+                "shape ({h}, {w}) needs {want} bytes of float32 data, the file holds {}",
+                data.len()
+            ),
+        });
     }
     let v = data
         .chunks_exact(4)
@@ -527,6 +543,34 @@ mod tests {
         let (v, w, h) = read_map_npy(&p).unwrap();
         assert_eq!((v, w, h), (vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 3, 2));
         std::fs::remove_file(&p).unwrap();
+    }
+
+    /// (65536, 65536) overflowed `u32` to 0 elements and matched an empty file.
+    #[test]
+    fn npy_shapes_are_checked_against_the_data() {
+        let p = Path::new("crafted.npy");
+        let mut b = map_npy(&[], 0, 0);
+        let e = |b: &[u8]| parse_map_npy(b, p).unwrap_err().to_string();
+        let header = |b: &mut Vec<u8>, shape: &str| {
+            let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
+            let h = std::str::from_utf8(&b[10..10 + hlen])
+                .unwrap()
+                .replace("(0, 0)", shape);
+            let h = format!("{h:<width$}", width = hlen);
+            b.splice(10..10 + hlen, h.bytes().take(hlen)).for_each(drop);
+        };
+        header(&mut b, "(65536, 65536)");
+        assert_eq!(
+            e(&b),
+            "crafted.npy: shape (65536, 65536) needs 17179869184 bytes of float32 data, the file holds 0"
+        );
+        let mut b = map_npy(&[1.0, 2.0], 1, 2);
+        b.pop();
+        assert!(e(&b).contains("needs 8 bytes of float32 data, the file holds 7"));
+        let mut b = map_npy(&[], 0, 0);
+        header(&mut b, "(4294967295, 4294967295)");
+        assert!(e(&b).contains("needs more than 2^64 bytes"), "{}", e(&b));
+        assert!(e(b"\x93NUMPY\x01\x00\xff\xff{").contains("truncated header"));
     }
 
     #[test]

@@ -34,14 +34,22 @@ pub fn serialize(
 /// Every tensor of a safetensors file (on the CPU, in its stored dtype) and its metadata.
 pub fn read(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse(&bytes, &path.display().to_string())
+}
+
+/// [`read`] on bytes in memory; `origin` names them in errors.
+pub fn parse(
+    bytes: &[u8],
+    origin: &str,
+) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     let bad = |m: String| Error::Weights {
-        file: path.display().to_string(),
+        file: origin.to_string(),
         message: m,
     };
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let meta = header.metadata().clone().unwrap_or_default();
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
         .map_err(|e| bad(e.to_string()))?;
     Ok((tensors, meta))
 }

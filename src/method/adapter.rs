@@ -207,9 +207,17 @@ impl Adapter {
 
     /// Reads an adapter file written by [`Self::to_bytes`].
     pub fn load(path: &Path) -> Result<Self> {
-        let (tensors, meta) = crate::data::tensors::read(path)?;
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(&bytes, &path.display().to_string())
+    }
+
+    /// [`Self::load`] on bytes in memory; `origin` names them in errors. Refuses non-finite
+    /// values, which would silently turn every score into NaN. The configuration's ranges are
+    /// checked against the backbone by [`Self::check`].
+    pub fn from_bytes(bytes: &[u8], origin: &str) -> Result<Self> {
+        let (tensors, meta) = crate::data::tensors::parse(bytes, origin)?;
         let bad = |m: String| Error::Weights {
-            file: path.display().to_string(),
+            file: origin.to_string(),
             message: m,
         };
         let json = meta.get(CONFIG_KEY).ok_or_else(|| {
@@ -219,11 +227,28 @@ impl Adapter {
         })?;
         let config: DetectorConfig = serde_json::from_str(json)
             .map_err(|e| bad(format!("unreadable `{CONFIG_KEY}` metadata: {e}")))?;
-        let tensors = tensors
-            .into_iter()
-            .map(|(k, v)| Ok((k, v.to_dtype(candle_core::DType::F32)?)))
-            .collect::<Result<_>>()?;
-        Ok(Self { config, tensors })
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        let mut out = HashMap::with_capacity(tensors.len());
+        for name in names {
+            let t = tensors[name].to_dtype(candle_core::DType::F32)?;
+            let bad_values = t
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .filter(|v| !v.is_finite())
+                .count();
+            if bad_values > 0 {
+                return Err(bad(format!(
+                    "tensor `{name}` holds {bad_values} NaN or infinite values (a diverged training run?)"
+                )));
+            }
+            out.insert(name.clone(), t);
+        }
+        Ok(Self {
+            config,
+            tensors: out,
+        })
     }
 }
 
@@ -284,5 +309,171 @@ mod tests {
         assert!(e.contains("missing `text.ctx_normal`"), "{e}");
         assert!(e.contains("`text.ctx_abnormal` has shape [3, 5]"), "{e}");
         assert!(e.contains("unexpected tensor `bogus`"), "{e}");
+    }
+
+    /// The bytes of `a` with its `zsad.config` edited.
+    fn with_config(a: &Adapter, edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
+        let mut j = serde_json::to_value(&a.config).unwrap();
+        edit(&mut j);
+        let meta = HashMap::from([
+            (FORMAT_KEY.to_string(), FORMAT.to_string()),
+            (CONFIG_KEY.to_string(), j.to_string()),
+        ]);
+        crate::data::tensors::serialize(&a.tensors, meta).unwrap()
+    }
+
+    /// Crafted metadata: each field out of range is refused by name with its valid range
+    /// (image_size 10000000 and sigma 1e9 used to abort on huge allocations, sigma -1 passed).
+    #[test]
+    fn crafted_metadata_names_the_field_and_range() {
+        use serde_json::json;
+        let clip = ClipConfig::tiny();
+        let zsad =
+            Adapter::init(DetectorConfig::preset(Preset::Zsad, &clip, "x"), &clip, 1).unwrap();
+        let acl = Adapter::init(
+            DetectorConfig::preset(Preset::Anomalyclip, &clip, "x"),
+            &clip,
+            1,
+        )
+        .unwrap();
+        let cases: Vec<(&Adapter, &str, serde_json::Value, &str)> = vec![
+            (
+                &zsad,
+                "image_size",
+                json!(10_000_000),
+                "image_size = 10000000 is outside 8..=2048",
+            ),
+            (
+                &zsad,
+                "image_size",
+                json!(0),
+                "image_size = 0 is outside 8..=2048",
+            ),
+            (
+                &zsad,
+                "image_size",
+                json!(36),
+                "image_size = 36 is not a multiple of the 8px patch",
+            ),
+            (
+                &zsad,
+                "sigma",
+                json!(1e9),
+                "sigma = 1000000000 is outside [0, 64]",
+            ),
+            (&zsad, "sigma", json!(-1.0), "sigma = -1 is outside [0, 64]"),
+            (
+                &zsad,
+                "logit_scale",
+                json!(0.0),
+                "logit_scale = 0 is outside (0, 10000]",
+            ),
+            (
+                &zsad,
+                "layers",
+                json!([0, 2]),
+                "layers = 0 is outside 1..=4 (the image tower has 4 layers)",
+            ),
+            (
+                &zsad,
+                "layers",
+                json!([]),
+                "layers (count) = 0 is outside 1..=4",
+            ),
+            (
+                &zsad,
+                "visual_prompt_depth",
+                json!(99),
+                "visual_prompt_depth = 99 is outside 0..=4",
+            ),
+            (
+                &zsad,
+                "visual_prompt_length",
+                json!(100_000),
+                "visual_prompt_length = 100000 is outside 0..=256",
+            ),
+            (
+                &zsad,
+                "text_prompt_depth",
+                json!(3),
+                "text_prompt_depth = 3 is outside 0..=2 (the text tower has 2 layers)",
+            ),
+            (
+                &zsad,
+                "text_prompt_length",
+                json!(1_000_000),
+                "text_prompt_length = 1000000 is outside 0..=75",
+            ),
+            (
+                &zsad,
+                "text",
+                json!({"kind": "learned", "context_length": 1_000_000_000u64}),
+                "text.context_length = 1000000000 is outside 1..=75",
+            ),
+            (
+                &zsad,
+                "image_score",
+                json!({"kind": "hsf", "clusters": 0, "cls_weight": 0.8}),
+                "image_score.clusters = 0 is outside 1..=1000",
+            ),
+            (
+                &zsad,
+                "image_score",
+                json!({"kind": "hsf", "clusters": 1u64 << 62, "cls_weight": 0.8}),
+                "image_score.clusters = 4611686018427387904 is outside 1..=1000",
+            ),
+            (
+                &zsad,
+                "image_score",
+                json!({"kind": "hsf", "clusters": 20, "cls_weight": 2.0}),
+                "image_score.cls_weight = 2 is outside [0, 1]",
+            ),
+            (
+                &zsad,
+                "joint",
+                json!({"kind": "mean", "alpha": 1.5}),
+                "joint.alpha = 1.5 is outside [0, 1]",
+            ),
+            (&acl, "vv_from", json!(9), "vv_from = 9 is outside 1..=4"),
+        ];
+        for (a, field, value, want) in cases {
+            let bytes = with_config(a, |j| j[field] = value.clone());
+            let loaded = Adapter::from_bytes(&bytes, "a.safetensors").unwrap();
+            let e = loaded.check(&clip).unwrap_err().to_string();
+            assert!(e.contains(want), "{field} = {value}: {e}");
+        }
+        // JSON that does not fit the field's type never gets that far.
+        let bytes = with_config(&zsad, |j| j["image_size"] = json!(1e7));
+        let e = Adapter::from_bytes(&bytes, "a.safetensors")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("weights a.safetensors: unreadable `zsad.config` metadata: invalid type: floating point"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn non_finite_tensors_are_refused_by_name() {
+        let clip = ClipConfig::tiny();
+        let mut a =
+            Adapter::init(DetectorConfig::preset(Preset::Zsad, &clip, "x"), &clip, 1).unwrap();
+        for (value, what) in [(f32::NAN, "NaN"), (f32::INFINITY, "inf")] {
+            let t = &a.tensors["vision.cls_proj.bias"];
+            let mut v = t.to_vec1::<f32>().unwrap();
+            v[3] = value;
+            a.tensors.insert(
+                "vision.cls_proj.bias".into(),
+                Tensor::from_vec(v.clone(), v.len(), &Device::Cpu).unwrap(),
+            );
+            let e = Adapter::from_bytes(&a.to_bytes().unwrap(), "a.safetensors")
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                e,
+                "weights a.safetensors: tensor `vision.cls_proj.bias` holds 1 NaN or infinite values (a diverged training run?)",
+                "{what}"
+            );
+        }
     }
 }

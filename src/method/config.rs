@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::clip::config::MAX_INPUT_SIZE;
 use crate::clip::{Activation, ClipConfig, PosInterpolation};
 use crate::error::invalid;
 use crate::Result;
@@ -196,6 +197,15 @@ pub struct DetectorConfig {
     pub provenance: Option<serde_json::Value>,
 }
 
+/// Largest Gaussian smoothing (scipy's kernel then spans 513 pixels).
+pub const MAX_SIGMA: f64 = 64.0;
+/// Most HSF clusters (it ranks `5 · clusters` patches).
+pub const MAX_CLUSTERS: usize = 1000;
+/// Most deep visual prompt tokens (the papers use 5).
+pub const MAX_VISUAL_PROMPTS: usize = 256;
+/// Largest similarity multiplier (CLIP's is 100).
+pub const MAX_LOGIT_SCALE: f64 = 1e4;
+
 /// The input size the papers run a backbone at: 518 for ViT-L/14-336 (37x37 patches; AdaCLIP,
 /// AnomalyCLIP, April-GAN), the trained size otherwise.
 pub fn papers_image_size(clip: &ClipConfig) -> usize {
@@ -322,71 +332,125 @@ impl DetectorConfig {
         }
     }
 
-    /// Checks the configuration against a backbone.
+    /// Checks the configuration against a backbone: every numeric field in its range, each
+    /// problem named with the field (as spelled in the adapter's `zsad.config`) and the range.
+    /// The upper bounds keep a crafted adapter file from sizing huge allocations.
     pub fn validate(&self, clip: &ClipConfig) -> Result<()> {
         let vd = clip.vision_config.num_hidden_layers;
         let td = clip.text_config.num_hidden_layers;
         let p = clip.vision_config.patch_size;
-        if self.image_size < p {
-            return Err(invalid!(
-                "image size {} is smaller than one {p}px patch",
-                self.image_size
-            ));
-        }
-        if self.layers.is_empty() {
-            return Err(invalid!("no layers to tap"));
-        }
-        if let Some(&l) = self.layers.iter().find(|&&l| l == 0 || l > vd) {
-            return Err(invalid!("layer {l} is outside the image tower's 1..={vd}"));
-        }
-        if self.visual_prompt_depth > vd {
-            return Err(invalid!(
-                "visual prompts at depth {} but the image tower has {vd} layers",
-                self.visual_prompt_depth
-            ));
-        }
-        if self.text_prompt_depth > td {
-            return Err(invalid!(
-                "text prompts at depth {} but the text tower has {td} layers",
-                self.text_prompt_depth
-            ));
-        }
-        if let Some(v) = self.vv_from {
-            if v == 0 || v > vd {
-                return Err(invalid!("V-V start layer {v} is outside 1..={vd}"));
+        // [SOT] + tokens + [EOT] must fit the text context.
+        let max_text_tokens = clip.text_config.max_position_embeddings.saturating_sub(2);
+        let mut problems = Vec::new();
+        let mut within = |field: &str, value: usize, lo: usize, hi: usize, why: &str| {
+            if !(lo..=hi).contains(&value) {
+                problems.push(format!("{field} = {value} is outside {lo}..={hi}{why}"));
             }
+        };
+        let image_tower = format!(" (the image tower has {vd} layers)");
+        let text_tower = format!(" (the text tower has {td} layers)");
+        let context = format!(
+            " (the text context holds {} tokens with SOT and EOT)",
+            clip.text_config.max_position_embeddings
+        );
+        let max_size = MAX_INPUT_SIZE.max(clip.vision_config.image_size);
+        within("image_size", self.image_size, p, max_size, "");
+        within("layers (count)", self.layers.len(), 1, vd, &image_tower);
+        for &l in &self.layers {
+            within("layers", l, 1, vd, &image_tower);
+        }
+        within(
+            "visual_prompt_depth",
+            self.visual_prompt_depth,
+            0,
+            vd,
+            &image_tower,
+        );
+        within(
+            "visual_prompt_length",
+            self.visual_prompt_length,
+            0,
+            MAX_VISUAL_PROMPTS,
+            "",
+        );
+        within(
+            "text_prompt_depth",
+            self.text_prompt_depth,
+            0,
+            td,
+            &text_tower,
+        );
+        within(
+            "text_prompt_length",
+            self.text_prompt_length,
+            0,
+            max_text_tokens,
+            &context,
+        );
+        if let Some(v) = self.vv_from {
+            within("vv_from", v, 1, vd, &image_tower);
+        }
+        if let TextPrompts::Learned { context_length } = self.text {
+            within(
+                "text.context_length",
+                context_length,
+                1,
+                max_text_tokens,
+                &context,
+            );
+        }
+        if let ImageScore::Hsf { clusters, .. } = self.image_score {
+            within("image_score.clusters", clusters, 1, MAX_CLUSTERS, "");
+        }
+        if p > 0 && self.image_size % p != 0 {
+            let below = self.image_size / p * p;
+            problems.push(format!(
+                "image_size = {} is not a multiple of the {p}px patch (the last partial patch \
+                 would be dropped and the map shifted): use {} or {}",
+                self.image_size,
+                below.max(p),
+                below + p
+            ));
+        }
+        let mut real = |field: &str, value: f64, lo: f64, hi: f64, open_lo: bool| {
+            let ok = value.is_finite() && value <= hi && (value > lo || (!open_lo && value == lo));
+            if !ok {
+                let l = if open_lo { '(' } else { '[' };
+                problems.push(format!("{field} = {value} is outside {l}{lo}, {hi}]"));
+            }
+        };
+        real("logit_scale", self.logit_scale, 0.0, MAX_LOGIT_SCALE, true);
+        real("sigma", self.sigma, 0.0, MAX_SIGMA, false);
+        if let ImageScore::Hsf { cls_weight, .. } = self.image_score {
+            real("image_score.cls_weight", cls_weight, 0.0, 1.0, false);
+        }
+        if let JointScore::Mean { alpha } = self.joint {
+            real("joint.alpha", alpha, 0.0, 1.0, false);
         }
         if matches!(self.image_score, ImageScore::Hsf { .. })
             && self.patch_features != PatchFeatures::Linear
         {
-            return Err(invalid!(
-                "HSF image scores need learned patch projections (patch_features = linear)"
-            ));
-        }
-        if let ImageScore::Hsf { clusters: 0, .. } = self.image_score {
-            return Err(invalid!("HSF needs at least one cluster"));
+            problems.push(
+                "HSF image scores need learned patch projections (patch_features = linear)".into(),
+            );
         }
         if self.dynamic_prompts && self.visual_prompt_depth == 0 && self.text_prompt_depth == 0 {
-            return Err(invalid!("dynamic prompts need a prompt depth"));
-        }
-        if !(self.logit_scale.is_finite() && self.logit_scale > 0.0) {
-            return Err(invalid!("logit scale must be positive"));
-        }
-        if let JointScore::Mean { alpha } = self.joint {
-            if !(0.0..=1.0).contains(&alpha) {
-                return Err(invalid!("joint score alpha {alpha} is outside [0, 1]"));
-            }
+            problems.push("dynamic prompts need a prompt depth".into());
         }
         if let TextPrompts::Learned { context_length } = self.text {
             // Deep prompts replace positions 1..=len, which must stay inside the context.
             if self.text_prompt_depth > 1 && self.text_prompt_length > context_length {
-                return Err(invalid!(
+                problems.push(format!(
                     "deep text prompts of length {} overrun {context_length} context tokens",
                     self.text_prompt_length
                 ));
             }
         }
-        Ok(())
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(invalid!("{}", problems.join("; ")))
+        }
     }
 
     /// Whether the text features depend on the image (then they are encoded per image).

@@ -36,6 +36,9 @@ pub struct ImportOptions {
 struct Source<'a> {
     path: &'a Path,
     tensors: HashMap<String, Tensor>,
+    /// Tensors the archive lists but that cannot be read (unsupported dtype or layout), with
+    /// why: an error if the conversion needs them, ignored otherwise.
+    unreadable: HashMap<String, String>,
 }
 
 impl Source<'_> {
@@ -49,7 +52,36 @@ impl Source<'_> {
     fn take(&mut self, name: &str) -> Result<Tensor> {
         self.tensors
             .remove(name)
-            .ok_or_else(|| self.error(format!("missing tensor `{name}`")))
+            .ok_or_else(|| match self.unreadable.get(name) {
+                Some(why) => self.error(format!("tensor `{name}`: {why}")),
+                None => self.error(format!("missing tensor `{name}`")),
+            })
+    }
+
+    /// The token count of a prompt tensor `[len, width]`.
+    fn prompt_rows(&self, name: &str) -> Result<usize> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| self.error(format!("missing tensor `{name}`")))?;
+        match t.dims() {
+            &[len, _] => Ok(len),
+            d => Err(self.error(format!(
+                "`{name}` has shape {d:?}, expected [tokens, width]"
+            ))),
+        }
+    }
+
+    /// What was read but not converted, and what could not be read, sorted.
+    fn leftovers(self) -> Vec<String> {
+        let mut v: Vec<String> = self.tensors.into_keys().collect();
+        v.extend(
+            self.unreadable
+                .into_iter()
+                .map(|(k, why)| format!("{k} (unreadable: {why})")),
+        );
+        v.sort();
+        v
     }
 
     /// How many `{prefix}{i}{suffix}` exist for i = 0, 1, ... (contiguous).
@@ -60,7 +92,10 @@ impl Source<'_> {
     }
 }
 
-fn read(path: &Path, key: Option<&str>) -> Result<HashMap<String, Tensor>> {
+type Tensors = (HashMap<String, Tensor>, HashMap<String, String>);
+
+/// The checkpoint's tensors as f32, and those it lists but that cannot be read.
+fn read(path: &Path, key: Option<&str>) -> Result<Tensors> {
     let bad = |m: String| Error::Weights {
         file: path.display().to_string(),
         message: m,
@@ -68,17 +103,24 @@ fn read(path: &Path, key: Option<&str>) -> Result<HashMap<String, Tensor>> {
     if !path.exists() {
         return Err(bad("no such file".into()));
     }
-    let all = candle_core::pickle::read_all_with_key(path, key)
-        .map_err(|e| bad(format!("cannot read the torch pickle: {e}")))?;
-    if all.is_empty() {
+    let pth = crate::clip::pth::PthFile::open(path, key)?;
+    if pth.names().is_empty() {
         return Err(bad(match key {
             Some(k) => format!("no tensors under `{k}` (is this the right --format?)"),
             None => "no tensors (is this the right --format?)".into(),
         }));
     }
-    all.into_iter()
+    let unreadable = pth
+        .names()
+        .iter()
+        .filter_map(|n| Some((n.clone(), pth.problem(n)?.to_string())))
+        .collect();
+    let tensors = pth
+        .load_all()?
+        .into_iter()
         .map(|(k, t)| Ok((k, t.to_dtype(candle_core::DType::F32)?)))
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((tensors, unreadable))
 }
 
 /// Reads a published checkpoint and returns the equivalent adapter for `clip`.
@@ -124,12 +166,15 @@ fn adaclip(
     backbone: &str,
     opts: &ImportOptions,
 ) -> Result<Converted> {
-    let raw = read(path, None)?;
-    let tensors = raw
-        .into_iter()
-        .map(|(k, v)| (k.strip_prefix("clip_model.").unwrap_or(&k).to_string(), v))
-        .collect();
-    let mut src = Source { path, tensors };
+    let (raw, unreadable) = read(path, None)?;
+    let strip = |k: String| k.strip_prefix("clip_model.").unwrap_or(&k).to_string();
+    let tensors = raw.into_iter().map(|(k, v)| (strip(k), v)).collect();
+    let unreadable = unreadable.into_iter().map(|(k, v)| (strip(k), v)).collect();
+    let mut src = Source {
+        path,
+        tensors,
+        unreadable,
+    };
     let vis_depth = src.count("visual_prompter.static_prompts.", "");
     let txt_depth = src.count("text_prompter.static_prompts.", "");
     let n_layers = src.count("patch_token_layer.head.", ".weight");
@@ -140,16 +185,9 @@ fn adaclip(
             "no `visual_prompter.static_prompts.*` or `patch_token_layer.head.*`: not an AdaCLIP checkpoint".into(),
         ));
     }
-    let rows = |src: &Source, name: &str| -> Result<usize> {
-        Ok(src
-            .tensors
-            .get(name)
-            .ok_or_else(|| src.error(format!("missing tensor `{name}`")))?
-            .dim(0)?)
-    };
-    let vis_len = rows(&src, "visual_prompter.static_prompts.0")?;
+    let vis_len = src.prompt_rows("visual_prompter.static_prompts.0")?;
     let txt_len = if txt_depth > 0 {
-        rows(&src, "text_prompter.static_prompts.0")?
+        src.prompt_rows("text_prompter.static_prompts.0")?
     } else {
         0
     };
@@ -216,8 +254,7 @@ fn adaclip(
             &format!("text.dynamic.{k}"),
         )?;
     }
-    let mut ignored: Vec<String> = src.tensors.into_keys().collect();
-    ignored.sort();
+    let mut ignored = src.leftovers();
     ignored.insert(
         0,
         "text_prompter.static_prompts.0 (unused by the forward)".into(),
@@ -231,8 +268,12 @@ fn anomalyclip(
     backbone: &str,
     opts: &ImportOptions,
 ) -> Result<Converted> {
-    let tensors = read(path, Some("prompt_learner"))?;
-    let mut src = Source { path, tensors };
+    let (tensors, unreadable) = read(path, Some("prompt_learner"))?;
+    let mut src = Source {
+        path,
+        tensors,
+        unreadable,
+    };
     let squeeze_ctx = |t: Tensor| -> Result<Tensor> {
         // [1, 1, n, Dt] -> [n, Dt]
         let d = t.dims().to_vec();
@@ -256,7 +297,7 @@ fn anomalyclip(
     };
     cfg.text_prompt_depth = if deep > 0 { deep + 1 } else { 0 };
     cfg.text_prompt_length = if deep > 0 {
-        src.tensors["compound_prompts_text.0"].dim(0)?
+        src.prompt_rows("compound_prompts_text.0")?
     } else {
         0
     };
@@ -277,7 +318,5 @@ fn anomalyclip(
     }
     // The projections are never used in AnomalyCLIP's forward; the buffers are token
     // embeddings of the fixed words, recomputed from the backbone.
-    let mut ignored: Vec<String> = src.tensors.into_keys().collect();
-    ignored.sort();
-    Ok((cfg, out, ignored))
+    Ok((cfg, out, src.leftovers()))
 }
