@@ -420,6 +420,7 @@ pub fn text_inputs_for(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     #[test]
     fn batches_cover_every_sample_once_and_keep_classes_apart() {
@@ -429,6 +430,7 @@ mod tests {
                 mask: None,
                 label: Some(false),
                 class: ["a", "b", "c"][i % 3].into(),
+                rel: PathBuf::new(),
             })
             .collect();
         let b = epoch_batches(&samples, 4, 1, 0);
