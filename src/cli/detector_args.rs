@@ -48,8 +48,14 @@ pub struct DetectorArgs {
     /// How map evidence is fused into the image score (default: the method's)
     #[arg(long, value_enum)]
     pub joint: Option<JointArg>,
-    /// Weight of the global score in `--joint mean`
-    #[arg(long, default_value_t = 0.5, value_name = "ALPHA")]
+    /// Weight of the global score in `--joint mean`, from 0 to 1
+    #[arg(
+        long,
+        default_value_t = 0.5,
+        value_name = "ALPHA",
+        value_parser = super::flags::unit_interval,
+        allow_negative_numbers = true
+    )]
     pub joint_alpha: f64,
     /// tokenizer.json (default: the one beside the model)
     #[arg(long, value_name = "FILE")]
