@@ -13,6 +13,7 @@ pub mod error;
 pub mod eval;
 pub mod interp;
 pub mod method;
+pub mod progress;
 pub mod rng;
 pub mod train;
 

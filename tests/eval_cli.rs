@@ -358,3 +358,285 @@ fn an_mvtec_root_is_read_and_problems_are_named() {
         "{e}"
     );
 }
+
+/// A detect run given `./` and relative paths (from another folder, through a symlink) is
+/// matched to the dataset by file; records naming the images by other paths (another machine)
+/// by the path inside the dataset; every missing or unreadable map is named at once.
+#[test]
+fn predictions_match_by_file_then_by_path_inside_the_dataset() {
+    let Some(shared) = shared() else {
+        eprintln!("skipping: ../shared is absent");
+        return;
+    };
+    let bottle = shared.join("data/mvtec_ad/bottle");
+    if !bottle.exists() {
+        eprintln!("skipping: sample data is absent");
+        return;
+    }
+    let tok = shared
+        .join("clip-tokenizer/tokenizer.json")
+        .display()
+        .to_string();
+    let model = fixtures().join("models/tiny-method").display().to_string();
+    let dir = tmp("relative");
+    // The data through a symlink: detect's canonical paths are the real files'.
+    std::os::unix::fs::symlink(bottle.canonicalize().unwrap(), dir.join("bottle")).unwrap();
+    let images = [
+        "test/good/000.png",
+        "test/good/001.png",
+        "test/broken_large/000.png",
+        "test/contamination/000.png",
+    ];
+    let man = dir.join("m.jsonl");
+    let lines: Vec<String> = images
+        .iter()
+        .map(|i| {
+            let mut v = serde_json::json!({"image": format!("bottle/{i}"), "class": "bottle"});
+            if !i.contains("good") {
+                v["mask"] = serde_json::json!(format!(
+                    "bottle/{}",
+                    i.replace("test/", "ground_truth/")
+                        .replace(".png", "_mask.png")
+                ));
+            }
+            v.to_string()
+        })
+        .collect();
+    std::fs::write(&man, lines.join("\n") + "\n").unwrap();
+    let inputs: Vec<String> = images
+        .iter()
+        .enumerate()
+        .map(|(k, i)| {
+            if k % 2 == 0 {
+                format!("./bottle/{i}")
+            } else {
+                format!("bottle/{i}")
+            }
+        })
+        .collect();
+    let mut args = vec![
+        "detect",
+        "--model",
+        &model,
+        "--tokenizer",
+        &tok,
+        "--maps",
+        "npy",
+        "--heatmaps",
+        "none",
+        "--out",
+        "pred",
+        "-q",
+    ];
+    args.extend(inputs.iter().map(String::as_str));
+    let o = run_zsad_in(&dir, &args);
+    assert!(o.status.success(), "{}", err(&o));
+    let pred = dir.join("pred");
+    let man_s = man.display().to_string();
+    let eval = |cwd: &Path, out: &str, quiet: bool| {
+        let out = dir.join(out).display().to_string();
+        let pred = pred.display().to_string();
+        let mut a = vec![
+            "eval",
+            "--data",
+            &man_s,
+            "--predictions",
+            &pred,
+            "--out",
+            &out,
+        ];
+        if quiet {
+            a.push("-q");
+        }
+        run_zsad_in(cwd, &a)
+    };
+    // From the folder detect ran in: the records' relative paths name the same files.
+    let o = eval(&dir, "same-folder", false);
+    assert!(o.status.success(), "{}", err(&o));
+    let e = err(&o);
+    // Not a terminal: plain progress lines (here the last image only: 4 < 50).
+    assert!(e.contains("zsad: eval: image 4/4 (bottle) "), "{e}");
+    assert!(!e.contains("image 3/4"), "{e}");
+    let want = metrics(&dir.join("same-folder"));
+    assert_eq!(want["classes"]["bottle"]["images"], 4);
+    // From elsewhere the relative paths do not resolve: matched by `bottle/test/...`.
+    let o = eval(&fixtures(), "elsewhere", true);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(err(&o).is_empty(), "--quiet: {}", err(&o));
+    assert_eq!(metrics(&dir.join("elsewhere")), want);
+    // Records made on another machine: other roots, same paths inside the dataset.
+    let scores = pred.join("scores.jsonl");
+    let original = std::fs::read_to_string(&scores).unwrap();
+    let moved = original
+        .replace("\"./bottle/", "\"/mnt/other/mvtec/bottle/")
+        .replace("\"bottle/", "\"/mnt/other/mvtec/bottle/");
+    assert!(!moved.contains("\"./"));
+    std::fs::write(&scores, &moved).unwrap();
+    let o = eval(&dir, "moved", true);
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(metrics(&dir.join("moved")), want);
+    // Two records ending with the same path inside the dataset: ambiguous, both named.
+    let first = moved.lines().find(|l| l.contains("good/000.png")).unwrap();
+    std::fs::write(
+        &scores,
+        format!("{moved}{}\n", first.replace("/mnt/other/", "/mnt/third/")),
+    )
+    .unwrap();
+    let o = eval(&dir, "ambiguous", true);
+    assert_eq!(o.status.code(), Some(2));
+    let e = err(&o);
+    assert!(
+        e.contains("1 prediction problem(s)")
+            && e.contains("2 predictions end with bottle/test/good/000.png: /mnt/other/mvtec/")
+            && e.contains("/mnt/third/mvtec/"),
+        "{e}"
+    );
+    std::fs::write(&scores, &original).unwrap();
+
+    // Missing maps: all of them at once, before any is read.
+    let recs: Vec<Value> = original
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let map_of = |k: usize| pred.join(recs[k]["map"].as_str().unwrap());
+    std::fs::remove_file(map_of(0)).unwrap();
+    std::fs::remove_file(map_of(2)).unwrap();
+    let o = eval(&dir, "missing", true);
+    assert_eq!(o.status.code(), Some(2));
+    let e = err(&o);
+    assert!(e.contains("2 prediction problem(s)"), "{e}");
+    for k in [0, 2] {
+        assert!(
+            e.contains(&format!("map {} is missing", map_of(k).display())),
+            "{e}"
+        );
+    }
+    assert!(!dir.join("missing/metrics.json").exists());
+    // Unreadable maps: all of them, after the others were read.
+    std::fs::write(map_of(0), b"not a map").unwrap();
+    std::fs::write(map_of(2), b"not a map either").unwrap();
+    let o = eval(&dir, "unreadable", true);
+    assert_eq!(o.status.code(), Some(2));
+    let e = err(&o);
+    assert!(e.contains("2 map problem(s)"), "{e}");
+    for k in [0, 2] {
+        assert!(
+            e.contains(&format!(
+                "unreadable map: {}: not a .npy file",
+                map_of(k).display()
+            )),
+            "{e}"
+        );
+    }
+    assert!(!dir.join("unreadable/metrics.json").exists());
+}
+
+/// Every dataset problem is reported at once, before any model is loaded.
+#[test]
+fn every_dataset_problem_is_reported_at_once() {
+    let dir = tmp("problems");
+    image::GrayImage::new(4, 4)
+        .save(dir.join("ok.png"))
+        .unwrap();
+    image::GrayImage::from_pixel(4, 4, image::Luma([255]))
+        .save(dir.join("ok_mask.png"))
+        .unwrap();
+    let man = dir.join("m.csv");
+    std::fs::write(
+        &man,
+        "image,mask,label,class\n\
+         ok.png,ok_mask.png,1,a\n\
+         ok.png,,maybe,a\n\
+         ,ok_mask.png,1,a\n\
+         gone1.png,,0,a\n\
+         ok.png,gone_mask.png,1,a\n\
+         ok.png,,anomalous?,a\n\
+         gone2.png,,0,b\n\
+         gone3.png,,0,b\n\
+         gone4.png,,0,b\n",
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let o = zsad(
+        &[
+            "eval",
+            "--data",
+            man.to_str().unwrap(),
+            "--model",
+            "no-such-model",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let e = err(&o);
+    assert!(e.contains("the data has 8 problem(s)"), "{e}");
+    let m = man.display();
+    for want in [
+        format!("{m}: line 3: label \"maybe\""),
+        format!("{m}: line 4: empty `image`"),
+        format!(
+            "{m}: line 5: image {}: not found",
+            dir.join("gone1.png").display()
+        ),
+        format!("{m}: line 6: mask {}", dir.join("gone_mask.png").display()),
+        format!("{m}: line 7: label \"anomalous?\""),
+        format!("{m}: line 10: image {}", dir.join("gone4.png").display()),
+    ] {
+        assert!(e.contains(&want), "missing `{want}` in\n{e}");
+    }
+    assert!(
+        !e.contains("no-such-model"),
+        "the data is checked first: {e}"
+    );
+
+    // No `image` column: said so, with the columns there are.
+    std::fs::write(&man, "file,label\nok.png,0\n").unwrap();
+    let o = zsad(
+        &[
+            "eval",
+            "--data",
+            man.to_str().unwrap(),
+            "--predictions",
+            dir.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let e = err(&o);
+    assert!(
+        e.contains(&format!(
+            "manifest {m}: no `image` column; the columns are: file, label"
+        )),
+        "{e}"
+    );
+
+    // An MVTec AD class with an empty test/ folder is named, not dropped.
+    let root = dir.join("mvtec");
+    std::fs::create_dir_all(root.join("bottle/test/good")).unwrap();
+    image::GrayImage::new(4, 4)
+        .save(root.join("bottle/test/good/000.png"))
+        .unwrap();
+    std::fs::create_dir_all(root.join("cable/test/good")).unwrap();
+    let o = zsad(
+        &[
+            "eval",
+            "--data",
+            root.to_str().unwrap(),
+            "--predictions",
+            dir.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let e = err(&o);
+    assert!(
+        e.contains("the data has 1 problem(s)") && e.contains("class `cable` has no images"),
+        "{e}"
+    );
+}

@@ -237,3 +237,180 @@ fn training_transfers_to_held_out_classes_and_round_trips() {
         );
     }
 }
+
+/// `zsad train ARGS` on the tiny model; `extra` after the common flags.
+fn train_args<'a>(model: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["train", "--model", model, "--out", out];
+    v.extend(extra);
+    v
+}
+
+#[track_caller]
+fn refused(o: &Output, want: &str) {
+    assert_eq!(o.status.code(), Some(2), "{}", err(o));
+    assert!(err(o).contains(want), "missing `{want}` in\n{}", err(o));
+}
+
+/// Numeric flags out of range, the untrainable default preset, a folder as --out and an
+/// existing adapter or checkpoint are refused before the data or the model is read.
+#[test]
+fn bad_flags_and_outputs_are_refused_up_front() {
+    let dir = tmp("refuse");
+    let model = fixtures().join("models/tiny-method").display().to_string();
+    let out = dir.join("a.safetensors").display().to_string();
+    // The data does not exist: each refusal must come before it is read.
+    let data = ["--data", "no-such-data", "--preset", "adaclip"];
+    for (flag, value, want) in [
+        (
+            "--lr",
+            "nan",
+            "must be a finite number (not NaN or infinity)",
+        ),
+        ("--lr", "0", "must be a finite number > 0"),
+        ("--lr", "-0.01", "must be a finite number > 0"),
+        ("--epochs", "-1", "must be an integer from 1 to 10000"),
+        ("--lr", "inf", "not NaN or infinity"),
+        ("--mosaic-rate", "1.5", "must be a number from 0 to 1"),
+        ("--mosaic-rate", "NaN", "not NaN or infinity"),
+        ("--epochs", "0", "must be an integer from 1 to 10000"),
+        ("--batch-size", "0", "must be an integer from 1 to 1024"),
+        ("--batch-size", "5000", "must be an integer from 1 to 1024"),
+        ("--weight-decay", "-1", "must be a finite number >= 0"),
+        ("--weight-decay", "nan", "not NaN or infinity"),
+        ("--max-steps", "0", "must be an integer >= 1"),
+        ("--joint-alpha", "2", "must be a number from 0 to 1"),
+    ] {
+        let mut extra = data.to_vec();
+        extra.extend([flag, value]);
+        let o = zsad(&train_args(&model, &out, &extra));
+        refused(&o, &format!("invalid value '{value}' for '{flag} <"));
+        refused(&o, want);
+    }
+    // The default preset learns nothing: the message lists those that do.
+    let o = zsad(&train_args(&model, &out, &["--data", "no-such-data"]));
+    refused(
+        &o,
+        "--preset zero-shot (the default) is training-free: there is nothing to train; give --preset P with P one of adaclip, anomalyclip, headclip, zsad, or --adapter A",
+    );
+    // A folder as --out.
+    let folder = format!("{}/", dir.display());
+    let o = zsad(&train_args(&model, &folder, &data));
+    refused(
+        &o,
+        &format!(
+            "names a folder; --out must be a file path like DIR/adapter.safetensors (e.g. --out {})",
+            dir.join("adapter.safetensors").display()
+        ),
+    );
+    let o = zsad(&train_args(&model, dir.to_str().unwrap(), &data));
+    refused(&o, "--out must be a file path like DIR/adapter.safetensors");
+    // An existing adapter, an existing checkpoint.
+    std::fs::write(dir.join("a.safetensors"), b"precious").unwrap();
+    let o = zsad(&train_args(&model, &out, &data));
+    refused(&o, &format!("{out} exists: pass --overwrite to replace it"));
+    std::fs::remove_file(dir.join("a.safetensors")).unwrap();
+    std::fs::write(dir.join("a.ckpt.safetensors"), b"precious").unwrap();
+    let o = zsad(&train_args(&model, &out, &data));
+    refused(
+        &o,
+        "a.ckpt.safetensors exists: the checkpoint of an unfinished run writing",
+    );
+    refused(
+        &o,
+        "continue it with --resume, or start over with --overwrite",
+    );
+    assert_eq!(
+        std::fs::read(dir.join("a.ckpt.safetensors")).unwrap(),
+        b"precious"
+    );
+    // With --overwrite the checks pass and the (missing) data is what fails.
+    let mut extra = data.to_vec();
+    extra.push("--overwrite");
+    let o = zsad(&train_args(&model, &out, &extra));
+    refused(&o, "no-such-data: no such file or folder");
+}
+
+/// An image size that is not a multiple of the patch size is refused with the sizes near it.
+#[test]
+fn image_size_must_be_a_multiple_of_the_patch() {
+    let dir = tmp("size");
+    make_class(&dir.join("data"), 0, 2, 1);
+    let model = fixtures().join("models/tiny-method").display().to_string();
+    let out = dir.join("a.safetensors").display().to_string();
+    let data = dir.join("data").display().to_string();
+    let o = zsad(&train_args(
+        &model,
+        &out,
+        &["--data", &data, "--preset", "adaclip", "--image-size", "60"],
+    ));
+    refused(
+        &o,
+        "--image-size 60 is not a multiple of the model's 8 px patch",
+    );
+    refused(&o, "use 56 or 64");
+    assert!(!dir.join("a.safetensors").exists());
+}
+
+/// Without a terminal, training prints plain progress lines (every 10 steps and the last);
+/// --quiet silences them; a second run refuses to replace the adapter unless --overwrite.
+#[test]
+fn progress_lines_when_not_a_terminal_and_overwrite() {
+    let Some(shared) = shared() else {
+        eprintln!("skipping: ../shared is absent");
+        return;
+    };
+    let tok = shared
+        .join("clip-tokenizer/tokenizer.json")
+        .display()
+        .to_string();
+    let model = fixtures().join("models/tiny-method").display().to_string();
+    let dir = tmp("lines");
+    for c in 0..2 {
+        make_class(&dir.join("data"), c, 3, 1);
+    }
+    let out = dir.join("a.safetensors").display().to_string();
+    let data = dir.join("data").display().to_string();
+    let common = [
+        "--data",
+        data.as_str(),
+        "--preset",
+        "adaclip",
+        "--tokenizer",
+        tok.as_str(),
+        "--epochs",
+        "2",
+    ];
+    let o = zsad(&train_args(&model, &out, &common));
+    assert!(o.status.success(), "{}", err(&o));
+    let e = err(&o);
+    let lines: Vec<&str> = e
+        .lines()
+        .filter(|l| l.starts_with("zsad: train: "))
+        .collect();
+    assert_eq!(lines.len(), 2, "{e}");
+    assert!(
+        lines[0].starts_with("zsad: train: step 10/12 epoch 2/2 loss "),
+        "{e}"
+    );
+    assert!(
+        lines[1].starts_with("zsad: train: step 12/12 epoch 2/2 loss "),
+        "{e}"
+    );
+    assert!(lines.iter().all(|l| l.contains(" s/step ETA ")), "{e}");
+    assert!(lines[1].ends_with("ETA 0s"), "{e}");
+    // The per-epoch lines are still there.
+    assert!(e.contains("zsad: epoch 1/2: mean loss"), "{e}");
+    let first = std::fs::read(&out).unwrap();
+
+    let o = zsad(&train_args(&model, &out, &common));
+    refused(&o, &format!("{out} exists: pass --overwrite to replace it"));
+    assert_eq!(std::fs::read(&out).unwrap(), first);
+
+    let mut extra = common.to_vec();
+    extra.extend(["--overwrite", "-q", "--max-steps", "3"]);
+    let o = zsad(&train_args(&model, &out, &extra));
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(err(&o).is_empty(), "--quiet: {}", err(&o));
+    let cfg = adapter_config(Path::new(&out));
+    assert_eq!(cfg["provenance"]["steps"], 3);
+}

@@ -12,13 +12,13 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use super::pipeline::{self, Outcome, PipelineOptions, MAX_BATCH_SIZE};
-use super::progress::Progress;
 use super::render::{self, OutputOptions};
 use super::run_record::{self, RunRecord};
 use crate::clip::{LoadedModel, ModelSource};
 use crate::data::inputs::{self, Expanded, Input, Shard, WalkOptions};
 use crate::data::outputs::{self, Record, RecordFormat, RecordLog};
 use crate::method::{Adapter, Detector};
+use crate::progress::{Lines, Progress};
 use crate::{Error, Result};
 
 /// The largest `--max-pixels`: 4 gigapixels, past any camera; its decoded frame (12 GB) is
@@ -229,9 +229,23 @@ impl DetectJob {
         drop(done);
 
         let mut log = RecordLog::create(&log_path, opts.format, &kept)?;
-        let progress = Progress::new("detect", "images", todo.len() as u64, opts.quiet);
+        let total = todo.len() as u64;
+        let mut progress = Progress::new(
+            total,
+            opts.quiet,
+            "{elapsed_precise} [{bar:30}] {pos}/{len} images  {per_sec}  ETA {eta}",
+            Lines {
+                command: "detect",
+                unit: "image",
+                // A line at every 5% (and at least every 30 s).
+                every: (total / 20).max(1),
+            },
+        );
+        let show = !opts.quiet;
         for m in &missing {
-            progress.warn(&format!("zsad: {}: {}", m.given, m.error));
+            if show {
+                progress.println(&format!("zsad: {}: {}", m.given, m.error));
+            }
             log.append(&Record::failed(&m.given, &m.error))?;
             summary.failed += 1;
         }
@@ -273,12 +287,14 @@ impl DetectJob {
                 match &record.error {
                     Some(e) => {
                         failed += 1;
-                        progress.warn(&format!("zsad: {}: {e}", record.path));
+                        if show {
+                            progress.println(&format!("zsad: {}: {e}", record.path));
+                        }
                     }
                     None => scored += 1,
                 }
                 log.append(&record)?;
-                progress.inc();
+                progress.advance((scored + failed) as u64, String::new);
                 Ok(())
             },
         )?;

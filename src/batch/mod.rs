@@ -1,9 +1,8 @@
 //! Batch work over many images: the staged [`pipeline`] every scoring command runs, the
-//! [`detect`] job with its [`run_record`] (`run.json`), the per-input files ([`render`]) and
-//! [`progress`] reporting for terminals and logs alike.
+//! [`detect`] job with its [`run_record`] (`run.json`), and [`render`] for the files of one
+//! scored input.
 
 pub mod detect;
 pub mod pipeline;
-pub mod progress;
 pub mod render;
 pub mod run_record;

@@ -48,9 +48,14 @@ pub struct DetectorArgs {
     /// How map evidence is fused into the image score (default: the method's)
     #[arg(long, value_enum)]
     pub joint: Option<JointArg>,
-    /// Weight of the global score in a `mean` joint score, in [0, 1] (default 0.5, or the
+    /// Weight of the global score in a `mean` joint score, from 0 to 1 (default 0.5, or the
     /// adapter's); refused when the joint score is not `mean`
-    #[arg(long, value_name = "ALPHA")]
+    #[arg(
+        long,
+        value_name = "ALPHA",
+        value_parser = super::flags::unit_interval,
+        allow_negative_numbers = true
+    )]
     pub joint_alpha: Option<f64>,
     /// tokenizer.json (default: the one beside the model, else the CLIP vocabulary built in)
     #[arg(long, value_name = "FILE")]

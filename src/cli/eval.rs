@@ -2,7 +2,6 @@
 //! over an annotated dataset or from the written predictions of `zsad detect`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -10,13 +9,14 @@ use clap::{Args, ValueEnum};
 
 use super::detector_args::{tokenizer, DetectorArgs};
 use crate::batch::pipeline::{self, Outcome, PipelineOptions};
-use crate::data::dataset::{self, Sample};
+use crate::data::dataset::{self, path_words, problem_list, Sample};
 use crate::data::outputs::{self, Record};
 use crate::eval::metrics::Curve;
 use crate::eval::report::ClassMetrics;
 use crate::eval::{plot, Evaluation, SingleLabel};
 use crate::method::config::TextPrompts;
 use crate::method::{prompts, Detector, TextInputs};
+use crate::progress::{Lines, Progress};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Resolution {
@@ -56,7 +56,7 @@ pub struct EvalArgs {
     /// a threshold
     #[arg(long, value_enum, default_value = "numpy1")]
     pub aupro_grid: crate::eval::metrics::ProGrid,
-    /// No progress bar
+    /// No progress bar (on a terminal) or progress lines (otherwise), no table, no summary
     #[arg(long, short = 'q')]
     pub quiet: bool,
 }
@@ -79,20 +79,20 @@ fn mask_bits(mask: &Option<image::GrayImage>, w: u32, h: u32) -> Vec<bool> {
     }
 }
 
-fn progress(n: usize, quiet: bool) -> indicatif::ProgressBar {
-    let bar = if !quiet && std::io::stderr().is_terminal() {
-        indicatif::ProgressBar::new(n as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} images  {per_sec}  ETA {eta}  {msg}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar
+/// Images scored between two plain progress lines (when stderr is not a terminal).
+const LINE_EVERY: u64 = 50;
+
+fn progress(n: usize, quiet: bool) -> Progress {
+    Progress::new(
+        n as u64,
+        quiet,
+        "{elapsed_precise} [{bar:30}] {pos}/{len} images  {per_sec}  ETA {eta}  {msg}",
+        Lines {
+            command: "eval",
+            unit: "image",
+            every: LINE_EVERY,
+        },
+    )
 }
 
 fn by_class(samples: &[Sample]) -> BTreeMap<String, Vec<&Sample>> {
@@ -110,7 +110,8 @@ fn run_model(
 ) -> anyhow::Result<Evaluation> {
     let (loaded, adapter) = detector_args.setup(args.quiet)?;
     let tok = tokenizer(&detector_args.tokenizer, &loaded)?;
-    let bar = progress(samples.len(), args.quiet);
+    let mut bar = progress(samples.len(), args.quiet);
+    let mut done = 0u64;
     let mut eval = Evaluation::default();
     for (class, group) in by_class(samples) {
         // Hand-made ensembles name the object: the dataset's class word, as the papers do,
@@ -123,7 +124,7 @@ fn run_model(
         }
         let det = Detector::new(&loaded.model, &a, TextInputs::build(&a.config, &tok)?)?;
         let size = det.image_size();
-        bar.set_message(class.clone());
+        bar.bar().set_message(class.clone());
         // detect's pipeline; a sample that cannot be scored stops the evaluation (its metrics
         // would silently leave it out), naming the file.
         pipeline::run(
@@ -163,17 +164,79 @@ fn run_model(
                         );
                     }
                 }
-                bar.inc(1);
+                done += 1;
+                bar.advance(done, || format!("({class})"));
                 Ok(())
             },
         )?;
     }
-    bar.finish_and_clear();
+    bar.finish();
     Ok(eval)
 }
 
-fn canonical(p: &Path) -> PathBuf {
-    p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
+fn canonical(p: &Path) -> Option<PathBuf> {
+    p.canonicalize().ok()
+}
+
+/// The record of each sample: the one naming the same file (canonical paths: `./` and
+/// relative paths resolved against the current folder, symlinks followed), else the one whose
+/// path ends with the sample's path inside its dataset (`bottle/test/good/000.png`), so that
+/// predictions made on another machine, mount point or working folder still match. `Err`
+/// says why there is none.
+fn match_records(samples: &[Sample], records: &[Record]) -> Vec<Result<usize, String>> {
+    let mut by_file: HashMap<PathBuf, usize> = HashMap::new();
+    for (i, r) in records.iter().enumerate() {
+        let p = Path::new(&r.path);
+        by_file.insert(p.to_path_buf(), i);
+        if let Some(c) = canonical(p) {
+            by_file.insert(c, i);
+        }
+    }
+    // Records by their last n path components, built for each n the samples need.
+    let record_words: Vec<Vec<String>> = records
+        .iter()
+        .map(|r| path_words(Path::new(&r.path)))
+        .collect();
+    let mut by_tail: HashMap<usize, HashMap<&[String], Vec<usize>>> = HashMap::new();
+    samples
+        .iter()
+        .map(|s| {
+            let exact = by_file
+                .get(&s.image)
+                .or_else(|| canonical(&s.image).and_then(|c| by_file.get(&c)));
+            if let Some(&i) = exact {
+                return Ok(i);
+            }
+            let key = path_words(&s.rel);
+            if key.is_empty() {
+                return Err("no prediction".into());
+            }
+            let n = key.len();
+            let tails = by_tail.entry(n).or_insert_with(|| {
+                let mut m: HashMap<&[String], Vec<usize>> = HashMap::new();
+                for (i, w) in record_words.iter().enumerate() {
+                    if w.len() >= n {
+                        m.entry(&w[w.len() - n..]).or_default().push(i);
+                    }
+                }
+                m
+            });
+            match tails.get(key.as_slice()).map(Vec::as_slice) {
+                None | Some([]) => Err("no prediction".into()),
+                Some([i]) => Ok(*i),
+                Some(many) => Err(format!(
+                    "{} predictions end with {}: {}",
+                    many.len(),
+                    s.rel.display(),
+                    many.iter()
+                        .take(3)
+                        .map(|&i| records[i].path.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            }
+        })
+        .collect()
 }
 
 fn read_predictions(args: &EvalArgs, dir: &Path, samples: &[Sample]) -> anyhow::Result<Evaluation> {
@@ -185,82 +248,117 @@ fn read_predictions(args: &EvalArgs, dir: &Path, samples: &[Sample]) -> anyhow::
     if !torn.is_empty() {
         bail!("{}: unreadable lines {:?}", file.display(), torn);
     }
-    let index: HashMap<PathBuf, Record> = records
-        .into_iter()
-        .map(|r| (canonical(Path::new(&r.path)), r))
-        .collect();
+    let matched = match_records(samples, &records);
     // Every problem at once: missing predictions, failed inputs, missing map files.
     let mut problems = Vec::new();
-    for s in samples {
-        match index.get(&canonical(&s.image)) {
-            None => problems.push(format!(
-                "{}: no prediction in {}",
-                s.image.display(),
-                file.display()
-            )),
-            Some(r) if r.score.is_none() => problems.push(format!(
+    let mut unmatched = false;
+    for (s, m) in samples.iter().zip(&matched) {
+        let r = match m {
+            Err(why) => {
+                unmatched = true;
+                problems.push(format!(
+                    "{}: {why} in {}",
+                    s.image.display(),
+                    file.display()
+                ));
+                continue;
+            }
+            Ok(i) => &records[*i],
+        };
+        match (&r.score, &r.map) {
+            (None, _) => problems.push(format!(
                 "{}: detection failed: {}",
                 s.image.display(),
                 r.error.as_deref().unwrap_or("no score")
             )),
-            Some(r) if r.map.is_none() => problems.push(format!(
+            (_, None) => problems.push(format!(
                 "{}: no map was written (run detect with --maps png or npy)",
                 s.image.display()
+            )),
+            (_, Some(map)) if !dir.join(map).is_file() => problems.push(format!(
+                "{}: map {} is missing",
+                s.image.display(),
+                dir.join(map).display()
             )),
             _ => {}
         }
     }
+    let how = "records are matched to images by file (canonical path), else by the path inside the dataset, e.g. `<class>/test/<defect>/<name>`; `zsad detect --resume` scores the missing ones";
     if !problems.is_empty() {
         bail!(
-            "{} prediction problem(s):\n  {}",
-            problems.len(),
-            problems.join("\n  ")
+            "{}{}",
+            problem_list("prediction problem(s)", &problems),
+            if unmatched {
+                format!("\n({how})")
+            } else {
+                String::new()
+            }
         );
     }
-    let bar = progress(samples.len(), args.quiet);
+    let mut bar = progress(samples.len(), args.quiet);
+    let mut done = 0u64;
     let mut eval = Evaluation::default();
+    let index: HashMap<&Path, usize> = samples
+        .iter()
+        .zip(&matched)
+        .map(|(s, m)| (s.image.as_path(), *m.as_ref().expect("checked")))
+        .collect();
+    // Maps that cannot be read or do not fit are all named at the end, not one per run.
     for (class, group) in by_class(samples) {
+        bar.bar().set_message(class.clone());
         for s in group {
-            let r = &index[&canonical(&s.image)];
-            let map_path = dir.join(r.map.as_ref().expect("checked"));
-            let (map, w, h) = if map_path.extension().is_some_and(|e| e == "npy") {
-                outputs::read_map_npy(&map_path)?
-            } else {
-                outputs::read_map_png(&map_path)?
-            };
-            let mask = read_mask(s)?;
-            let (mw, mh) = match &mask {
-                Some(m) => m.dimensions(),
-                None => image::ImageReader::open(&s.image)?
-                    .with_guessed_format()?
-                    .into_dimensions()?,
-            };
-            if (mw, mh) != (w, h) {
-                bail!(
-                    "{}: the map is {w}x{h} but {} is {mw}x{mh}",
-                    map_path.display(),
-                    if mask.is_some() {
-                        "the mask"
-                    } else {
-                        "the image"
-                    }
+            let problem = 'one: {
+                let r = &records[index[s.image.as_path()]];
+                let map_path = dir.join(r.map.as_ref().expect("checked"));
+                let read = if map_path.extension().is_some_and(|e| e == "npy") {
+                    outputs::read_map_npy(&map_path)
+                } else {
+                    outputs::read_map_png(&map_path)
+                };
+                let (map, w, h) = match read {
+                    Ok(m) => m,
+                    Err(e) => break 'one Some(format!("unreadable map: {e}")),
+                };
+                let mask = read_mask(s)?;
+                let (mw, mh) = match &mask {
+                    Some(m) => m.dimensions(),
+                    None => image::ImageReader::open(&s.image)?
+                        .with_guessed_format()?
+                        .into_dimensions()?,
+                };
+                if (mw, mh) != (w, h) {
+                    break 'one Some(format!(
+                        "{}: the map is {w}x{h} but {} is {mw}x{mh}",
+                        map_path.display(),
+                        if mask.is_some() {
+                            "the mask"
+                        } else {
+                            "the image"
+                        }
+                    ));
+                }
+                let bits = mask_bits(&mask, w, h);
+                let anomalous = s.label.unwrap_or_else(|| bits.iter().any(|&b| b));
+                eval.add(
+                    &class,
+                    r.score.expect("checked"),
+                    anomalous,
+                    &map,
+                    &bits,
+                    h as usize,
+                    w as usize,
                 );
-            }
-            let bits = mask_bits(&mask, w, h);
-            let anomalous = s.label.unwrap_or_else(|| bits.iter().any(|&b| b));
-            eval.add(
-                &class,
-                r.score.expect("checked"),
-                anomalous,
-                &map,
-                &bits,
-                h as usize,
-                w as usize,
-            );
-            bar.inc(1);
+                None
+            };
+            problems.extend(problem);
+            done += 1;
+            bar.advance(done, || format!("({class})"));
         }
     }
-    bar.finish_and_clear();
+    bar.finish();
+    if !problems.is_empty() {
+        bail!("{}", problem_list("map problem(s)", &problems));
+    }
     Ok(eval)
 }
 

@@ -5,10 +5,12 @@ mod detect;
 mod detector_args;
 mod eval;
 mod features;
+mod flags;
 mod import;
 mod info;
 mod manifest;
 mod merge;
+
 mod train;
 
 use std::path::Path;

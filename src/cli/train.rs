@@ -1,19 +1,30 @@
 //! `zsad train`: learn an adapter on auxiliary annotated data.
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
 
 use super::detector_args::{tokenizer, DetectorArgs};
+use super::flags;
 use crate::data::dataset::{self, Sample};
 use crate::data::outputs::write_atomic;
+use crate::method::Preset;
+use crate::progress::{Lines, Progress};
 use crate::rng::SplitMix64;
 use crate::train::{
-    self, epoch_batches, load_example, DiceGroups, ImageLoss, TrainOptions, Trainer,
+    self, epoch_batches, load_example, trainable_presets, DiceGroups, ImageLoss, TrainOptions,
+    Trainer,
 };
+
+/// Bounds of `--epochs` and `--batch-size`: far above any published recipe, low enough that a
+/// typo (an extra zero or two) is refused instead of running for days or out of memory.
+const MAX_EPOCHS: usize = 10_000;
+const MAX_BATCH: usize = 1024;
+
+/// Steps between two plain progress lines (when stderr is not a terminal).
+const LINE_EVERY: u64 = 10;
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -25,27 +36,60 @@ pub struct TrainArgs {
     /// (continue training an adapter)
     #[command(flatten)]
     pub detector: DetectorArgs,
-    /// The adapter to write (a checkpoint `<name>.ckpt.safetensors` is kept beside it after
-    /// every epoch)
+    /// The adapter file to write, e.g. DIR/adapter.safetensors (a checkpoint
+    /// `<name>.ckpt.safetensors` is kept beside it after every epoch); an existing one is
+    /// replaced only with --overwrite or --resume
     #[arg(long, short = 'o', value_name = "A.safetensors")]
     pub out: PathBuf,
-    /// Continue from the checkpoint beside --out
+    /// Continue from the checkpoint beside --out (and replace --out when done)
     #[arg(long)]
     pub resume: bool,
-    /// Epochs (default: the method's: AdaCLIP 5, AnomalyCLIP/HeadCLIP 15)
-    #[arg(long, value_name = "N")]
+    /// Start over even though --out or its checkpoint exists: both are replaced
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
+    /// Epochs, 1 to 10000 (default: the method's: AdaCLIP 5, AnomalyCLIP/HeadCLIP 15)
+    // allow_negative_numbers on the numeric flags: `--lr -1` gets the range message, not
+    // clap's "unexpected argument '-1'".
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = flags::count_in(1, MAX_EPOCHS),
+        allow_negative_numbers = true
+    )]
     pub epochs: Option<usize>,
-    /// Images per step (default: AdaCLIP 1, AnomalyCLIP 8)
-    #[arg(long, value_name = "N")]
+    /// Images per step, 1 to 1024 (default: AdaCLIP 1, AnomalyCLIP 8)
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = flags::count_in(1, MAX_BATCH),
+        allow_negative_numbers = true
+    )]
     pub batch_size: Option<usize>,
-    /// Learning rate (default: AdaCLIP 0.01, AnomalyCLIP 0.001)
-    #[arg(long, value_name = "LR")]
+    /// Learning rate, a finite number > 0 (default: AdaCLIP 0.01, AnomalyCLIP 0.001)
+    #[arg(
+        long,
+        value_name = "LR",
+        value_parser = flags::positive,
+        allow_negative_numbers = true
+    )]
     pub lr: Option<f64>,
-    /// Decoupled weight decay, 0 = Adam (default: AdaCLIP 0.01 (AdamW), AnomalyCLIP 0 (Adam))
-    #[arg(long, value_name = "W")]
+    /// Decoupled weight decay >= 0, 0 = Adam (default: AdaCLIP 0.01 (AdamW), AnomalyCLIP 0
+    /// (Adam))
+    #[arg(
+        long,
+        value_name = "W",
+        value_parser = flags::non_negative,
+        allow_negative_numbers = true
+    )]
     pub weight_decay: Option<f64>,
-    /// Probability of a 2x2 same-class mosaic per sample (default: AdaCLIP 0.2, AnomalyCLIP 0)
-    #[arg(long, value_name = "P")]
+    /// Probability from 0 to 1 of a 2x2 same-class mosaic per sample (default: AdaCLIP 0.2,
+    /// AnomalyCLIP 0)
+    #[arg(
+        long,
+        value_name = "P",
+        value_parser = flags::unit_interval,
+        allow_negative_numbers = true
+    )]
     pub mosaic_rate: Option<f64>,
     /// Image-level loss (default: AdaCLIP focal, AnomalyCLIP cross-entropy)
     #[arg(long, value_enum)]
@@ -56,10 +100,15 @@ pub struct TrainArgs {
     /// Shuffling and augmentation seed (the references use 111)
     #[arg(long, default_value_t = 111, value_name = "N")]
     pub seed: u64,
-    /// Stop after this many steps (smoke runs)
-    #[arg(long, value_name = "N")]
+    /// Stop after this many steps in all, at least 1 (smoke runs)
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = flags::at_least(1),
+        allow_negative_numbers = true
+    )]
     pub max_steps: Option<usize>,
-    /// No progress bar or per-epoch lines
+    /// No progress bar, progress lines or per-epoch lines
     #[arg(long, short = 'q')]
     pub quiet: bool,
 }
@@ -67,6 +116,58 @@ pub struct TrainArgs {
 fn checkpoint_path(out: &Path) -> PathBuf {
     let stem = out.file_stem().unwrap_or_default().to_string_lossy();
     out.with_file_name(format!("{stem}.ckpt.safetensors"))
+}
+
+/// `--out` must name a file, and an existing adapter or checkpoint is replaced only on
+/// purpose; checked before the data and the model are read, so a mistake costs no time.
+fn check_out(args: &TrainArgs) -> anyhow::Result<()> {
+    let out = &args.out;
+    let text = out.as_os_str().to_string_lossy();
+    if text.ends_with('/') || text.ends_with(std::path::MAIN_SEPARATOR) || out.is_dir() {
+        bail!(
+            "--out {}: names a folder; --out must be a file path like DIR/adapter.safetensors (e.g. --out {})",
+            out.display(),
+            Path::new(text.trim_end_matches(['/', std::path::MAIN_SEPARATOR]))
+                .join("adapter.safetensors")
+                .display()
+        );
+    }
+    if out.file_name().is_none() {
+        bail!(
+            "--out {}: must be a file path like DIR/adapter.safetensors",
+            out.display()
+        );
+    }
+    let ckpt = checkpoint_path(out);
+    // --resume continues the run that writes --out, so replacing it is what was asked.
+    if !args.resume && !args.overwrite {
+        if out.exists() {
+            bail!(
+                "{} exists: pass --overwrite to replace it, --resume to continue the run that wrote it (from {}), or choose another --out",
+                out.display(),
+                ckpt.display()
+            );
+        }
+        if ckpt.exists() {
+            bail!(
+                "{} exists: the checkpoint of an unfinished run writing {}; continue it with --resume, or start over with --overwrite",
+                ckpt.display(),
+                out.display()
+            );
+        }
+    }
+    // Fail now, not after the first epoch, when the folder cannot be written.
+    let dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("--out: cannot create {}", dir.display()))?;
+    let probe = dir.join(format!(".zsad-train-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("--out: cannot write in {}", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
 }
 
 fn load_data(paths: &[PathBuf]) -> anyhow::Result<Vec<Sample>> {
@@ -78,9 +179,37 @@ fn load_data(paths: &[PathBuf]) -> anyhow::Result<Vec<Sample>> {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    if args.detector.adapter.is_none() && args.detector.preset == Preset::ZeroShot {
+        bail!(
+            "--preset zero-shot (the default) is training-free: there is nothing to train; give --preset P with P one of {}, or --adapter A to continue training an adapter",
+            trainable_presets()
+        );
+    }
+    check_out(&args)?;
     let samples = load_data(&args.data)?;
     let (loaded, adapter) = args.detector.setup(true)?;
     let cfg = adapter.config.clone();
+    let patch = loaded.model.config.vision_config.patch_size;
+    if cfg.image_size % patch != 0 {
+        let (lo, hi) = (
+            cfg.image_size / patch * patch,
+            (cfg.image_size / patch + 1) * patch,
+        );
+        bail!(
+            "{} {} is not a multiple of the model's {patch} px patch (the maps would miss the edge pixels their masks train); use {}",
+            if args.detector.image_size.is_some() {
+                "--image-size"
+            } else {
+                "the image size"
+            },
+            cfg.image_size,
+            if lo >= patch {
+                format!("{lo} or {hi}")
+            } else {
+                hi.to_string()
+            }
+        );
+    }
     let mut opts = TrainOptions::for_preset(cfg.preset, cfg.layers.len());
     opts.seed = args.seed;
     opts.max_steps = args.max_steps;
@@ -88,7 +217,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         opts.epochs = v;
     }
     if let Some(v) = args.batch_size {
-        opts.batch_size = v.max(1);
+        opts.batch_size = v;
     }
     if let Some(v) = args.lr {
         opts.lr = v;
@@ -110,6 +239,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let dtype = model.vision.dtype();
     let mut trainer = Trainer::new(adapter, opts.clone(), &device, dtype)?;
     let ckpt = checkpoint_path(&args.out);
+    if args.overwrite && ckpt.exists() {
+        // The checkpoint belongs to the run being replaced: left there, a later --resume would
+        // continue that run instead of this one.
+        std::fs::remove_file(&ckpt).with_context(|| format!("cannot remove {}", ckpt.display()))?;
+    }
     if args.resume {
         trainer
             .restore(&ckpt)
@@ -147,23 +281,25 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         .max_steps
         .unwrap_or(usize::MAX)
         .min(steps_per_epoch * opts.epochs);
-    let bar = if !args.quiet && std::io::stderr().is_terminal() {
-        indicatif::ProgressBar::new(total as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "epoch {prefix} [{bar:30}] {pos}/{len} steps  {per_sec}  ETA {eta}  loss {msg}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
+    let mut bar = Progress::new(
+        total as u64,
+        args.quiet,
+        "epoch {prefix} [{bar:30}] {pos}/{len} steps  {per_sec}  ETA {eta}  loss {msg}",
+        Lines {
+            command: "train",
+            unit: "step",
+            every: LINE_EVERY,
+        },
     );
-    bar.set_position(trainer.progress.steps.min(total) as u64);
+    bar.start_at(trainer.progress.steps.min(total) as u64);
     let started = std::time::Instant::now();
     let steps_at_start = trainer.progress.steps;
+    // The loss of a progress line is the mean over the steps since the previous line: single
+    // steps (batch 1, focal loss) are too noisy to read a trend from.
+    let (mut line_sum, mut line_n) = (0.0, 0usize);
     'epochs: for epoch in trainer.progress.epochs_done..opts.epochs {
-        bar.set_prefix(format!("{}/{}", epoch + 1, opts.epochs));
+        bar.bar()
+            .set_prefix(format!("{}/{}", epoch + 1, opts.epochs));
         let mut sum = 0.0;
         let mut n = 0usize;
         for (k, batch) in epoch_batches(&samples, opts.batch_size, opts.seed, epoch)
@@ -201,8 +337,20 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("training step {}", trainer.progress.steps + 1))?;
             sum += loss;
             n += 1;
-            bar.set_message(format!("{loss:.4}"));
-            bar.inc(1);
+            line_sum += loss;
+            line_n += 1;
+            bar.bar().set_message(format!("{loss:.4}"));
+            let printed = bar.advance(trainer.progress.steps as u64, || {
+                format!(
+                    "epoch {}/{} loss {:.4}",
+                    epoch + 1,
+                    opts.epochs,
+                    line_sum / line_n.max(1) as f64
+                )
+            });
+            if printed {
+                (line_sum, line_n) = (0.0, 0);
+            }
         }
         if n == 0 {
             break;
@@ -211,19 +359,17 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         trainer.progress.epoch_losses.push(sum / n as f64);
         write_atomic(&ckpt, &trainer.checkpoint_bytes()?)?;
         if !args.quiet {
-            bar.suspend(|| {
-                eprintln!(
-                    "zsad: epoch {}/{}: mean loss {:.5} ({} steps) -> {}",
-                    epoch + 1,
-                    opts.epochs,
-                    sum / n as f64,
-                    n,
-                    ckpt.display()
-                )
-            });
+            bar.println(&format!(
+                "zsad: epoch {}/{}: mean loss {:.5} ({} steps) -> {}",
+                epoch + 1,
+                opts.epochs,
+                sum / n as f64,
+                n,
+                ckpt.display()
+            ));
         }
     }
-    bar.finish_and_clear();
+    bar.finish();
     let steps_run = trainer.progress.steps - steps_at_start;
     let mut adapter = trainer.snapshot()?;
     let mut classes: Vec<&str> = by_class.keys().copied().collect();

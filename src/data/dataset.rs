@@ -1,9 +1,10 @@
 //! Annotated datasets: the MVTec AD layout, the VisA split CSV, manifests (CSV or JSON Lines)
 //! and folders with masks beside the images (MTD). A dataset is a list of [`Sample`]s; it is
-//! checked as a whole before any work, and every problem is reported at once.
+//! checked as a whole before any work, and every problem is reported at once: rows that do not
+//! parse, missing or unreadable files, empty classes.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::collections::BTreeSet;
+use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +21,12 @@ pub struct Sample {
     pub label: Option<bool>,
     /// Sub-category the metrics are grouped by.
     pub class: String,
+    /// The image's path inside its dataset: from the root (for one MVTec AD class folder, from
+    /// its parent, so it starts with the class), as written in a manifest or the VisA CSV.
+    /// `eval --predictions` falls back to it when the records name the images by other paths
+    /// (another machine, another mount point).
+    #[serde(default)]
+    pub rel: PathBuf,
 }
 
 /// The layout a `--data` path was read as.
@@ -38,33 +45,94 @@ pub enum Layout {
     SideBySide,
 }
 
+/// How many problems an error lists before "... and N more": enough to see every kind of
+/// mistake, few enough to read.
+pub const MAX_LISTED: usize = 50;
+
+/// `"{n} {what}:\n  p1\n  p2 ..."`, at most [`MAX_LISTED`] lines then "... and N more".
+pub fn problem_list(what: &str, problems: &[String]) -> String {
+    let mut s = format!("{} {what}:", problems.len());
+    for p in problems.iter().take(MAX_LISTED) {
+        s.push_str("\n  ");
+        s.push_str(p);
+    }
+    if problems.len() > MAX_LISTED {
+        s.push_str(&format!("\n  ... and {} more", problems.len() - MAX_LISTED));
+    }
+    s
+}
+
 fn bad(path: &Path, msg: impl Into<String>) -> Error {
     Error::InvalidArgument(format!("{}: {}", path.display(), msg.into()))
 }
 
-/// Reads `path` as whichever layout it has.
+/// A dataset as read, before its files are checked.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub samples: Vec<Sample>,
+    /// Where each sample was declared (`m.csv: line 5`), for the messages about its files;
+    /// `None` for folder layouts, where the path says it all.
+    pub origins: Vec<Option<String>>,
+    /// Rows and folders that could not be read, with their line or path; they are not in
+    /// `samples`.
+    pub problems: Vec<String>,
+}
+
+impl Parsed {
+    fn push(&mut self, s: Sample, origin: Option<String>) {
+        self.samples.push(s);
+        self.origins.push(origin);
+    }
+}
+
+/// Reads `path` as whichever layout it has; every problem of its rows or folders is listed in
+/// the error. The files themselves are checked by [`read_all`] / [`check`].
 pub fn read(path: &Path) -> Result<(Layout, Vec<Sample>)> {
+    let (layout, parsed) = parse(path)?;
+    if !parsed.problems.is_empty() {
+        return Err(Error::InvalidArgument(problem_list(
+            &format!("problem(s) in {}", path.display()),
+            &parsed.problems,
+        )));
+    }
+    Ok((layout, parsed.samples))
+}
+
+/// Reads `path` as whichever layout it has, keeping going past bad rows and empty classes
+/// (returned in [`Parsed::problems`]). Fails only when `path` cannot be read as a dataset at
+/// all.
+pub fn parse(path: &Path) -> Result<(Layout, Parsed)> {
     if path.is_file() {
-        return Ok((Layout::Manifest, read_manifest(path)?));
+        return Ok((Layout::Manifest, parse_manifest(path)?));
     }
     if !path.is_dir() {
         return Err(bad(path, "no such file or folder"));
     }
     let visa = path.join("split_csv/1cls.csv");
     if visa.is_file() {
-        return Ok((Layout::Visa, read_visa(path, &visa)?));
+        return Ok((Layout::Visa, parse_visa(path, &visa)?));
     }
+    let mut parsed = Parsed::default();
     if path.join("test").is_dir() {
-        return Ok((Layout::Mvtec, read_mvtec_class(path)?));
+        read_mvtec_class(path, &mut parsed)?;
+        return Ok((Layout::Mvtec, parsed));
     }
-    let mut mvtec = Vec::new();
-    let mut subdirs = sorted_dirs(path)?;
-    subdirs.retain(|d| d.join("test").is_dir());
-    if !subdirs.is_empty() {
-        for d in subdirs {
-            mvtec.extend(read_mvtec_class(&d)?);
+    let subdirs = sorted_dirs(path)?;
+    let classes: Vec<&PathBuf> = subdirs.iter().filter(|d| d.join("test").is_dir()).collect();
+    if !classes.is_empty() {
+        for d in &subdirs {
+            if d.join("test").is_dir() {
+                read_mvtec_class(d, &mut parsed)?;
+            } else if d.join("train").is_dir() || d.join("ground_truth").is_dir() {
+                // A class half extracted or moved: leaving it out would silently change the
+                // mean over classes.
+                parsed.problems.push(format!(
+                    "{}: an MVTec AD class folder without test/ (the other classes have one)",
+                    d.display()
+                ));
+            }
         }
-        return Ok((Layout::Mvtec, mvtec));
+        return Ok((Layout::Mvtec, parsed));
     }
     let samples = read_side_by_side(path)?;
     if samples.is_empty() {
@@ -73,7 +141,10 @@ pub fn read(path: &Path) -> Result<(Layout, Vec<Sample>)> {
             "not a dataset: expected an MVTec AD layout (<class>/test, <class>/ground_truth), a VisA root (split_csv/1cls.csv), a manifest file, or images with <stem>.png / <stem>_mask.png masks beside them",
         ));
     }
-    Ok((Layout::SideBySide, samples))
+    for s in samples {
+        parsed.push(s, None);
+    }
+    Ok((Layout::SideBySide, parsed))
 }
 
 fn sorted_dirs(p: &Path) -> Result<Vec<PathBuf>> {
@@ -96,9 +167,16 @@ fn name_of(p: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn read_mvtec_class(class_dir: &Path) -> Result<Vec<Sample>> {
+/// `p` relative to `base` (`p` itself when it is not under `base`).
+fn rel_to(p: &Path, base: &Path) -> PathBuf {
+    p.strip_prefix(base).unwrap_or(p).to_path_buf()
+}
+
+fn read_mvtec_class(class_dir: &Path, parsed: &mut Parsed) -> Result<()> {
     let class = name_of(class_dir);
-    let mut out = Vec::new();
+    // From the class folder's parent: the class name is part of the path.
+    let base = class_dir.parent().unwrap_or(Path::new(""));
+    let before = parsed.samples.len();
     for defect in sorted_dirs(&class_dir.join("test"))? {
         let kind = name_of(&defect);
         let normal = kind == "good";
@@ -110,73 +188,133 @@ fn read_mvtec_class(class_dir: &Path) -> Result<Vec<Sample>> {
                     .join(&kind)
                     .join(format!("{stem}_mask.png"))
             });
-            out.push(Sample {
-                image: img,
-                mask,
-                label: Some(!normal),
-                class: class.clone(),
-            });
+            let rel = rel_to(&img, base);
+            parsed.push(
+                Sample {
+                    image: img,
+                    mask,
+                    label: Some(!normal),
+                    class: class.clone(),
+                    rel,
+                },
+                None,
+            );
         }
     }
-    Ok(out)
+    if parsed.samples.len() == before {
+        parsed.problems.push(format!(
+            "{}: class `{class}` has no images (expected test/<defect>/*.png)",
+            class_dir.join("test").display()
+        ));
+    }
+    Ok(())
 }
 
-fn read_visa(root: &Path, csv_path: &Path) -> Result<Vec<Sample>> {
-    let mut rd = csv::Reader::from_path(csv_path).map_err(|e| bad(csv_path, e.to_string()))?;
-    let header: Vec<String> = rd
+/// The position of each column of `header` named in `wanted` (trimmed, any case: spreadsheets
+/// pad headers and change their case, neither should lose a column).
+fn column_positions(header: &csv::StringRecord, wanted: &[&str]) -> Vec<Option<usize>> {
+    let names: Vec<String> = header.iter().map(|h| h.trim().to_lowercase()).collect();
+    wanted
+        .iter()
+        .map(|w| names.iter().position(|n| n == w))
+        .collect()
+}
+
+fn column_list(header: &csv::StringRecord) -> String {
+    if header.iter().all(|h| h.trim().is_empty()) {
+        "(none)".into()
+    } else {
+        header.iter().collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// The 1-based line a CSV record starts on.
+fn csv_line(pos: Option<&csv::Position>, fallback: usize) -> usize {
+    pos.map(|p| p.line() as usize).unwrap_or(fallback)
+}
+
+fn parse_visa(root: &Path, csv_path: &Path) -> Result<Parsed> {
+    let mut rd = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_path(csv_path)
+        .map_err(|e| bad(csv_path, e.to_string()))?;
+    let header = rd
         .headers()
         .map_err(|e| bad(csv_path, e.to_string()))?
+        .clone();
+    const COLS: [&str; 5] = ["object", "split", "label", "image", "mask"];
+    let pos = column_positions(&header, &COLS);
+    let missing: Vec<String> = COLS
         .iter()
-        .map(str::to_string)
+        .zip(&pos)
+        .filter(|(_, p)| p.is_none())
+        .map(|(c, _)| format!("`{c}`"))
         .collect();
-    let col = |n: &str| {
-        header
-            .iter()
-            .position(|h| h == n)
-            .ok_or_else(|| bad(csv_path, format!("no `{n}` column")))
-    };
-    let (c_obj, c_split, c_label, c_img, c_mask) = (
-        col("object")?,
-        col("split")?,
-        col("label")?,
-        col("image")?,
-        col("mask")?,
-    );
-    let mut out = Vec::new();
+    if !missing.is_empty() {
+        return Err(bad(
+            csv_path,
+            format!(
+                "no {} column; the columns are: {} (VisA's split_csv/1cls.csv has object, split, label, image, mask)",
+                missing.join(", "),
+                column_list(&header)
+            ),
+        ));
+    }
+    let [c_obj, c_split, c_label, c_img, c_mask] =
+        [0, 1, 2, 3, 4].map(|i| pos[i].expect("checked"));
+    let mut parsed = Parsed::default();
+    let at = |line: usize| format!("{}: line {line}", csv_path.display());
     for (i, row) in rd.records().enumerate() {
-        let row = row.map_err(|e| bad(csv_path, format!("line {}: {e}", i + 2)))?;
-        if row.get(c_split) != Some("test") {
+        let row = match row {
+            Ok(r) => r,
+            Err(e) => {
+                let line = csv_line(e.position(), i + 2);
+                parsed.problems.push(format!("{}: {e}", at(line)));
+                continue;
+            }
+        };
+        let line = csv_line(row.position(), i + 2);
+        if row.get(c_split).map(str::trim) != Some("test") {
             continue;
         }
-        let label = match row.get(c_label).unwrap_or("") {
+        let field = |c: usize| row.get(c).unwrap_or("").trim();
+        let label = match field(c_label) {
             "anomaly" | "1" => true,
             "normal" | "0" => false,
             other => {
-                return Err(bad(csv_path, format!("line {}: label `{other}`", i + 2)));
+                parsed.problems.push(format!(
+                    "{}: label `{other}` is not normal/anomaly (or 0/1)",
+                    at(line)
+                ));
+                continue;
             }
         };
-        let mask = row
-            .get(c_mask)
+        if field(c_img).is_empty() {
+            parsed.problems.push(format!("{}: empty `image`", at(line)));
+            continue;
+        }
+        let mask = Some(field(c_mask))
             .filter(|m| !m.is_empty())
             .map(|m| root.join(m));
-        out.push(Sample {
-            image: root.join(row.get(c_img).unwrap_or("")),
-            mask,
-            label: Some(label),
-            class: row.get(c_obj).unwrap_or("").to_string(),
-        });
+        parsed.push(
+            Sample {
+                image: root.join(field(c_img)),
+                mask,
+                label: Some(label),
+                class: field(c_obj).to_string(),
+                rel: PathBuf::from(field(c_img)),
+            },
+            Some(at(line)),
+        );
     }
-    Ok(out)
+    Ok(parsed)
 }
 
-#[derive(Deserialize)]
+/// One manifest row before its paths are resolved.
 struct ManifestRow {
     image: String,
-    #[serde(default)]
     mask: Option<String>,
-    #[serde(default)]
     label: Option<serde_json::Value>,
-    #[serde(default)]
     class: Option<String>,
 }
 
@@ -190,7 +328,7 @@ fn parse_label(v: &serde_json::Value) -> Option<Option<bool>> {
             Some(x) if x == 1.0 => Some(Some(true)),
             _ => None,
         },
-        Value::String(s) => match s.to_ascii_lowercase().as_str() {
+        Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
             "" => Some(None),
             "0" | "normal" | "good" | "false" => Some(Some(false)),
             "1" | "anomaly" | "anomalous" | "abnormal" | "true" => Some(Some(true)),
@@ -200,58 +338,236 @@ fn parse_label(v: &serde_json::Value) -> Option<Option<bool>> {
     }
 }
 
-/// A manifest: `.csv` with a header, or JSON Lines (anything else), columns/keys `image`,
-/// `mask`, `label` (0/1, normal/anomaly, or empty = from the mask), `class` (default: `all`).
-pub fn read_manifest(path: &Path) -> Result<Vec<Sample>> {
-    let base = path.parent().unwrap_or(Path::new("."));
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let rows: Vec<(usize, ManifestRow)> = if path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
-    {
-        let mut rd = csv::Reader::from_reader(text.as_bytes());
-        let mut v = Vec::new();
-        for (i, r) in rd.deserialize::<BTreeMap<String, String>>().enumerate() {
-            let r = r.map_err(|e| bad(path, format!("line {}: {e}", i + 2)))?;
-            let get = |k: &str| r.get(k).filter(|s| !s.is_empty()).cloned();
-            v.push((
-                i + 2,
+const LABELS: &str =
+    "0/1, normal/anomaly, good, true/false, or empty (anomalous iff the mask has a positive pixel)";
+
+const MANIFEST_COLUMNS: &str =
+    "image (required), mask, label, class; paths relative to the manifest";
+
+/// The rows of a CSV manifest, with the problems of the rows that do not parse.
+fn manifest_csv_rows(
+    path: &Path,
+    text: &str,
+) -> Result<(Vec<(usize, ManifestRow)>, Vec<(usize, String)>)> {
+    let mut rd = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(text.as_bytes());
+    let header = rd
+        .headers()
+        .map_err(|e| bad(path, format!("manifest header: {e}")))?
+        .clone();
+    let pos = column_positions(&header, &["image", "mask", "label", "class"]);
+    let Some(c_img) = pos[0] else {
+        return Err(Error::InvalidArgument(format!(
+            "manifest {}: no `image` column; the columns are: {} (expected a header line with {MANIFEST_COLUMNS})",
+            path.display(),
+            column_list(&header)
+        )));
+    };
+    let mut rows = Vec::new();
+    let mut problems = Vec::new();
+    for (i, r) in rd.records().enumerate() {
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                problems.push((csv_line(e.position(), i + 2), e.to_string()));
+                continue;
+            }
+        };
+        let line = csv_line(r.position(), i + 2);
+        if r.iter().all(|f| f.trim().is_empty()) {
+            continue;
+        }
+        if r.len() != header.len() {
+            problems.push((
+                line,
+                format!("{} fields, the header has {}", r.len(), header.len()),
+            ));
+            continue;
+        }
+        let get = |c: Option<usize>| {
+            c.and_then(|c| r.get(c))
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+        };
+        let Some(image) = get(Some(c_img)) else {
+            problems.push((line, "empty `image`".into()));
+            continue;
+        };
+        rows.push((
+            line,
+            ManifestRow {
+                image,
+                mask: get(pos[1]),
+                label: get(pos[2]).map(serde_json::Value::String),
+                class: get(pos[3]),
+            },
+        ));
+    }
+    Ok((rows, problems))
+}
+
+/// The rows of a JSON Lines manifest, with the problems of the lines that do not parse.
+fn manifest_jsonl_rows(
+    path: &Path,
+    text: &str,
+) -> Result<(Vec<(usize, ManifestRow)>, Vec<(usize, String)>)> {
+    use serde_json::Value;
+    if text.trim_start().starts_with('[') {
+        return Err(Error::InvalidArgument(format!(
+            "manifest {}: a JSON array; a manifest is JSON Lines (one object per line, keys {MANIFEST_COLUMNS}) or a .csv file",
+            path.display()
+        )));
+    }
+    let mut rows = Vec::new();
+    let mut problems = Vec::new();
+    let mut keys = BTreeSet::new();
+    let mut any_image = false;
+    let mut no_image = Vec::new();
+    for (i, l) in text.lines().enumerate() {
+        let line = i + 1;
+        if l.trim().is_empty() {
+            continue;
+        }
+        let obj = match serde_json::from_str::<Value>(l) {
+            Ok(Value::Object(o)) => o,
+            Ok(_) => {
+                problems.push((line, "not a JSON object".into()));
+                continue;
+            }
+            Err(e) => {
+                problems.push((line, format!("not JSON: {e}")));
+                continue;
+            }
+        };
+        keys.extend(obj.keys().cloned());
+        let text_of = |k: &str| -> std::result::Result<Option<String>, String> {
+            match obj.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.trim().to_string()).filter(|s| !s.is_empty())),
+                Some(v) => Err(format!("`{k}` is {v}, not a string")),
+            }
+        };
+        let mut row_problems = Vec::new();
+        let image = match text_of("image") {
+            Ok(Some(s)) => Some(s),
+            Ok(None) if !obj.contains_key("image") => {
+                no_image.push(line);
+                None
+            }
+            Ok(None) => {
+                row_problems.push("empty `image`".to_string());
+                None
+            }
+            Err(e) => {
+                row_problems.push(e);
+                None
+            }
+        };
+        any_image |= obj.contains_key("image");
+        let mask = text_of("mask").unwrap_or_else(|e| {
+            row_problems.push(e);
+            None
+        });
+        let class = match obj.get("class") {
+            // A number is a fine class name (`"class": 3`).
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => text_of("class").unwrap_or_else(|e| {
+                row_problems.push(e);
+                None
+            }),
+        };
+        problems.extend(row_problems.iter().map(|p| (line, p.clone())));
+        if let (Some(image), true) = (image, row_problems.is_empty()) {
+            rows.push((
+                line,
                 ManifestRow {
-                    image: get("image")
-                        .ok_or_else(|| bad(path, format!("line {}: no image", i + 2)))?,
-                    mask: get("mask"),
-                    label: get("label").map(serde_json::Value::String),
-                    class: get("class"),
+                    image,
+                    mask,
+                    label: obj.get("label").cloned(),
+                    class,
                 },
             ));
         }
-        v
-    } else {
-        text.lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| {
-                serde_json::from_str::<ManifestRow>(l)
-                    .map(|r| (i + 1, r))
-                    .map_err(|e| bad(path, format!("line {}: {e}", i + 1)))
-            })
-            .collect::<Result<_>>()?
+    }
+    let key_list = || {
+        if keys.is_empty() {
+            "(none)".to_string()
+        } else {
+            keys.iter().cloned().collect::<Vec<_>>().join(", ")
+        }
     };
-    rows.into_iter()
-        .map(|(line, r)| {
-            let label = match &r.label {
-                None => None,
-                Some(v) => parse_label(v)
-                    .ok_or_else(|| bad(path, format!("line {line}: label {v} is not 0/1")))?,
-            };
-            Ok(Sample {
+    if !any_image && !no_image.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "manifest {}: no `image` key on any line; the keys are: {} (expected {MANIFEST_COLUMNS})",
+            path.display(),
+            key_list()
+        )));
+    }
+    problems.extend(
+        no_image
+            .into_iter()
+            .map(|l| (l, "no `image` key".to_string())),
+    );
+    Ok((rows, problems))
+}
+
+/// A manifest: `.csv` with a header, or JSON Lines (anything else), columns/keys `image`,
+/// `mask`, `label` (0/1, normal/anomaly, or empty = from the mask), `class` (default: `all`).
+/// Every row that does not parse is listed in the error.
+pub fn read_manifest(path: &Path) -> Result<Vec<Sample>> {
+    let parsed = parse_manifest(path)?;
+    if !parsed.problems.is_empty() {
+        return Err(Error::InvalidArgument(problem_list(
+            &format!("problem(s) in {}", path.display()),
+            &parsed.problems,
+        )));
+    }
+    Ok(parsed.samples)
+}
+
+/// Like [`read_manifest`], keeping going past the rows that do not parse.
+pub fn parse_manifest(path: &Path) -> Result<Parsed> {
+    let base = path.parent().unwrap_or(Path::new("."));
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let csv = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    let (rows, mut problems) = if csv {
+        manifest_csv_rows(path, &text)?
+    } else {
+        manifest_jsonl_rows(path, &text)?
+    };
+    let mut parsed = Parsed::default();
+    for (line, r) in rows {
+        let label = match &r.label {
+            None => None,
+            Some(v) => match parse_label(v) {
+                Some(l) => l,
+                None => {
+                    problems.push((line, format!("label {v} is not {LABELS}")));
+                    continue;
+                }
+            },
+        };
+        parsed.push(
+            Sample {
                 image: base.join(&r.image),
                 mask: r.mask.map(|m| base.join(m)),
                 label,
                 class: r.class.unwrap_or_else(|| "all".into()),
-            })
-        })
-        .collect()
+                rel: PathBuf::from(&r.image),
+            },
+            Some(format!("{}: line {line}", path.display())),
+        );
+    }
+    problems.sort_by_key(|(line, _)| *line);
+    parsed.problems = problems
+        .into_iter()
+        .map(|(line, p)| format!("{}: line {line}: {p}", path.display()))
+        .collect();
+    Ok(parsed)
 }
 
 /// Images with a mask beside them: `<stem>_mask.png`, or `<stem>.png` for a non-PNG image.
@@ -291,6 +607,7 @@ pub fn read_side_by_side(root: &Path) -> Result<Vec<Sample>> {
                 mask: Some(m),
                 label: None,
                 class,
+                rel: rel.to_path_buf(),
             });
         }
     }
@@ -298,23 +615,29 @@ pub fn read_side_by_side(root: &Path) -> Result<Vec<Sample>> {
     Ok(out)
 }
 
-/// Reads and combines several datasets, then checks them as a whole ([`check`]); the error
-/// lists every problem.
+/// Reads and combines several datasets, then checks their files; the error lists every
+/// problem of every dataset at once (rows that do not parse, empty classes, missing or
+/// unreadable files), up to [`MAX_LISTED`] lines.
 pub fn read_all(paths: &[PathBuf]) -> Result<Vec<Sample>> {
     let mut samples = Vec::new();
+    let mut problems = Vec::new();
     for d in paths {
-        let (_, s) = read(d)?;
-        if s.is_empty() {
-            return Err(bad(d, "no images"));
+        match parse(d) {
+            Err(e) => problems.push(e.to_string()),
+            Ok((_, parsed)) => {
+                if parsed.samples.is_empty() && parsed.problems.is_empty() {
+                    problems.push(format!("{}: no images", d.display()));
+                }
+                problems.extend(parsed.problems);
+                problems.extend(check_files(&parsed.samples, &parsed.origins));
+                samples.extend(parsed.samples);
+            }
         }
-        samples.extend(s);
     }
-    let problems = check(&samples, &[]);
     if !problems.is_empty() {
         return Err(Error::InvalidArgument(format!(
-            "the data has {} problem(s):\n  {}",
-            problems.len(),
-            problems.join("\n  ")
+            "the data has {}",
+            problem_list("problem(s)", &problems)
         )));
     }
     Ok(samples)
@@ -324,20 +647,39 @@ pub fn read_all(paths: &[PathBuf]) -> Result<Vec<Sample>> {
 /// for anomalous images and match their image's size, no class is empty. Returns all
 /// problems, one line each.
 pub fn check(samples: &[Sample], classes_expected: &[String]) -> Vec<String> {
+    let mut problems = check_files(samples, &[]);
+    for c in classes_expected {
+        if !samples.iter().any(|s| &s.class == c) {
+            problems.push(format!("class `{c}` has no images"));
+        }
+    }
+    problems
+}
+
+/// The file problems of `samples`, each prefixed with its origin (`m.csv: line 5: `) where
+/// `origins` has one.
+fn check_files(samples: &[Sample], origins: &[Option<String>]) -> Vec<String> {
     let dims = |p: &Path| -> std::result::Result<(u32, u32), String> {
+        if !p.exists() {
+            return Err("not found".into());
+        }
         image::ImageReader::open(p)
             .map_err(|e| e.to_string())?
             .with_guessed_format()
             .map_err(|e| e.to_string())?
             .into_dimensions()
-            .map_err(|e| e.to_string())
+            .map_err(|e| format!("unreadable: {e}"))
     };
     let mut problems = Vec::new();
-    for s in samples {
+    for (k, s) in samples.iter().enumerate() {
+        let at = match origins.get(k) {
+            Some(Some(o)) => format!("{o}: "),
+            _ => String::new(),
+        };
         let img = match dims(&s.image) {
             Ok(d) => Some(d),
             Err(e) => {
-                problems.push(format!("{}: unreadable image: {e}", s.image.display()));
+                problems.push(format!("{at}image {}: {e}", s.image.display()));
                 None
             }
         };
@@ -347,7 +689,7 @@ pub fn check(samples: &[Sample], classes_expected: &[String]) -> Vec<String> {
                     if let Some(id) = img {
                         if id != md {
                             problems.push(format!(
-                                "{}: mask is {}x{} but the image {} is {}x{}",
+                                "{at}{}: mask is {}x{} but the image {} is {}x{}",
                                 m.display(),
                                 md.0,
                                 md.1,
@@ -359,26 +701,30 @@ pub fn check(samples: &[Sample], classes_expected: &[String]) -> Vec<String> {
                     }
                 }
                 Err(e) => problems.push(format!(
-                    "{}: mask of {} is unreadable or missing: {e}",
+                    "{at}mask {} of {}: {e}",
                     m.display(),
                     s.image.display()
                 )),
             },
             None if s.label == Some(true) => problems.push(format!(
-                "{}: anomalous image without a mask",
+                "{at}{}: anomalous image without a mask",
                 s.image.display()
             )),
             None => {}
         }
     }
-    for c in classes_expected {
-        if !samples.iter().any(|s| &s.class == c) {
-            problems.push(format!("class `{c}` has no images"));
-        }
-    }
     problems
 }
 
+/// The normal components of `p` (no root, `.` or `..`), as strings.
+pub fn path_words(p: &Path) -> Vec<String> {
+    p.components()
+        .filter_map(|c| match c {
+            Component::Normal(s) => Some(s.to_string_lossy().into_owned()),
+            _ => None,
+        })
+        .collect()
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,5 +826,160 @@ mod tests {
         assert_eq!(s[1].mask, None);
         assert!(check(&s, &[]).is_empty());
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    fn err_of<T: std::fmt::Debug>(r: Result<T>) -> String {
+        r.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_manifest_reports_every_parse_and_file_problem_at_once() {
+        let d = std::env::temp_dir().join(format!("zsad-ds4-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        touch_png(&d.join("ok.png"), 4, 4, 0);
+        touch_png(&d.join("ok_mask.png"), 4, 4, 255);
+        let m = d.join("m.csv");
+        // 8 problems: 3 that do not parse (labels, an empty image, a short row) and 4 files
+        // (two images, two masks) plus one anomalous image without a mask.
+        std::fs::write(
+            &m,
+            "image,mask,label,class\n\
+             ok.png,ok_mask.png,1,a\n\
+             ok.png,,maybe,a\n\
+             ,ok_mask.png,1,a\n\
+             gone1.png,,0,a\n\
+             ok.png,gone_mask.png,1,a\n\
+             ok.png,,2,a\n\
+             gone2.png,gone2_mask.png,1,b\n\
+             ok.png,,1,b\n\
+             ok.png,ok_mask.png\n",
+        )
+        .unwrap();
+        let e = err_of(read_all(&[m.clone()]));
+        assert!(e.contains("the data has 9 problem(s)"), "{e}");
+        let ms = m.display();
+        for want in [
+            format!("{ms}: line 3: label \"maybe\" is not 0/1"),
+            format!("{ms}: line 4: empty `image`"),
+            format!(
+                "{ms}: line 5: image {}: not found",
+                d.join("gone1.png").display()
+            ),
+            format!("{ms}: line 6: mask {}", d.join("gone_mask.png").display()),
+            format!("{ms}: line 7: label \"2\""),
+            format!("{ms}: line 8: image {}", d.join("gone2.png").display()),
+            format!("{ms}: line 8: mask {}", d.join("gone2_mask.png").display()),
+            format!(
+                "{ms}: line 9: {}: anomalous image without a mask",
+                d.join("ok.png").display()
+            ),
+            format!("{ms}: line 10: 2 fields, the header has 4"),
+        ] {
+            assert!(e.contains(&want), "missing `{want}` in\n{e}");
+        }
+        // In line order.
+        let l3 = e.find("line 3:").unwrap();
+        let l10 = e.find("line 10:").unwrap();
+        assert!(l3 < l10);
+
+        // JSON Lines: the same, by line.
+        let j = d.join("m.jsonl");
+        std::fs::write(
+            &j,
+            "{\"image\":\"ok.png\",\"mask\":\"ok_mask.png\",\"label\":1}\n\
+             {\"image\":\"\",\"label\":0}\n\
+             {\"img\":\"ok.png\"}\n\
+             not json\n\
+             \n\
+             {\"image\":\"gone.png\",\"label\":\"bad\"}\n\
+             {\"image\":\"gone.png\",\"label\":0}\n",
+        )
+        .unwrap();
+        let e = err_of(read_all(&[j.clone()]));
+        assert!(e.contains("the data has 5 problem(s)"), "{e}");
+        for want in [
+            "line 2: empty `image`",
+            "line 3: no `image` key",
+            "line 4: not JSON",
+            "line 6: label \"bad\"",
+            "line 7: image ",
+        ] {
+            assert!(e.contains(want), "missing `{want}` in\n{e}");
+        }
+        // Several datasets: the problems of all of them.
+        let e = err_of(read_all(&[m, j, d.join("nowhere")]));
+        assert!(e.contains("the data has 15 problem(s)"), "{e}");
+        assert!(e.contains("nowhere: no such file or folder"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_manifest_without_an_image_column_says_so() {
+        let d = std::env::temp_dir().join(format!("zsad-ds5-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let m = d.join("m.csv");
+        std::fs::write(&m, "path,mask,label\na.png,,0\n").unwrap();
+        let e = err_of(read_manifest(&m));
+        assert_eq!(
+            e,
+            format!(
+                "manifest {}: no `image` column; the columns are: path, mask, label (expected a header line with image (required), mask, label, class; paths relative to the manifest)",
+                m.display()
+            )
+        );
+        // Headers are matched trimmed and in any case.
+        std::fs::write(&m, " Image ,Label\na.png,0\n").unwrap();
+        assert_eq!(read_manifest(&m).unwrap()[0].rel, PathBuf::from("a.png"));
+        let j = d.join("m.jsonl");
+        std::fs::write(&j, "{\"path\":\"a.png\"}\n{\"file\":\"b.png\"}\n").unwrap();
+        let e = err_of(read_manifest(&j));
+        assert!(
+            e.contains("no `image` key on any line; the keys are: file, path"),
+            "{e}"
+        );
+        std::fs::write(&j, "[{\"image\":\"a.png\"}]\n").unwrap();
+        assert!(err_of(read_manifest(&j)).contains("a JSON array"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn an_empty_mvtec_class_is_reported() {
+        let d = std::env::temp_dir().join(format!("zsad-ds6-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        touch_png(&d.join("bottle/test/good/000.png"), 8, 8, 10);
+        std::fs::create_dir_all(d.join("cable/test/good")).unwrap();
+        std::fs::create_dir_all(d.join("screw/train/good")).unwrap();
+        let e = err_of(read_all(&[d.clone()]));
+        assert!(e.contains("the data has 2 problem(s)"), "{e}");
+        assert!(
+            e.contains(&format!(
+                "{}: class `cable` has no images",
+                d.join("cable/test").display()
+            )),
+            "{e}"
+        );
+        assert!(
+            e.contains(&format!(
+                "{}: an MVTec AD class folder without test/",
+                d.join("screw").display()
+            )),
+            "{e}"
+        );
+        // One class folder given directly.
+        let e = err_of(read_all(&[d.join("cable")]));
+        assert!(e.contains("class `cable` has no images"), "{e}");
+        let (_, s) = read(&d.join("bottle")).unwrap();
+        assert_eq!(s[0].rel, Path::new("bottle/test/good/000.png"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn long_lists_are_cut() {
+        let problems: Vec<String> = (0..57).map(|i| format!("p{i}")).collect();
+        let s = problem_list("problem(s)", &problems);
+        assert!(s.starts_with("57 problem(s):\n  p0\n"));
+        assert!(s.contains("\n  p49\n  ... and 7 more"), "{s}");
+        assert!(!s.contains("p50"));
     }
 }

@@ -116,6 +116,17 @@ impl TrainOptions {
     }
 }
 
+/// The presets with learned tensors, for messages: `adaclip, anomalyclip, headclip, zsad`.
+pub fn trainable_presets() -> String {
+    // Every preset but the training-free one learns something.
+    Preset::ALL
+        .iter()
+        .filter(|p| **p != Preset::ZeroShot)
+        .map(|p| p.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// One preprocessed training example.
 pub struct Example {
     /// `[3, S, S]` normalised pixels.
@@ -184,8 +195,9 @@ impl Trainer {
             .collect::<Result<Vec<_>>>()?;
         if vars.is_empty() {
             return Err(Error::InvalidArgument(format!(
-                "the {} preset has no learned tensors to train",
-                adapter.config.preset.name()
+                "the {} preset has no learned tensors to train; train one of: {}",
+                adapter.config.preset.name(),
+                trainable_presets()
             )));
         }
         let opt = Adam::new(options.adam());
@@ -420,6 +432,7 @@ pub fn text_inputs_for(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     #[test]
     fn batches_cover_every_sample_once_and_keep_classes_apart() {
@@ -429,6 +442,7 @@ mod tests {
                 mask: None,
                 label: Some(false),
                 class: ["a", "b", "c"][i % 3].into(),
+                rel: PathBuf::new(),
             })
             .collect();
         let b = epoch_batches(&samples, 4, 1, 0);

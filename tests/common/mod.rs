@@ -107,3 +107,13 @@ pub fn adapter_config(path: &Path) -> serde_json::Value {
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     serde_json::from_str(&header.metadata().as_ref().unwrap()["zsad.config"]).unwrap()
 }
+
+/// Runs the `zsad` binary in the folder `cwd` (relative paths in `args` are relative to it).
+pub fn run_zsad_in(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_zsad"))
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .output()
+        .expect("runs")
+}
