@@ -176,7 +176,9 @@ fn predictions_and_model_runs_agree_and_reports_parse() {
         };
         for k in KEYS {
             match (x[k].as_f64(), y[k].as_f64()) {
-                (Some(p), Some(q)) => assert!((p - q).abs() < 1e-12, "{class} {k}: {p} vs {q}"),
+                // detect batches all images, eval --model each class's: other batch
+                // companions round the maps differently in the last float bits.
+                (Some(p), Some(q)) => assert!((p - q).abs() < 1e-6, "{class} {k}: {p} vs {q}"),
                 (None, None) => {}
                 _ => panic!("{class} {k}: {} vs {}", x[k], y[k]),
             }

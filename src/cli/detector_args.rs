@@ -100,10 +100,14 @@ impl DetectorArgs {
         if let Some(s) = args.image_size {
             let p = clip.vision_config.patch_size;
             let max = crate::clip::config::MAX_INPUT_SIZE.max(clip.vision_config.image_size);
-            if s < p || s % p != 0 || s > max {
+            if s < p || s > max {
+                anyhow::bail!("--image-size {s} is outside {p}..={max} (one {p} px patch to the largest input this backbone takes)");
+            }
+            if s % p != 0 {
                 anyhow::bail!(
-                    "--image-size {s}: must be a multiple of the backbone's {p}px patch, from {p} to {max} (e.g. {})",
-                    (s.clamp(p, max) / p).max(1) * p
+                    "--image-size {s} is not a multiple of the model's {p} px patch (the last partial patch would be dropped); use {} or {}",
+                    s / p * p,
+                    (s / p + 1) * p
                 );
             }
             cfg.image_size = s;

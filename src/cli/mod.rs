@@ -54,12 +54,16 @@ adapter that cannot be loaded, or an output that cannot be written (the message 
 
 const DETECT_AFTER_HELP: &str = concat!(
     "Outputs in --out DIR, written as each input finishes:
+  run.json        the settings that made the records (model and adapter SHA-256, detector
+                  configuration, output options); --resume refuses other settings
   scores.jsonl    one JSON object per input: path, score, global_score, map_max, map_mean,
                   width, height, map, heatmap (paths relative to DIR), anomalous (--threshold);
                   a failed input has path and error instead (--format csv: scores.csv)
   maps/NAME.png   the anomaly map at the image's size, 16-bit grey, value = round(p * 65535)
   heatmaps/NAME.png  inferno colormap on the fixed [0, 1] scale, over the image
-NAME is the path inside the folder argument (or as given) without extension.
+NAME is the path inside the folder argument (or as given) without extension (see the README
+for how names are kept distinct). Folder walks leave out masks (ground_truth/, Masks/, X.png
+beside X.jpg; --include-masks keeps them), read only regular files and walk each folder once.
 
 Batch runs: --resume skips inputs already recorded; --shard K/N scores one of N shares (give
 each its own --out, then `zsad merge`).

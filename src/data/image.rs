@@ -307,6 +307,115 @@ mod tests {
         assert!(e.contains("cannot decode"), "{e}");
     }
 
+    fn encoded(format: image::ImageFormat, w: u32, h: u32) -> Vec<u8> {
+        let img = RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 13) as u8, (y * 7) as u8, 40]));
+        let mut out = Vec::new();
+        DynamicImage::ImageRgb8(img)
+            .write_to(&mut std::io::Cursor::new(&mut out), format)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn truncated_files_of_every_format_are_errors() {
+        let p = Path::new("x");
+        for f in [
+            image::ImageFormat::Png,
+            image::ImageFormat::Jpeg,
+            image::ImageFormat::Bmp,
+            image::ImageFormat::Tiff,
+            image::ImageFormat::WebP,
+        ] {
+            let b = encoded(f, 64, 48);
+            assert!(decode_bytes(p, &b).is_ok(), "{f:?} whole");
+            // (A PNG cut inside its final IEND chunk has all its pixels: Pillow reads it too.)
+            let near_end = if f == image::ImageFormat::Png {
+                b.len() - 16
+            } else {
+                b.len() - 4
+            };
+            for cut in [b.len() / 2, b.len() * 3 / 4, near_end] {
+                assert!(
+                    decode_bytes(p, &b[..cut]).is_err(),
+                    "{f:?} cut at {cut} of {} decoded",
+                    b.len()
+                );
+            }
+        }
+        // A JPEG with trailing bytes after its end is whole, as for Pillow.
+        let mut j = encoded(image::ImageFormat::Jpeg, 16, 16);
+        j.extend(b"trailing");
+        assert!(decode_bytes(p, &j).is_ok());
+    }
+
+    #[test]
+    fn the_pixel_budget_is_checked_before_decoding() {
+        let b = encoded(image::ImageFormat::Png, 40, 30);
+        let small = DecodeLimits::with_max_pixels(1199);
+        let e = decode_bytes_limited(Path::new("x.png"), &b, &small)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("40x30 = 1200 pixels") && e.contains("--max-pixels"),
+            "{e}"
+        );
+        assert!(
+            decode_bytes_limited(Path::new("x.png"), &b, &DecodeLimits::with_max_pixels(1200))
+                .is_ok()
+        );
+        let e = read_regular_file(Path::new("/dev/null"), 10)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("character device"), "{e}");
+        let e = read_regular_file(Path::new("/"), 10)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("folder"), "{e}");
+    }
+
+    /// Seeded mutations of small valid files in every format: each decodes or is an error,
+    /// never a panic and never an allocation past the budget (an abort would end the test).
+    #[test]
+    fn mutated_images_never_panic() {
+        let mut rng = crate::rng::SplitMix64(11);
+        let limits = DecodeLimits::with_max_pixels(1 << 20);
+        let bases: Vec<Vec<u8>> = [
+            image::ImageFormat::Png,
+            image::ImageFormat::Jpeg,
+            image::ImageFormat::Bmp,
+            image::ImageFormat::Tiff,
+            image::ImageFormat::WebP,
+        ]
+        .iter()
+        .map(|&f| encoded(f, 24, 20))
+        .collect();
+        let mut errors = 0;
+        for i in 0..4000 {
+            let mut b = bases[i % bases.len()].clone();
+            for _ in 0..1 + rng.next_u64() % 4 {
+                let span = if rng.next_u64() % 2 == 0 { 64 } else { b.len() } as u64;
+                let at = (rng.next_u64() % span.min(b.len() as u64)) as usize;
+                match rng.next_u64() % 4 {
+                    0 => b[at] = rng.next_u64() as u8,
+                    1 => b[at] ^= 1 << (rng.next_u64() % 8),
+                    2 => b.insert(at, rng.next_u64() as u8),
+                    _ => b.truncate(at.max(1)),
+                }
+            }
+            let r = std::panic::catch_unwind(|| {
+                decode_bytes_limited(Path::new("f"), &b, &limits).is_err()
+            });
+            match r {
+                Ok(failed) => errors += failed as usize,
+                Err(_) => panic!("mutation {i} panicked the decoder"),
+            }
+        }
+        assert!(
+            errors > 1000,
+            "the mutations should break most files ({errors})"
+        );
+    }
+
     #[test]
     fn sixteen_bit_is_scaled_not_clipped() {
         let img = DynamicImage::ImageLuma16(image::ImageBuffer::from_pixel(

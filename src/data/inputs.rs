@@ -159,7 +159,11 @@ pub fn walk_with(dir: &Path, opts: WalkOptions) -> Result<Walk> {
     let mut walk = Walk::default();
     let root = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
     let mut visited: HashSet<(u64, u64)> = HashSet::from([(root.dev(), root.ino())]);
-    let mut stack = vec![(dir.to_path_buf(), false)];
+    // A mask folder named on the command line is a mask folder too.
+    let root_is_masks = dir
+        .file_name()
+        .is_some_and(|n| MASK_FOLDERS.iter().any(|f| n.as_bytes() == f.as_bytes()));
+    let mut stack = vec![(dir.to_path_buf(), root_is_masks)];
     let mut first = true;
     while let Some((d, in_mask_folder)) = stack.pop() {
         let entries = match std::fs::read_dir(&d) {
@@ -324,6 +328,7 @@ pub fn expand(args: &[String], stdin: &mut dyn BufRead, opts: WalkOptions) -> Re
             }),
         }
     };
+    let mut walked = HashSet::new();
     for arg in args {
         if arg == "-" {
             for p in read_list(stdin)? {
@@ -333,6 +338,11 @@ pub fn expand(args: &[String], stdin: &mut dyn BufRead, opts: WalkOptions) -> Re
         }
         let p = Path::new(arg);
         if p.is_dir() {
+            // The same folder named twice is walked once (its files would be one input each
+            // anyway; this keeps the skipped counts true).
+            if !walked.insert(std::fs::canonicalize(p).map_err(|e| Error::io(p, e))?) {
+                continue;
+            }
             let w = walk_with(p, opts)?;
             ex.masks_skipped += w.masks_skipped;
             ex.links_skipped += w.links_skipped;
@@ -455,12 +465,16 @@ mod tests {
     fn folders_files_stdin_and_collisions() {
         let d = std::env::temp_dir().join(format!("zsad-inputs-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
-        touch(&d.join("a/good/0.png"));
+        touch(&d.join("a/good/0.tif"));
         touch(&d.join("a/good/0.jpg"));
+        // A mask beside its image, and MVTec's mask folder: left out of the walk.
+        touch(&d.join("a/good/m.jpg"));
+        touch(&d.join("a/good/m.png"));
+        touch(&d.join("a/ground_truth/bad/1_mask.png"));
         touch(&d.join("a/bad/1.PNG"));
         touch(&d.join("a/notes.txt"));
         touch(&d.join("a/.hidden/2.png"));
-        touch(&d.join("b/good/0.png"));
+        touch(&d.join("b/good/0.jpg"));
         let a = d.join("a").display().to_string();
         let b = d.join("b").display().to_string();
         let extra = d.join("a/notes.txt").display().to_string();
@@ -471,6 +485,7 @@ mod tests {
             WalkOptions::default(),
         )
         .unwrap();
+        assert_eq!(ex.masks_skipped, 2);
         let (inputs, missing) = (ex.inputs, ex.missing);
         let keys: Vec<String> = inputs.iter().map(|i| i.key.clone()).collect();
         assert_eq!(
@@ -478,9 +493,10 @@ mod tests {
             vec![
                 "bad/1".to_string(),
                 "good/0.jpg".into(),
-                "good/0.png".into(),
-                // b/good/0.png would take a's key: it falls back to its full path
-                d.join("b/good/0.png")
+                "good/0.tif".into(),
+                "good/m".into(),
+                // b/good/0.jpg would take a's key: it falls back to its full path
+                d.join("b/good/0.jpg")
                     .strip_prefix("/")
                     .unwrap()
                     .display()
@@ -497,6 +513,23 @@ mod tests {
         assert_eq!(missing.len(), 1);
         assert_eq!(missing[0].error, "no such file");
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn output_names_are_one_to_one() {
+        assert_eq!(key_of(Path::new("back\\slash.png"), true), "back%5Cslash");
+        assert_eq!(key_of(Path::new("back/slash.png"), true), "back/slash");
+        assert_eq!(key_of(Path::new("100%.png"), true), "100%25");
+        assert_eq!(
+            key_of(Path::new(OsStr::from_bytes(b"a\xff.png")), true),
+            "a%FF"
+        );
+        assert_eq!(key_of(Path::new("../x/./y.png"), true), "__/x/y");
+        assert_eq!(
+            path_text(Path::new(OsStr::from_bytes(b"a\xff\xfe.png"))),
+            "a\\xFF\\xFE.png"
+        );
+        assert_eq!(path_text(Path::new("plain/ü.png")), "plain/ü.png");
     }
 
     #[test]
