@@ -124,7 +124,7 @@ fn features_reject_a_layer_beyond_the_depth() {
     ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(
-        stderr(&o).contains("--layers 9: the vision tower has 4 layers"),
+        stderr(&o).contains("--layers 9: layers are 1-based, and the vision tower has 4"),
         "{}",
         stderr(&o)
     );

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -47,33 +47,6 @@ fn tmp(name: &str) -> PathBuf {
 
 fn stderr(o: &Output) -> String {
     stderr_of(o)
-}
-
-/// A deterministic RGB test image.
-fn write_png(path: &Path, w: u32, h: u32, seed: u32) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let img = image::RgbImage::from_fn(w, h, |x, y| {
-        image::Rgb([
-            ((x * 7 + y * 3 + seed * 11) % 256) as u8,
-            ((x * y + seed) % 256) as u8,
-            ((x + 2 * y + seed * 5) % 256) as u8,
-        ])
-    });
-    img.save(path).unwrap();
-}
-
-fn records(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("scores.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
-        .collect()
-}
-
-fn by_path(recs: &[Value]) -> BTreeMap<String, Value> {
-    recs.iter()
-        .map(|r| (r["path"].as_str().unwrap().to_string(), r.clone()))
-        .collect()
 }
 
 fn detect_args<'a>(tok: &'a str, model: &'a str, out: &'a str) -> Vec<&'a str> {

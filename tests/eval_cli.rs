@@ -75,6 +75,22 @@ fn manifest(shared: &Path, dir: &Path) -> Option<PathBuf> {
     Some(p)
 }
 
+/// `zsad eval --data D --predictions P --out O`.
+fn eval_predictions(data: &str, predictions: &str, out: &str) -> std::process::Output {
+    zsad(
+        &[
+            "eval",
+            "--data",
+            data,
+            "--predictions",
+            predictions,
+            "--out",
+            out,
+        ],
+        "",
+    )
+}
+
 #[test]
 fn predictions_and_model_runs_agree_and_reports_parse() {
     let Some(shared) = shared() else {
@@ -303,17 +319,10 @@ fn an_mvtec_root_is_read_and_problems_are_named() {
     );
     assert!(o.status.success(), "{}", err(&o));
     let out2 = tmp("partial-out");
-    let o = zsad(
-        &[
-            "eval",
-            "--data",
-            root.to_str().unwrap(),
-            "--predictions",
-            pred.to_str().unwrap(),
-            "--out",
-            out2.to_str().unwrap(),
-        ],
-        "",
+    let o = eval_predictions(
+        root.to_str().unwrap(),
+        pred.to_str().unwrap(),
+        out2.to_str().unwrap(),
     );
     assert_eq!(o.status.code(), Some(2));
     let e = err(&o);
@@ -341,17 +350,10 @@ fn an_mvtec_root_is_read_and_problems_are_named() {
     image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::new(10, 10)
         .save(pred.join(rec["map"].as_str().unwrap()))
         .unwrap();
-    let o = zsad(
-        &[
-            "eval",
-            "--data",
-            man.to_str().unwrap(),
-            "--predictions",
-            pred.to_str().unwrap(),
-            "--out",
-            out2.to_str().unwrap(),
-        ],
-        "",
+    let o = eval_predictions(
+        man.to_str().unwrap(),
+        pred.to_str().unwrap(),
+        out2.to_str().unwrap(),
     );
     assert_eq!(o.status.code(), Some(2));
     let e = err(&o);
@@ -595,17 +597,10 @@ fn every_dataset_problem_is_reported_at_once() {
 
     // No `image` column: said so, with the columns there are.
     std::fs::write(&man, "file,label\nok.png,0\n").unwrap();
-    let o = zsad(
-        &[
-            "eval",
-            "--data",
-            man.to_str().unwrap(),
-            "--predictions",
-            dir.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        "",
+    let o = eval_predictions(
+        man.to_str().unwrap(),
+        dir.to_str().unwrap(),
+        out.to_str().unwrap(),
     );
     assert_eq!(o.status.code(), Some(2));
     let e = err(&o);
@@ -623,17 +618,10 @@ fn every_dataset_problem_is_reported_at_once() {
         .save(root.join("bottle/test/good/000.png"))
         .unwrap();
     std::fs::create_dir_all(root.join("cable/test/good")).unwrap();
-    let o = zsad(
-        &[
-            "eval",
-            "--data",
-            root.to_str().unwrap(),
-            "--predictions",
-            dir.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        "",
+    let o = eval_predictions(
+        root.to_str().unwrap(),
+        dir.to_str().unwrap(),
+        out.to_str().unwrap(),
     );
     assert_eq!(o.status.code(), Some(2));
     let e = err(&o);

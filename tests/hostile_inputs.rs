@@ -22,19 +22,6 @@ fn tmp(name: &str) -> PathBuf {
     fresh_dir("hostile", name)
 }
 
-fn write_png(path: &Path, w: u32, h: u32, seed: u32) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    image::RgbImage::from_fn(w, h, |x, y| {
-        image::Rgb([
-            ((x * 7 + y * 3 + seed * 11) % 256) as u8,
-            ((x * y + seed) % 256) as u8,
-            ((x + 2 * y + seed * 5) % 256) as u8,
-        ])
-    })
-    .save(path)
-    .unwrap();
-}
-
 fn image_bytes(format: image::ImageFormat, w: u32, h: u32) -> Vec<u8> {
     let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 9) as u8, (y * 5) as u8, 77]));
     let mut out = Vec::new();
@@ -82,20 +69,6 @@ fn detect(inputs: &[&str], out: &Path, extra: &[&str]) -> Output {
     args.extend_from_slice(extra);
     args.extend_from_slice(inputs);
     zsad(&args)
-}
-
-fn records(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("scores.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
-        .collect()
-}
-
-fn by_path(recs: &[Value]) -> BTreeMap<String, Value> {
-    recs.iter()
-        .map(|r| (r["path"].as_str().unwrap().to_string(), r.clone()))
-        .collect()
 }
 
 fn error_of<'a>(recs: &'a BTreeMap<String, Value>, suffix: &str) -> &'a str {
@@ -532,6 +505,7 @@ fn numeric_flags_are_range_checked() {
         (&["--heatmap-alpha", "nan"], "--heatmap-alpha"),
         (&["--threshold", "2"], "--threshold"),
         (&["--threshold", "nan"], "--threshold"),
+        (&["--threshold", "-1"], "--threshold"),
         (&["--image-size", "33"], "--image-size"),
         (&["--batch-size", "1000000000"], "--batch-size"),
         (&["--max-pixels", "0"], "--max-pixels"),

@@ -24,8 +24,8 @@ pub struct BenchArgs {
     /// Folder of images to run over (searched recursively); the first one is also the warm-up
     #[arg(long, value_name = "DIR")]
     pub images: PathBuf,
-    /// Passes over the images
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    /// Passes over the images (at least 1)
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = super::flags::at_least(1))]
     pub runs: usize,
     /// Print one JSON object instead of a table
     #[arg(long)]
@@ -71,9 +71,6 @@ pub fn peak_rss_mb() -> Option<f64> {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if args.runs == 0 {
-        bail!("--runs 0: at least one pass over the images");
-    }
     let output = args.output.options();
     output.validate()?;
     let files = crate::data::inputs::walk_with(&args.images, WalkOptions::default())

@@ -26,7 +26,12 @@ pub struct OutputArgs {
     #[arg(long, value_enum, default_value = "overlay")]
     pub heatmaps: HeatmapKind,
     /// Opacity of the colour in overlay heatmaps, in [0, 1]
-    #[arg(long, default_value_t = 0.5, value_name = "A")]
+    #[arg(
+        long,
+        default_value_t = 0.5,
+        value_name = "A",
+        allow_negative_numbers = true
+    )]
     pub heatmap_alpha: f32,
 }
 
@@ -57,7 +62,7 @@ pub struct DetectArgs {
     #[command(flatten)]
     pub output: OutputArgs,
     /// Adds `"anomalous": score >= T` to every record (T in [0, 1])
-    #[arg(long, value_name = "T")]
+    #[arg(long, value_name = "T", allow_negative_numbers = true)]
     pub threshold: Option<f32>,
     /// Continue a run: skip inputs that already have a record (scored or failed)
     #[arg(long)]

@@ -41,8 +41,8 @@ pub struct FeaturesArgs {
     /// tokenizer.json to use (default: the one beside the model, else the CLIP vocabulary built in)
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
-    /// Images per forward pass
-    #[arg(long, default_value_t = 8)]
+    /// Images per forward pass, 1 to 256
+    #[arg(long, default_value_t = 8, value_parser = super::flags::count_in(1, 256))]
     pub batch_size: usize,
     /// Output safetensors file (written atomically)
     #[arg(long, short = 'o', value_name = "F")]
@@ -62,9 +62,10 @@ pub fn run(args: FeaturesArgs) -> anyhow::Result<()> {
     let size = args.image_size.unwrap_or(model.vision.image_size());
     let vision = model.vision.at_image_size(size, args.pos_interp.into())?;
     for &l in &args.layers {
-        if l > vision.depth() {
+        if l == 0 || l > vision.depth() {
             bail!(
-                "--layers {l}: the vision tower has {} layers",
+                "--layers {l}: layers are 1-based, and the vision tower has {} (1..={})",
+                vision.depth(),
                 vision.depth()
             );
         }
@@ -78,7 +79,7 @@ pub fn run(args: FeaturesArgs) -> anyhow::Result<()> {
         };
         let mut pooled = Vec::new();
         let mut taps: Vec<Vec<Tensor>> = vec![Vec::new(); args.layers.len()];
-        for chunk in args.images.chunks(args.batch_size.max(1)) {
+        for chunk in args.images.chunks(args.batch_size) {
             let pixels = chunk
                 .iter()
                 .map(|p| {

@@ -93,16 +93,18 @@ pub fn file_kind(ft: &std::fs::FileType) -> &'static str {
 pub fn read_regular_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() {
-        return Err(image_error(
-            path,
-            format!(
-                "{}: only regular files are read",
-                file_kind(&meta.file_type())
-            ),
-        ));
-    }
+    let regular = |meta: &std::fs::Metadata| {
+        if meta.is_file() {
+            Ok(())
+        } else {
+            let kind = file_kind(&meta.file_type());
+            Err(image_error(
+                path,
+                format!("{kind}: only regular files are read"),
+            ))
+        }
+    };
+    regular(&std::fs::metadata(path).map_err(|e| Error::io(path, e))?)?;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
@@ -110,15 +112,7 @@ pub fn read_regular_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
         .map_err(|e| Error::io(path, e))?;
     // The file may have been replaced between the two looks: trust only the opened handle.
     let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() {
-        return Err(image_error(
-            path,
-            format!(
-                "{}: only regular files are read",
-                file_kind(&meta.file_type())
-            ),
-        ));
-    }
+    regular(&meta)?;
     if meta.len() > max_bytes {
         return Err(image_error(
             path,

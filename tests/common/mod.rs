@@ -117,3 +117,34 @@ pub fn run_zsad_in(cwd: &Path, args: &[&str]) -> Output {
         .output()
         .expect("runs")
 }
+
+/// A deterministic RGB test image.
+pub fn write_png(path: &Path, w: u32, h: u32, seed: u32) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([
+            ((x * 7 + y * 3 + seed * 11) % 256) as u8,
+            ((x * y + seed) % 256) as u8,
+            ((x + 2 * y + seed * 5) % 256) as u8,
+        ])
+    });
+    img.save(path).unwrap();
+}
+
+/// The records of `DIR/scores.jsonl`.
+pub fn records(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("scores.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+/// Records by their `path`.
+pub fn by_path(
+    recs: &[serde_json::Value],
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    recs.iter()
+        .map(|r| (r["path"].as_str().unwrap().to_string(), r.clone()))
+        .collect()
+}
