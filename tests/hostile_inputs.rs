@@ -31,35 +31,8 @@ fn image_bytes(format: image::ImageFormat, w: u32, h: u32) -> Vec<u8> {
     out
 }
 
-/// Runs zsad, killing it after `limit` (a hang is a failure, not a stuck test).
-fn zsad_timed(args: &[&str], stdin: &str, limit: Duration) -> Output {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_zsad"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > limit {
-            child.kill().unwrap();
-            panic!("zsad {args:?} ran past {limit:?} (hung)");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
 fn zsad(args: &[&str]) -> Output {
-    zsad_timed(args, "", Duration::from_secs(120))
+    run_zsad_timed(args, "", Duration::from_secs(120))
 }
 
 fn detect(inputs: &[&str], out: &Path, extra: &[&str]) -> Output {
@@ -287,7 +260,7 @@ fn empty_inputs_are_bad_usage() {
     );
     let m = model();
     let out = d.join("out2").display().to_string();
-    let o = zsad_timed(
+    let o = run_zsad_timed(
         &["detect", "--model", &m, "--out", &out, "-"],
         "",
         Duration::from_secs(60),

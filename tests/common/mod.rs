@@ -70,8 +70,15 @@ pub fn ids(t: &Tensor) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// Runs the `zsad` binary with `args`, feeding `stdin`.
+/// Runs the `zsad` binary with `args`, feeding `stdin`; a run past 20 minutes is a hang.
 pub fn run_zsad(args: &[&str], stdin: &str) -> Output {
+    run_zsad_timed(args, stdin, std::time::Duration::from_secs(1200))
+}
+
+/// Runs the `zsad` binary, killing it and failing the test after `limit`: a hang is a
+/// failure, not a stuck test. The pipes are drained while it runs, so a chatty run cannot
+/// block on a full pipe.
+pub fn run_zsad_timed(args: &[&str], stdin: &str, limit: std::time::Duration) -> Output {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_zsad"))
         .args(args)
@@ -86,7 +93,18 @@ pub fn run_zsad(args: &[&str], stdin: &str) -> Output {
         .unwrap()
         .write_all(stdin.as_bytes())
         .unwrap();
-    child.wait_with_output().unwrap()
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            // SAFETY: `kill` has no memory effects; `pid` is our child, not yet reaped
+            // (its waiting thread has not returned).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("zsad {args:?} ran past {limit:?} (hung)");
+        }
+    }
 }
 
 /// A fresh, empty folder under the system temp dir, unique to this test process.
