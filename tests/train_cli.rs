@@ -90,14 +90,9 @@ fn pixel_auroc(dir: &Path) -> f64 {
 
 #[test]
 fn training_transfers_to_held_out_classes_and_round_trips() {
-    let Some(shared) = shared() else {
-        eprintln!("skipping: ../shared is absent");
+    let Some(tok) = shared_tokenizer() else {
         return;
     };
-    let tok = shared
-        .join("clip-tokenizer/tokenizer.json")
-        .display()
-        .to_string();
     let model = fixtures().join("models/tiny-method").display().to_string();
     let dir = tmp("learn");
     let (train, held) = (dir.join("train"), dir.join("held"));
@@ -355,14 +350,9 @@ fn image_size_must_be_a_multiple_of_the_patch() {
 /// --quiet silences them; a second run refuses to replace the adapter unless --overwrite.
 #[test]
 fn progress_lines_when_not_a_terminal_and_overwrite() {
-    let Some(shared) = shared() else {
-        eprintln!("skipping: ../shared is absent");
+    let Some(tok) = shared_tokenizer() else {
         return;
     };
-    let tok = shared
-        .join("clip-tokenizer/tokenizer.json")
-        .display()
-        .to_string();
     let model = fixtures().join("models/tiny-method").display().to_string();
     let dir = tmp("lines");
     for c in 0..2 {

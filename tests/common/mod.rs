@@ -166,3 +166,14 @@ pub fn by_path(
         .map(|r| (r["path"].as_str().unwrap().to_string(), r.clone()))
         .collect()
 }
+
+/// `../shared/clip-tokenizer/tokenizer.json`, or `None` (and a visible skip line) when absent.
+pub fn shared_tokenizer() -> Option<String> {
+    let p = shared()?.join("clip-tokenizer/tokenizer.json");
+    if p.exists() {
+        Some(p.display().to_string())
+    } else {
+        eprintln!("skipping: {} is absent", p.display());
+        None
+    }
+}
