@@ -46,7 +46,13 @@ fn main() {
         let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
         let flop = 2.0 * (m * n * k) as f64;
         let ours = best_of(5, || {
-            kernels::linear(&x, &w, Some(&b), kernels::Epilogue::None).unwrap();
+            kernels::linear(
+                &x,
+                kernels::Weight::F32(&w),
+                Some(&b),
+                kernels::Epilogue::None,
+            )
+            .unwrap();
         });
         let wt = w.t().unwrap();
         let candle = best_of(5, || {
@@ -119,18 +125,97 @@ fn main() {
             flop / pre / 1e9
         );
     }
+    // bf16: the linear layer on a packed bf16 weight, per bf16 unit this CPU has, against the
+    // emulation (f32 GEMM of rounded operands), on the same shapes.
+    let units = zsad::clip::gemm_bf16::available();
+    if "bf16".contains(filter.as_str()) && units.is_empty() {
+        println!("bf16: this CPU has no bf16 unit (AMX or AVX512-BF16); only the emulation runs");
+    }
+    for (m, k, n) in shapes
+        .into_iter()
+        .filter(|_| "bf16".contains(filter.as_str()))
+    {
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+        let flop = 2.0 * (m * n * k) as f64;
+        let rounded = kernels::round_bf16(&w).unwrap();
+        let emulated = best_of(5, || {
+            kernels::linear(
+                &x,
+                kernels::Weight::RoundedF32(&rounded),
+                Some(&b),
+                kernels::Epilogue::None,
+            )
+            .unwrap();
+        });
+        let mut line = format!(
+            "bf16 linear {m}x{k} -> {n}: emulated {:>6.1} GFLOP/s",
+            flop / emulated / 1e9
+        );
+        let wb = w.to_dtype(candle_core::DType::BF16).unwrap();
+        let packed =
+            kernels::PackedB::from_weight(&wb.flatten_all().unwrap().to_vec1().unwrap(), n, k);
+        for &unit in units {
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut c = vec![0f32; m * n];
+            let g = best_of(10, || {
+                zsad::clip::gemm_bf16::gemm(
+                    unit,
+                    m,
+                    kernels::MatRef {
+                        data: &xs,
+                        rs: k,
+                        cs: 1,
+                    },
+                    &packed,
+                    &mut c,
+                    n,
+                    1.0,
+                    false,
+                    true,
+                )
+            });
+            line += &format!(", {} GEMM alone {:>6.1}", unit.name(), flop / g / 1e9);
+            let t = best_of(10, || {
+                kernels::linear(
+                    &x,
+                    kernels::Weight::Packed(&packed, unit),
+                    Some(&b),
+                    kernels::Epilogue::None,
+                )
+                .unwrap();
+            });
+            line += &format!(", {} {:>6.1} GFLOP/s", unit.name(), flop / t / 1e9);
+        }
+        println!("{line}");
+    }
     if !"attention".contains(filter.as_str()) {
         return;
     }
     let (l, heads, hd) = (1370usize, 16usize, 64usize);
     let qkv = Tensor::randn(0f32, 1.0, (1, l, 3 * heads * hd), &dev).unwrap();
-    let t = best_of(10, || {
-        kernels::attention(&qkv, heads, 0.125, None, kernels::ORDINARY).unwrap();
-    });
     let flop = 4.0 * (l * l * heads * hd) as f64;
-    println!(
-        "attention {heads} heads x {l} tokens: {:.1} ms, {:.1} GFLOP/s",
-        t * 1e3,
-        flop / t / 1e9
-    );
+    let mut precisions = vec![kernels::Precision::F32];
+    precisions.extend(units.iter().map(|&u| kernels::Precision::Bf16(u)));
+    for precision in precisions {
+        let t = best_of(10, || {
+            kernels::attention_first_queries(
+                &qkv,
+                heads,
+                0.125,
+                None,
+                kernels::ORDINARY,
+                l,
+                precision,
+            )
+            .unwrap();
+        });
+        println!(
+            "attention {heads} heads x {l} tokens ({}): {:.1} ms, {:.1} GFLOP/s",
+            precision.gemm_name(),
+            t * 1e3,
+            flop / t / 1e9
+        );
+    }
 }

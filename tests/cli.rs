@@ -163,6 +163,10 @@ fn info_reports_the_architecture() {
     assert_eq!(j["grid"], 7);
     assert_eq!(j["config"]["vision_config"]["num_hidden_layers"], 12);
     assert_eq!(j["naming"], "random");
+    assert!(
+        matches!(j["gemm"].as_str(), Some("gemm" | "onednn")),
+        "f32 runs on the f32 backend: {j}"
+    );
 
     let o = zsad(&[
         "info",
@@ -175,6 +179,47 @@ fn info_reports_the_architecture() {
         text.contains("openai names") && text.contains("14x14 grid"),
         "{text}"
     );
+}
+
+/// `--precision bf16` names the GEMM it runs: the CPU's best bf16 unit, or the emulation on a
+/// CPU without one; `ZSAD_BF16_KERNEL` picks another for comparisons, and an unknown or absent
+/// one falls back to the best.
+#[test]
+fn info_names_the_bf16_gemm() {
+    let gemm = |env: Option<&str>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_zsad"));
+        c.args([
+            "info",
+            "--model",
+            "random:ViT-B-32",
+            "--precision",
+            "bf16",
+            "--json",
+        ]);
+        c.env_remove("ZSAD_BF16_KERNEL");
+        if let Some(v) = env {
+            c.env("ZSAD_BF16_KERNEL", v);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        j["gemm"].as_str().unwrap().to_string()
+    };
+    let units = zsad::clip::gemm_bf16::available();
+    let best = units.first().map_or_else(
+        || format!("{}+bf16-emulated", zsad::clip::kernels::gemm_backend()),
+        |k| k.name().to_string(),
+    );
+    println!("bf16 units on this CPU: {:?}", units);
+    assert_eq!(gemm(None), best);
+    assert_eq!(gemm(Some("no-such-unit")), best);
+    assert_eq!(
+        gemm(Some("none")),
+        format!("{}+bf16-emulated", zsad::clip::kernels::gemm_backend())
+    );
+    if units.contains(&zsad::clip::gemm_bf16::Kernel::Avx512Bf16) {
+        assert_eq!(gemm(Some("avx512-bf16")), "avx512-bf16");
+    }
 }
 
 /// Offline, a hub id that is not cached fails at once with one line that says what to fetch.

@@ -667,6 +667,7 @@ fn bench_reports_seconds_per_stage_as_json() {
     let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{out}: {e}"));
     assert_eq!(v["images"], 4, "{v}");
     assert_eq!(v["preset"], "adaclip");
+    assert!(v["gemm"].is_string(), "{v}");
     let per_image = v["seconds_per_image"].as_f64().unwrap();
     assert!(per_image > 0.0);
     assert!((v["images_per_second"].as_f64().unwrap() * per_image - 1.0).abs() < 1e-9);

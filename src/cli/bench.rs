@@ -53,6 +53,9 @@ pub struct BenchReport {
     pub image_size: usize,
     pub images: usize,
     pub threads: usize,
+    /// The GEMM path the backbone ran on (`amx-bf16`, `avx512-bf16`, `gemm`, ...; see
+    /// `ClipModel::gemm`).
+    pub gemm: String,
     pub seconds_per_image: f64,
     pub images_per_second: f64,
     pub stages: Stages,
@@ -162,6 +165,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         image_size: size,
         images: count,
         threads: rayon::current_num_threads(),
+        gemm: loaded.model.gemm(),
         seconds_per_image: total / n,
         images_per_second: n / total,
         stages,
@@ -174,8 +178,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         let s = &report.stages;
         println!(
-            "{} {} @ {} px, {} images, {} threads",
-            report.model, report.preset, report.image_size, report.images, report.threads
+            "{} {} @ {} px, {} images, {} threads, gemm {}",
+            report.model,
+            report.preset,
+            report.image_size,
+            report.images,
+            report.threads,
+            report.gemm
         );
         println!(
             "{:.4} s per image, {:.2} images per second (after one warm-up image)",

@@ -140,6 +140,7 @@ pub fn run(args: DetectArgs) -> anyhow::Result<u8> {
         "batch_size": args.batch_size,
         "threads": rayon::current_num_threads(),
         "device": format!("{:?}", args.detector.model.device).to_lowercase(),
+        "gemm": loaded.model.gemm(),
         "started_unix": std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

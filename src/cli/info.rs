@@ -59,6 +59,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
             "vision_parameters": pv,
             "text_parameters": pt,
             "tokenizer": loaded.tokenizer.as_ref().map(|p| p.display().to_string()),
+            "gemm": loaded.model.gemm(),
         });
         println!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(());
@@ -94,6 +95,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         pt as f64 / 1e6
     );
     println!("embedding   {}", c.projection_dim);
+    println!("gemm        {}", loaded.model.gemm());
     println!(
         "tokenizer   {}",
         loaded.tokenizer.as_ref().map_or(

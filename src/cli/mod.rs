@@ -172,9 +172,10 @@ pub struct ModelArgs {
     /// Tensor type of the whole backbone (f16/bf16: for CUDA; on the CPU use --precision)
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DTypeArg,
-    /// GEMM precision: bf16 stores the transformer weights in bfloat16 (half the memory) and
-    /// multiplies bf16 operands with f32 accumulation, as AMX / AVX512-BF16 and PyTorch's
-    /// autocast do; everything else stays f32. On CUDA it means --dtype bf16
+    /// GEMM precision: bf16 multiplies bf16 operands with f32 accumulation, as PyTorch's
+    /// autocast does, on the CPU's AMX or AVX512-BF16 unit (weights packed once, half the
+    /// memory); everything else stays f32. A CPU without them computes the same numbers at f32
+    /// speed (`zsad info` says which GEMM runs). On CUDA it means --dtype bf16
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: PrecisionArg,
     /// Where to run the model

@@ -8,29 +8,89 @@
 //! is upstream (`track_op`) on the CPU, the product runs as a custom op whose backward returns
 //! the input gradient only.
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
+
+use super::kernels::{Kernel, PackedB, Precision, Weight};
 
 /// `x Wᵀ + b` with `W` `[out, in]` never receiving a gradient.
 #[derive(Debug, Clone)]
 pub struct FrozenLinear {
-    weight: Tensor,
+    weight: Stored,
     bias: Option<Tensor>,
+}
+
+/// How the weight is kept, by `--precision`.
+#[derive(Debug, Clone)]
+enum Stored {
+    F32(Tensor),
+    /// bf16 emulated: f32 values rounded to bf16 once at load.
+    RoundedF32(Tensor),
+    /// bf16 on a bf16 unit: packed once at load into the kernel's layout (half the memory).
+    Packed(Arc<PackedB>, Kernel),
 }
 
 impl FrozenLinear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight: Stored::F32(weight),
+            bias,
+        }
     }
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+
+    /// The f32 weight `[out, in]` as loaded (before [`Self::use_precision`]).
+    pub fn weight(&self) -> candle_core::Result<&Tensor> {
+        match &self.weight {
+            Stored::F32(w) | Stored::RoundedF32(w) => Ok(w),
+            Stored::Packed(..) => candle_core::bail!("the weight is packed for the bf16 kernel"),
+        }
     }
-    /// Stores the weight in bfloat16 (half the memory); the CPU kernels then multiply in bf16.
-    pub fn to_bf16(&mut self) -> candle_core::Result<()> {
-        self.weight = self.weight.to_dtype(DType::BF16)?;
+
+    /// Converts the weight for `precision` (`--precision bf16`: packed for the CPU's bf16 unit,
+    /// or rounded to bf16 values once for the emulation).
+    pub fn use_precision(&mut self, precision: Precision) -> candle_core::Result<()> {
+        let Stored::F32(w) = &self.weight else {
+            candle_core::bail!("the weight was already converted");
+        };
+        self.weight = match precision {
+            Precision::F32 => return Ok(()),
+            Precision::Bf16Emulated => Stored::RoundedF32(super::kernels::round_bf16(w)?),
+            Precision::Bf16(kernel) => {
+                let (n, k) = w.dims2()?;
+                let w = w
+                    .to_dtype(DType::BF16)?
+                    .flatten_all()?
+                    .to_vec1::<half::bf16>()?;
+                Stored::Packed(Arc::new(PackedB::from_weight(&w, n, k)), kernel)
+            }
+        };
         Ok(())
     }
+
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
+    }
+
+    /// The weight as the fused kernels take it.
+    fn kernel_weight(&self) -> Weight<'_> {
+        match &self.weight {
+            Stored::F32(w) => Weight::F32(w),
+            Stored::RoundedF32(w) => Weight::RoundedF32(w),
+            Stored::Packed(p, k) => Weight::Packed(p, *k),
+        }
+    }
+
+    /// An f32 weight tensor for the plain ops (training, other devices): a packed weight is
+    /// unpacked and widened per call.
+    fn weight_f32(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            Stored::F32(w) | Stored::RoundedF32(w) => w.to_dtype(dtype),
+            Stored::Packed(p, _) => {
+                Tensor::from_vec(p.to_weight(), (p.n(), p.k()), &candle_core::Device::Cpu)?
+                    .to_dtype(dtype)
+            }
+        }
     }
 }
 
@@ -80,22 +140,17 @@ impl FrozenLinear {
         x: &Tensor,
         epilogue: super::kernels::Epilogue,
     ) -> candle_core::Result<Tensor> {
-        super::kernels::linear(x, &self.weight, self.bias.as_ref(), epilogue)
+        super::kernels::linear(x, self.kernel_weight(), self.bias.as_ref(), epilogue)
     }
 }
 
 impl Module for FrozenLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if super::kernels::applies(x) && matches!(self.weight.dtype(), DType::F32 | DType::BF16) {
-            return super::kernels::linear(
-                x,
-                &self.weight,
-                self.bias.as_ref(),
-                super::kernels::Epilogue::None,
-            );
+        if super::kernels::applies(x) {
+            return self.forward_with(x, super::kernels::Epilogue::None);
         }
-        // A bf16 weight outside the fast path (training, other devices) is widened per call.
-        let weight = self.weight.to_dtype(x.dtype())?;
+        // Outside the fast path (training, other devices) a bf16 weight is widened per call.
+        let weight = self.weight_f32(x.dtype())?;
         let y = if x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 {
             x.contiguous()?.apply_op1(MatmulFrozen { weight })?
         } else {

@@ -18,6 +18,9 @@
 use candle_core::{CpuStorage, Device, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::gemm_bf16;
+pub use super::gemm_bf16::{Kernel, PackedB};
+
 /// A read-only strided f32 matrix view: element (i, j) is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
 pub struct MatRef<'a> {
@@ -27,7 +30,7 @@ pub struct MatRef<'a> {
 }
 
 impl MatRef<'_> {
-    fn check(&self, rows: usize, cols: usize, what: &str) {
+    pub(crate) fn check(&self, rows: usize, cols: usize, what: &str) {
         if rows > 0 && cols > 0 {
             let last = (rows - 1) * self.rs + (cols - 1) * self.cs;
             assert!(last < self.data.len(), "gemm: {what} out of bounds");
@@ -231,61 +234,6 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R
     }
 }
 
-/// Borrow the bf16 data of a contiguous CPU tensor.
-fn with_bf16<R>(t: &Tensor, f: impl FnOnce(&[half::bf16]) -> R) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("kernels: tensor must be contiguous");
-    };
-    match &*storage {
-        Storage::Cpu(CpuStorage::BF16(v)) => Ok(f(&v[start..end])),
-        _ => candle_core::bail!("kernels: bf16 CPU tensors only"),
-    }
-}
-
-/// Output columns per block of widened weights (256 × 4096 f32 = 4 MB at most).
-const BF16_BLOCK: usize = 256;
-
-/// `out[m, n] (+)= xs[m, k] · w[n, k]ᵀ` with `w` in bf16, widened `BF16_BLOCK` rows at a time.
-fn linear_bf16(
-    xs: &[f32],
-    m: usize,
-    w: &[half::bf16],
-    n: usize,
-    k: usize,
-    out: &mut [f32],
-    accumulate: bool,
-) {
-    let mut wide = vec![0f32; BF16_BLOCK.min(n) * k];
-    for c0 in (0..n).step_by(BF16_BLOCK) {
-        let nb = BF16_BLOCK.min(n - c0);
-        let wide = &mut wide[..nb * k];
-        wide.par_chunks_mut(16 * 1024)
-            .zip(w[c0 * k..(c0 + nb) * k].par_chunks(16 * 1024))
-            .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d = s.to_f32()));
-        gemm(
-            m,
-            nb,
-            k,
-            MatRef {
-                data: xs,
-                rs: k,
-                cs: 1,
-            },
-            MatRef {
-                data: wide,
-                rs: 1,
-                cs: k,
-            },
-            &mut out[c0..],
-            n,
-            1.0,
-            accumulate,
-            true,
-        );
-    }
-}
-
 /// Rounds every value to the nearest bfloat16 (ties to even), kept as f32: what an autocast
 /// `x.to(bfloat16)` keeps of it.
 #[inline(always)]
@@ -324,19 +272,76 @@ pub enum Epilogue {
     Gelu,
 }
 
+/// How `--precision` multiplies in the fused kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 operands (the default).
+    F32,
+    /// bf16 operands with f32 accumulation on the CPU's bf16 units.
+    Bf16(Kernel),
+    /// bf16 operands emulated on a CPU without bf16 units: f32 GEMMs of operands rounded to
+    /// bf16 (weights once at load, activations per product), the same numbers up to summation
+    /// order, at f32 speed.
+    Bf16Emulated,
+}
+
+impl Precision {
+    /// `--precision bf16` on this CPU: its best bf16 unit, or the emulation.
+    pub fn bf16() -> Self {
+        match gemm_bf16::selected() {
+            Some(k) => Precision::Bf16(k),
+            None => Precision::Bf16Emulated,
+        }
+    }
+
+    pub fn is_bf16(self) -> bool {
+        self != Precision::F32
+    }
+
+    /// What `zsad info` and `zsad bench --json` report as `"gemm"`: `amx-bf16`, `avx512-bf16`,
+    /// or the f32 backend (`gemm`, `onednn`), with `+bf16-emulated` when bf16 is emulated.
+    pub fn gemm_name(self) -> String {
+        match self {
+            Precision::F32 => gemm_backend().to_string(),
+            Precision::Bf16(k) => k.name().to_string(),
+            Precision::Bf16Emulated => format!("{}+bf16-emulated", gemm_backend()),
+        }
+    }
+}
+
+/// A linear layer's weight `W: [out, in]` as the fused kernel reads it.
+#[derive(Debug, Clone, Copy)]
+pub enum Weight<'a> {
+    /// f32, multiplied as is.
+    F32(&'a Tensor),
+    /// f32 holding bf16 values ([`Precision::Bf16Emulated`]): the input is rounded to bf16 too.
+    RoundedF32(&'a Tensor),
+    /// Packed bf16 for a bf16 unit.
+    Packed(&'a PackedB, Kernel),
+}
+
+impl Weight<'_> {
+    /// `(out, in)`.
+    fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        match self {
+            Weight::F32(w) | Weight::RoundedF32(w) => w.dims2(),
+            Weight::Packed(p, _) => Ok((p.n(), p.k())),
+        }
+    }
+}
+
 /// `act(x Wᵀ + b)` for `x: [..., in]`, `W: [out, in]`: one GEMM with the bias preloaded into the
-/// output, the activation applied in the same pass over it.
-///
-/// With a bf16 `W` (`--precision bf16`) the GEMM runs on bf16 operands with f32 accumulation, as
-/// AMX and AVX512-BF16 do: `x` is rounded to bf16 and `W` widened block by block. Outputs stay f32.
+/// output, the activation applied in the same pass over it. Outputs are f32 in every
+/// [`Weight`] form; a packed weight multiplies bf16 operands (`x` rounded while it is packed)
+/// with f32 accumulation.
 pub fn linear(
     x: &Tensor,
-    weight: &Tensor,
+    weight: Weight,
     bias: Option<&Tensor>,
     epilogue: Epilogue,
 ) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
-    let (n_out, n_in) = weight.dims2()?;
+    let (n_out, n_in) = weight.dims()?;
     let dims = x.dims();
     let Some((&last, lead)) = dims.split_last() else {
         candle_core::bail!("linear: scalar input");
@@ -352,38 +357,55 @@ pub fn linear(
                 .for_each(|rows| rows.chunks_mut(n_out).for_each(|r| r.copy_from_slice(b)))
         })?;
     }
-    if weight.dtype() == candle_core::DType::BF16 {
-        let mut xs = x.flatten_all()?.to_vec1::<f32>()?;
-        xs.par_chunks_mut(16 * 1024).for_each(round_bf16_in_place);
-        with_bf16(weight, |w| {
-            linear_bf16(&xs, m, w, n_out, n_in, &mut out, bias.is_some())
-        })?;
-    } else {
-        with_f32(&x, |xs| {
-            with_f32(weight, |w| {
-                gemm(
-                    m,
-                    n_out,
-                    n_in,
-                    MatRef {
-                        data: xs,
-                        rs: n_in,
-                        cs: 1,
-                    },
-                    // Wᵀ: element (i, j) = W[j, i].
-                    MatRef {
-                        data: w,
-                        rs: 1,
-                        cs: n_in,
-                    },
-                    &mut out,
-                    n_out,
-                    1.0,
-                    bias.is_some(),
-                    true,
-                )
-            })
-        })??;
+    let f32_gemm = |xs: &[f32], w: &Tensor, out: &mut [f32]| {
+        with_f32(w, |w| {
+            gemm(
+                m,
+                n_out,
+                n_in,
+                MatRef {
+                    data: xs,
+                    rs: n_in,
+                    cs: 1,
+                },
+                // Wᵀ: element (i, j) = W[j, i].
+                MatRef {
+                    data: w,
+                    rs: 1,
+                    cs: n_in,
+                },
+                out,
+                n_out,
+                1.0,
+                bias.is_some(),
+                true,
+            )
+        })
+    };
+    match weight {
+        Weight::F32(w) => with_f32(&x, |xs| f32_gemm(xs, w, &mut out))??,
+        Weight::RoundedF32(w) => {
+            let mut xs = x.flatten_all()?.to_vec1::<f32>()?;
+            xs.par_chunks_mut(16 * 1024).for_each(round_bf16_in_place);
+            f32_gemm(&xs, w, &mut out)?
+        }
+        Weight::Packed(p, kernel) => with_f32(&x, |xs| {
+            gemm_bf16::gemm(
+                kernel,
+                m,
+                MatRef {
+                    data: xs,
+                    rs: n_in,
+                    cs: 1,
+                },
+                p,
+                &mut out,
+                n_out,
+                1.0,
+                bias.is_some(),
+                true,
+            )
+        })?,
     }
     match epilogue {
         Epilogue::None => {}
@@ -424,13 +446,16 @@ pub fn attention(
     mask: Option<&Tensor>,
     roles: QkvRoles,
 ) -> candle_core::Result<Tensor> {
-    attention_first_queries(qkv, heads, scale, mask, roles, qkv.dim(1)?, false)
+    attention_first_queries(qkv, heads, scale, mask, roles, qkv.dim(1)?, Precision::F32)
 }
 
 /// [`attention`] for the first `queries` query rows only (keys and values are all `L` rows):
 /// `[B, queries, D]`. A final layer whose only wanted output is the CLS token needs one row.
-/// `bf16_probs` rounds the (unnormalised) probabilities to bfloat16 before they meet `v`, for
-/// `--precision bf16` (the caller rounds `qkv`).
+///
+/// With a bf16 `precision` both products take bf16 operands: `q`, `k`, `v` and the
+/// (unnormalised) probabilities rounded to bf16, f32 accumulation. On a bf16 unit the rounding
+/// happens while packing (`k` and `v` once per head); emulated, the caller passes `qkv` already
+/// rounded and the probabilities are rounded here.
 pub fn attention_first_queries(
     qkv: &Tensor,
     heads: usize,
@@ -438,7 +463,7 @@ pub fn attention_first_queries(
     mask: Option<&Tensor>,
     roles: QkvRoles,
     queries: usize,
-    bf16_probs: bool,
+    precision: Precision,
 ) -> candle_core::Result<Tensor> {
     let qkv = qkv.contiguous()?;
     let (b, l, d3) = qkv.dims3()?;
@@ -447,8 +472,8 @@ pub fn attention_first_queries(
     }
     let lq = queries;
     let d = d3 / 3;
-    let hd = d / heads;
-    if d3 != 3 * d || hd * heads != d {
+    let hd = d / heads.max(1);
+    if heads == 0 || d3 != 3 * d || hd * heads != d {
         candle_core::bail!("attention: width {d3} is not 3 x heads x head size");
     }
     let mask = mask.map(|m| m.contiguous()).transpose()?;
@@ -503,7 +528,7 @@ pub fn attention_first_queries(
                         row.iter_mut().zip(mrow).for_each(|(x, m)| *x += m);
                     }
                     inv_sums[i] = 1.0 / exp_shifted_in_place(row);
-                    if bf16_probs {
+                    if precision.is_bf16() {
                         round_bf16_in_place(row);
                     }
                 }
@@ -541,10 +566,82 @@ pub fn attention_first_queries(
             },
         )
     };
+    // On a bf16 unit: one task per (image, head), so k and v are packed once for all the
+    // query chunks.
+    let run_bf16 = |xs: &[f32], mask: Option<&[f32]>, kernel: Kernel| {
+        (0..b * heads).into_par_iter().for_each_init(
+            || vec![0f32; qc * l],
+            |scores, bh| {
+                let (bi, h) = (bh / heads, bh % heads);
+                let base = bi * l * d3;
+                let col = |role: usize| base + role * d + h * hd;
+                // kᵀ as B[hd, L]: element (kk, j) = k[j, kk].
+                let kt = PackedB::from_f32(
+                    MatRef {
+                        data: &xs[col(roles.k)..],
+                        rs: 1,
+                        cs: d3,
+                    },
+                    hd,
+                    l,
+                    false,
+                );
+                let v = PackedB::from_f32(
+                    MatRef {
+                        data: &xs[col(roles.v)..],
+                        rs: d3,
+                        cs: 1,
+                    },
+                    l,
+                    hd,
+                    false,
+                );
+                for c in 0..chunks {
+                    let rows = qc.min(lq - c * qc);
+                    let row0 = c * qc;
+                    let s = &mut scores[..rows * l];
+                    let q = MatRef {
+                        data: &xs[col(roles.q) + row0 * d3..],
+                        rs: d3,
+                        cs: 1,
+                    };
+                    gemm_bf16::gemm(kernel, rows, q, &kt, s, l, scale as f32, false, false);
+                    let mut inv_sums = [0f32; QUERY_CHUNK];
+                    for (i, row) in s.chunks_mut(l).enumerate() {
+                        if let Some(m) = mask {
+                            let mrow = &m[(row0 + i) * l..(row0 + i + 1) * l];
+                            row.iter_mut().zip(mrow).for_each(|(x, m)| *x += m);
+                        }
+                        inv_sums[i] = 1.0 / exp_shifted_in_place(row);
+                    }
+                    // SAFETY: each task writes its own rows × head-columns block of `out`.
+                    let o = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            dst.0.add((bi * lq + row0) * d + h * hd),
+                            (rows - 1) * d + hd,
+                        )
+                    };
+                    let p = MatRef {
+                        data: s,
+                        rs: l,
+                        cs: 1,
+                    };
+                    gemm_bf16::gemm(kernel, rows, p, &v, o, d, 1.0, false, false);
+                    for (i, inv) in inv_sums[..rows].iter().enumerate() {
+                        o[i * d..i * d + hd].iter_mut().for_each(|x| *x *= inv);
+                    }
+                }
+            },
+        )
+    };
+    let run_any = |xs: &[f32], mask: Option<&[f32]>| match precision {
+        Precision::Bf16(kernel) => run_bf16(xs, mask, kernel),
+        _ => run(xs, mask),
+    };
     with_f32(&qkv, |xs| match &mask {
-        Some(m) => with_f32(m, |m| run(xs, Some(m))),
+        Some(m) => with_f32(m, |m| run_any(xs, Some(m))),
         None => {
-            run(xs, None);
+            run_any(xs, None);
             Ok(())
         }
     })??;
@@ -675,6 +772,7 @@ macro_rules! dispatch {
                     && std::is_x86_feature_detected!("avx512bw")
                     && std::is_x86_feature_detected!("avx512dq")
                     && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("fma")
                 {
                     return unsafe { avx512(xs) };
                 }
@@ -779,10 +877,10 @@ mod tests {
         let want = candle_nn::Linear::new(w.clone(), Some(b.clone()))
             .forward(&x)
             .unwrap();
-        let got = linear(&x, &w, Some(&b), Epilogue::None).unwrap();
+        let got = linear(&x, Weight::F32(&w), Some(&b), Epilogue::None).unwrap();
         assert_eq!(got.dims(), want.dims());
         assert!(max_diff(&got, &want) < 1e-5);
-        let got = linear(&x, &w, None, Epilogue::QuickGelu).unwrap();
+        let got = linear(&x, Weight::F32(&w), None, Epilogue::QuickGelu).unwrap();
         let y = x.broadcast_matmul(&w.t().unwrap()).unwrap();
         let want = (&y * candle_nn::ops::sigmoid(&(&y * 1.702).unwrap()).unwrap()).unwrap();
         assert!(max_diff(&got, &want) < 1e-5);
@@ -814,17 +912,26 @@ mod tests {
         let x = Tensor::from_vec(rand(5, 3 * 300 * 40), (3, 300, 40), &dev).unwrap();
         let w = Tensor::from_vec(rand(6, 300 * 40), (300, 40), &dev).unwrap();
         let b = Tensor::from_vec(rand(7, 300), 300, &dev).unwrap();
-        let got = linear(
-            &x,
-            &w.to_dtype(candle_core::DType::BF16).unwrap(),
-            Some(&b),
-            Epilogue::None,
-        )
-        .unwrap();
-        let want = candle_nn::Linear::new(round_bf16(&w).unwrap(), Some(b))
+        let want = candle_nn::Linear::new(round_bf16(&w).unwrap(), Some(b.clone()))
             .forward(&round_bf16(&x).unwrap())
             .unwrap();
-        assert!(max_diff(&got, &want) < 1e-5);
+        let rounded = round_bf16(&w).unwrap();
+        let got = linear(&x, Weight::RoundedF32(&rounded), Some(&b), Epilogue::None).unwrap();
+        assert!(max_diff(&got, &want) < 1e-5, "emulated");
+        let wb = w.to_dtype(candle_core::DType::BF16).unwrap();
+        let packed = PackedB::from_weight(&wb.flatten_all().unwrap().to_vec1().unwrap(), 300, 40);
+        if crate::clip::gemm_bf16::available().is_empty() {
+            println!("SKIP: no bf16 unit on this CPU; the packed linear layer is not run");
+        }
+        for &kernel in crate::clip::gemm_bf16::available() {
+            for epilogue in [Epilogue::None, Epilogue::QuickGelu, Epilogue::Gelu] {
+                let emulated =
+                    linear(&x, Weight::RoundedF32(&rounded), Some(&b), epilogue).unwrap();
+                let got = linear(&x, Weight::Packed(&packed, kernel), Some(&b), epilogue).unwrap();
+                let d = max_diff(&got, &emulated);
+                assert!(d < 1e-5, "{} {epilogue:?}: {d}", kernel.name());
+            }
+        }
     }
 
     /// Fused attention equals the per-head composition, ordinary and V-V, with a causal mask
@@ -873,9 +980,50 @@ mod tests {
             let got = attention(&qkv, heads, 0.125, mask, roles).unwrap();
             let diff = max_diff(&got, &want);
             assert!(diff < 1e-5, "{roles:?} mask {}: {diff}", mask.is_some());
-            let first = attention_first_queries(&qkv, heads, 0.125, mask, roles, 3, false).unwrap();
+            let first = attention_first_queries(&qkv, heads, 0.125, mask, roles, 3, Precision::F32)
+                .unwrap();
             // The same sums, perhaps blocked differently by the GEMM for 3 rows than for 137.
             assert!(max_diff(&first, &got.narrow(1, 0, 3).unwrap()) < 1e-6);
+            // bf16: the emulation (qkv rounded by the caller) against each bf16 unit.
+            let rounded = round_bf16(&qkv).unwrap();
+            let l = qkv.dim(1).unwrap();
+            let emulated = attention_first_queries(
+                &rounded,
+                heads,
+                0.125,
+                mask,
+                roles,
+                l,
+                Precision::Bf16Emulated,
+            )
+            .unwrap();
+            assert!(max_diff(&emulated, &got) < 0.05, "bf16 is near f32");
+            for &kernel in crate::clip::gemm_bf16::available() {
+                for queries in [l, 1] {
+                    let unit = attention_first_queries(
+                        &qkv,
+                        heads,
+                        0.125,
+                        mask,
+                        roles,
+                        queries,
+                        Precision::Bf16(kernel),
+                    )
+                    .unwrap();
+                    let d = max_diff(&unit, &emulated.narrow(1, 0, queries).unwrap());
+                    assert!(
+                        d < 1e-5,
+                        "{} {roles:?} {queries} queries: {d}",
+                        kernel.name()
+                    );
+                }
+            }
         }
+    }
+
+    #[test]
+    fn attention_refuses_zero_heads() {
+        let qkv = Tensor::zeros((1, 4, 12), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(attention(&qkv, 0, 1.0, None, ORDINARY).is_err());
     }
 }

@@ -79,10 +79,10 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// Stores the weights in bfloat16 (`--precision bf16`).
-    pub fn use_bf16(&mut self) -> Result<()> {
-        self.fc1.to_bf16()?;
-        self.fc2.to_bf16()?;
+    /// Converts the weights for `precision` (see [`Encoder::use_precision`]).
+    pub fn use_precision(&mut self, precision: kernels::Precision) -> Result<()> {
+        self.fc1.use_precision(precision)?;
+        self.fc2.use_precision(precision)?;
         Ok(())
     }
 
@@ -125,8 +125,8 @@ pub struct Attention {
     num_heads: usize,
     head_dim: usize,
     scale: f64,
-    /// `--precision bf16`: GEMM operands rounded to bfloat16 (weights stored so).
-    bf16: bool,
+    /// How the fused kernels multiply (`--precision`).
+    precision: kernels::Precision,
 }
 
 /// What one attention call returns: the ordinary output and, on request, the V-V output.
@@ -142,7 +142,7 @@ impl Attention {
         let q = linear(vb.pp("q_proj"), dim, dim, true)?;
         let k = linear(vb.pp("k_proj"), dim, dim, true)?;
         let v = linear(vb.pp("v_proj"), dim, dim, true)?;
-        let w = Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?;
+        let w = Tensor::cat(&[q.weight()?, k.weight()?, v.weight()?], 0)?;
         let bias = |l: &Linear| l.bias().cloned().expect("loaded with bias");
         let b = Tensor::cat(&[bias(&q), bias(&k), bias(&v)], 0)?;
         let head_dim = dim / num_heads;
@@ -152,22 +152,23 @@ impl Attention {
             num_heads,
             head_dim,
             scale: 1.0 / (head_dim as f64).sqrt(),
-            bf16: false,
+            precision: kernels::Precision::F32,
         })
     }
 
-    /// Stores the weights in bfloat16 and rounds every GEMM operand to it (CPU inference).
-    pub fn use_bf16(&mut self) -> Result<()> {
-        self.qkv.to_bf16()?;
-        self.out_proj.to_bf16()?;
-        self.bf16 = true;
+    /// Converts the weights for `precision`; the attention products follow it too.
+    pub fn use_precision(&mut self, precision: kernels::Precision) -> Result<()> {
+        self.qkv.use_precision(precision)?;
+        self.out_proj.use_precision(precision)?;
+        self.precision = precision;
         Ok(())
     }
 
-    /// q, k, v for the fused kernel: the projection, rounded to bf16 in bf16 mode.
+    /// q, k, v for the fused kernel: the projection, rounded to bf16 when bf16 is emulated
+    /// (a bf16 unit's kernels round while packing).
     fn fused_qkv(&self, xs: &Tensor) -> Result<Tensor> {
         let qkv = self.qkv.forward(xs)?;
-        Ok(if self.bf16 {
+        Ok(if self.precision == kernels::Precision::Bf16Emulated {
             kernels::round_bf16(&qkv)?
         } else {
             qkv
@@ -212,7 +213,7 @@ impl Attention {
             mask,
             roles,
             queries,
-            self.bf16,
+            self.precision,
         )?;
         let merged = match head_weights {
             Some(w) => merged
@@ -310,10 +311,10 @@ impl ResidualBlock {
         self.self_attn.num_heads()
     }
 
-    /// Stores the block's weights in bfloat16 (`--precision bf16`).
-    pub fn use_bf16(&mut self) -> Result<()> {
-        self.self_attn.use_bf16()?;
-        self.mlp.use_bf16()
+    /// Converts the block's weights for `precision` (see [`Encoder::use_precision`]).
+    pub fn use_precision(&mut self, precision: kernels::Precision) -> Result<()> {
+        self.self_attn.use_precision(precision)?;
+        self.mlp.use_precision(precision)
     }
 
     /// The ordinary block. Returns `(x_ori, vv)` where `vv` is the V-V attention output (without
@@ -432,11 +433,14 @@ impl Encoder {
         self.layers.len()
     }
 
-    /// `--precision bf16` for every block: weights stored in bfloat16, GEMM operands rounded to
-    /// it, accumulation and everything else in f32 (the numerics of AMX / AVX512-BF16 and of
-    /// PyTorch's CPU autocast). CPU inference only.
-    pub fn use_bf16(&mut self) -> Result<()> {
-        self.layers.iter_mut().try_for_each(ResidualBlock::use_bf16)
+    /// `--precision bf16` for every block: GEMM operands (weights, activations, attention
+    /// q/k/v and probabilities) in bfloat16, accumulation and everything else in f32 (the
+    /// numerics of PyTorch's CPU autocast). On a bf16 unit the weights are packed once for it;
+    /// emulated, they are rounded once. CPU inference; training widens them per product.
+    pub fn use_precision(&mut self, precision: kernels::Precision) -> Result<()> {
+        self.layers
+            .iter_mut()
+            .try_for_each(|l| l.use_precision(precision))
     }
 
     fn check_hooks(&self, hooks: &Hooks, dim: usize) -> Result<()> {
@@ -628,7 +632,7 @@ mod tests {
     /// Naive single-sequence attention, one head at a time, from the fused weights:
     /// `out_proj(concat_h w_h · softmax(a_h b_hᵀ / sqrt(hd)) v_h)`, a/b = q/k or v/v.
     fn naive(att: &Attention, x: &[Vec<f32>], hw: &[f32], vv: bool) -> Vec<Vec<f32>> {
-        let w = to2(att.qkv.weight());
+        let w = to2(att.qkv.weight().unwrap());
         let b = att.qkv.bias().unwrap().to_vec1::<f32>().unwrap();
         let (l, d) = (x.len(), x[0].len());
         let proj = |r: usize| -> Vec<Vec<f32>> {
@@ -665,7 +669,7 @@ mod tests {
                 }
             }
         }
-        let ow = to2(att.out_proj.weight());
+        let ow = to2(att.out_proj.weight().unwrap());
         let ob = att.out_proj.bias().unwrap().to_vec1::<f32>().unwrap();
         (0..l)
             .map(|i| {

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod frozen;
+pub mod gemm_bf16;
 pub mod hub;
 pub mod kernels;
 pub mod layers;
@@ -32,15 +33,35 @@ pub struct ClipModel {
     pub vision: VisionTransformer,
     pub text: TextTransformer,
     pub config: ClipConfig,
+    /// How the CPU kernels multiply (set by [`Self::use_bf16`]).
+    precision: kernels::Precision,
 }
 
 impl ClipModel {
     /// `--precision bf16` on the CPU: both towers' blocks keep their weights in bfloat16 and
     /// multiply bf16 operands with f32 accumulation; LayerNorm, softmax, activations,
     /// embeddings and projections stay f32.
-    pub fn use_bf16(&mut self) -> Result<()> {
-        self.vision.use_bf16()?;
-        self.text.use_bf16()
+    ///
+    /// The GEMMs run on the CPU's bf16 unit (AMX, else AVX512-BF16) where it has one; elsewhere
+    /// the same rounding is emulated on the f32 kernels, at f32 speed. Returns which
+    /// ([`kernels::Precision::gemm_name`] names it).
+    pub fn use_bf16(&mut self) -> Result<kernels::Precision> {
+        let precision = kernels::Precision::bf16();
+        self.vision.use_precision(precision)?;
+        self.text.use_precision(precision)?;
+        self.precision = precision;
+        Ok(precision)
+    }
+
+    /// The GEMM path the backbone runs on, as `zsad info` and `zsad bench --json` report it:
+    /// `cuda`, `amx-bf16`, `avx512-bf16`, or the f32 backend (`gemm`, `onednn`), with
+    /// `+bf16-emulated` when `--precision bf16` runs on a CPU without bf16 units.
+    pub fn gemm(&self) -> String {
+        if self.vision.device().is_cpu() {
+            self.precision.gemm_name()
+        } else {
+            "cuda".to_string()
+        }
     }
 
     /// Builds the model from Hugging Face names under `vb` (`vision_model`, `text_model`,
@@ -61,6 +82,7 @@ impl ClipModel {
                 cfg.projection_dim,
             )?,
             config: cfg.clone(),
+            precision: kernels::Precision::F32,
         })
     }
 

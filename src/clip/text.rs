@@ -112,9 +112,9 @@ impl TextTransformer {
         Ok(self.token_embedding.forward(&t)?)
     }
 
-    /// `--precision bf16` for the transformer blocks (see [`super::layers::Encoder::use_bf16`]).
-    pub fn use_bf16(&mut self) -> Result<()> {
-        self.encoder.use_bf16()
+    /// `--precision` for the transformer blocks (see [`super::layers::Encoder::use_precision`]).
+    pub fn use_precision(&mut self, precision: super::kernels::Precision) -> Result<()> {
+        self.encoder.use_precision(precision)
     }
 
     /// The plain pass from ids `[N, L]`: Hugging Face `get_text_features`.

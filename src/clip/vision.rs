@@ -183,9 +183,9 @@ impl VisionTransformer {
         Ok(self.forward(pixels, &hooks)?.pooled)
     }
 
-    /// `--precision bf16` for the transformer blocks (see [`super::layers::Encoder::use_bf16`]).
-    pub fn use_bf16(&mut self) -> Result<()> {
-        self.encoder.use_bf16()
+    /// `--precision` for the transformer blocks (see [`super::layers::Encoder::use_precision`]).
+    pub fn use_precision(&mut self, precision: super::kernels::Precision) -> Result<()> {
+        self.encoder.use_precision(precision)
     }
 
     /// `ln_post(x) @ proj` on any tokens `[..., D]` -> `[..., E]` (AnomalyCLIP projects every

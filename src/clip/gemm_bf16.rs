@@ -1,0 +1,873 @@
+//! bfloat16 GEMM on the CPU's bf16 units, with f32 accumulation: Intel AMX tiles (`tdpbf16ps`,
+//! Sapphire Rapids and later) where present, AVX512-BF16 (`vdpbf16ps`, AMD Zen 4/5, Intel Cooper
+//! Lake and later) otherwise. `--precision bf16` runs the backbone's linear layers and attention
+//! products on it.
+//!
+//! Why our own kernels: the `gemm` crate (candle's) has no bf16 dot-product path, and oneDNN
+//! exists here only behind the optional `onednn` feature (a system library), while every
+//! default build should use the bf16 units of the CPU it lands on. The kernels are small: one
+//! 32 x 32 AMX block (four accumulator tiles) and one 8 x 32 AVX-512 block (sixteen accumulator
+//! registers), over operands packed once into the pair-interleaved layout both instructions read.
+//!
+//! Numerics: each operand is rounded to bf16 (nearest, ties to even, what `tensor.to(bfloat16)`
+//! does) and the products are summed in f32, so results equal an f32 GEMM of the rounded
+//! operands up to summation order (and the units' flushing of bf16 subnormals, below 1.2e-38).
+//!
+//! Layouts (`Line` = 64 bytes = 32 bf16):
+//! - [`PackedB`] `B[k, n]`: 16 columns per block, k in pairs: element `(kk, j)` at
+//!   `((j / 16) · kp/2 + kk / 2) · 32 + (j % 16) · 2 + kk % 2`. One line is one k-pair of one
+//!   column block: a `vdpbf16ps` operand, and 16 consecutive lines are one AMX B tile.
+//! - packed A: row-major `[mp, kp]`; 16 rows × one line is an AMX A tile, and a `u32` of a row
+//!   is the k-pair `vdpbf16ps` broadcasts.
+//!
+//! `k` is padded to a multiple of 32 and `m`, `n` to multiples of 32 with zeros, so every
+//! micro-kernel call is a full block; only the valid part of a block is written to `C`.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use super::kernels::MatRef;
+
+/// A bf16 unit this CPU has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// AMX tiles: `tdpbf16ps` on 16 × 16 f32 accumulator tiles.
+    Amx,
+    /// AVX512-BF16: `vdpbf16ps` on 16-lane registers.
+    Avx512Bf16,
+}
+
+impl Kernel {
+    /// The name `zsad info` and `zsad bench --json` report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Amx => "amx-bf16",
+            Kernel::Avx512Bf16 => "avx512-bf16",
+        }
+    }
+}
+
+/// Every bf16 kernel this CPU (and its OS) can run, best first.
+pub fn available() -> &'static [Kernel] {
+    static AVAILABLE: OnceLock<Vec<Kernel>> = OnceLock::new();
+    AVAILABLE.get_or_init(detect)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> Vec<Kernel> {
+    let mut found = Vec::new();
+    if amx_usable() {
+        found.push(Kernel::Amx);
+    }
+    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16") {
+        found.push(Kernel::Avx512Bf16);
+    }
+    found
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> Vec<Kernel> {
+    Vec::new()
+}
+
+/// AMX-BF16 and AMX-TILE in CPUID, and Linux's permission for this process to use the tile
+/// state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, which fails where the kernel or
+/// a hypervisor does not enable it). The permission is process-wide, so every thread may then
+/// execute tile instructions.
+#[cfg(target_arch = "x86_64")]
+fn amx_usable() -> bool {
+    let (max_leaf, leaf7) = (
+        std::arch::x86_64::__cpuid(0).eax,
+        std::arch::x86_64::__cpuid_count(7, 0),
+    );
+    let amx_bf16 = leaf7.edx & (1 << 22) != 0;
+    let amx_tile = leaf7.edx & (1 << 24) != 0;
+    if max_leaf < 7 || !amx_bf16 || !amx_tile {
+        return false;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: arch_prctl with this request only changes the process's permission bits.
+        let status = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        status == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        false
+    }
+}
+
+/// The kernel `--precision bf16` uses: the best one available, unless `ZSAD_BF16_KERNEL`
+/// names another (`amx-bf16`, `avx512-bf16`, or `none` for the f32 emulation), for comparing
+/// them on one machine. A name this CPU cannot run falls back to the best available.
+pub fn selected() -> Option<Kernel> {
+    static SELECTED: OnceLock<Option<Kernel>> = OnceLock::new();
+    *SELECTED.get_or_init(|| {
+        let best = available().first().copied();
+        match std::env::var("ZSAD_BF16_KERNEL").ok().as_deref() {
+            Some("none") => None,
+            Some(name) => available()
+                .iter()
+                .copied()
+                .find(|k| k.name() == name)
+                .or(best),
+            None => best,
+        }
+    })
+}
+
+/// One cache line of bf16 values (stored as their bits).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u16; 32]);
+
+const ZERO_LINE: Line = Line([0; 32]);
+
+/// The bf16 bits of `x`, rounded to nearest with ties to even; NaN stays NaN.
+#[inline(always)]
+pub(crate) fn to_bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        ((b >> 16) | 0x40) as u16
+    } else {
+        (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    }
+}
+
+/// The right operand `B[k, n]` of a GEMM, in bf16, in the kernels' layout.
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    kp: usize,
+    np: usize,
+    lines: Vec<Line>,
+}
+
+impl std::fmt::Debug for PackedB {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedB {{ k: {}, n: {} }}", self.k, self.n)
+    }
+}
+
+impl PackedB {
+    /// Packs `B` given by `at(kk, j)`, the bf16 bits of element `(kk, j)`.
+    fn pack(k: usize, n: usize, parallel: bool, at: impl Fn(usize, usize) -> u16 + Sync) -> Self {
+        let kp = k.div_ceil(32) * 32;
+        let np = n.div_ceil(32) * 32;
+        let mut lines = vec![ZERO_LINE; np / 16 * kp / 2];
+        let fill = |jb: usize, block: &mut [Line]| {
+            let cols = 16.min(n.saturating_sub(jb * 16));
+            for (p, line) in block.iter_mut().enumerate().take(k.div_ceil(2)) {
+                for c in 0..cols {
+                    let j = jb * 16 + c;
+                    line.0[2 * c] = at(2 * p, j);
+                    if 2 * p + 1 < k {
+                        line.0[2 * c + 1] = at(2 * p + 1, j);
+                    }
+                }
+            }
+        };
+        if parallel {
+            lines
+                .par_chunks_mut(kp / 2)
+                .enumerate()
+                .for_each(|(jb, block)| fill(jb, block));
+        } else {
+            lines
+                .chunks_mut(kp / 2)
+                .enumerate()
+                .for_each(|(jb, block)| fill(jb, block));
+        }
+        Self {
+            k,
+            n,
+            kp,
+            np,
+            lines,
+        }
+    }
+
+    /// `B = Wᵀ` for a linear layer's weight `W: [n, k]` (row-major bf16), the layout the
+    /// checkpoint stores.
+    pub fn from_weight(w: &[half::bf16], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "PackedB::from_weight: {n} x {k} weight");
+        Self::pack(k, n, true, |kk, j| w[j * k + kk].to_bits())
+    }
+
+    /// `B[k, n]` from an f32 view (element `(kk, j)` at `data[kk · rs + j · cs]`), rounded to
+    /// bf16. `parallel = false` packs on the calling thread.
+    pub fn from_f32(b: MatRef, k: usize, n: usize, parallel: bool) -> Self {
+        b.check(k, n, "PackedB::from_f32");
+        Self::pack(k, n, parallel, |kk, j| {
+            to_bf16_bits(b.data[kk * b.rs + j * b.cs])
+        })
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// `W = Bᵀ` back as row-major bf16 `[n, k]` (for the slow paths that need the tensor).
+    pub fn to_weight(&self) -> Vec<half::bf16> {
+        let mut w = vec![half::bf16::ZERO; self.n * self.k];
+        w.par_chunks_mut(self.k.max(1))
+            .enumerate()
+            .for_each(|(j, row)| {
+                for (kk, x) in row.iter_mut().enumerate() {
+                    let line = &self.lines[(j / 16) * (self.kp / 2) + kk / 2];
+                    *x = half::bf16::from_bits(line.0[(j % 16) * 2 + kk % 2]);
+                }
+            });
+        w
+    }
+
+    /// The lines of column block `jb` (16 columns, `kp / 2` k-pairs).
+    fn block(&self, jb: usize) -> &[Line] {
+        &self.lines[jb * (self.kp / 2)..(jb + 1) * (self.kp / 2)]
+    }
+}
+
+/// The left operand `A[m, k]` rounded to bf16 in tiles: rows in groups of 16, each group a run
+/// of `kp / 32` AMX A tiles (16 rows × one line, contiguous), zero-padded to `mp` rows.
+struct PackedA {
+    kp: usize,
+    lines: Vec<Line>,
+}
+
+impl PackedA {
+    fn pack(a: MatRef, m: usize, k: usize, kp: usize, parallel: bool) -> Self {
+        let mp = m.div_ceil(32) * 32;
+        let group_lines = kp / 32 * 16;
+        let mut lines = vec![ZERO_LINE; mp * kp / 32];
+        let fill = |g: usize, group: &mut [Line]| fill_group(a, m, k, g, group);
+        if parallel {
+            lines
+                .par_chunks_mut(group_lines)
+                .enumerate()
+                .for_each(|(g, group)| fill(g, group));
+        } else {
+            lines
+                .chunks_mut(group_lines)
+                .enumerate()
+                .for_each(|(g, group)| fill(g, group));
+        }
+        Self { kp, lines }
+    }
+
+    /// The lines of row group `g` (16 rows) from k-step `s` on: tile `s + t` at `16 t`.
+    fn group(&self, g: usize, s: usize) -> &[Line] {
+        let steps = self.kp / 32;
+        &self.lines[(g * steps + s) * 16..(g + 1) * steps * 16]
+    }
+}
+
+/// Rounds rows `16 g ..` of `A` into their group of tiles (vectorised where the CPU allows).
+fn fill_group(a: MatRef, m: usize, k: usize, g: usize, group: &mut [Line]) {
+    #[inline(always)]
+    fn generic(a: MatRef, m: usize, k: usize, g: usize, group: &mut [Line]) {
+        for r in 0..16.min(m.saturating_sub(16 * g)) {
+            let src = &a.data[(16 * g + r) * a.rs..];
+            for (kl, chunk) in (0..k).step_by(32).enumerate() {
+                let line = &mut group[kl * 16 + r].0;
+                let len = 32.min(k - chunk);
+                if a.cs == 1 {
+                    for (d, &x) in line.iter_mut().zip(&src[chunk..chunk + len]) {
+                        *d = to_bf16_bits(x);
+                    }
+                } else {
+                    for (t, d) in line.iter_mut().enumerate().take(len) {
+                        *d = to_bf16_bits(src[(chunk + t) * a.cs]);
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw")]
+        unsafe fn avx512(a: MatRef, m: usize, k: usize, g: usize, group: &mut [Line]) {
+            generic(a, m, k, g, group)
+        }
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the features it was compiled for were just detected.
+            return unsafe { avx512(a, m, k, g, group) };
+        }
+    }
+    generic(a, m, k, g, group)
+}
+
+/// Rows and columns of `C` per parallel task: 64 × 128 keeps the task's A rows (128 KB at
+/// k = 1024) and B columns (256 KB) in a core's L2 while its blocks run.
+const TASK_ROWS: usize = 64;
+const TASK_COLS: usize = 128;
+
+struct SendPtr(*mut f32);
+// SAFETY: tasks write disjoint blocks of `C` through it (see `gemm`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `C[m, n] = (C if accumulate else 0) + alpha · A[m, k] · B[k, n]` on `kernel`, with `A` an f32
+/// view rounded to bf16 while it is packed and `C` row-major with row stride `ldc`.
+/// `parallel = false` stays on the calling thread (for callers already running one task per
+/// core).
+///
+/// # Panics
+/// If `kernel` is not [`available`] or a view is out of bounds (programming errors).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    kernel: Kernel,
+    m: usize,
+    a: MatRef,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    alpha: f32,
+    accumulate: bool,
+    parallel: bool,
+) {
+    assert!(
+        available().contains(&kernel),
+        "bf16 kernel {} is not available on this CPU",
+        kernel.name()
+    );
+    let (k, n) = (b.k, b.n);
+    a.check(m, k, "bf16 gemm lhs");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!((m - 1) * ldc + n <= c.len(), "bf16 gemm: dst out of bounds");
+    let pa = PackedA::pack(a, m, k, b.kp, parallel);
+    let dst = SendPtr(c.as_mut_ptr());
+    let dst = &dst;
+    let task_rows = m.div_ceil(32) * 32;
+    let tasks_m = task_rows.div_ceil(TASK_ROWS);
+    let tasks_n = b.np.div_ceil(TASK_COLS);
+    let run = |t: usize| {
+        let (ti, tj) = (t / tasks_n, t % tasks_n);
+        let rows = (ti * TASK_ROWS, ((ti + 1) * TASK_ROWS).min(task_rows));
+        let cols = (tj * TASK_COLS, ((tj + 1) * TASK_COLS).min(b.np));
+        // SAFETY: the task's block of C, rows `rows` ∩ [0, m) and columns `cols` ∩ [0, n), is
+        // disjoint from every other task's and inside `c` (checked above); `kernel` is available.
+        unsafe {
+            task(
+                kernel,
+                &pa,
+                b,
+                rows,
+                cols,
+                (m, n),
+                dst.0,
+                ldc,
+                alpha,
+                accumulate,
+            )
+        }
+    };
+    if parallel {
+        (0..tasks_m * tasks_n).into_par_iter().for_each(run);
+    } else {
+        (0..tasks_m * tasks_n).for_each(run);
+    }
+}
+
+/// k-steps (of 32) per pass over a task's blocks; the accumulators go back to the task's buffer
+/// between passes. Best of 15 interleaved runs of the 1370 × 1024 @ 1024 × 4096 GEMM on the
+/// 2-core Xeon (AMX) development machine, GFLOP/s for 2 / 4 / 8 / 16 / 32 / 64 steps:
+/// 649 / 690 / 631 / 633 / 736 / 729 (a noisy host: differences under ~10% are not real).
+const KC_STEPS: usize = 32;
+
+/// One task: every 32 × 32 block of `C` in `rows` × `cols` (multiples of 32, at most
+/// `TASK_ROWS` × `TASK_COLS`), written where it lies inside `valid = (m, n)`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn task(
+    kernel: Kernel,
+    a: &PackedA,
+    b: &PackedB,
+    rows: (usize, usize),
+    cols: (usize, usize),
+    valid: (usize, usize),
+    c: *mut f32,
+    ldc: usize,
+    alpha: f32,
+    accumulate: bool,
+) {
+    const MAX_BLOCKS: usize = (TASK_ROWS / 32) * (TASK_COLS / 32);
+    let mut acc = [const { Block([0.0; 32 * 32]) }; MAX_BLOCKS];
+    let (bi, bj) = ((rows.1 - rows.0) / 32, (cols.1 - cols.0) / 32);
+    let steps = a.kp / 32;
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Amx {
+        amx::load_config();
+    }
+    for s0 in (0..steps).step_by(KC_STEPS) {
+        let pass = KC_STEPS.min(steps - s0);
+        for j in 0..bj {
+            let jb = (cols.0 + 32 * j) / 16;
+            let (b0, b1) = (&b.block(jb)[s0 * 16..], &b.block(jb + 1)[s0 * 16..]);
+            for i in 0..bi {
+                let g = (rows.0 + 32 * i) / 16;
+                let (a0, a1) = (a.group(g, s0), a.group(g + 1, s0));
+                let block = &mut acc[i * bj + j];
+                match kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Amx => amx::block(a0, a1, b0, b1, pass, block, s0 > 0),
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx512Bf16 => {
+                        for r in 0..4 {
+                            let group = if r < 2 { a0 } else { a1 };
+                            avx512::block(
+                                &group[(r % 2) * 8..],
+                                b0,
+                                b1,
+                                pass,
+                                &mut block.0[r * 8 * 32..(r + 1) * 8 * 32],
+                                s0 > 0,
+                            )
+                        }
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    _ => unreachable!("no bf16 kernels off x86-64"),
+                }
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Amx {
+        amx::release();
+    }
+    for i in 0..bi {
+        let i0 = rows.0 + 32 * i;
+        for j in 0..bj {
+            let j0 = cols.0 + 32 * j;
+            let block = &acc[i * bj + j];
+            let (ri, cj) = (
+                32.min(valid.0.saturating_sub(i0)),
+                32.min(valid.1.saturating_sub(j0)),
+            );
+            for r in 0..ri {
+                let out = std::slice::from_raw_parts_mut(c.add((i0 + r) * ldc + j0), cj);
+                let x = &block.0[r * 32..r * 32 + cj];
+                if accumulate {
+                    out.iter_mut().zip(x).for_each(|(o, &x)| *o += alpha * x);
+                } else {
+                    out.iter_mut().zip(x).for_each(|(o, &x)| *o = alpha * x);
+                }
+            }
+        }
+    }
+}
+
+/// A 32 × 32 f32 block of `C`, row-major.
+#[repr(C, align(64))]
+struct Block([f32; 32 * 32]);
+
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use super::{Block, Line};
+    use std::arch::asm;
+
+    /// Palette 1, tiles 0-7 all 16 rows × 64 bytes: tmm0-3 the f32 accumulators of a 32 × 32
+    /// block, tmm4-5 two A tiles (16 rows × 32 k), tmm6-7 two B tiles (16 k-pairs × 16 columns).
+    #[repr(C, align(64))]
+    struct TileConfig([u8; 64]);
+
+    /// Loads the tile configuration on this thread (`ldtilecfg`).
+    ///
+    /// # Safety
+    /// The CPU must have AMX and the process its permission ([`super::available`]).
+    pub unsafe fn load_config() {
+        let mut cfg = TileConfig([0; 64]);
+        cfg.0[0] = 1;
+        for t in 0..8 {
+            cfg.0[16 + 2 * t] = 64; // bytes per row (u16, little-endian)
+            cfg.0[48 + t] = 16; // rows
+        }
+        // SAFETY: a valid palette-1 configuration, 64-byte aligned.
+        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+    }
+
+    /// Releases the tile state (`tilerelease`), so context switches stop saving it.
+    ///
+    /// # Safety
+    /// As [`load_config`].
+    pub unsafe fn release() {
+        asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// `out (+)= A[32, 32 steps] · B[32 steps, 32]`: `a0`, `a1` the A tiles of two 16-row
+    /// groups (one per k-step, 16 lines each), `b0`, `b1` two B column blocks (16 lines per
+    /// k-step); `accumulate` starts from `out` instead of zero.
+    ///
+    /// # Safety
+    /// [`load_config`] ran on this thread; the slices hold `steps` tiles each (asserted).
+    #[inline]
+    pub unsafe fn block(
+        a0: &[Line],
+        a1: &[Line],
+        b0: &[Line],
+        b1: &[Line],
+        steps: usize,
+        out: &mut Block,
+        accumulate: bool,
+    ) {
+        let tiles = 16 * steps;
+        assert!(a0.len() >= tiles && a1.len() >= tiles && b0.len() >= tiles && b1.len() >= tiles);
+        let o = out.0.as_mut_ptr();
+        let (o1, o2, o3) = (o.add(16), o.add(16 * 32), o.add(16 * 32 + 16));
+        if accumulate {
+            // SAFETY: four 16 × 16 f32 quadrants of the 32 × 32 block, row stride 128 bytes.
+            asm!(
+                "tileloadd tmm0, [{o0} + {stride} * 1]",
+                "tileloadd tmm1, [{o1} + {stride} * 1]",
+                "tileloadd tmm2, [{o2} + {stride} * 1]",
+                "tileloadd tmm3, [{o3} + {stride} * 1]",
+                o0 = in(reg) o,
+                o1 = in(reg) o1,
+                o2 = in(reg) o2,
+                o3 = in(reg) o3,
+                stride = in(reg) 128usize,
+                options(nostack, readonly)
+            );
+        } else {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+        }
+        let (pa0, pa1) = (a0.as_ptr() as *const u8, a1.as_ptr() as *const u8);
+        let (pb0, pb1) = (b0.as_ptr() as *const u8, b1.as_ptr() as *const u8);
+        for s in 0..steps {
+            // SAFETY: one 1 KB tile (16 rows × 64 bytes) from each pointer, inside the slices
+            // asserted above.
+            asm!(
+                "tileloadd tmm4, [{a0} + {line} * 1]",
+                "tileloadd tmm6, [{b0} + {line} * 1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {line} * 1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {line} * 1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) pa0.add(s * 1024),
+                a1 = in(reg) pa1.add(s * 1024),
+                b0 = in(reg) pb0.add(s * 1024),
+                b1 = in(reg) pb1.add(s * 1024),
+                line = in(reg) 64usize,
+                options(nostack, readonly)
+            );
+        }
+        // SAFETY: as the loads above.
+        asm!(
+            "tilestored [{o0} + {stride} * 1], tmm0",
+            "tilestored [{o1} + {stride} * 1], tmm1",
+            "tilestored [{o2} + {stride} * 1], tmm2",
+            "tilestored [{o3} + {stride} * 1], tmm3",
+            o0 = in(reg) o,
+            o1 = in(reg) o1,
+            o2 = in(reg) o2,
+            o3 = in(reg) o3,
+            stride = in(reg) 128usize,
+            options(nostack)
+        );
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::Line;
+    use std::arch::x86_64::*;
+
+    /// `out[8, 32] (+)= A[8, 32 steps] · B[32 steps, 32]`: `a` the tiles of a 16-row group from
+    /// its row 0 or 8 (16 lines per k-step), `b0`, `b1` two B column blocks (16 lines per
+    /// k-step); `accumulate` starts from `out` instead of zero.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and AVX512-BF16; the slices hold `steps` tiles (asserted).
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn block(
+        a: &[Line],
+        b0: &[Line],
+        b1: &[Line],
+        steps: usize,
+        out: &mut [f32],
+        accumulate: bool,
+    ) {
+        let tiles = 16 * steps;
+        assert!(a.len() + 8 >= tiles && b0.len() >= tiles && b1.len() >= tiles);
+        assert!(out.len() >= 8 * 32);
+        let po = out.as_mut_ptr();
+        let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+        if accumulate {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                acc[0] = _mm512_loadu_ps(po.add(r * 32));
+                acc[1] = _mm512_loadu_ps(po.add(r * 32 + 16));
+            }
+        }
+        let pa = a.as_ptr() as *const i32;
+        let (pb0, pb1) = (b0.as_ptr(), b1.as_ptr());
+        for s in 0..steps {
+            for p in 0..16 {
+                // SAFETY: line 16 s + p of each B block and line 16 s + r of the A group (a
+                // k-pair at u32 p) lie inside the slices asserted above.
+                let l = 16 * s + p;
+                let v0: __m512bh = std::mem::transmute(_mm512_load_si512(pb0.add(l) as *const _));
+                let v1: __m512bh = std::mem::transmute(_mm512_load_si512(pb1.add(l) as *const _));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let x: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(*pa.add((16 * s + r) * 16 + p)));
+                    acc[0] = _mm512_dpbf16_ps(acc[0], x, v0);
+                    acc[1] = _mm512_dpbf16_ps(acc[1], x, v1);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(po.add(r * 32), acc[0]);
+            _mm512_storeu_ps(po.add(r * 32 + 16), acc[1]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(seed: u64, n: usize) -> Vec<f32> {
+        crate::rng::SplitMix64(seed).normal(n, 1.0)
+    }
+
+    fn rounded(v: &[f32]) -> Vec<f32> {
+        v.iter()
+            .map(|&x| f32::from_bits((to_bf16_bits(x) as u32) << 16))
+            .collect()
+    }
+
+    /// `C = alpha · A B (+ C)` in f64 over the bf16-rounded operands.
+    fn reference(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[f32],
+        b: &[f32],
+        c0: &[f32],
+        alpha: f32,
+        accumulate: bool,
+    ) -> Vec<f32> {
+        let (a, b) = (rounded(a), rounded(b));
+        (0..m * n)
+            .map(|idx| {
+                let (i, j) = (idx / n, idx % n);
+                let s: f64 = (0..k)
+                    .map(|kk| a[i * k + kk] as f64 * b[kk * n + j] as f64)
+                    .sum();
+                let base = if accumulate { c0[idx] as f64 } else { 0.0 };
+                (base + alpha as f64 * s) as f32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(to_bf16_bits(1.0), 0x3f80);
+        assert_eq!(to_bf16_bits(1.0 + 1.0 / 256.0), 0x3f80, "tie to even, down");
+        assert_eq!(to_bf16_bits(1.0 + 3.0 / 256.0), 0x3f82, "tie to even, up");
+        assert_eq!(
+            to_bf16_bits(-2.5e-3),
+            half::bf16::from_f32(-2.5e-3).to_bits()
+        );
+        assert_eq!(to_bf16_bits(f32::INFINITY), 0x7f80);
+        assert!(half::bf16::from_bits(to_bf16_bits(f32::NAN)).is_nan());
+        assert!(half::bf16::from_bits(to_bf16_bits(f32::from_bits(0x7fff_ffff))).is_nan());
+    }
+
+    #[test]
+    fn packing_round_trips_a_weight() {
+        let (n, k) = (37, 45);
+        let w: Vec<half::bf16> = rand(1, n * k)
+            .iter()
+            .map(|&x| half::bf16::from_f32(x))
+            .collect();
+        let p = PackedB::from_weight(&w, n, k);
+        assert_eq!(p.to_weight(), w);
+        let f: Vec<f32> = w.iter().map(|x| x.to_f32()).collect();
+        // The same matrix as Bᵀ through the strided f32 path.
+        let q = PackedB::from_f32(
+            MatRef {
+                data: &f,
+                rs: 1,
+                cs: k,
+            },
+            k,
+            n,
+            false,
+        );
+        assert_eq!(q.to_weight(), w);
+    }
+
+    /// Every available kernel against f64 sums of the bf16-rounded operands: odd shapes (edges
+    /// in every dimension, k odd), accumulate or not, alpha, strided A, both thread modes. The
+    /// tolerance is f32 summation order over k terms of magnitude <= |a||b|: 1e-6 · k relative
+    /// to the sum of |terms|.
+    #[test]
+    fn kernels_match_rounded_f32_products() {
+        if available().is_empty() {
+            println!(
+                "SKIP: this CPU has neither AMX nor AVX512-BF16; the bf16 kernels are not run"
+            );
+            return;
+        }
+        for &kernel in available() {
+            for &(m, k, n) in &[
+                (1usize, 1usize, 1usize),
+                (5, 3, 7),
+                (33, 65, 31),
+                (70, 100, 130),
+                (197, 64, 40),
+                (64, 1030, 96),
+            ] {
+                let a = rand(m as u64 * 7 + k as u64, m * k);
+                let b = rand(n as u64 * 11 + 3, k * n);
+                let c0 = rand(5, m * n);
+                let packed = PackedB::from_f32(
+                    MatRef {
+                        data: &b,
+                        rs: n,
+                        cs: 1,
+                    },
+                    k,
+                    n,
+                    true,
+                );
+                for (accumulate, alpha, parallel) in [
+                    (false, 1.0f32, true),
+                    (true, 0.125, false),
+                    (true, -2.0, true),
+                ] {
+                    let mut c = c0.clone();
+                    gemm(
+                        kernel,
+                        m,
+                        MatRef {
+                            data: &a,
+                            rs: k,
+                            cs: 1,
+                        },
+                        &packed,
+                        &mut c,
+                        n,
+                        alpha,
+                        accumulate,
+                        parallel,
+                    );
+                    let want = reference(m, k, n, &a, &b, &c0, alpha, accumulate);
+                    let (ra, rb) = (rounded(&a), rounded(&b));
+                    for idx in 0..m * n {
+                        let (i, j) = (idx / n, idx % n);
+                        let mag: f64 = (0..k)
+                            .map(|kk| (ra[i * k + kk] as f64 * rb[kk * n + j] as f64).abs())
+                            .sum::<f64>()
+                            * alpha.abs() as f64
+                            + c0[idx].abs() as f64;
+                        let err = (c[idx] as f64 - want[idx] as f64).abs();
+                        assert!(
+                            err <= 1e-6 * (k as f64 + 2.0) * mag + 1e-30,
+                            "{} {m}x{k}x{n} acc={accumulate}: C[{i},{j}] = {} want {}",
+                            kernel.name(),
+                            c[idx],
+                            want[idx]
+                        );
+                    }
+                }
+                // A transposed view (column stride) packs to the same product.
+                let at: Vec<f32> = (0..k * m).map(|idx| a[(idx % m) * k + idx / m]).collect();
+                let mut c1 = vec![0f32; m * n];
+                let mut c2 = vec![0f32; m * n];
+                gemm(
+                    kernel,
+                    m,
+                    MatRef {
+                        data: &a,
+                        rs: k,
+                        cs: 1,
+                    },
+                    &packed,
+                    &mut c1,
+                    n,
+                    1.0,
+                    false,
+                    true,
+                );
+                gemm(
+                    kernel,
+                    m,
+                    MatRef {
+                        data: &at,
+                        rs: 1,
+                        cs: m,
+                    },
+                    &packed,
+                    &mut c2,
+                    n,
+                    1.0,
+                    false,
+                    true,
+                );
+                assert_eq!(c1, c2, "{} strided A", kernel.name());
+            }
+        }
+    }
+
+    /// Writes stay inside the valid block: a wider `ldc` keeps the columns beyond `n`.
+    #[test]
+    fn writes_only_the_valid_block() {
+        for &kernel in available() {
+            let (m, k, n, ldc) = (3, 8, 5, 9);
+            let a = rand(1, m * k);
+            let b = rand(2, k * n);
+            let packed = PackedB::from_f32(
+                MatRef {
+                    data: &b,
+                    rs: n,
+                    cs: 1,
+                },
+                k,
+                n,
+                true,
+            );
+            let mut c = vec![7f32; (m - 1) * ldc + n];
+            gemm(
+                kernel,
+                m,
+                MatRef {
+                    data: &a,
+                    rs: k,
+                    cs: 1,
+                },
+                &packed,
+                &mut c,
+                ldc,
+                1.0,
+                false,
+                true,
+            );
+            for i in 0..m - 1 {
+                assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|&x| x == 7.0));
+            }
+        }
+    }
+}
