@@ -651,6 +651,20 @@ mod tests {
         crate::rng::SplitMix64(seed).normal(n, 1.0)
     }
 
+    /// A row-major f32 matrix with `cols` columns.
+    fn rows(data: &[f32], cols: usize) -> MatRef<'_> {
+        MatRef {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// `B[k, n]` packed from row-major f32.
+    fn pack_rows(b: &[f32], k: usize, n: usize) -> PackedB {
+        PackedB::from_f32(rows(b, n), k, n, true)
+    }
+
     fn rounded(v: &[f32]) -> Vec<f32> {
         v.iter()
             .map(|&x| f32::from_bits((to_bf16_bits(x) as u32) << 16))
@@ -743,16 +757,7 @@ mod tests {
                 let a = rand(m as u64 * 7 + k as u64, m * k);
                 let b = rand(n as u64 * 11 + 3, k * n);
                 let c0 = rand(5, m * n);
-                let packed = PackedB::from_f32(
-                    MatRef {
-                        data: &b,
-                        rs: n,
-                        cs: 1,
-                    },
-                    k,
-                    n,
-                    true,
-                );
+                let packed = pack_rows(&b, k, n);
                 for (accumulate, alpha, parallel) in [
                     (false, 1.0f32, true),
                     (true, 0.125, false),
@@ -762,11 +767,7 @@ mod tests {
                     gemm(
                         kernel,
                         m,
-                        MatRef {
-                            data: &a,
-                            rs: k,
-                            cs: 1,
-                        },
+                        rows(&a, k),
                         &packed,
                         &mut c,
                         n,
@@ -800,11 +801,7 @@ mod tests {
                 gemm(
                     kernel,
                     m,
-                    MatRef {
-                        data: &a,
-                        rs: k,
-                        cs: 1,
-                    },
+                    rows(&a, k),
                     &packed,
                     &mut c1,
                     n,
@@ -839,25 +836,12 @@ mod tests {
             let (m, k, n, ldc) = (3, 8, 5, 9);
             let a = rand(1, m * k);
             let b = rand(2, k * n);
-            let packed = PackedB::from_f32(
-                MatRef {
-                    data: &b,
-                    rs: n,
-                    cs: 1,
-                },
-                k,
-                n,
-                true,
-            );
+            let packed = pack_rows(&b, k, n);
             let mut c = vec![7f32; (m - 1) * ldc + n];
             gemm(
                 kernel,
                 m,
-                MatRef {
-                    data: &a,
-                    rs: k,
-                    cs: 1,
-                },
+                rows(&a, k),
                 &packed,
                 &mut c,
                 ldc,

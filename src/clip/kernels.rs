@@ -436,6 +436,31 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+/// `exp(s − max)` in place over each `l`-wide score row of a query chunk starting at query
+/// `row0`, after adding its mask row; returns `1 / row sum` per row. The division is applied
+/// to the 64-wide output rows instead of the L-wide score rows (as flash attention does).
+/// `round` rounds the unnormalised probabilities to bf16 (the emulated bf16 path).
+fn exp_scores(
+    s: &mut [f32],
+    l: usize,
+    mask: Option<&[f32]>,
+    row0: usize,
+    round: bool,
+) -> [f32; QUERY_CHUNK] {
+    let mut inv_sums = [0f32; QUERY_CHUNK];
+    for (i, row) in s.chunks_mut(l).enumerate() {
+        if let Some(m) = mask {
+            let mrow = &m[(row0 + i) * l..(row0 + i + 1) * l];
+            row.iter_mut().zip(mrow).for_each(|(x, m)| *x += m);
+        }
+        inv_sums[i] = 1.0 / exp_shifted_in_place(row);
+        if round {
+            round_bf16_in_place(row);
+        }
+    }
+    inv_sums
+}
+
 /// `softmax(q kᵀ · scale + mask) v` for every head, reading q, k, v from the fused projection
 /// `qkv: [B, L, 3D]` (rows laid out `[q | k | v]`, heads contiguous inside each) and returning
 /// the heads merged, `[B, L, D]` (what `out_proj` takes). `mask: [L, L]` is additive.
@@ -519,19 +544,7 @@ pub fn attention_first_queries(
                     false,
                     false,
                 );
-                // exp(s - max) in place; the division by the row sum is applied to the
-                // 64-wide output rows instead of the L-wide score rows (as flash attention does).
-                let mut inv_sums = [0f32; QUERY_CHUNK];
-                for (i, row) in s.chunks_mut(l).enumerate() {
-                    if let Some(m) = mask {
-                        let mrow = &m[(row0 + i) * l..(row0 + i + 1) * l];
-                        row.iter_mut().zip(mrow).for_each(|(x, m)| *x += m);
-                    }
-                    inv_sums[i] = 1.0 / exp_shifted_in_place(row);
-                    if precision.is_bf16() {
-                        round_bf16_in_place(row);
-                    }
-                }
+                let inv_sums = exp_scores(s, l, mask, row0, precision.is_bf16());
                 // O[rows, head h] = P v, written into the merged output.
                 // SAFETY: each task writes its own rows × head-columns block of `out`.
                 let o = unsafe {
@@ -606,14 +619,8 @@ pub fn attention_first_queries(
                         cs: 1,
                     };
                     gemm_bf16::gemm(kernel, rows, q, &kt, s, l, scale as f32, false, false);
-                    let mut inv_sums = [0f32; QUERY_CHUNK];
-                    for (i, row) in s.chunks_mut(l).enumerate() {
-                        if let Some(m) = mask {
-                            let mrow = &m[(row0 + i) * l..(row0 + i + 1) * l];
-                            row.iter_mut().zip(mrow).for_each(|(x, m)| *x += m);
-                        }
-                        inv_sums[i] = 1.0 / exp_shifted_in_place(row);
-                    }
+                    // Packing the probabilities for P v rounds them.
+                    let inv_sums = exp_scores(s, l, mask, row0, false);
                     // SAFETY: each task writes its own rows × head-columns block of `out`.
                     let o = unsafe {
                         std::slice::from_raw_parts_mut(
