@@ -252,9 +252,20 @@ fn round_bf16_generic(xs: &mut [f32]) {
 
 /// A copy of `t` (f32, CPU) with every value rounded to bfloat16.
 pub fn round_bf16(t: &Tensor) -> candle_core::Result<Tensor> {
-    let mut v = t.flatten_all()?.to_vec1::<f32>()?;
-    v.par_chunks_mut(16 * 1024).for_each(round_bf16_in_place);
+    let v = with_f32(&t.contiguous()?, rounded_copy)?;
     Tensor::from_vec(v, t.shape(), &Device::Cpu)
+}
+
+/// `xs` rounded to bfloat16, copied and rounded in one pass per cache-sized chunk.
+fn rounded_copy(xs: &[f32]) -> Vec<f32> {
+    let mut v = vec![0f32; xs.len()];
+    v.par_chunks_mut(16 * 1024)
+        .zip(xs.par_chunks(16 * 1024))
+        .for_each(|(d, s)| {
+            d.copy_from_slice(s);
+            round_bf16_in_place(d)
+        });
+    v
 }
 
 /// Whether the fast kernels can take `t`: f32 on the CPU with nothing learnable upstream.
@@ -385,8 +396,7 @@ pub fn linear(
     match weight {
         Weight::F32(w) => with_f32(&x, |xs| f32_gemm(xs, w, &mut out))??,
         Weight::RoundedF32(w) => {
-            let mut xs = x.flatten_all()?.to_vec1::<f32>()?;
-            xs.par_chunks_mut(16 * 1024).for_each(round_bf16_in_place);
+            let xs = with_f32(&x, rounded_copy)?;
             f32_gemm(&xs, w, &mut out)?
         }
         Weight::Packed(p, kernel) => with_f32(&x, |xs| {
