@@ -222,6 +222,30 @@ fn info_names_the_bf16_gemm() {
     }
 }
 
+/// A reader that goes away (`zsad info | head -c1`) ends zsad by SIGPIPE, as it does `cat`,
+/// never with a panic about a broken pipe.
+#[cfg(unix)]
+#[test]
+fn closed_stdout_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_zsad"))
+        .args(["info", "--model", "random:ViT-B-32"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        o.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?}: {err}",
+        o.status
+    );
+}
+
 /// Offline, a hub id that is not cached fails at once with one line that says what to fetch.
 #[test]
 fn uncached_hub_model_offline_is_one_clear_line() {

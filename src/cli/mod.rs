@@ -49,7 +49,8 @@ const AFTER_HELP: &str = concat!(
 
 Exit status: 0 success; 1 some inputs could not be scored (detect: each is reported in the
 record file with an `error`, every other input is scored and written); 2 bad usage, a model or
-adapter that cannot be loaded, or an output that cannot be written (the message names the file)."
+adapter that cannot be loaded, or an output that cannot be written (the message names the file).
+A closed stdout (`zsad eval ... | head -1`) ends zsad by SIGPIPE (141 in a shell), as it does cat."
 );
 
 const DETECT_AFTER_HELP: &str = concat!(

@@ -391,6 +391,10 @@ const KC_STEPS: usize = 32;
 
 /// One task: every 32 × 32 block of `C` in `rows` × `cols` (multiples of 32, at most
 /// `TASK_ROWS` × `TASK_COLS`), written where it lies inside `valid = (m, n)`.
+///
+/// # Safety
+/// `kernel` is [`available`]; `c` with row stride `ldc` holds the valid part of the block, and
+/// no other thread touches that part while the task runs.
 #[allow(clippy::too_many_arguments)]
 unsafe fn task(
     kernel: Kernel,
@@ -458,6 +462,7 @@ unsafe fn task(
                 32.min(valid.1.saturating_sub(j0)),
             );
             for r in 0..ri {
+                // SAFETY: row i0 + r < m, columns j0..j0 + cj < n: inside the caller's block.
                 let out = std::slice::from_raw_parts_mut(c.add((i0 + r) * ldc + j0), cj);
                 let x = &block.0[r * 32..r * 32 + cj];
                 if accumulate {

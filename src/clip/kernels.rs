@@ -80,6 +80,9 @@ pub fn gemm(
 mod backend {
     use super::MatRef;
 
+    /// # Safety
+    /// Every element the views `a` (m × k), `b` (k × n) and `c` (m rows of `ldc`, n used) address
+    /// must lie inside their allocations; [`super::gemm`] checks this before calling.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn gemm(
         m: usize,
@@ -164,6 +167,9 @@ mod backend {
         }
     }
 
+    /// # Safety
+    /// Every element the views `a` (m × k), `b` (k × n) and `c` (m rows of `ldc`, n used) address
+    /// must lie inside their allocations; [`super::gemm`] checks this before calling.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn gemm(
         m: usize,
@@ -442,7 +448,10 @@ pub const VALUE_VALUE: QkvRoles = QkvRoles { q: 2, k: 2, v: 2 };
 /// ViT-L/14@518 attention for 128 / 256 / 512 on the 2-core development machine.
 const QUERY_CHUNK: usize = 256;
 
+/// The attention output, shared by the tasks that each write their own block of it.
 struct SendPtr(*mut f32);
+// SAFETY: the tasks write disjoint (rows × head columns) blocks through it, and the buffer
+// outlives them (the parallel loop ends before it is read or freed).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
@@ -791,9 +800,11 @@ macro_rules! dispatch {
                     && std::is_x86_feature_detected!("avx512vl")
                     && std::is_x86_feature_detected!("fma")
                 {
+                    // SAFETY: every feature `avx512` is compiled for was detected just above.
                     return unsafe { avx512(xs) };
                 }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: as above, for AVX2 and FMA.
                     return unsafe { avx2(xs) };
                 }
             }

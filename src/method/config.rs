@@ -177,7 +177,9 @@ pub struct DetectorConfig {
     /// Image-conditioned prompts added to the static ones (AdaCLIP's dynamic prompts: one extra
     /// plain backbone pass per image).
     pub dynamic_prompts: bool,
-    /// Round prompt tokens to fp16 before they enter the stream (AdaCLIP's `.half()`).
+    /// Round the prompt tokens to fp16 before they enter the stream: AdaCLIP's `.half()` on its
+    /// static + dynamic prompts in both towers, AnomalyCLIP's on its deep text prompts (layers
+    /// 1.., not the first layer's learned context).
     pub round_prompts_f16: bool,
     pub patch_features: PatchFeatures,
     /// First layer (1-based) with the V-V attention path (AnomalyCLIP's DPAM).
@@ -271,6 +273,10 @@ impl DetectorConfig {
             text_prompt_depth: (3 * td / 4).max(1),
             text_prompt_length: 4,
             vv_from: Some(vv_start),
+            // The deep text prompts are rounded to fp16 as they enter the stream:
+            // `textual_context.expand(..).permute(1, 0, 2).half()` (zqhang/AnomalyCLIP@45ed4dd,
+            // AnomalyCLIP_lib/AnomalyCLIP.py l.246); the first layer's context is not.
+            round_prompts_f16: true,
             // Layer 24 only: the published checkpoints' effective setting (SPEC §2 history).
             layers: vec![vd],
             logit_scale: 1.0 / 0.07,

@@ -577,4 +577,43 @@ mod tests {
         assert_eq!(top_k(&[0.1, 0.5, 0.5, 0.9, 0.2], 3), vec![3, 1, 2]);
         assert_eq!(top_k(&[1.0, 1.0], 5), vec![0, 1]);
     }
+
+    /// AnomalyCLIP rounds its deep text prompts to fp16 as they replace the stream's prompt rows
+    /// (`textual_context ... .half()`, zqhang/AnomalyCLIP@45ed4dd, AnomalyCLIP_lib/AnomalyCLIP.py
+    /// l.246): prompts that differ below fp16's precision give the same text features, and
+    /// without the rounding they do not.
+    #[test]
+    fn anomalyclip_rounds_deep_text_prompts_to_f16() {
+        use crate::method::adapter::Adapter;
+        use crate::method::config::{DetectorConfig, Preset};
+        use crate::method::text::TextInputs;
+        let m = crate::clip::load_model("random:tiny", &Default::default())
+            .unwrap()
+            .model;
+        let tok = crate::clip::ClipTokenizer::embedded().unwrap();
+        let text = |round: bool, offset: f64| {
+            let mut cfg = DetectorConfig::preset(Preset::Anomalyclip, &m.config, "random:tiny");
+            assert!(cfg.round_prompts_f16, "the preset follows the reference");
+            cfg.round_prompts_f16 = round;
+            // The tiny model's depth leaves no deep layer; prompts at layer 1 as well.
+            cfg.text_prompt_depth = 2;
+            let mut adapter = Adapter::init(cfg, &m.config, 5).unwrap();
+            let deep = adapter.tensors.get_mut("text.deep.1").unwrap();
+            // fp16-representable values, scaled by 1 + 2^-13: less than half of fp16's
+            // relative spacing (2^-10), so the scaled values round back to them.
+            let exact = crate::method::text::round_f16(deep).unwrap();
+            *deep = (exact * (1.0 + offset)).unwrap();
+            let inputs = TextInputs::build(&adapter.config, &tok).unwrap();
+            let det = Detector::new(&m, &adapter, inputs).unwrap();
+            det.encode_text(None)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let tiny = 2f64.powi(-13);
+        assert_eq!(text(true, 0.0), text(true, tiny));
+        assert_ne!(text(false, 0.0), text(false, tiny));
+    }
 }
