@@ -176,7 +176,9 @@ impl PackedB {
                 }
             }
         };
-        if parallel {
+        if kp == 0 {
+            // k = 0: nothing to pack (and no chunks to split the empty buffer into).
+        } else if parallel {
             lines
                 .par_chunks_mut(kp / 2)
                 .enumerate()
@@ -253,7 +255,9 @@ impl PackedA {
         let group_lines = kp / 32 * 16;
         let mut lines = vec![ZERO_LINE; mp * kp / 32];
         let fill = |g: usize, group: &mut [Line]| fill_group(a, m, k, g, group);
-        if parallel {
+        if kp == 0 {
+            // k = 0: an empty product, nothing to pack.
+        } else if parallel {
             lines
                 .par_chunks_mut(group_lines)
                 .enumerate()
@@ -753,6 +757,7 @@ mod tests {
         for &kernel in available() {
             for &(m, k, n) in &[
                 (1usize, 1usize, 1usize),
+                (3, 0, 5),
                 (5, 3, 7),
                 (33, 65, 31),
                 (70, 100, 130),
