@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use zsad::clip::{load_model, Activation, LoadOptions, LoadedModel};
-use zsad::method::config::{HeadWeights, ImageScore, JointScore, Preset};
+use zsad::method::config::{DeepPrompts, HeadWeights, ImageScore, JointScore, Preset};
 use zsad::method::import::{import_checkpoint, CheckpointFormat, ImportOptions};
 use zsad::method::{Adapter, Detector, TextInputs};
 
@@ -83,8 +83,9 @@ fn adaclip_matches_the_reference() {
     let c = &adapter.config;
     assert_eq!(c.preset, Preset::Adaclip);
     assert_eq!(c.layers, vec![1, 2, 3, 4]);
-    assert_eq!((c.visual_prompt_depth, c.visual_prompt_length), (3, 2));
-    assert_eq!((c.text_prompt_depth, c.text_prompt_length), (3, 2));
+    let deep = |p: Option<DeepPrompts>| p.map(|p| (p.depth, p.len, p.dynamic));
+    assert_eq!(deep(c.visual_prompts), Some((3, 2, true)));
+    assert_eq!(deep(c.text_prompts), Some((3, 2, true)));
     assert_eq!(c.activation, Some(Activation::Gelu));
     // The reference runs HSF with one cluster, where k-means is deterministic.
     adapter.config.image_score = ImageScore::Hsf {
@@ -125,7 +126,9 @@ fn anomalyclip_adapter(m: &LoadedModel) -> Adapter {
     .unwrap();
     let c = &a.config;
     assert_eq!(c.preset, Preset::Anomalyclip);
-    assert_eq!((c.text_prompt_depth, c.text_prompt_length), (3, 2));
+    let deep = c.text_prompts.map(|p| (p.depth, p.len, p.dynamic));
+    assert_eq!(deep, Some((3, 2, false)));
+    assert_eq!(c.visual_prompts, None);
     assert_eq!(c.activation, Some(Activation::QuickGelu));
     a
 }

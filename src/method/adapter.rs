@@ -2,130 +2,26 @@
 //! [`DetectorConfig`] in the safetensors metadata (key `zsad.config`), so that a file alone says
 //! how to run it.
 //!
-//! Tensor names (Linear weights are `[out, in]`, as PyTorch stores them):
-//!
-//! | name | shape | used by |
-//! |---|---|---|
-//! | `text.ctx_normal`, `text.ctx_abnormal` | `[n_ctx, Dt]` | learned text prompts |
-//! | `text.deep.{i}`, i = 1..depth | `[len, Dt]` | deep text prompts (static part) |
-//! | `text.dynamic.{k}.weight/.bias`, k < len | `[Dt, E]` / `[Dt]` | dynamic text prompts |
-//! | `vision.deep.{i}`, i = 0..depth | `[len, Dv]` | deep visual prompts (static part) |
-//! | `vision.dynamic.{k}.weight/.bias` | `[Dv, E]` / `[Dv]` | dynamic visual prompts |
-//! | `vision.patch_proj.{j}.weight/.bias`, j per tapped layer | `[E, Dv]` / `[E]` | linear patch features |
-//! | `vision.cls_proj.weight/.bias` | `[E, E]` / `[E]` | HSF image score |
-//! | `vision.head_weights` | `[layers, heads]` | head weights (θ of the parametrisation) |
+//! The tensors and their names are those of [`AdapterParams`]'s tree ([`super::params`]).
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
-use super::config::{DetectorConfig, HeadWeights, ImageScore, PatchFeatures, TextPrompts};
+use super::config::DetectorConfig;
+pub use super::params::{param_specs, Init, ParamSpec};
+use super::params::{AdapterParams, NamedTensors, SeededInit};
 use crate::clip::ClipConfig;
-use crate::rng::SplitMix64;
 use crate::{Error, Result};
 
 /// Metadata key of the configuration JSON.
 pub const CONFIG_KEY: &str = "zsad.config";
 /// Metadata key of the format marker.
 pub const FORMAT_KEY: &str = "zsad.format";
-pub const FORMAT: &str = "zsad-adapter/1";
-
-/// How a fresh tensor is initialised.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Init {
-    /// N(0, std²) (prompt tokens: std 0.02 as AdaCLIP and AnomalyCLIP).
-    Normal(f64),
-    /// U(−1/√fan_in, 1/√fan_in): PyTorch's default for `nn.Linear` weights and biases.
-    LinearDefault {
-        fan_in: usize,
-    },
-    Constant(f32),
-}
-
-/// One learned tensor the configuration calls for.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ParamSpec {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub init: Init,
-}
-
-/// The tensors `cfg` needs on the backbone `clip`, in a fixed order.
-pub fn param_specs(cfg: &DetectorConfig, clip: &ClipConfig) -> Vec<ParamSpec> {
-    let dt = clip.text_config.hidden_size;
-    let dv = clip.vision_config.hidden_size;
-    let e = clip.projection_dim;
-    let mut out = Vec::new();
-    let mut push =
-        |name: String, shape: Vec<usize>, init: Init| out.push(ParamSpec { name, shape, init });
-    let prompt = Init::Normal(0.02);
-    let linear =
-        |prefix: &str, push: &mut dyn FnMut(String, Vec<usize>, Init), o: usize, i: usize| {
-            push(
-                format!("{prefix}.weight"),
-                vec![o, i],
-                Init::LinearDefault { fan_in: i },
-            );
-            push(
-                format!("{prefix}.bias"),
-                vec![o],
-                Init::LinearDefault { fan_in: i },
-            );
-        };
-    if let TextPrompts::Learned { context_length } = cfg.text {
-        push("text.ctx_normal".into(), vec![context_length, dt], prompt);
-        push("text.ctx_abnormal".into(), vec![context_length, dt], prompt);
-    }
-    // Deep prompts: static tokens per prompted layer, plus one generator per token when
-    // dynamic. Text layer 0 is never prompted.
-    let deep = [
-        ("text", 1, cfg.text_prompt_depth, cfg.text_prompt_length, dt),
-        (
-            "vision",
-            0,
-            cfg.visual_prompt_depth,
-            cfg.visual_prompt_length,
-            dv,
-        ),
-    ];
-    for (tower, first, depth, len, width) in deep {
-        if depth <= first || len == 0 {
-            continue;
-        }
-        for i in first..depth {
-            push(format!("{tower}.deep.{i}"), vec![len, width], prompt);
-        }
-        if cfg.dynamic_prompts {
-            for k in 0..len {
-                linear(&format!("{tower}.dynamic.{k}"), &mut push, width, e);
-            }
-        }
-    }
-    if cfg.patch_features == PatchFeatures::Linear {
-        for j in 0..cfg.layers.len() {
-            linear(&format!("vision.patch_proj.{j}"), &mut push, e, dv);
-        }
-    }
-    if matches!(cfg.image_score, ImageScore::Hsf { .. }) {
-        linear("vision.cls_proj", &mut push, e, e);
-    }
-    if let Some(hw) = cfg.head_weights {
-        let init = match hw {
-            HeadWeights::Raw => Init::Constant(1.0),
-            HeadWeights::Sigmoid => Init::Constant(0.0),
-        };
-        push(
-            "vision.head_weights".into(),
-            vec![
-                clip.vision_config.num_hidden_layers,
-                clip.vision_config.num_attention_heads,
-            ],
-            init,
-        );
-    }
-    out
-}
+/// `zsad-adapter/2` groups the prompts per tower; `/1` files are read as well
+/// ([`DetectorConfig::from_json`]).
+pub const FORMAT: &str = "zsad-adapter/2";
 
 /// A detector configuration with its learned tensors (f32, on the CPU until used).
 #[derive(Debug, Clone)]
@@ -139,50 +35,21 @@ impl Adapter {
     /// `zsad detect --preset P` runs when no adapter file is given.
     pub fn init(config: DetectorConfig, clip: &ClipConfig, seed: u64) -> Result<Self> {
         config.validate(clip)?;
-        let mut tensors = HashMap::new();
-        for spec in param_specs(&config, clip) {
-            let n: usize = spec.shape.iter().product();
-            let mut rng = SplitMix64::keyed(seed, &spec.name);
-            let values = match spec.init {
-                Init::Normal(std) => rng.normal(n, std),
-                Init::LinearDefault { fan_in } => rng.uniform(n, 1.0 / (fan_in as f64).sqrt()),
-                Init::Constant(c) => vec![c; n],
-            };
-            tensors.insert(
-                spec.name,
-                Tensor::from_vec(values, spec.shape, &Device::Cpu)?,
-            );
-        }
-        Ok(Self { config, tensors })
+        let mut fresh = SeededInit::new(seed);
+        AdapterParams::load(&config, clip, &mut fresh)?;
+        Ok(Self {
+            config,
+            tensors: fresh.made,
+        })
     }
 
     /// Checks that the tensors are exactly those the configuration needs on `clip`, with the
     /// right shapes; the error names every problem at once.
     pub fn check(&self, clip: &ClipConfig) -> Result<()> {
         self.config.validate(clip)?;
-        let specs = param_specs(&self.config, clip);
-        let mut problems = Vec::new();
-        for s in &specs {
-            match self.tensors.get(&s.name) {
-                None => problems.push(format!("missing `{}` {:?}", s.name, s.shape)),
-                Some(t) if t.dims() != s.shape.as_slice() => problems.push(format!(
-                    "`{}` has shape {:?}, the backbone needs {:?}",
-                    s.name,
-                    t.dims(),
-                    s.shape
-                )),
-                _ => {}
-            }
-        }
-        let mut extra: Vec<&String> = self
-            .tensors
-            .keys()
-            .filter(|k| !specs.iter().any(|s| &s.name == *k))
-            .collect();
-        extra.sort();
-        for k in extra {
-            problems.push(format!("unexpected tensor `{k}`"));
-        }
+        let mut named = NamedTensors::new(&self.tensors);
+        AdapterParams::load(&self.config, clip, &mut named)?;
+        let problems = named.finish();
         if problems.is_empty() {
             Ok(())
         } else {
@@ -192,6 +59,21 @@ impl Adapter {
                 problems.join("; ")
             )))
         }
+    }
+
+    /// The tensors by role on `device` in `dtype`, after [`Self::check`].
+    pub fn params(
+        &self,
+        clip: &ClipConfig,
+        device: &candle_core::Device,
+        dtype: candle_core::DType,
+    ) -> Result<AdapterParams> {
+        self.check(clip)?;
+        AdapterParams::load(
+            &self.config,
+            clip,
+            &mut NamedTensors::on(&self.tensors, device, dtype),
+        )
     }
 
     /// The safetensors bytes (tensors as f32, the configuration in the metadata).
@@ -225,7 +107,7 @@ impl Adapter {
                 "not a zsad adapter (no `{CONFIG_KEY}` metadata); convert published checkpoints with `zsad import-checkpoint`"
             ))
         })?;
-        let config: DetectorConfig = serde_json::from_str(json)
+        let config = DetectorConfig::from_json(json)
             .map_err(|e| bad(format!("unreadable `{CONFIG_KEY}` metadata: {e}")))?;
         let mut names: Vec<&String> = tensors.keys().collect();
         names.sort();
@@ -256,6 +138,7 @@ impl Adapter {
 mod tests {
     use super::*;
     use crate::method::config::Preset;
+    use candle_core::Device;
 
     #[test]
     fn init_fits_and_round_trips() {
@@ -281,7 +164,10 @@ mod tests {
 
     #[test]
     fn adaclip_has_the_published_parameter_count_at_vit_l() {
-        // SPEC §7: 10,665,472 parameters, minus text static prompt 0 (dead, 5 x 768).
+        // AdaCLIP's released checkpoints hold 10,665,472 f32 parameters (the learnable
+        // `clip_model.*` entries saved by caoyunkang/AdaCLIP@e27ee32 method/trainer.py l.89-98;
+        // 42.66 MB, the published files' size), of which text static prompt 0 (5 x 768) is
+        // never read by the forward.
         let clip = ClipConfig::vit_l_14_336();
         let cfg = DetectorConfig::preset(Preset::Adaclip, &clip, "x");
         let n: usize = param_specs(&cfg, &clip)
@@ -382,27 +268,27 @@ mod tests {
             ),
             (
                 &zsad,
-                "visual_prompt_depth",
-                json!(99),
-                "visual_prompt_depth = 99 is outside 0..=4",
+                "visual_prompts",
+                json!({"depth": 99, "length": 5, "dynamic": true}),
+                "visual_prompts.depth = 99 is outside 1..=4 (the image tower has 4 layers)",
             ),
             (
                 &zsad,
-                "visual_prompt_length",
-                json!(100_000),
-                "visual_prompt_length = 100000 is outside 0..=256",
+                "visual_prompts",
+                json!({"depth": 2, "length": 100_000, "dynamic": true}),
+                "visual_prompts.length = 100000 is outside 1..=256",
             ),
             (
                 &zsad,
-                "text_prompt_depth",
-                json!(3),
-                "text_prompt_depth = 3 is outside 0..=2 (the text tower has 2 layers)",
+                "text_prompts",
+                json!({"depth": 3, "length": 4, "dynamic": true}),
+                "text_prompts.depth = 3 is outside 2..=2 (the text tower has 2 layers)",
             ),
             (
                 &zsad,
-                "text_prompt_length",
-                json!(1_000_000),
-                "text_prompt_length = 1000000 is outside 0..=75",
+                "text_prompts",
+                json!({"depth": 2, "length": 1_000_000, "dynamic": true}),
+                "text_prompts.length = 1000000 is outside 1..=75",
             ),
             (
                 &zsad,
@@ -451,6 +337,48 @@ mod tests {
             e.starts_with("weights a.safetensors: unreadable `zsad.config` metadata: invalid type: floating point"),
             "{e}"
         );
+    }
+
+    /// A `zsad-adapter/1` file (flat prompt fields) reads as the same configuration, and its
+    /// out-of-range fields are refused as in today's layout.
+    #[test]
+    fn flat_prompt_fields_of_format_1_are_read() {
+        use serde_json::json;
+        let clip = ClipConfig::tiny();
+        for p in Preset::ALL {
+            let a = Adapter::init(DetectorConfig::preset(p, &clip, "x"), &clip, 1).unwrap();
+            let flat = |depth_text: usize| {
+                with_config(&a, |j| {
+                    let o = j.as_object_mut().unwrap();
+                    let t = o.remove("text_prompts").unwrap();
+                    let v = o.remove("visual_prompts").unwrap();
+                    let field =
+                        |p: &serde_json::Value, k: &str| p.get(k).cloned().unwrap_or(json!(0));
+                    o.insert(
+                        "text_prompt_depth".into(),
+                        json!(depth_text.max(field(&t, "depth").as_u64().unwrap() as usize)),
+                    );
+                    o.insert("text_prompt_length".into(), field(&t, "length"));
+                    o.insert("visual_prompt_depth".into(), field(&v, "depth"));
+                    o.insert("visual_prompt_length".into(), field(&v, "length"));
+                    let dynamic = [&t, &v]
+                        .iter()
+                        .any(|p| p.get("dynamic") == Some(&json!(true)));
+                    o.insert("dynamic_prompts".into(), json!(dynamic));
+                })
+            };
+            let b = Adapter::from_bytes(&flat(0), "old.safetensors").unwrap();
+            assert_eq!(b.config, a.config, "{}", p.name());
+            b.check(&clip).unwrap();
+            if a.config.text_prompts.is_some() {
+                let e = Adapter::from_bytes(&flat(9), "old.safetensors")
+                    .unwrap()
+                    .check(&clip)
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.contains("text_prompts.depth = 9 is outside 2..=2"), "{e}");
+            }
+        }
     }
 
     #[test]

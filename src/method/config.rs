@@ -142,6 +142,67 @@ impl JointScore {
     }
 }
 
+/// The two towers that take deep prompts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tower {
+    Text,
+    Vision,
+}
+
+impl Tower {
+    /// The first layer (0-based) whose input takes deep prompts. The text tower's layer 0 reads
+    /// the sentence's own tokens (the words, or AnomalyCLIP's learned context), so its deep
+    /// prompts start at layer 1: AnomalyCLIP's `compound_prompts_text` enter every block but the
+    /// first (`if not self.first_layer`, zqhang/AnomalyCLIP@45ed4dd, AnomalyCLIP_lib/
+    /// AnomalyCLIP.py l.237-251), and AdaCLIP's text static prompt 0 is never read. The image
+    /// tower's prompts are appended before block 0.
+    pub fn first_prompted_layer(self) -> usize {
+        match self {
+            Self::Text => 1,
+            Self::Vision => 0,
+        }
+    }
+
+    /// The configuration field of the tower's prompts (as spelled in `zsad.config`).
+    pub fn field(self) -> &'static str {
+        match self {
+            Self::Text => "text_prompts",
+            Self::Vision => "visual_prompts",
+        }
+    }
+}
+
+/// Deep prompts of one tower: `len` learned tokens before each of the layers
+/// `first_prompted_layer..depth`, plus, when `dynamic`, an image-conditioned part made from the
+/// plain pass's global embedding by one linear generator per token (AdaCLIP's dynamic prompts:
+/// one extra plain image pass per image).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeepPrompts {
+    /// The papers' "prompt depth": layers below it are prompted, from
+    /// [`Tower::first_prompted_layer`] on.
+    pub depth: usize,
+    /// Tokens per prompted layer.
+    #[serde(rename = "length")]
+    pub len: usize,
+    pub dynamic: bool,
+}
+
+impl DeepPrompts {
+    /// Prompts of `depth` and `len` for `tower`, or `None` when that prompts no layer.
+    pub fn for_tower(tower: Tower, depth: usize, len: usize, dynamic: bool) -> Option<Self> {
+        (depth > tower.first_prompted_layer() && len > 0).then_some(Self {
+            depth,
+            len,
+            dynamic,
+        })
+    }
+
+    /// The prompted layers (0-based block indices).
+    pub fn layers(&self, tower: Tower) -> std::ops::Range<usize> {
+        tower.first_prompted_layer()..self.depth
+    }
+}
+
 /// Parametrisation of HeadCLIP's learnable head weights `w[layer, head]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -168,15 +229,10 @@ pub struct DetectorConfig {
     pub text: TextPrompts,
     /// The object word in prompts (`object` for object-agnostic methods).
     pub class_name: String,
-    /// Deep text prompts replace positions `1..=len` at text layers `1..depth` (0 = none).
-    pub text_prompt_depth: usize,
-    pub text_prompt_length: usize,
+    /// Deep text prompts: they replace positions `1..=len` at text layers `1..depth`.
+    pub text_prompts: Option<DeepPrompts>,
     /// Deep visual prompts: appended before block 0, substituted before blocks `1..depth`.
-    pub visual_prompt_depth: usize,
-    pub visual_prompt_length: usize,
-    /// Image-conditioned prompts added to the static ones (AdaCLIP's dynamic prompts: one extra
-    /// plain backbone pass per image).
-    pub dynamic_prompts: bool,
+    pub visual_prompts: Option<DeepPrompts>,
     /// Round the prompt tokens to fp16 before they enter the stream: AdaCLIP's `.half()` on its
     /// static + dynamic prompts in both towers, AnomalyCLIP's on its deep text prompts (layers
     /// 1.., not the first layer's learned context).
@@ -249,11 +305,8 @@ impl DetectorConfig {
                 templates: Templates::Adaclip,
             },
             class_name: "object".into(),
-            text_prompt_depth: 0,
-            text_prompt_length: 0,
-            visual_prompt_depth: 0,
-            visual_prompt_length: 0,
-            dynamic_prompts: false,
+            text_prompts: None,
+            visual_prompts: None,
             round_prompts_f16: false,
             patch_features: PatchFeatures::Projected,
             vv_from: None,
@@ -270,8 +323,7 @@ impl DetectorConfig {
             pos_interpolation: PosInterpolation::Bilinear,
             text: TextPrompts::Learned { context_length: 12 },
             // AnomalyCLIP's `depth = 9` of 12 text layers: prompts at layers 1..8.
-            text_prompt_depth: (3 * td / 4).max(1),
-            text_prompt_length: 4,
+            text_prompts: DeepPrompts::for_tower(Tower::Text, (3 * td / 4).max(1), 4, false),
             vv_from: Some(vv_start),
             // The deep text prompts are rounded to fp16 as they enter the stream:
             // `textual_context.expand(..).permute(1, 0, 2).half()` (zqhang/AnomalyCLIP@45ed4dd,
@@ -297,11 +349,8 @@ impl DetectorConfig {
                 ..base
             },
             Preset::Adaclip => Self {
-                text_prompt_depth: j,
-                text_prompt_length: 5,
-                visual_prompt_depth: j,
-                visual_prompt_length: 5,
-                dynamic_prompts: true,
+                text_prompts: DeepPrompts::for_tower(Tower::Text, j, 5, true),
+                visual_prompts: DeepPrompts::for_tower(Tower::Vision, j, 5, true),
                 round_prompts_f16: true,
                 patch_features: PatchFeatures::Linear,
                 map_fusion: MapFusion::MeanLogits,
@@ -320,11 +369,8 @@ impl DetectorConfig {
             },
             Preset::Zsad => Self {
                 text: TextPrompts::Learned { context_length: 12 },
-                text_prompt_depth: j,
-                text_prompt_length: 4,
-                visual_prompt_depth: j,
-                visual_prompt_length: 5,
-                dynamic_prompts: true,
+                text_prompts: DeepPrompts::for_tower(Tower::Text, j, 4, true),
+                visual_prompts: DeepPrompts::for_tower(Tower::Vision, j, 5, true),
                 patch_features: PatchFeatures::Linear,
                 head_weights: Some(HeadWeights::Sigmoid),
                 map_fusion: MapFusion::MeanLogits,
@@ -365,34 +411,39 @@ impl DetectorConfig {
         for &l in &self.layers {
             within("layers", l, 1, vd, &image_tower);
         }
-        within(
-            "visual_prompt_depth",
-            self.visual_prompt_depth,
-            0,
-            vd,
-            &image_tower,
-        );
-        within(
-            "visual_prompt_length",
-            self.visual_prompt_length,
-            0,
-            MAX_VISUAL_PROMPTS,
-            "",
-        );
-        within(
-            "text_prompt_depth",
-            self.text_prompt_depth,
-            0,
-            td,
-            &text_tower,
-        );
-        within(
-            "text_prompt_length",
-            self.text_prompt_length,
-            0,
-            max_text_tokens,
-            &context,
-        );
+        for (tower, prompts, layers, width_limit, why) in [
+            (
+                Tower::Text,
+                &self.text_prompts,
+                td,
+                max_text_tokens,
+                &context,
+            ),
+            (
+                Tower::Vision,
+                &self.visual_prompts,
+                vd,
+                MAX_VISUAL_PROMPTS,
+                &String::new(),
+            ),
+        ] {
+            if let Some(p) = prompts {
+                let field = tower.field();
+                let tower_why = match tower {
+                    Tower::Text => &text_tower,
+                    Tower::Vision => &image_tower,
+                };
+                let first = tower.first_prompted_layer();
+                within(
+                    &format!("{field}.depth"),
+                    p.depth,
+                    first + 1,
+                    layers,
+                    tower_why,
+                );
+                within(&format!("{field}.length"), p.len, 1, width_limit, why);
+            }
+        }
         if let Some(v) = self.vv_from {
             within("vv_from", v, 1, vd, &image_tower);
         }
@@ -440,15 +491,13 @@ impl DetectorConfig {
                 "HSF image scores need learned patch projections (patch_features = linear)".into(),
             );
         }
-        if self.dynamic_prompts && self.visual_prompt_depth == 0 && self.text_prompt_depth == 0 {
-            problems.push("dynamic prompts need a prompt depth".into());
-        }
-        if let TextPrompts::Learned { context_length } = self.text {
+        if let (TextPrompts::Learned { context_length }, Some(p)) = (&self.text, self.text_prompts)
+        {
             // Deep prompts replace positions 1..=len, which must stay inside the context.
-            if self.text_prompt_depth > 1 && self.text_prompt_length > context_length {
+            if p.len > *context_length {
                 problems.push(format!(
                     "deep text prompts of length {} overrun {context_length} context tokens",
-                    self.text_prompt_length
+                    p.len
                 ));
             }
         }
@@ -461,8 +510,77 @@ impl DetectorConfig {
 
     /// Whether the text features depend on the image (then they are encoded per image).
     pub fn text_is_dynamic(&self) -> bool {
-        self.dynamic_prompts && self.text_prompt_depth > 1
+        self.text_prompts.is_some_and(|p| p.dynamic)
     }
+
+    /// Whether any tower has image-conditioned prompts (then each image takes an extra plain
+    /// pass for its global embedding).
+    pub fn has_dynamic_prompts(&self) -> bool {
+        [self.text_prompts, self.visual_prompts]
+            .iter()
+            .flatten()
+            .any(|p| p.dynamic)
+    }
+
+    /// Reads a configuration from its JSON, as `zsad.config` holds it. Files written before
+    /// prompts were grouped per tower (`zsad-adapter/1`: flat `text_prompt_depth`,
+    /// `text_prompt_length`, `visual_prompt_depth`, `visual_prompt_length`, `dynamic_prompts`)
+    /// are read as the same configuration.
+    pub fn from_json(json: &str) -> serde_json::Result<Self> {
+        let mut value: serde_json::Value = serde_json::from_str(json)?;
+        if let Some(obj) = value.as_object_mut() {
+            upgrade_flat_prompts(obj)?;
+        }
+        serde_json::from_value(value)
+    }
+}
+
+/// Rewrites the flat prompt fields of a `zsad-adapter/1` configuration into per-tower
+/// [`DeepPrompts`] in place (no-op on today's layout).
+fn upgrade_flat_prompts(
+    obj: &mut serde_json::Map<String, serde_json::Value>,
+) -> serde_json::Result<()> {
+    use serde::de::Error as _;
+    const FLAT: [&str; 5] = [
+        "text_prompt_depth",
+        "text_prompt_length",
+        "visual_prompt_depth",
+        "visual_prompt_length",
+        "dynamic_prompts",
+    ];
+    if !FLAT.iter().any(|k| obj.contains_key(*k)) {
+        return Ok(());
+    }
+    let mut take = |k: &str| obj.remove(k).unwrap_or(serde_json::Value::Null);
+    let count = |k: &str, v: serde_json::Value| -> serde_json::Result<usize> {
+        match v {
+            serde_json::Value::Null => Ok(0),
+            v => serde_json::from_value(v)
+                .map_err(|e| serde_json::Error::custom(format!("{k}: {e}"))),
+        }
+    };
+    let (td, tl) = (take(FLAT[0]), take(FLAT[1]));
+    let (vd, vl) = (take(FLAT[2]), take(FLAT[3]));
+    let dynamic = match take(FLAT[4]) {
+        serde_json::Value::Null => false,
+        v => serde_json::from_value(v)
+            .map_err(|e| serde_json::Error::custom(format!("dynamic_prompts: {e}")))?,
+    };
+    let text = DeepPrompts::for_tower(
+        Tower::Text,
+        count(FLAT[0], td)?,
+        count(FLAT[1], tl)?,
+        dynamic,
+    );
+    let vision = DeepPrompts::for_tower(
+        Tower::Vision,
+        count(FLAT[2], vd)?,
+        count(FLAT[3], vl)?,
+        dynamic,
+    );
+    obj.insert(Tower::Text.field().into(), serde_json::to_value(text)?);
+    obj.insert(Tower::Vision.field().into(), serde_json::to_value(vision)?);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -486,12 +604,15 @@ mod tests {
         assert_eq!(papers_image_size(&clip), 518);
         assert_eq!(papers_image_size(&ClipConfig::vit_b_16()), 224);
         assert_eq!(a.layers, vec![6, 12, 18, 24]);
-        assert_eq!((a.visual_prompt_depth, a.visual_prompt_length), (4, 5));
+        let deep = |p: Option<DeepPrompts>| p.map(|p| (p.depth, p.len, p.dynamic));
+        assert_eq!(deep(a.visual_prompts), Some((4, 5, true)));
+        assert_eq!(deep(a.text_prompts), Some((4, 5, true)));
         assert_eq!(a.activation, Some(Activation::Gelu));
         let c = DetectorConfig::preset(Preset::Anomalyclip, &clip, "x");
         assert_eq!(c.vv_from, Some(6));
         assert_eq!(c.layers, vec![24]);
-        assert_eq!((c.text_prompt_depth, c.text_prompt_length), (9, 4));
+        assert_eq!(deep(c.text_prompts), Some((9, 4, false)));
+        assert_eq!(c.visual_prompts, None);
         let z = DetectorConfig::preset(Preset::ZeroShot, &clip, "x");
         assert_eq!(z.layers, vec![12, 18, 24]);
         for p in Preset::ALL {

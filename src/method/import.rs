@@ -11,7 +11,10 @@ use std::path::Path;
 use candle_core::Tensor;
 
 use super::adapter::Adapter;
-use super::config::{papers_image_size, quarter_layers, DetectorConfig, Preset, TextPrompts};
+use super::config::{
+    papers_image_size, quarter_layers, DeepPrompts, DetectorConfig, Preset, TextPrompts, Tower,
+};
+use super::params::{AdapterParams, Init, ParamSource};
 use crate::clip::ClipConfig;
 use crate::{Error, Result};
 
@@ -90,6 +93,84 @@ impl Source<'_> {
             .take_while(|i| self.tensors.contains_key(&format!("{prefix}{i}{suffix}")))
             .count()
     }
+}
+
+/// The checkpoint's tensors handed to the adapter's name tree: each of our names is looked up
+/// under its published name (`key`), checked against the shape the configuration needs
+/// (leading 1-dimensions, as in AnomalyCLIP's `[1, 1, n, width]` context, are dropped), and
+/// kept under our name.
+struct Renamed<'a, 'p> {
+    src: &'a mut Source<'p>,
+    key: fn(&str) -> Option<String>,
+    out: HashMap<String, Tensor>,
+}
+
+impl ParamSource for Renamed<'_, '_> {
+    fn get(&mut self, name: &str, shape: &[usize], _init: Init) -> Result<Tensor> {
+        let key = (self.key)(name).ok_or_else(|| {
+            self.src
+                .error(format!("the format has no tensor for `{name}`"))
+        })?;
+        let t = self.src.take(&key)?;
+        let dims = t.dims();
+        let extra = dims.len().saturating_sub(shape.len());
+        let fits = &dims[extra..] == shape && dims[..extra].iter().all(|&d| d == 1);
+        if !fits {
+            return Err(self.src.error(format!(
+                "`{key}` has shape {dims:?}, the backbone needs {shape:?}"
+            )));
+        }
+        let t = t.reshape(shape)?;
+        self.out.insert(name.to_string(), t.clone());
+        Ok(t)
+    }
+}
+
+/// AdaCLIP's module names for ours (`clip_model.` stripped): the prompters, the per-layer patch
+/// projections and the generators of caoyunkang/AdaCLIP@e27ee32 method/adaclip.py.
+fn adaclip_key(name: &str) -> Option<String> {
+    const RENAMES: [(&str, &str); 6] = [
+        ("vision.deep.", "visual_prompter.static_prompts."),
+        ("text.deep.", "text_prompter.static_prompts."),
+        ("vision.patch_proj.", "patch_token_layer.head."),
+        ("vision.cls_proj.", "cls_token_layer.head.0."),
+        ("vision.dynamic.", "dynamic_visual_prompt_generator.head."),
+        ("text.dynamic.", "dynamic_text_prompt_generator.head."),
+    ];
+    RENAMES
+        .iter()
+        .find_map(|(ours, theirs)| Some(format!("{theirs}{}", name.strip_prefix(ours)?)))
+}
+
+/// AnomalyCLIP's prompt-learner names for ours: `ctx_pos`/`ctx_neg` are the contexts of the
+/// normal and the damaged sentence, and `compound_prompts_text.{k}` enters text layer `k + 1`
+/// (zqhang/AnomalyCLIP@45ed4dd AnomalyCLIP_lib/AnomalyCLIP.py l.237-251).
+fn anomalyclip_key(name: &str) -> Option<String> {
+    match name {
+        "text.ctx_normal" => Some("ctx_pos".into()),
+        "text.ctx_abnormal" => Some("ctx_neg".into()),
+        _ => {
+            let layer: usize = name.strip_prefix("text.deep.")?.parse().ok()?;
+            Some(format!("compound_prompts_text.{}", layer.checked_sub(1)?))
+        }
+    }
+}
+
+/// Runs the adapter's name tree for `cfg` over the checkpoint; what the tree does not ask for
+/// stays in `src` (the leftovers).
+fn convert(
+    src: &mut Source,
+    key: fn(&str) -> Option<String>,
+    cfg: &DetectorConfig,
+    clip: &ClipConfig,
+) -> Result<HashMap<String, Tensor>> {
+    let mut renamed = Renamed {
+        src,
+        key,
+        out: HashMap::new(),
+    };
+    AdapterParams::load(cfg, clip, &mut renamed)?;
+    Ok(renamed.out)
 }
 
 type Tensors = (HashMap<String, Tensor>, HashMap<String, String>);
@@ -208,57 +289,16 @@ fn adaclip(
     }
     let mut cfg = DetectorConfig::preset(Preset::Adaclip, clip, backbone);
     cfg.layers = layers;
-    cfg.visual_prompt_depth = vis_depth;
-    cfg.visual_prompt_length = vis_len;
-    cfg.text_prompt_depth = txt_depth;
-    cfg.text_prompt_length = txt_len;
-
-    let mut out = HashMap::new();
-    for i in 0..vis_depth {
-        out.insert(
-            format!("vision.deep.{i}"),
-            src.take(&format!("visual_prompter.static_prompts.{i}"))?,
-        );
-    }
+    cfg.visual_prompts = DeepPrompts::for_tower(Tower::Vision, vis_depth, vis_len, true);
+    cfg.text_prompts = DeepPrompts::for_tower(Tower::Text, txt_depth, txt_len, true);
     // Text prompt 0 is never used by AdaCLIP's forward (layer 0 is not prompted).
-    for i in 0..txt_depth {
-        let t = src.take(&format!("text_prompter.static_prompts.{i}"))?;
-        if i > 0 {
-            out.insert(format!("text.deep.{i}"), t);
-        }
-    }
-    let mut linear = |src: &mut Source, from: &str, to: &str| -> Result<()> {
-        out.insert(format!("{to}.weight"), src.take(&format!("{from}.weight"))?);
-        out.insert(format!("{to}.bias"), src.take(&format!("{from}.bias"))?);
-        Ok(())
-    };
-    for j in 0..n_layers {
-        linear(
-            &mut src,
-            &format!("patch_token_layer.head.{j}"),
-            &format!("vision.patch_proj.{j}"),
-        )?;
-    }
-    linear(&mut src, "cls_token_layer.head.0", "vision.cls_proj")?;
-    for k in 0..n_dyn_vis {
-        linear(
-            &mut src,
-            &format!("dynamic_visual_prompt_generator.head.{k}"),
-            &format!("vision.dynamic.{k}"),
-        )?;
-    }
-    for k in 0..n_dyn_txt {
-        linear(
-            &mut src,
-            &format!("dynamic_text_prompt_generator.head.{k}"),
-            &format!("text.dynamic.{k}"),
-        )?;
-    }
+    let dead = "text_prompter.static_prompts.0";
+    let had_dead = src.tensors.remove(dead).is_some();
+    let out = convert(&mut src, adaclip_key, &cfg, clip)?;
     let mut ignored = src.leftovers();
-    ignored.insert(
-        0,
-        "text_prompter.static_prompts.0 (unused by the forward)".into(),
-    );
+    if had_dead {
+        ignored.insert(0, format!("{dead} (unused by the forward)"));
+    }
     Ok((cfg, out, ignored))
 }
 
@@ -274,32 +314,26 @@ fn anomalyclip(
         tensors,
         unreadable,
     };
-    let squeeze_ctx = |t: Tensor| -> Result<Tensor> {
-        // [1, 1, n, Dt] -> [n, Dt]
-        let d = t.dims().to_vec();
-        let n = d.len();
-        if n < 2 || d[..n - 2].iter().any(|&x| x != 1) {
-            return Err(Error::InvalidArgument(format!(
-                "context has shape {d:?}, expected [1, 1, n, width]"
-            )));
+    // `ctx_pos` is `[1, 1, n_ctx, width]`.
+    let n_ctx = match src.tensors.get("ctx_pos").map(|t| t.dims().to_vec()) {
+        Some(d) if d.len() >= 2 && d[..d.len() - 2].iter().all(|&x| x == 1) => d[d.len() - 2],
+        Some(d) => {
+            return Err(src.error(format!(
+                "`ctx_pos` has shape {d:?}, expected [1, 1, n, width]"
+            )))
         }
-        Ok(t.reshape((d[n - 2], d[n - 1]))?)
+        None => return Err(src.error("missing tensor `ctx_pos`".into())),
     };
-    let ctx_pos =
-        squeeze_ctx(src.take("ctx_pos")?).map_err(|e| src.error(format!("`ctx_pos`: {e}")))?;
-    let ctx_neg =
-        squeeze_ctx(src.take("ctx_neg")?).map_err(|e| src.error(format!("`ctx_neg`: {e}")))?;
-    let n_ctx = ctx_pos.dim(0)?;
     let deep = src.count("compound_prompts_text.", "");
     let mut cfg = DetectorConfig::preset(Preset::Anomalyclip, clip, backbone);
     cfg.text = TextPrompts::Learned {
         context_length: n_ctx,
     };
-    cfg.text_prompt_depth = if deep > 0 { deep + 1 } else { 0 };
-    cfg.text_prompt_length = if deep > 0 {
-        src.prompt_rows("compound_prompts_text.0")?
+    cfg.text_prompts = if deep > 0 {
+        let len = src.prompt_rows("compound_prompts_text.0")?;
+        DeepPrompts::for_tower(Tower::Text, deep + 1, len, false)
     } else {
-        0
+        None
     };
     if let Some(l) = &opts.layers {
         cfg.layers = l.clone();
@@ -307,16 +341,35 @@ fn anomalyclip(
     if let Some(v) = opts.vv_from {
         cfg.vv_from = if v == 0 { None } else { Some(v) };
     }
-    let mut out = HashMap::new();
-    out.insert("text.ctx_normal".to_string(), ctx_pos);
-    out.insert("text.ctx_abnormal".to_string(), ctx_neg);
-    for k in 0..deep {
-        out.insert(
-            format!("text.deep.{}", k + 1),
-            src.take(&format!("compound_prompts_text.{k}"))?,
-        );
-    }
+    let out = convert(&mut src, anomalyclip_key, &cfg, clip)?;
     // The projections are never used in AnomalyCLIP's forward; the buffers are token
     // embeddings of the fixed words, recomputed from the backbone.
     Ok((cfg, out, src.leftovers()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_names() {
+        assert_eq!(
+            adaclip_key("vision.cls_proj.weight").as_deref(),
+            Some("cls_token_layer.head.0.weight")
+        );
+        assert_eq!(
+            adaclip_key("text.dynamic.3.bias").as_deref(),
+            Some("dynamic_text_prompt_generator.head.3.bias")
+        );
+        assert_eq!(adaclip_key("vision.head_weights"), None);
+        assert_eq!(
+            anomalyclip_key("text.deep.1").as_deref(),
+            Some("compound_prompts_text.0")
+        );
+        assert_eq!(anomalyclip_key("text.deep.0"), None);
+        assert_eq!(
+            anomalyclip_key("text.ctx_abnormal").as_deref(),
+            Some("ctx_neg")
+        );
+    }
 }

@@ -9,7 +9,9 @@ pub mod detector;
 pub mod import;
 pub mod kmeans;
 pub mod maps;
+pub mod params;
 pub mod prompts;
+pub mod scoring;
 pub mod text;
 
 pub use adapter::Adapter;

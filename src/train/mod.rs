@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::clip::{ClipModel, ClipTokenizer};
 use crate::data::dataset::Sample;
 use crate::method::config::{Preset, TextPrompts};
+use crate::method::params::{AdapterParams, NamedTensors};
 use crate::method::{prompts, Adapter, Detector, TextInputs};
 use crate::rng::SplitMix64;
 use crate::{Error, Result};
@@ -217,11 +218,15 @@ impl Trainer {
         &self.vars
     }
 
-    fn params(&self) -> HashMap<String, Tensor> {
-        self.vars
+    /// The variables by role, through the adapter's name tree (the same tensors, so gradients
+    /// reach the variables).
+    fn params(&self, clip: &crate::clip::ClipConfig) -> Result<AdapterParams> {
+        let tensors: HashMap<String, Tensor> = self
+            .vars
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect()
+            .collect();
+        AdapterParams::load(&self.adapter.config, clip, &mut NamedTensors::new(&tensors))
     }
 
     /// The current tensors as an adapter (f32, CPU).
@@ -255,7 +260,7 @@ impl Trainer {
             self.adapter.config.clone(),
             vision.clone(),
             model.text.clone(),
-            self.params(),
+            self.params(&model.config)?,
             inputs.clone(),
         )?;
         let s = self.adapter.config.image_size;
@@ -343,7 +348,7 @@ impl Trainer {
             file: path.display().to_string(),
             message: m,
         };
-        let cfg: crate::method::DetectorConfig = serde_json::from_str(
+        let cfg = crate::method::DetectorConfig::from_json(
             meta.get("zsad.config")
                 .ok_or_else(|| bad("no zsad.config".into()))?,
         )
