@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Reference fixtures for the method-level parity tests: AdaCLIP, AnomalyCLIP and HeadCLIP forwards on a tiny
-random CLIP (see docs in ../../shared/design/SPEC.md sections 1, 2, 3, 6, 7).
+random CLIP (reference code: caoyunkang/AdaCLIP@e27ee32, zqhang/AnomalyCLIP@45ed4dd).
 
 This is an independent, from-scratch re-implementation of the inference forwards of
   * AdaCLIP      (caoyunkang/AdaCLIP: method/adaclip.py, method/transformer.py, method/clip_model.py),
   * AnomalyCLIP  (zqhang/AnomalyCLIP: AnomalyCLIP_lib/AnomalyCLIP.py, prompt_ensemble.py, test.py), with the
                  multi-layer bug FIXED (commit 2a7c886: each requested layer gives its own map),
-  * HeadCLIP     (our design, SPEC section 3: AnomalyCLIP + learnable per-layer, per-head attention weights),
+  * HeadCLIP     (our design after the arXiv 2505.22259 abstract, whose code is not public: AnomalyCLIP +
+                 learnable per-layer, per-head attention weights),
 written on plain torch ops (CPU, f32, no autocast). The CLIP towers are checked against
 `transformers.CLIPModel` in `self_check()` before anything is written.
 
@@ -14,7 +15,7 @@ What it writes (under tests/fixtures/):
   models/tiny-method/{config.json,model.safetensors}  tiny random HF-layout CLIP, built by make_fixtures.build
         (vision 32 wide, 4 layers, 2 heads, MLP 64, 32 px / patch 8; text 16 wide, 4 layers, 2 heads, MLP 32,
         real CLIP vocabulary 49408, eos_token_id 2 (argmax pooling); projection 24; config act quick_gelu)
-  adaclip_tiny.pth          torch.save(dict) with the AdaCLIP key names of SPEC section 7, fp32, Linear [out, in]
+  adaclip_tiny.pth          torch.save(dict) with the AdaCLIP key names (method/trainer.py l.89-98), fp32, Linear [out, in]
   anomalyclip_tiny.pth      torch.save({"prompt_learner": {...}}) with AnomalyCLIP's prompt-learner keys
   methods.expected.safetensors   expected tensors (f32; token ids int64), keys `adaclip.*`, `anomalyclip.*`,
         `headclip.*` (listed in the case functions below)
@@ -242,7 +243,7 @@ def linear_f16(n_in, n_out, scale=1.0):
 
 
 def adaclip_params(d_vis, d_txt, d_proj, seed=101):
-    """Key names of SPEC section 7. Static prompts N(0, 0.5); Linear layers PyTorch default init, the dynamic
+    """AdaCLIP's checkpoint key names (method/trainer.py l.89-98 saves these state_dict entries). Static prompts N(0, 0.5); Linear layers PyTorch default init, the dynamic
     prompt generators' weights scaled x3 so that the image-dependent part matters; all f16-rounded."""
     torch.manual_seed(seed)
     d = OrderedDict()

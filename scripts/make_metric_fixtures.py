@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes tests/fixtures/metrics/cases.json: inputs and reference values for the evaluation metrics.
 
-Reference code (SPEC.md section 5), re-written here with the same semantics:
+Reference code (caoyunkang/AdaCLIP@e27ee32 tools/metrics.py, zqhang/AnomalyCLIP@45ed4dd metrics.py), re-written
+here with the same semantics:
   auroc  = sklearn.metrics.roc_auc_score(labels, scores)          (pixel: all pixels of the case, .ravel())
   ap     = sklearn.metrics.average_precision_score(labels, scores)
   f1_max = AdaCLIP tools/metrics.py: p, r, _ = precision_recall_curve(labels, scores);

@@ -31,7 +31,30 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
-    /// A caller passed an argument that does not fit the model (layer out of range, prompt width ...).
+    /// An adapter file or detector configuration is unusable: unknown format, a setting outside
+    /// what the backbone allows, a tensor missing or of the wrong shape.
+    #[error("{0}")]
+    Adapter(String),
+
+    /// A dataset folder or manifest cannot be read as a labelled dataset (layout, masks, labels).
+    #[error("{0}")]
+    Dataset(String),
+
+    /// An output could not be written or read back (PNG encoding, `.npy` headers, records).
+    #[error("{0}")]
+    Output(String),
+
+    /// Training cannot go on: a non-finite loss, a checkpoint that does not match the run.
+    #[error("{0}")]
+    Training(String),
+
+    /// A setting or flag value is out of range (batch size 0, NaN threshold, ...). The message names
+    /// the flag and what it accepts.
+    #[error("{0}")]
+    Usage(String),
+
+    /// Library API misuse by a caller: an argument that does not fit the model (layer out of
+    /// range, prompt width ...). User input is checked before it gets here.
     #[error("{0}")]
     InvalidArgument(String),
 }

@@ -1,6 +1,7 @@
 //! Gradient checks: for every kind of adapter tensor, the autograd gradient of the training
 //! loss agrees with central finite differences, on a tiny random CLIP in f64. This is what
-//! catches the silent zero gradients of candle's fused kernels (CANDLE-NOTES).
+//! catches the silent zero gradients of candle's fused kernels (candle-nn's `softmax_last_dim`
+//! and `layer_norm` are custom ops without a backward).
 
 use candle_core::{DType, Device, Tensor};
 use zsad::clip::{load_model, LoadOptions};

@@ -51,35 +51,33 @@ impl DetectOptions {
         self.output.validate()?;
         if let Some(t) = self.threshold {
             if !(0.0..=1.0).contains(&t) {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::Usage(format!(
                     "--threshold {t}: scores are in [0, 1], so the threshold must be too"
                 )));
             }
         }
         if self.pipeline.batch_size > MAX_BATCH_SIZE {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Usage(format!(
                 "--batch-size {}: at most {MAX_BATCH_SIZE} (0 picks about 1024 tokens per pass)",
                 self.pipeline.batch_size
             )));
         }
         let px = self.pipeline.limits.max_pixels;
         if !(1..=MAX_MAX_PIXELS).contains(&px) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Usage(format!(
                 "--max-pixels {px}: must be in 1..={MAX_MAX_PIXELS}"
             )));
         }
         if self.inputs.iter().filter(|a| *a == "-").count() > 1 {
-            return Err(Error::InvalidArgument(
+            return Err(Error::Usage(
                 "`-` (read paths from stdin) may be given once".into(),
             ));
         }
         if self.retry_failed && !self.resume {
-            return Err(Error::InvalidArgument(
-                "--retry-failed goes with --resume".into(),
-            ));
+            return Err(Error::Usage("--retry-failed goes with --resume".into()));
         }
         if self.resume && self.overwrite {
-            return Err(Error::InvalidArgument(
+            return Err(Error::Usage(
                 "--resume and --overwrite exclude each other".into(),
             ));
         }
@@ -177,7 +175,7 @@ impl DetectJob {
             } else {
                 String::new()
             };
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Usage(format!(
                 "no images to score in {}{masks}; folders are searched for {}",
                 opts.inputs.join(" "),
                 inputs::IMAGE_EXTENSIONS.join("/")
@@ -263,7 +261,7 @@ impl DetectJob {
                         let r = render::render(&opts.output, &input.key, &image, &detection)
                             .and_then(|r| render::write(out, &r).map(|()| r))
                             .map_err(|e| {
-                                Error::InvalidArgument(format!(
+                                Error::Output(format!(
                                     "cannot write the outputs of {}: {e}",
                                     input.given
                                 ))
@@ -334,19 +332,19 @@ fn previous_records(opts: &DetectOptions, now: &RunRecord) -> Result<Vec<Record>
         return Ok(Vec::new());
     }
     if !opts.resume {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Usage(format!(
             "{names} exists: pass --resume to continue that run or --overwrite to start again"
         )));
     }
     let then = RunRecord::read(out)?.ok_or_else(|| {
-        Error::InvalidArgument(format!(
+        Error::Output(format!(
             "{names} exists but {} does not, so nothing says which settings made it (a run of an older zsad, or files put there by hand): --resume cannot check that it would not mix results; use another --out, or --overwrite to start again",
             out.join(run_record::FILE_NAME).display()
         ))
     })?;
     let diff = then.differences(now);
     if !diff.is_empty() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Output(format!(
             "{} was made with other settings than this run; resuming would mix their results in one record file:\n  {}\nrun with the earlier settings, use another --out, or --overwrite to start again",
             out.join(run_record::FILE_NAME).display(),
             diff.join("\n  ")
@@ -403,7 +401,7 @@ fn remove_run(out: &Path, record_files: &[PathBuf]) -> Result<()> {
 /// Holds an exclusive lock on `DIR/.zsad.lock` while a run writes there.
 fn lock_out_dir(dir: &Path) -> Result<std::fs::File> {
     if dir.exists() && !dir.is_dir() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Usage(format!(
             "--out {}: exists and is not a folder",
             dir.display()
         )));
@@ -418,7 +416,7 @@ fn lock_out_dir(dir: &Path) -> Result<std::fs::File> {
         .map_err(|e| Error::io(&path, e))?;
     match f.try_lock() {
         Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(Error::InvalidArgument(format!(
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Output(format!(
             "another zsad process is writing to {} (give each run or shard its own --out)",
             dir.display()
         ))),

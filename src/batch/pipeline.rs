@@ -223,9 +223,9 @@ where
         }
         drop(out_tx);
         drop(pending);
-        secs.consume = consumer.join().map_err(|p| {
-            Error::InvalidArgument(format!("the output stage failed: {}", panic_text(&p)))
-        })??;
+        secs.consume = consumer
+            .join()
+            .map_err(|p| Error::Output(format!("the output stage failed: {}", panic_text(&p))))??;
         Ok(secs.clone())
     })
 }

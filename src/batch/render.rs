@@ -31,7 +31,7 @@ impl Default for OutputOptions {
 impl OutputOptions {
     pub fn validate(&self) -> Result<()> {
         if !(0.0..=1.0).contains(&self.heatmap_alpha) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Usage(format!(
                 "--heatmap-alpha {}: must be in [0, 1] (0 shows only the image, 1 only the colour)",
                 self.heatmap_alpha
             )));

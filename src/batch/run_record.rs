@@ -70,7 +70,7 @@ impl RunRecord {
 
     pub fn write(&self, dir: &Path) -> Result<()> {
         let mut bytes = serde_json::to_vec_pretty(&self.to_json())
-            .map_err(|e| Error::InvalidArgument(format!("run.json: {e}")))?;
+            .map_err(|e| Error::Output(format!("run.json: {e}")))?;
         bytes.push(b'\n');
         crate::data::outputs::write_atomic(&dir.join(FILE_NAME), &bytes)
     }
@@ -84,7 +84,7 @@ impl RunRecord {
             Err(e) => return Err(Error::io(&path, e)),
         };
         let v: Value = serde_json::from_str(&text).map_err(|e| {
-            Error::InvalidArgument(format!(
+            Error::Output(format!(
                 "{}: not readable ({e}); it records what made this folder: restore it, or start again with --overwrite",
                 path.display()
             ))

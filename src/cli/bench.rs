@@ -105,10 +105,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     // (png_encode, write) seconds, summed; reset after the warm-up.
     let spent = std::sync::Mutex::new((0.0f64, 0.0f64));
-    let consume = |_: PathBuf, outcome: Outcome| -> crate::Result<()> {
+    let consume = |path: PathBuf, outcome: Outcome| -> crate::Result<()> {
         let (image, detection) = match outcome {
             Outcome::Scored { image, detection } => (image, detection),
-            Outcome::Failed(e) => return Err(crate::Error::InvalidArgument(e)),
+            Outcome::Failed(message) => return Err(crate::Error::Image { path, message }),
         };
         let t = Instant::now();
         let rendered = render::render(&output, "image", &image, &detection)?;

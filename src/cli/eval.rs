@@ -136,14 +136,13 @@ fn run_model(
                 let (rgb, d) = match outcome {
                     Outcome::Scored { image, detection } => (image, detection),
                     Outcome::Failed(e) => {
-                        return Err(crate::Error::InvalidArgument(format!(
-                            "{}: {e}",
-                            s.image.display()
-                        )))
+                        return Err(crate::Error::Image {
+                            path: s.image.clone(),
+                            message: e,
+                        })
                     }
                 };
-                let mask =
-                    read_mask(s).map_err(|e| crate::Error::InvalidArgument(format!("{e:#}")))?;
+                let mask = read_mask(s).map_err(|e| crate::Error::Dataset(format!("{e:#}")))?;
                 let (w, h) = rgb.dimensions();
                 let own_mask = mask_bits(&mask, w, h);
                 let anomalous = s.label.unwrap_or_else(|| own_mask.iter().any(|&b| b));

@@ -4,7 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 /// MLP non-linearity. OpenAI weights were trained with QuickGELU, but AdaCLIP and April-GAN run
-/// them with exact-erf GELU (SPEC §0), so the choice is a run-time switch, not a property of weights.
+/// them with exact-erf GELU (caoyunkang/AdaCLIP@e27ee32 `method/clip_model.py` l.81: `act_layer =
+/// nn.GELU` without `quick_gelu`), so the choice is a run-time switch, not a property of weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Activation {
@@ -125,7 +126,21 @@ impl VisionConfig {
     }
     pub fn activation(&self) -> crate::Result<Activation> {
         Activation::from_hf_name(&self.hidden_act).ok_or_else(|| {
-            crate::error::invalid!("vision hidden_act {:?} is not supported", self.hidden_act)
+            crate::Error::Model(format!(
+                "vision hidden_act {:?} is not supported",
+                self.hidden_act
+            ))
+        })
+    }
+    /// The transformer stack's shape.
+    pub fn encoder(&self) -> crate::Result<super::EncoderConfig> {
+        Ok(super::EncoderConfig {
+            depth: self.num_hidden_layers,
+            width: self.hidden_size,
+            heads: self.num_attention_heads,
+            mlp_width: self.intermediate_size,
+            layer_norm_eps: self.layer_norm_eps,
+            activation: self.activation()?,
         })
     }
 }
@@ -136,7 +151,21 @@ impl TextConfig {
     }
     pub fn activation(&self) -> crate::Result<Activation> {
         Activation::from_hf_name(&self.hidden_act).ok_or_else(|| {
-            crate::error::invalid!("text hidden_act {:?} is not supported", self.hidden_act)
+            crate::Error::Model(format!(
+                "text hidden_act {:?} is not supported",
+                self.hidden_act
+            ))
+        })
+    }
+    /// The transformer stack's shape.
+    pub fn encoder(&self) -> crate::Result<super::EncoderConfig> {
+        Ok(super::EncoderConfig {
+            depth: self.num_hidden_layers,
+            width: self.hidden_size,
+            heads: self.num_attention_heads,
+            mlp_width: self.intermediate_size,
+            layer_norm_eps: self.layer_norm_eps,
+            activation: self.activation()?,
         })
     }
 }
@@ -209,7 +238,7 @@ impl ClipConfig {
                 ));
             }
         }
-        if v.patch_size > 0 && v.image_size % v.patch_size != 0 {
+        if v.patch_size > 0 && !v.image_size.is_multiple_of(v.patch_size) {
             problems.push(format!(
                 "vision_config.image_size = {} is not a multiple of patch_size = {}",
                 v.image_size, v.patch_size

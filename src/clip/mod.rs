@@ -1,13 +1,21 @@
 //! CLIP ViT backbone on candle: both towers, weight loading for every common naming, the
 //! tokenizer and the preprocessing, with the hooks that the anomaly methods need
-//! (taps, per-head weights, deep prompts, V-V attention). SPEC §0 and §6.
+//! (taps, per-head weights, deep prompts, V-V attention).
+//!
+//! Layers, bottom up: [`kernels`] (fused CPU GEMM and attention, no autograd) and
+//! [`gemm_bf16`] under `linear` (one linear layer: fused inference, frozen for training, plain)
+//! and `attention` (one attention layer: fused, recompute-in-backward, plain), composed by
+//! `encoder` (block and stack with the hooks) into the two towers, [`vision`] and [`text`].
+//! Weights come from [`weights`] (safetensors, `.pth` via [`pth`], every common naming) and
+//! [`hub`]; [`config`] reads Hugging Face `config.json`.
 
+mod attention;
 pub mod config;
-pub mod frozen;
+mod encoder;
 pub mod gemm_bf16;
 pub mod hub;
 pub mod kernels;
-pub mod layers;
+mod linear;
 pub mod preprocess;
 pub mod pth;
 pub mod text;
@@ -18,9 +26,10 @@ pub mod weights;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+pub use attention::softmax_last_dim;
 pub use config::{Activation, ClipConfig, PosInterpolation, TextConfig, VisionConfig};
+pub use encoder::{EncoderConfig, Hooks};
 pub use hub::ModelSource;
-pub use layers::Hooks;
 pub use text::{TextOutput, TextTransformer};
 pub use tokenizer::ClipTokenizer;
 pub use vision::{VisionOutput, VisionTransformer};
@@ -185,5 +194,37 @@ pub fn load_model(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
                 naming: Some(naming),
             })
         }
+    }
+}
+
+/// Small deterministic tensors and random weights for the layer tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarBuilder;
+
+    use super::weights::RandomWeights;
+
+    pub fn vb(seed: u64) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(RandomWeights { seed }), DType::F32, Device::Cpu)
+    }
+
+    /// Values in [-1, 1) from a multiplicative hash of the index.
+    pub fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The largest absolute difference.
+    pub fn diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+        d.max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    pub fn to2(t: &Tensor) -> Vec<Vec<f32>> {
+        t.to_vec2::<f32>().unwrap()
     }
 }

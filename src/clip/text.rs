@@ -6,10 +6,9 @@
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
-use super::frozen::FrozenLinear as Linear;
-
 use super::config::TextConfig;
-use super::layers::{Encoder, Hooks, LayerNorm, PromptPlacement};
+use super::encoder::{Encoder, Hooks, LayerNorm, PromptPlacement};
+use super::linear::Linear;
 use crate::Result;
 
 #[derive(Debug, Clone)]
@@ -47,15 +46,7 @@ impl TextTransformer {
             position_embedding: emb
                 .pp("position_embedding")
                 .get((cfg.max_position_embeddings, d), "weight")?,
-            encoder: Encoder::load(
-                vb.pp("encoder"),
-                cfg.num_hidden_layers,
-                d,
-                cfg.num_attention_heads,
-                cfg.intermediate_size,
-                cfg.layer_norm_eps,
-                cfg.activation()?,
-            )?,
+            encoder: Encoder::load(vb.pp("encoder"), &cfg.encoder()?)?,
             final_layer_norm: LayerNorm::load(vb.pp("final_layer_norm"), d, cfg.layer_norm_eps)?,
             projection: Linear::new(proj_vb.get((embed_dim, d), "weight")?, None),
             cfg: cfg.clone(),
@@ -112,7 +103,7 @@ impl TextTransformer {
         Ok(self.token_embedding.forward(&t)?)
     }
 
-    /// `--precision` for the transformer blocks (see [`super::layers::Encoder::use_precision`]).
+    /// `--precision` for the transformer blocks (see [`super::encoder::Encoder::use_precision`]).
     pub fn use_precision(&mut self, precision: super::kernels::Precision) -> Result<()> {
         self.encoder.use_precision(precision)
     }

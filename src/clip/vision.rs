@@ -6,10 +6,9 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
-use super::frozen::FrozenLinear as Linear;
-
 use super::config::{PosInterpolation, VisionConfig};
-use super::layers::{Encoder, Hooks, LayerNorm, PromptPlacement};
+use super::encoder::{Encoder, Hooks, LayerNorm, PromptPlacement};
+use super::linear::Linear;
 use crate::interp;
 use crate::Result;
 
@@ -63,22 +62,13 @@ impl VisionTransformer {
         let class_embedding = emb.get(d, "class_embedding")?;
         let n_pos = cfg.grid() * cfg.grid() + 1;
         let trained_positions = emb.pp("position_embedding").get((n_pos, d), "weight")?;
-        let act = cfg.activation()?;
         Ok(Self {
             patch_embedding,
             class_embedding,
             positions: trained_positions.clone(),
             trained_positions,
             pre_layrnorm: LayerNorm::load(vb.pp("pre_layrnorm"), d, cfg.layer_norm_eps)?,
-            encoder: Encoder::load(
-                vb.pp("encoder"),
-                cfg.num_hidden_layers,
-                d,
-                cfg.num_attention_heads,
-                cfg.intermediate_size,
-                cfg.layer_norm_eps,
-                act,
-            )?,
+            encoder: Encoder::load(vb.pp("encoder"), &cfg.encoder()?)?,
             post_layernorm: LayerNorm::load(vb.pp("post_layernorm"), d, cfg.layer_norm_eps)?,
             projection: Linear::new(proj_vb.get((embed_dim, d), "weight")?, None),
             cfg: cfg.clone(),
@@ -183,7 +173,7 @@ impl VisionTransformer {
         Ok(self.forward(pixels, &hooks)?.pooled)
     }
 
-    /// `--precision` for the transformer blocks (see [`super::layers::Encoder::use_precision`]).
+    /// `--precision` for the transformer blocks (see [`super::encoder::Encoder::use_precision`]).
     pub fn use_precision(&mut self, precision: super::kernels::Precision) -> Result<()> {
         self.encoder.use_precision(precision)
     }
@@ -196,7 +186,8 @@ impl VisionTransformer {
             .forward(&self.post_layernorm.forward(tokens)?)?)
     }
 
-    /// `x @ proj` without ln_post (AnomalyCLIP's image feature quirk, SPEC §2).
+    /// `x @ proj` without ln_post: AnomalyCLIP's image feature `x_ori[0, :, :] @ self.proj`
+    /// (zqhang/AnomalyCLIP@45ed4dd `AnomalyCLIP_lib/AnomalyCLIP.py` l.387).
     pub fn project_without_ln(&self, tokens: &Tensor) -> Result<Tensor> {
         Ok(self.projection.forward(tokens)?)
     }

@@ -63,7 +63,7 @@ pub fn problem_list(what: &str, problems: &[String]) -> String {
 }
 
 fn bad(path: &Path, msg: impl Into<String>) -> Error {
-    Error::InvalidArgument(format!("{}: {}", path.display(), msg.into()))
+    Error::Dataset(format!("{}: {}", path.display(), msg.into()))
 }
 
 /// A dataset as read, before its files are checked.
@@ -90,7 +90,7 @@ impl Parsed {
 pub fn read(path: &Path) -> Result<(Layout, Vec<Sample>)> {
     let (layout, parsed) = parse(path)?;
     if !parsed.problems.is_empty() {
-        return Err(Error::InvalidArgument(problem_list(
+        return Err(Error::Dataset(problem_list(
             &format!("problem(s) in {}", path.display()),
             &parsed.problems,
         )));
@@ -358,7 +358,7 @@ fn manifest_csv_rows(
         .clone();
     let pos = column_positions(&header, &["image", "mask", "label", "class"]);
     let Some(c_img) = pos[0] else {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Dataset(format!(
             "manifest {}: no `image` column; the columns are: {} (expected a header line with {MANIFEST_COLUMNS})",
             path.display(),
             column_list(&header)
@@ -415,7 +415,7 @@ fn manifest_jsonl_rows(
 ) -> Result<(Vec<(usize, ManifestRow)>, Vec<(usize, String)>)> {
     use serde_json::Value;
     if text.trim_start().starts_with('[') {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Dataset(format!(
             "manifest {}: a JSON array; a manifest is JSON Lines (one object per line, keys {MANIFEST_COLUMNS}) or a .csv file",
             path.display()
         )));
@@ -499,7 +499,7 @@ fn manifest_jsonl_rows(
         }
     };
     if !any_image && !no_image.is_empty() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Dataset(format!(
             "manifest {}: no `image` key on any line; the keys are: {} (expected {MANIFEST_COLUMNS})",
             path.display(),
             key_list()
@@ -519,7 +519,7 @@ fn manifest_jsonl_rows(
 pub fn read_manifest(path: &Path) -> Result<Vec<Sample>> {
     let parsed = parse_manifest(path)?;
     if !parsed.problems.is_empty() {
-        return Err(Error::InvalidArgument(problem_list(
+        return Err(Error::Dataset(problem_list(
             &format!("problem(s) in {}", path.display()),
             &parsed.problems,
         )));
@@ -635,7 +635,7 @@ pub fn read_all(paths: &[PathBuf]) -> Result<Vec<Sample>> {
         }
     }
     if !problems.is_empty() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Dataset(format!(
             "the data has {}",
             problem_list("problem(s)", &problems)
         )));

@@ -110,17 +110,16 @@ fn csv_row(r: &Record) -> Vec<String> {
 fn csv_line(fields: &[String]) -> Result<Vec<u8>> {
     let mut w = csv::Writer::from_writer(Vec::new());
     w.write_record(fields)
-        .map_err(|e| Error::InvalidArgument(format!("csv: {e}")))?;
+        .map_err(|e| Error::Output(format!("csv: {e}")))?;
     w.into_inner()
-        .map_err(|e| Error::InvalidArgument(format!("csv: {e}")))
+        .map_err(|e| Error::Output(format!("csv: {e}")))
 }
 
 /// One serialised record including its line end.
 pub fn encode(r: &Record, format: RecordFormat) -> Result<Vec<u8>> {
     match format {
         RecordFormat::Jsonl => {
-            let mut v =
-                serde_json::to_vec(r).map_err(|e| Error::InvalidArgument(format!("json: {e}")))?;
+            let mut v = serde_json::to_vec(r).map_err(|e| Error::Output(format!("json: {e}")))?;
             v.push(b'\n');
             Ok(v)
         }
@@ -234,7 +233,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let name = path
         .file_name()
-        .ok_or_else(|| Error::InvalidArgument(format!("{} is not a file path", path.display())))?;
+        .ok_or_else(|| Error::Output(format!("{} is not a file path", path.display())))?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
         name.to_string_lossy(),
@@ -293,7 +292,7 @@ pub fn map_png(map: &[f32], w: u32, h: u32) -> Result<Vec<u8>> {
         .map(|&p| (p.clamp(0.0, 1.0) * 65535.0).round() as u16)
         .collect();
     let img: ImageBuffer<Luma<u16>, Vec<u16>> = ImageBuffer::from_raw(w, h, px)
-        .ok_or_else(|| Error::InvalidArgument(format!("map is not {w}x{h}")))?;
+        .ok_or_else(|| Error::Output(format!("map is not {w}x{h}")))?;
     encode_png(&img)
 }
 
@@ -317,7 +316,7 @@ where
             h,
             <I::Pixel as PixelWithColorType>::COLOR_TYPE.into(),
         )
-        .map_err(|e| Error::InvalidArgument(format!("cannot encode PNG: {e}")))?;
+        .map_err(|e| Error::Output(format!("cannot encode PNG: {e}")))?;
     Ok(out)
 }
 

@@ -26,9 +26,9 @@ pub fn serialize(
                 .map(|v| (n.clone(), v))
         })
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::InvalidArgument(format!("cannot serialise tensors: {e}")))?;
+        .map_err(|e| Error::Output(format!("cannot serialise tensors: {e}")))?;
     safetensors::serialize(views, Some(meta))
-        .map_err(|e| Error::InvalidArgument(format!("cannot serialise tensors: {e}")))
+        .map_err(|e| Error::Output(format!("cannot serialise tensors: {e}")))
 }
 
 /// Every tensor of a safetensors file (on the CPU, in its stored dtype) and its metadata.

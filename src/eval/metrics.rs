@@ -1,4 +1,5 @@
-//! The field's metrics exactly as the reference code computes them (SPEC §5): AUROC
+//! The field's metrics exactly as the reference code computes them (caoyunkang/AdaCLIP@e27ee32
+//! `tools/metrics.py`; zqhang/AnomalyCLIP@45ed4dd `metrics.py` `cal_pro_score` l.5-29): AUROC
 //! (`sklearn.metrics.roc_auc_score`, ties grouped), average precision
 //! (`average_precision_score`, step-wise), F1-max over `precision_recall_curve` (AdaCLIP) and
 //! AUPRO (AnomalyCLIP's `cal_pro_score`: 200 thresholds, 8-connected regions, FPR < 0.3,

@@ -53,7 +53,7 @@ impl Adapter {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(Error::InvalidArgument(format!(
+            Err(Error::Adapter(format!(
                 "adapter does not fit the {} preset on this backbone: {}",
                 self.config.preset.name(),
                 problems.join("; ")
@@ -79,7 +79,7 @@ impl Adapter {
     /// The safetensors bytes (tensors as f32, the configuration in the metadata).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let config = serde_json::to_string(&self.config)
-            .map_err(|e| Error::InvalidArgument(format!("cannot serialise the config: {e}")))?;
+            .map_err(|e| Error::Output(format!("cannot serialise the config: {e}")))?;
         let meta = HashMap::from([
             (FORMAT_KEY.to_string(), FORMAT.to_string()),
             (CONFIG_KEY.to_string(), config),

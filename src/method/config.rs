@@ -9,8 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clip::config::MAX_INPUT_SIZE;
 use crate::clip::{Activation, ClipConfig, PosInterpolation};
-use crate::error::invalid;
-use crate::Result;
+use crate::{Error, Result};
 
 /// The named methods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -47,8 +46,11 @@ impl Preset {
         }
     }
 
-    /// The MLP activation the method runs OpenAI weights with (SPEC §0): exact GELU for AdaCLIP,
-    /// QuickGELU for AnomalyCLIP and HeadCLIP; `None` keeps the checkpoint's own.
+    /// The MLP activation the method runs OpenAI weights with: exact GELU for AdaCLIP (its
+    /// `create_model` builds `CLIP(**cfg)` from a config without `quick_gelu`, so `nn.GELU`:
+    /// caoyunkang/AdaCLIP@e27ee32 `method/custom_clip.py` l.608-672, `method/clip_model.py` l.81),
+    /// QuickGELU for AnomalyCLIP (zqhang/AnomalyCLIP@45ed4dd `AnomalyCLIP_lib/AnomalyCLIP.py`
+    /// l.107-109) and HeadCLIP; `None` keeps the checkpoint's own.
     pub fn activation(self) -> Option<Activation> {
         match self {
             Self::Adaclip => Some(Activation::Gelu),
@@ -117,7 +119,8 @@ pub enum ImageScore {
     Hsf { clusters: usize, cls_weight: f64 },
 }
 
-/// How the map's evidence enters the image score (HeadCLIP's joint anomaly score; SPEC §3).
+/// How the map's evidence enters the image score (HeadCLIP's joint anomaly score, arXiv
+/// 2505.22259 abstract; its formula is not published, so these are our choices).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum JointScore {
@@ -286,8 +289,9 @@ pub fn quarter_layers(depth: usize) -> Vec<usize> {
 }
 
 impl DetectorConfig {
-    /// The preset's defaults for a backbone, following SPEC §1-3 at 24 layers and scaling the
-    /// depths with the backbone.
+    /// The preset's defaults for a backbone: the published settings at 24 layers (AdaCLIP's
+    /// `app.py` l.20-28 and `train.py` l.47-49 at caoyunkang/AdaCLIP@e27ee32; AnomalyCLIP's
+    /// `test.sh` at zqhang/AnomalyCLIP@45ed4dd), the depths scaled with the backbone.
     pub fn preset(preset: Preset, clip: &ClipConfig, backbone: &str) -> Self {
         let vd = clip.vision_config.num_hidden_layers;
         let td = clip.text_config.num_hidden_layers;
@@ -329,7 +333,9 @@ impl DetectorConfig {
             // `textual_context.expand(..).permute(1, 0, 2).half()` (zqhang/AnomalyCLIP@45ed4dd,
             // AnomalyCLIP_lib/AnomalyCLIP.py l.246); the first layer's context is not.
             round_prompts_f16: true,
-            // Layer 24 only: the published checkpoints' effective setting (SPEC §2 history).
+            // Layer 24 only: the published checkpoints' effective setting. Before
+            // zqhang/AnomalyCLIP@2a7c886 an in-place `x += x_res` made every tapped layer
+            // the last one; `test.sh` at 45ed4dd passes `--features_list 24`.
             layers: vec![vd],
             logit_scale: 1.0 / 0.07,
             image_score: ImageScore::Cls { ln_post: false },
@@ -504,7 +510,7 @@ impl DetectorConfig {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(invalid!("{}", problems.join("; ")))
+            Err(Error::Adapter(problems.join("; ")))
         }
     }
 

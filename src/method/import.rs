@@ -1,4 +1,6 @@
-//! Conversion of the published checkpoints into adapters (SPEC §7).
+//! Conversion of the published checkpoints into adapters: AdaCLIP's `torch.save` of selected
+//! `state_dict` entries (caoyunkang/AdaCLIP@e27ee32 `method/trainer.py` l.89-98) and
+//! AnomalyCLIP's `{"prompt_learner": state_dict}` (zqhang/AnomalyCLIP@45ed4dd `train.py`).
 //!
 //! What the tensors' shapes say (prompt depth and length, widths, number of tapped layers) is
 //! read from them and checked against the backbone; what the checkpoint does not say (image
@@ -157,13 +159,16 @@ fn anomalyclip_key(name: &str) -> Option<String> {
 }
 
 /// Runs the adapter's name tree for `cfg` over the checkpoint; what the tree does not ask for
-/// stays in `src` (the leftovers).
+/// stays in `src` (the leftovers). The configuration read from the checkpoint's shapes is checked
+/// against the backbone first, so a checkpoint for another backbone is named by its depths (the
+/// clearest difference) rather than by the first tensor whose width differs.
 fn convert(
     src: &mut Source,
     key: fn(&str) -> Option<String>,
     cfg: &DetectorConfig,
     clip: &ClipConfig,
 ) -> Result<HashMap<String, Tensor>> {
+    cfg.validate(clip).map_err(|e| src.error(e.to_string()))?;
     let mut renamed = Renamed {
         src,
         key,

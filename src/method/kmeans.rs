@@ -1,4 +1,5 @@
-//! Seeded k-means for AdaCLIP's hybrid semantic fusion (SPEC §1 step E2, §6.11): sklearn's
+//! Seeded k-means for AdaCLIP's hybrid semantic fusion (`KMeans(n_clusters=k, n_init="auto")`,
+//! caoyunkang/AdaCLIP@e27ee32 `method/adaclip.py` l.239, l.263): sklearn's
 //! algorithm (greedy k-means++ seeding with `2 + ln k` candidates per centre, then Lloyd with
 //! `max_iter = 300` and `tol = 1e-4 · mean feature variance` on the squared centre shift).
 //! sklearn's random stream (numpy's global RNG) cannot be reproduced, so the seed here gives

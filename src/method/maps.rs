@@ -1,6 +1,9 @@
 //! Anomaly-map post-processing exactly as the references do it: bilinear upsampling of patch
-//! grids (`F.interpolate`, both `align_corners` conventions; SPEC §6.5) and
-//! `scipy.ndimage.gaussian_filter` (SPEC §6.6).
+//! grids (`F.interpolate`: AdaCLIP with `align_corners=True` on logits, caoyunkang/AdaCLIP@e27ee32
+//! `method/adaclip.py` l.534; AnomalyCLIP with `align_corners=False` on probabilities,
+//! zqhang/AnomalyCLIP@45ed4dd `AnomalyCLIP_lib/AnomalyCLIP.py` `get_similarity_map`) and
+//! `scipy.ndimage.gaussian_filter(sigma=4)` (AnomalyCLIP `test.py` l.111, AdaCLIP
+//! `method/trainer.py` l.194): `truncate=4`, mode `reflect`, separable, f32 after each axis.
 
 use candle_core::{Device, Tensor};
 
@@ -159,7 +162,7 @@ mod tests {
 
     #[test]
     fn kernel_radius_and_normalisation() {
-        // sigma 4 -> radius int(16.5) = 16, 33 taps (SPEC §6.6).
+        // sigma 4 -> radius int(4 * 4 + 0.5) = 16, 33 taps (scipy's `truncate=4.0` default).
         let k = gaussian_kernel(4.0, 4.0);
         assert_eq!(k.len(), 33);
         assert!((k.iter().sum::<f64>() - 1.0).abs() < 1e-12);

@@ -1,4 +1,7 @@
-//! Hand-made prompt ensembles of the references (SPEC §1 step D, §4, §4b).
+//! Hand-made prompt ensembles of the references: AdaCLIP's states and templates
+//! (caoyunkang/AdaCLIP@e27ee32 `method/adaclip.py` l.151-156 onwards), shared with April-GAN and
+//! WinCLIP, and AnomalyCLIP's object-agnostic words (zqhang/AnomalyCLIP@45ed4dd
+//! `prompt_ensemble.py` l.58-60).
 
 /// Normal-state phrases shared by AdaCLIP, April-GAN and WinCLIP (`{}` = the object word).
 pub const NORMAL_STATES: &[&str] = &[

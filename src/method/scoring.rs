@@ -46,7 +46,7 @@ pub fn patch_logits(feats: &[Tensor], text_t: &Tensor, scale: f64) -> Result<Vec
 /// `embedding: [B, E]` (unit rows); `text_t: [B, E, 2]` -> `[B, 2]`.
 pub fn text_probs(embedding: &Tensor, text_t: &Tensor, scale: f64) -> Result<Tensor> {
     let l = (embedding.unsqueeze(1)?.matmul(text_t)? * scale)?.squeeze(1)?;
-    Ok(crate::clip::layers::softmax_last_dim(&l)?)
+    Ok(crate::clip::softmax_last_dim(&l)?)
 }
 
 /// The side of the square patch grid of `patches` tokens.

@@ -90,8 +90,8 @@ impl TextSide {
                 abnormal_suffix,
             } => {
                 let TextPrompts::Learned { context_length: n } = cfg.text else {
-                    return Err(crate::error::invalid!(
-                        "learned text inputs need learned text prompts in the config"
+                    return Err(crate::Error::Adapter(
+                        "learned text inputs need learned text prompts in the config".into(),
                     ));
                 };
                 let mut ids = Vec::new();
@@ -103,9 +103,9 @@ impl TextSide {
                     seq.extend(suffix);
                     seq.push(EOT);
                     if seq.len() > ctx_len {
-                        return Err(crate::error::invalid!(
+                        return Err(crate::Error::Adapter(format!(
                             "{n} context tokens + the class words exceed {ctx_len} tokens"
-                        ));
+                        )));
                     }
                     eot.push(seq.len() - 1);
                     seq.resize(ctx_len, 0);
@@ -152,7 +152,7 @@ impl TextSide {
             }
             TextInputs::Learned { .. } => {
                 let (cn, ca) = ctx.ok_or_else(|| {
-                    crate::error::invalid!("learned text prompts need their context tensors")
+                    crate::Error::Adapter("learned text prompts need their context tensors".into())
                 })?;
                 let n = self.context_length;
                 let rows = [(0usize, cn), (1, ca)]

@@ -1,5 +1,5 @@
-//! Training an adapter on auxiliary annotated data (SPEC §1 "AdaCLIP training", §2
-//! "AnomalyCLIP training"): only the adapter's tensors are variables, the backbone stays plain
+//! Training an adapter on auxiliary annotated data (caoyunkang/AdaCLIP@e27ee32
+//! `method/trainer.py` `train_one_batch` l.103-141; zqhang/AnomalyCLIP@45ed4dd `train.py`): only the adapter's tensors are variables, the backbone stays plain
 //! (frozen) tensors; the losses are the references'.
 
 pub mod augment;
@@ -195,7 +195,7 @@ impl Trainer {
             })
             .collect::<Result<Vec<_>>>()?;
         if vars.is_empty() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Training(format!(
                 "the {} preset has no learned tensors to train; train one of: {}",
                 adapter.config.preset.name(),
                 trainable_presets()
@@ -311,7 +311,7 @@ impl Trainer {
         let loss = self.loss(model, vision, inputs, batch)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Training(format!(
                 "the loss is {value} at step {}: lower --lr",
                 self.progress.steps + 1
             )));

@@ -1,39 +1,33 @@
-//! The transformer pieces shared by both towers: LayerNorm, MLP, multi-head attention with the
-//! anomaly-detection hooks (per-head weights, V-V path), and the residual block.
-//!
-//! Differentiability: candle's fused `layer_norm` and `softmax_last_dim` have no backward and
-//! silently give zero gradients (CANDLE-NOTES). Every op here checks `track_op()` on its input and
-//! takes the differentiable composition when a learnable tensor is upstream, the fused kernel
-//! otherwise, so inference stays fast and training gets true gradients without a mode flag.
+//! The transformer stack shared by both towers: LayerNorm, MLP, the pre-LN residual block and
+//! the encoder with the anomaly-detection hooks (taps, per-head weights, deep prompts, the V-V
+//! path). Attention and linear layers live in [`super::attention`] and [`super::linear`].
 
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::frozen::FrozenLinear as Linear;
-use super::kernels;
-
+use super::attention::{Attention, AttentionRequest};
 use super::config::Activation;
+use super::kernels;
+use super::linear::Linear;
 use crate::Result;
 
-/// Softmax over the last dimension, in f32 at least (f64 stays f64), differentiable when needed.
-pub fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
-    let dtype = xs.dtype();
-    let xs = if dtype == DType::F64 {
-        xs.clone()
-    } else {
-        xs.to_dtype(DType::F32)?
-    };
-    let ys = if xs.track_op() {
-        candle_nn::ops::softmax(&xs, D::Minus1)?
-    } else {
-        candle_nn::ops::softmax_last_dim(&xs.contiguous()?)?
-    };
-    ys.to_dtype(dtype)
+/// The shape of a tower's transformer stack, read from its `config.json` section.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EncoderConfig {
+    /// Residual blocks.
+    pub depth: usize,
+    /// Residual stream width `D`.
+    pub width: usize,
+    pub heads: usize,
+    /// MLP hidden width.
+    pub mlp_width: usize,
+    pub layer_norm_eps: f64,
+    pub activation: Activation,
 }
 
 /// LayerNorm over the last dimension (torch semantics: biased variance, eps inside the sqrt).
 #[derive(Debug, Clone)]
-pub struct LayerNorm {
+pub(crate) struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
@@ -51,7 +45,8 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        // The fused kernel has no backward and no f64.
+        // candle-nn's fused `layer_norm` has no backward (upstream would silently get a zero
+        // gradient) and no f64.
         if xs.track_op() || xs.dtype() == DType::F64 {
             candle_nn::ops::layer_norm_slow(xs, &self.weight, &self.bias, self.eps as f32)
         } else {
@@ -60,19 +55,9 @@ impl Module for LayerNorm {
     }
 }
 
-fn linear(vb: VarBuilder, d_in: usize, d_out: usize, bias: bool) -> Result<Linear> {
-    let w = vb.get((d_out, d_in), "weight")?;
-    let b = if bias {
-        Some(vb.get(d_out, "bias")?)
-    } else {
-        None
-    };
-    Ok(Linear::new(w, b))
-}
-
 /// `fc2(act(fc1(x)))`.
 #[derive(Debug, Clone)]
-pub struct Mlp {
+pub(crate) struct Mlp {
     fc1: Linear,
     fc2: Linear,
     act: Activation,
@@ -88,8 +73,8 @@ impl Mlp {
 
     pub fn load(vb: VarBuilder, dim: usize, hidden: usize, act: Activation) -> Result<Self> {
         Ok(Self {
-            fc1: linear(vb.pp("fc1"), dim, hidden, true)?,
-            fc2: linear(vb.pp("fc2"), hidden, dim, true)?,
+            fc1: Linear::load(vb.pp("fc1"), dim, hidden, true)?,
+            fc2: Linear::load(vb.pp("fc2"), hidden, dim, true)?,
             act,
         })
     }
@@ -114,176 +99,9 @@ impl Module for Mlp {
     }
 }
 
-/// Multi-head self-attention with q/k/v fused into one projection (one matmul instead of three).
-///
-/// Reference: `nn.MultiheadAttention` (OpenAI) / `CLIPAttention` (Hugging Face); the V-V branch is
-/// AnomalyCLIP's `Attention.forward` (`AnomalyCLIP.py` l.58-94).
-#[derive(Debug, Clone)]
-pub struct Attention {
-    qkv: Linear,
-    out_proj: Linear,
-    num_heads: usize,
-    head_dim: usize,
-    scale: f64,
-    /// How the fused kernels multiply (`--precision`).
-    precision: kernels::Precision,
-}
-
-/// What one attention call returns: the ordinary output and, on request, the V-V output.
-pub struct AttentionOutput {
-    pub ori: Tensor,
-    pub vv: Option<Tensor>,
-}
-
-impl Attention {
-    /// Loads `{q,k,v,out}_proj` (Hugging Face names; other namings are mapped by the weight
-    /// backend) and fuses q/k/v rows as `[q; k; v]`, the layout of OpenAI's `in_proj_weight`.
-    pub fn load(vb: VarBuilder, dim: usize, num_heads: usize) -> Result<Self> {
-        let q = linear(vb.pp("q_proj"), dim, dim, true)?;
-        let k = linear(vb.pp("k_proj"), dim, dim, true)?;
-        let v = linear(vb.pp("v_proj"), dim, dim, true)?;
-        let w = Tensor::cat(&[q.weight()?, k.weight()?, v.weight()?], 0)?;
-        let bias = |l: &Linear| l.bias().cloned().expect("loaded with bias");
-        let b = Tensor::cat(&[bias(&q), bias(&k), bias(&v)], 0)?;
-        let head_dim = dim / num_heads;
-        Ok(Self {
-            qkv: Linear::new(w, Some(b)),
-            out_proj: linear(vb.pp("out_proj"), dim, dim, true)?,
-            num_heads,
-            head_dim,
-            scale: 1.0 / (head_dim as f64).sqrt(),
-            precision: kernels::Precision::F32,
-        })
-    }
-
-    /// Converts the weights for `precision`; the attention products follow it too.
-    pub fn use_precision(&mut self, precision: kernels::Precision) -> Result<()> {
-        self.qkv.use_precision(precision)?;
-        self.out_proj.use_precision(precision)?;
-        self.precision = precision;
-        Ok(())
-    }
-
-    /// q, k, v for the fused kernel: the projection, rounded to bf16 when bf16 is emulated
-    /// (a bf16 unit's kernels round while packing).
-    fn fused_qkv(&self, xs: &Tensor) -> Result<Tensor> {
-        let qkv = self.qkv.forward(xs)?;
-        Ok(if self.precision == kernels::Precision::Bf16Emulated {
-            kernels::round_bf16(&qkv)?
-        } else {
-            qkv
-        })
-    }
-
-    pub fn num_heads(&self) -> usize {
-        self.num_heads
-    }
-
-    /// `softmax(a bᵀ · scale + mask) v` per head; `[B, H, L, hd]`.
-    fn attend(&self, a: &Tensor, b: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        Ok(super::frozen::attention(a, b, v, self.scale, mask)?)
-    }
-
-    /// Scales each head by its weight, merges heads and applies `out_proj`.
-    fn merge(&self, heads: Tensor, head_weights: Option<&Tensor>) -> Result<Tensor> {
-        let (b, h, l, hd) = heads.dims4()?;
-        let heads = match head_weights {
-            Some(w) => heads.broadcast_mul(&w.reshape((1, h, 1, 1))?.to_dtype(heads.dtype())?)?,
-            None => heads,
-        };
-        let merged = heads.transpose(1, 2)?.reshape((b, l, h * hd))?;
-        Ok(self.out_proj.forward(&merged)?)
-    }
-
-    /// One attention path on the fused kernel for the first `queries` rows, heads weighted and
-    /// merged, through `out_proj`: `[B, queries, D]`.
-    fn fused_path(
-        &self,
-        qkv: &Tensor,
-        mask: Option<&Tensor>,
-        head_weights: Option<&Tensor>,
-        roles: kernels::QkvRoles,
-        queries: usize,
-    ) -> Result<Tensor> {
-        let b = qkv.dim(0)?;
-        let merged = kernels::attention_first_queries(
-            qkv,
-            self.num_heads,
-            self.scale,
-            mask,
-            roles,
-            queries,
-            self.precision,
-        )?;
-        let merged = match head_weights {
-            Some(w) => merged
-                .reshape((b, queries, self.num_heads, self.head_dim))?
-                .broadcast_mul(&w.reshape((1, 1, self.num_heads, 1))?)?
-                .reshape((b, queries, self.num_heads * self.head_dim))?,
-            None => merged,
-        };
-        Ok(self.out_proj.forward(&merged)?)
-    }
-
-    /// The ordinary output for the first `rows` queries (`[B, rows, D]`; all of them for the
-    /// ordinary pass) and, with `with_vv`, the full V-V output, when the fused CPU kernels apply
-    /// (`None` otherwise: the caller takes the plain ops).
-    fn forward_fused(
-        &self,
-        xs: &Tensor,
-        mask: Option<&Tensor>,
-        head_weights: Option<&Tensor>,
-        rows: usize,
-        with_vv: bool,
-    ) -> Result<Option<AttentionOutput>> {
-        if !kernels::applies(xs) {
-            return Ok(None);
-        }
-        let qkv = self.fused_qkv(xs)?;
-        let ori = self.fused_path(&qkv, mask, head_weights, kernels::ORDINARY, rows)?;
-        let vv = if with_vv {
-            Some(self.fused_path(&qkv, mask, head_weights, kernels::VALUE_VALUE, xs.dim(1)?)?)
-        } else {
-            None
-        };
-        Ok(Some(AttentionOutput { ori, vv }))
-    }
-
-    /// # Shapes
-    /// `xs: [B, L, D]`, `mask: [L, L]` additive, `head_weights: [H]` -> `[B, L, D]` (and the V-V
-    /// output of the same shape when `with_vv`).
-    pub fn forward(
-        &self,
-        xs: &Tensor,
-        mask: Option<&Tensor>,
-        head_weights: Option<&Tensor>,
-        with_vv: bool,
-    ) -> Result<AttentionOutput> {
-        let (b, l, _) = xs.dims3()?;
-        // Fused kernel: q, k, v read in place, heads come back merged [B, L, D].
-        if let Some(out) = self.forward_fused(xs, mask, head_weights, l, with_vv)? {
-            return Ok(out);
-        }
-        let qkv = self.qkv.forward(xs)?; // [B, L, 3D]
-        let qkv = qkv
-            .reshape((b, l, 3, self.num_heads, self.head_dim))?
-            .permute((2, 0, 3, 1, 4))?; // [3, B, H, L, hd]
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let ori = self.merge(self.attend(&q, &k, &v, mask)?, head_weights)?;
-        let vv = if with_vv {
-            Some(self.merge(self.attend(&v, &v, &v, mask)?, head_weights)?)
-        } else {
-            None
-        };
-        Ok(AttentionOutput { ori, vv })
-    }
-}
-
 /// Pre-LN residual block: `x += attn(ln_1(x)); x += mlp(ln_2(x))`.
 #[derive(Debug, Clone)]
-pub struct ResidualBlock {
+pub(crate) struct ResidualBlock {
     layer_norm1: LayerNorm,
     self_attn: Attention,
     layer_norm2: LayerNorm,
@@ -291,19 +109,13 @@ pub struct ResidualBlock {
 }
 
 impl ResidualBlock {
-    pub fn load(
-        vb: VarBuilder,
-        dim: usize,
-        heads: usize,
-        mlp_dim: usize,
-        eps: f64,
-        act: Activation,
-    ) -> Result<Self> {
+    pub fn load(vb: VarBuilder, cfg: &EncoderConfig) -> Result<Self> {
+        let (dim, eps) = (cfg.width, cfg.layer_norm_eps);
         Ok(Self {
             layer_norm1: LayerNorm::load(vb.pp("layer_norm1"), dim, eps)?,
-            self_attn: Attention::load(vb.pp("self_attn"), dim, heads)?,
+            self_attn: Attention::load(vb.pp("self_attn"), dim, cfg.heads)?,
             layer_norm2: LayerNorm::load(vb.pp("layer_norm2"), dim, eps)?,
-            mlp: Mlp::load(vb.pp("mlp"), dim, mlp_dim, act)?,
+            mlp: Mlp::load(vb.pp("mlp"), dim, cfg.mlp_width, cfg.activation)?,
         })
     }
 
@@ -317,47 +129,29 @@ impl ResidualBlock {
         self.mlp.use_precision(precision)
     }
 
-    /// The ordinary block. Returns `(x_ori, vv)` where `vv` is the V-V attention output (without
-    /// residual) when requested: AnomalyCLIP's DPAM block adds it to its own stream, no MLP.
+    /// Returns `(x, vv)`: the block's output for the first `request.rows` tokens (all by
+    /// default; every token still serves as key and value, the attention's queries and the MLP
+    /// shrink to those rows), and the V-V attention output (without residual, every token) when
+    /// `request.with_vv`: AnomalyCLIP's DPAM block adds it to its own stream, no MLP.
+    ///
+    /// # Shapes
+    /// `xs: [B, L, D]` -> `([B, rows, D], Option<[B, L, D]>)`.
     pub fn forward(
         &self,
         xs: &Tensor,
         mask: Option<&Tensor>,
         head_weights: Option<&Tensor>,
-        with_vv: bool,
-    ) -> Result<(Tensor, Option<Tensor>)> {
-        let residual = xs;
-        let h = self.layer_norm1.forward(xs)?;
-        let attn = self.self_attn.forward(&h, mask, head_weights, with_vv)?;
-        let xs = (residual + attn.ori)?;
-        let residual = &xs;
-        let xs = (residual + self.mlp.forward(&self.layer_norm2.forward(&xs)?)?)?;
-        Ok((xs, attn.vv))
-    }
-
-    /// The block's output for the first `rows` tokens only, `[B, rows, D]` (every token still
-    /// serves as key and value), and the full V-V output when `with_vv`: the ordinary path's
-    /// attention and MLP shrink to those rows.
-    pub fn forward_first_rows(
-        &self,
-        xs: &Tensor,
-        mask: Option<&Tensor>,
-        head_weights: Option<&Tensor>,
-        rows: usize,
-        with_vv: bool,
+        request: AttentionRequest,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let h = self.layer_norm1.forward(xs)?;
-        let attn = match self
-            .self_attn
-            .forward_fused(&h, mask, head_weights, rows, with_vv)?
-        {
-            Some(attn) => attn,
-            None => {
-                let (x, vv) = self.forward(xs, mask, head_weights, with_vv)?;
-                return Ok((x.narrow(1, 0, rows)?, vv));
-            }
+        let attn = self.self_attn.forward(&h, mask, head_weights, request)?;
+        let rows = attn.ori.dim(1)?;
+        let residual = if rows < xs.dim(1)? {
+            xs.narrow(1, 0, rows)?
+        } else {
+            xs.clone()
         };
-        let x = (xs.narrow(1, 0, rows)? + attn.ori)?;
+        let x = (residual + attn.ori)?;
         let x = (&x + self.mlp.forward(&self.layer_norm2.forward(&x)?)?)?;
         Ok((x, attn.vv))
     }
@@ -408,23 +202,16 @@ pub struct EncoderOutput {
 
 /// A stack of residual blocks with the hooks.
 #[derive(Debug, Clone)]
-pub struct Encoder {
+pub(crate) struct Encoder {
     layers: Vec<ResidualBlock>,
 }
 
 impl Encoder {
-    pub fn load(
-        vb: VarBuilder,
-        depth: usize,
-        dim: usize,
-        heads: usize,
-        mlp_dim: usize,
-        eps: f64,
-        act: Activation,
-    ) -> Result<Self> {
+    /// Loads `layers.{0..depth}` under `vb`.
+    pub fn load(vb: VarBuilder, cfg: &EncoderConfig) -> Result<Self> {
         let vb = vb.pp("layers");
-        let layers = (0..depth)
-            .map(|i| ResidualBlock::load(vb.pp(i), dim, heads, mlp_dim, eps, act))
+        let layers = (0..cfg.depth)
+            .map(|i| ResidualBlock::load(vb.pp(i), cfg))
             .collect::<Result<_>>()?;
         Ok(Self { layers })
     }
@@ -569,13 +356,11 @@ impl Encoder {
             let rows_only = hooks.last_rows.filter(|_| {
                 layer == self.layers.len() && (with_vv || !hooks.taps.contains(&layer))
             });
-            let (next, vv) = match rows_only {
-                Some(rows) => {
-                    let rows = rows.min(x.dim(1)?);
-                    block.forward_first_rows(&x, mask, hw.as_ref(), rows, with_vv)?
-                }
-                None => block.forward(&x, mask, hw.as_ref(), with_vv)?,
+            let request = AttentionRequest {
+                rows: rows_only,
+                with_vv,
             };
+            let (next, vv) = block.forward(&x, mask, hw.as_ref(), request)?;
             if let Some(vv) = vv {
                 // DPAM: the V-V stream starts from the ordinary stream entering its first layer.
                 let base = x_vv.as_ref().unwrap_or(&x);
@@ -584,7 +369,6 @@ impl Encoder {
             x = next;
             record(layer, &x, x_vv.as_ref())?;
         }
-        drop(record);
         let collect = |v: Vec<Option<Tensor>>| {
             v.into_iter()
                 .map(|t| t.expect("every tap recorded"))
@@ -605,103 +389,23 @@ impl Encoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clip::weights::RandomWeights;
+    use crate::clip::testing::{diff, randn, vb};
     use candle_core::{Device, IndexOp};
-
-    fn vb(seed: u64) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(RandomWeights { seed }), DType::F32, Device::Cpu)
-    }
-
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|i| ((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn diff(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
-        d.max(0).unwrap().to_scalar::<f32>().unwrap()
-    }
-
-    fn to2(t: &Tensor) -> Vec<Vec<f32>> {
-        t.to_vec2::<f32>().unwrap()
-    }
-
-    /// Naive single-sequence attention, one head at a time, from the fused weights:
-    /// `out_proj(concat_h w_h · softmax(a_h b_hᵀ / sqrt(hd)) v_h)`, a/b = q/k or v/v.
-    fn naive(att: &Attention, x: &[Vec<f32>], hw: &[f32], vv: bool) -> Vec<Vec<f32>> {
-        let w = to2(att.qkv.weight().unwrap());
-        let b = att.qkv.bias().unwrap().to_vec1::<f32>().unwrap();
-        let (l, d) = (x.len(), x[0].len());
-        let proj = |r: usize| -> Vec<Vec<f32>> {
-            (0..l)
-                .map(|i| {
-                    (0..d)
-                        .map(|o| {
-                            b[r * d + o] + (0..d).map(|k| w[r * d + o][k] * x[i][k]).sum::<f32>()
-                        })
-                        .collect()
-                })
-                .collect()
-        };
-        let (q, k, v) = (proj(0), proj(1), proj(2));
-        let (a, bb) = if vv { (&v, &v) } else { (&q, &k) };
-        let hd = att.head_dim;
-        let mut merged = vec![vec![0f32; d]; l];
-        for h in 0..att.num_heads {
-            for i in 0..l {
-                let s: Vec<f32> = (0..l)
-                    .map(|j| {
-                        (0..hd)
-                            .map(|c| a[i][h * hd + c] * bb[j][h * hd + c])
-                            .sum::<f32>()
-                            / (hd as f32).sqrt()
-                    })
-                    .collect();
-                let m = s.iter().cloned().fold(f32::MIN, f32::max);
-                let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
-                let z: f32 = e.iter().sum();
-                for c in 0..hd {
-                    merged[i][h * hd + c] =
-                        hw[h] * (0..l).map(|j| e[j] / z * v[j][h * hd + c]).sum::<f32>();
-                }
-            }
-        }
-        let ow = to2(att.out_proj.weight().unwrap());
-        let ob = att.out_proj.bias().unwrap().to_vec1::<f32>().unwrap();
-        (0..l)
-            .map(|i| {
-                (0..d)
-                    .map(|o| ob[o] + (0..d).map(|k| ow[o][k] * merged[i][k]).sum::<f32>())
-                    .collect()
-            })
-            .collect()
-    }
-
-    #[test]
-    fn attention_matches_a_naive_per_head_computation() {
-        let att = Attention::load(vb(3).pp("attn"), 8, 2).unwrap();
-        let x = randn(&[1, 5, 8], 1);
-        let hw = Tensor::new(&[0.5f32, 2.0], &Device::Cpu).unwrap();
-        let out = att.forward(&x, None, Some(&hw), true).unwrap();
-        let xs = to2(&x.i(0).unwrap());
-        for (got, vv) in [(out.ori, false), (out.vv.unwrap(), true)] {
-            let want = naive(&att, &xs, &[0.5, 2.0], vv);
-            let got = to2(&got.i(0).unwrap());
-            for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
-                assert!((g - w).abs() < 1e-5, "vv={vv}: {g} vs {w}");
-            }
-        }
-    }
 
     fn run(enc: &Encoder, x: &Tensor, hooks: Hooks, placement: PromptPlacement) -> EncoderOutput {
         enc.forward(x, None, &hooks, placement).unwrap()
     }
 
     fn encoder() -> Encoder {
-        Encoder::load(vb(5), 3, 8, 2, 16, 1e-5, Activation::QuickGelu).unwrap()
+        let cfg = EncoderConfig {
+            depth: 3,
+            width: 8,
+            heads: 2,
+            mlp_width: 16,
+            layer_norm_eps: 1e-5,
+            activation: Activation::QuickGelu,
+        };
+        Encoder::load(vb(5), &cfg).unwrap()
     }
 
     /// Append placement: prompts at layer 0 are appended, at layer 1 they replace the last n
@@ -724,7 +428,12 @@ mod tests {
             },
             PromptPlacement::Append,
         );
-        let blk = |i: usize, x: &Tensor| enc.layers[i].forward(x, None, None, false).unwrap().0;
+        let blk = |i: usize, x: &Tensor| {
+            enc.layers[i]
+                .forward(x, None, None, AttentionRequest::default())
+                .unwrap()
+                .0
+        };
         let x1 = blk(
             0,
             &Tensor::cat(
@@ -905,7 +614,15 @@ mod tests {
             let h = enc.layers[i].layer_norm1.forward(x_ori).unwrap();
             enc.layers[i]
                 .self_attn
-                .forward(&h, None, None, true)
+                .forward(
+                    &h,
+                    None,
+                    None,
+                    AttentionRequest {
+                        rows: None,
+                        with_vv: true,
+                    },
+                )
                 .unwrap()
                 .vv
                 .unwrap()

@@ -1,0 +1,517 @@
+//! Multi-head self-attention of both towers, with the anomaly-detection hooks (per-head weights,
+//! the V-V path), behind one interface ([`Attention::forward`]) over three implementations:
+//!
+//! - inference on the CPU in f32: the fused kernel of [`super::kernels`], which reads q, k and v
+//!   in place from the qkv projection and writes heads merged;
+//! - training: [`scaled_dot_product`] as one op whose backward recomputes the probabilities;
+//! - anything else: candle's plain ops.
+//!
+//! Differentiability: candle-nn's fused `softmax_last_dim` (and `layer_norm`) are custom ops
+//! without a backward, so what is upstream of them silently gets a zero gradient
+//! (`tests/gradients.rs` checks that ours are true gradients). Every op here checks `track_op()`
+//! on its input and takes a differentiable form when a learnable tensor is upstream, the fused
+//! kernel otherwise, so inference stays fast and training gets true gradients without a mode
+//! flag.
+
+use candle_core::{CpuStorage, DType, Layout, Module, Shape, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::kernels;
+use super::linear::Linear;
+use crate::Result;
+
+/// Softmax over the last dimension, in f32 at least (f64 stays f64), differentiable when needed.
+pub fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
+    let dtype = xs.dtype();
+    let xs = if dtype == DType::F64 {
+        xs.clone()
+    } else {
+        xs.to_dtype(DType::F32)?
+    };
+    let ys = if xs.track_op() {
+        candle_nn::ops::softmax(&xs, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&xs.contiguous()?)?
+    };
+    ys.to_dtype(dtype)
+}
+
+/// Multi-head self-attention with q/k/v fused into one projection (one matmul instead of three).
+///
+/// Reference: `nn.MultiheadAttention` (OpenAI) / `CLIPAttention` (Hugging Face); the V-V branch is
+/// AnomalyCLIP's `Attention.forward` (zqhang/AnomalyCLIP@45ed4dd, `AnomalyCLIP_lib/AnomalyCLIP.py`
+/// l.58-94).
+#[derive(Debug, Clone)]
+pub(crate) struct Attention {
+    qkv: Linear,
+    out_proj: Linear,
+    num_heads: usize,
+    head_dim: usize,
+    scale: f64,
+    /// How the fused kernels multiply (`--precision`).
+    precision: kernels::Precision,
+}
+
+/// What one attention call returns: the ordinary output and, on request, the V-V output.
+pub(crate) struct AttentionOutput {
+    /// `[B, rows, D]`: the first `rows` queries (all of them unless asked otherwise).
+    pub ori: Tensor,
+    /// `[B, L, D]`, every query.
+    pub vv: Option<Tensor>,
+}
+
+/// Which outputs a caller needs from [`Attention::forward`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct AttentionRequest {
+    /// Only the first `rows` queries of the ordinary path (every token is still a key and a
+    /// value); `None` = all.
+    pub rows: Option<usize>,
+    /// Also the V-V path (AnomalyCLIP's DPAM), for every query.
+    pub with_vv: bool,
+}
+
+impl Attention {
+    /// Loads `{q,k,v,out}_proj` (Hugging Face names; other namings are mapped by the weight
+    /// backend) and fuses q/k/v rows as `[q; k; v]`, the layout of OpenAI's `in_proj_weight`.
+    pub fn load(vb: VarBuilder, dim: usize, num_heads: usize) -> Result<Self> {
+        let mut weights = Vec::with_capacity(3);
+        let mut biases = Vec::with_capacity(3);
+        for name in ["q_proj", "k_proj", "v_proj"] {
+            let vb = vb.pp(name);
+            weights.push(vb.get((dim, dim), "weight")?);
+            biases.push(vb.get(dim, "bias")?);
+        }
+        let head_dim = dim / num_heads;
+        Ok(Self {
+            qkv: Linear::new(Tensor::cat(&weights, 0)?, Some(Tensor::cat(&biases, 0)?)),
+            out_proj: Linear::load(vb.pp("out_proj"), dim, dim, true)?,
+            num_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            precision: kernels::Precision::F32,
+        })
+    }
+
+    /// Converts the weights for `precision`; the attention products follow it too.
+    pub fn use_precision(&mut self, precision: kernels::Precision) -> Result<()> {
+        self.qkv.use_precision(precision)?;
+        self.out_proj.use_precision(precision)?;
+        self.precision = precision;
+        Ok(())
+    }
+
+    pub fn num_heads(&self) -> usize {
+        self.num_heads
+    }
+
+    /// # Shapes
+    /// `xs: [B, L, D]`, `mask: [L, L]` additive, `head_weights: [H]` (HeadCLIP: each head's
+    /// output scaled before `out_proj`) -> [`AttentionOutput`].
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        mask: Option<&Tensor>,
+        head_weights: Option<&Tensor>,
+        request: AttentionRequest,
+    ) -> Result<AttentionOutput> {
+        let (b, l, _) = xs.dims3()?;
+        let rows = request.rows.unwrap_or(l).min(l);
+        let (ori, vv) = if kernels::applies(xs) {
+            self.forward_fused(xs, mask, rows, request.with_vv)?
+        } else {
+            let (ori, vv) = self.forward_plain(xs, mask, request.with_vv)?;
+            let ori = if rows < l {
+                ori.narrow(1, 0, rows)?
+            } else {
+                ori
+            };
+            (ori, vv)
+        };
+        let out = |merged: Tensor| -> Result<Tensor> {
+            let merged = weight_heads(&merged, head_weights, self.num_heads)?;
+            Ok(self.out_proj.forward(&merged)?)
+        };
+        debug_assert_eq!(ori.dim(0)?, b);
+        Ok(AttentionOutput {
+            ori: out(ori)?,
+            vv: vv.map(out).transpose()?,
+        })
+    }
+
+    /// Both paths on the fused kernel, heads merged but not yet weighted: `[B, rows, D]` and
+    /// `[B, L, D]`. q, k, v are rounded to bf16 when bf16 is emulated (a bf16 unit's kernels
+    /// round while packing).
+    fn forward_fused(
+        &self,
+        xs: &Tensor,
+        mask: Option<&Tensor>,
+        rows: usize,
+        with_vv: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let qkv = self.qkv.forward(xs)?;
+        let qkv = if self.precision == kernels::Precision::Bf16Emulated {
+            kernels::round_bf16(&qkv)?
+        } else {
+            qkv
+        };
+        let path = |roles: kernels::QkvRoles, queries: usize| -> Result<Tensor> {
+            Ok(kernels::attention_first_queries(
+                &qkv,
+                self.num_heads,
+                self.scale,
+                mask,
+                roles,
+                queries,
+                self.precision,
+            )?)
+        };
+        let ori = path(kernels::ORDINARY, rows)?;
+        let vv = if with_vv {
+            Some(path(kernels::VALUE_VALUE, xs.dim(1)?)?)
+        } else {
+            None
+        };
+        Ok((ori, vv))
+    }
+
+    /// Both paths on the plain (differentiable) ops, heads merged but not yet weighted:
+    /// `[B, L, D]` each.
+    fn forward_plain(
+        &self,
+        xs: &Tensor,
+        mask: Option<&Tensor>,
+        with_vv: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, l, _) = xs.dims3()?;
+        let qkv = self.qkv.forward(xs)?; // [B, L, 3D]
+        let qkv = qkv
+            .reshape((b, l, 3, self.num_heads, self.head_dim))?
+            .permute((2, 0, 3, 1, 4))?; // [3, B, H, L, hd]
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let merge = |heads: Tensor| -> Result<Tensor> {
+            let (b, h, l, hd) = heads.dims4()?;
+            Ok(heads.transpose(1, 2)?.reshape((b, l, h * hd))?)
+        };
+        let ori = merge(scaled_dot_product(&q, &k, &v, self.scale, mask)?)?;
+        let vv = if with_vv {
+            Some(merge(scaled_dot_product(&v, &v, &v, self.scale, mask)?)?)
+        } else {
+            None
+        };
+        Ok((ori, vv))
+    }
+}
+
+/// Scales each head's slice of merged attention outputs by its weight (HeadCLIP's learnable
+/// head weights; `None` = all ones).
+///
+/// # Shapes
+/// `merged: [B, L, H * hd]`, `weights: [H]` -> `[B, L, H * hd]`.
+pub(crate) fn weight_heads(
+    merged: &Tensor,
+    weights: Option<&Tensor>,
+    heads: usize,
+) -> Result<Tensor> {
+    let Some(w) = weights else {
+        return Ok(merged.clone());
+    };
+    let (b, l, d) = merged.dims3()?;
+    Ok(merged
+        .reshape((b, l, heads, d / heads))?
+        .broadcast_mul(&w.reshape((1, 1, heads, 1))?.to_dtype(merged.dtype())?)?
+        .reshape((b, l, d))?)
+}
+
+/// `softmax(q kᵀ · scale + mask) v` as one op whose backward recomputes the attention
+/// probabilities instead of keeping them: training through a ViT-L at 518 px (1375 tokens, 16
+/// heads) would otherwise hold about six 121 MB score-sized tensors per layer.
+struct RecomputeAttention {
+    scale: f64,
+    mask: Option<Tensor>,
+}
+
+fn to_tensor(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("attention: inputs must be contiguous");
+    };
+    let dev = candle_core::Device::Cpu;
+    match s {
+        CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], l.shape(), &dev),
+        CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], l.shape(), &dev),
+        _ => candle_core::bail!("attention: f32 or f64 only"),
+    }
+}
+
+fn to_storage(t: &Tensor) -> candle_core::Result<CpuStorage> {
+    let t = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F64 => CpuStorage::F64(t.to_vec1::<f64>()?),
+        _ => CpuStorage::F32(t.to_vec1::<f32>()?),
+    })
+}
+
+impl RecomputeAttention {
+    /// The attention probabilities `[B, H, Lq, Lk]`.
+    fn probs(&self, q: &Tensor, k: &Tensor) -> candle_core::Result<Tensor> {
+        let s = (q * self.scale)?.matmul(&k.t()?)?;
+        let s = match &self.mask {
+            Some(m) => s.broadcast_add(&m.to_dtype(s.dtype())?)?,
+            None => s,
+        };
+        candle_nn::ops::softmax_last_dim(&s.contiguous()?)
+    }
+}
+
+impl candle_core::CustomOp3 for RecomputeAttention {
+    fn name(&self) -> &'static str {
+        "attention-recompute"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (to_tensor(s1, l1)?, to_tensor(s2, l2)?, to_tensor(s3, l3)?);
+        let o = self.probs(&q, &k)?.matmul(&v)?;
+        Ok((to_storage(&o)?, o.shape().clone()))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v, g) = (q.detach(), k.detach(), v.detach(), grad.detach());
+        let p = self.probs(&q, &k)?;
+        let dv = p.t()?.matmul(&g)?;
+        let dp = g.matmul(&v.t()?)?;
+        // softmax backward: dS = P ⊙ (dP − Σ_j dP ⊙ P)
+        let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(candle_core::D::Minus1)?)?)?;
+        let dq = (ds.matmul(&k)? * self.scale)?;
+        let dk = (ds.t()?.matmul(&q)? * self.scale)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// `softmax(q kᵀ · scale + mask) v` for `[B, H, L, d]` inputs: the plain ops for inference, the
+/// recomputing op when a learnable tensor is upstream (CPU, f32/f64).
+pub(crate) fn scaled_dot_product(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    if tracked && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64) {
+        let op = RecomputeAttention {
+            scale,
+            mask: mask.cloned(),
+        };
+        return q
+            .contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
+    }
+    // Scale q (as `nn.MultiheadAttention` and Hugging Face do) rather than the L x L scores:
+    // 64x fewer multiplications at 1370 tokens, the same values for the power-of-two 1/8.
+    let s = (q * scale)?.matmul(&k.t()?)?;
+    let s = match mask {
+        Some(m) => s.broadcast_add(m)?,
+        None => s,
+    };
+    softmax_last_dim(&s)?.matmul(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clip::testing::{randn, to2, vb};
+    use candle_core::{Device, IndexOp, Var};
+
+    /// Naive single-sequence attention, one head at a time, from the fused weights:
+    /// `out_proj(concat_h w_h · softmax(a_h b_hᵀ / sqrt(hd)) v_h)`, a/b = q/k or v/v.
+    fn naive(att: &Attention, x: &[Vec<f32>], hw: &[f32], vv: bool) -> Vec<Vec<f32>> {
+        let w = to2(att.qkv.weight().unwrap());
+        let b = att.qkv.bias().unwrap().to_vec1::<f32>().unwrap();
+        let (l, d) = (x.len(), x[0].len());
+        let proj = |r: usize| -> Vec<Vec<f32>> {
+            (0..l)
+                .map(|i| {
+                    (0..d)
+                        .map(|o| {
+                            b[r * d + o] + (0..d).map(|k| w[r * d + o][k] * x[i][k]).sum::<f32>()
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        let (q, k, v) = (proj(0), proj(1), proj(2));
+        let (a, bb) = if vv { (&v, &v) } else { (&q, &k) };
+        let hd = att.head_dim;
+        let mut merged = vec![vec![0f32; d]; l];
+        for h in 0..att.num_heads {
+            for i in 0..l {
+                let s: Vec<f32> = (0..l)
+                    .map(|j| {
+                        (0..hd)
+                            .map(|c| a[i][h * hd + c] * bb[j][h * hd + c])
+                            .sum::<f32>()
+                            / (hd as f32).sqrt()
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f32::MIN, f32::max);
+                let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f32 = e.iter().sum();
+                for c in 0..hd {
+                    merged[i][h * hd + c] =
+                        hw[h] * (0..l).map(|j| e[j] / z * v[j][h * hd + c]).sum::<f32>();
+                }
+            }
+        }
+        let ow = to2(att.out_proj.weight().unwrap());
+        let ob = att.out_proj.bias().unwrap().to_vec1::<f32>().unwrap();
+        (0..l)
+            .map(|i| {
+                (0..d)
+                    .map(|o| ob[o] + (0..d).map(|k| ow[o][k] * merged[i][k]).sum::<f32>())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Head weights scale each head's slice: two heads of width 2, weights 2 and -1.
+    #[test]
+    fn head_weights_scale_their_slices() {
+        let m = Tensor::new(&[[[1f32, 2.0, 3.0, 4.0]]], &Device::Cpu).unwrap();
+        let w = Tensor::new(&[2f32, -1.0], &Device::Cpu).unwrap();
+        let got = weight_heads(&m, Some(&w), 2).unwrap();
+        assert_eq!(got.to_vec3::<f32>().unwrap(), [[[2.0, 4.0, -3.0, -4.0]]]);
+        let same = weight_heads(&m, None, 2).unwrap();
+        assert_eq!(same.to_vec3::<f32>().unwrap(), m.to_vec3::<f32>().unwrap());
+    }
+
+    #[test]
+    fn attention_matches_a_naive_per_head_computation() {
+        let att = Attention::load(vb(3).pp("attn"), 8, 2).unwrap();
+        let x = randn(&[1, 5, 8], 1);
+        let hw = Tensor::new(&[0.5f32, 2.0], &Device::Cpu).unwrap();
+        let xs = to2(&x.i(0).unwrap());
+        // The fused kernel (plain input) and the plain ops (a tracked input).
+        let tracked = Var::from_tensor(&x).unwrap();
+        for input in [x.clone(), tracked.as_tensor().clone()] {
+            let request = AttentionRequest {
+                rows: None,
+                with_vv: true,
+            };
+            let out = att.forward(&input, None, Some(&hw), request).unwrap();
+            for (got, vv) in [(out.ori, false), (out.vv.unwrap(), true)] {
+                let want = naive(&att, &xs, &[0.5, 2.0], vv);
+                let got = to2(&got.i(0).unwrap());
+                for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+                    assert!((g - w).abs() < 1e-5, "vv={vv}: {g} vs {w}");
+                }
+            }
+            // The first rows alone are the first rows of the whole.
+            let request = AttentionRequest {
+                rows: Some(2),
+                with_vv: false,
+            };
+            let rows = att.forward(&input, None, Some(&hw), request).unwrap();
+            let want = naive(&att, &xs, &[0.5, 2.0], false);
+            let got = to2(&rows.ori.i(0).unwrap());
+            assert_eq!(got.len(), 2);
+            for (g, w) in got.iter().flatten().zip(want[..2].iter().flatten()) {
+                assert!((g - w).abs() < 1e-5, "rows: {g} vs {w}");
+            }
+        }
+    }
+
+    /// The recomputing op gives the plain composition's values and gradients (f64), with and
+    /// without a causal mask, and for the V-V form q = k = v.
+    #[test]
+    fn matches_the_plain_composition() {
+        let dev = Device::Cpu;
+        let r = |seed: u64, n: usize| {
+            crate::rng::SplitMix64(seed)
+                .normal(n, 1.0)
+                .into_iter()
+                .map(f64::from)
+                .collect::<Vec<_>>()
+        };
+        let shape = (1, 2, 5, 3);
+        let q = Var::from_vec(r(1, 30), shape, &dev).unwrap();
+        let k = Var::from_vec(r(2, 30), shape, &dev).unwrap();
+        let v = Var::from_vec(r(3, 30), shape, &dev).unwrap();
+        let m: Vec<f64> = (0..25)
+            .map(|i| {
+                if i % 5 > i / 5 {
+                    f64::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(m, (5, 5), &dev).unwrap();
+        let w = Tensor::from_vec(r(4, 30), shape, &dev).unwrap();
+        for (mask, vv) in [(None, false), (Some(&mask), false), (None, true)] {
+            let (qq, kk) = if vv { (&v, &v) } else { (&q, &k) };
+            let fast = scaled_dot_product(qq.as_tensor(), kk.as_tensor(), v.as_tensor(), 0.5, mask)
+                .unwrap();
+            let plain = {
+                let s =
+                    (qq.as_tensor().matmul(&kk.as_tensor().t().unwrap()).unwrap() * 0.5).unwrap();
+                let s = match mask {
+                    Some(m) => s.broadcast_add(m).unwrap(),
+                    None => s,
+                };
+                candle_nn::ops::softmax(&s, candle_core::D::Minus1)
+                    .unwrap()
+                    .matmul(v.as_tensor())
+                    .unwrap()
+            };
+            let d = (&fast - &plain)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(d < 1e-12, "values differ by {d}");
+            let g1 = (fast * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            for t in [&q, &k, &v] {
+                match (g1.get(t.as_tensor()), g2.get(t.as_tensor())) {
+                    (Some(a), Some(b)) => {
+                        let d = (a - b)
+                            .unwrap()
+                            .abs()
+                            .unwrap()
+                            .max_all()
+                            .unwrap()
+                            .to_scalar::<f64>()
+                            .unwrap();
+                        assert!(
+                            d < 1e-10,
+                            "gradients differ by {d} (mask {}, vv {vv})",
+                            mask.is_some()
+                        );
+                    }
+                    (None, None) => {}
+                    _ => panic!("a gradient is missing on one side"),
+                }
+            }
+        }
+    }
+}
