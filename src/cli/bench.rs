@@ -1,5 +1,6 @@
 //! `zsad bench`: the detection pipeline over a folder of images, timed per stage.
 
+use crate::choice::Choice;
 use std::path::PathBuf;
 use std::time::Instant;
 

@@ -1,5 +1,6 @@
 //! The options that pick a model and a method, shared by `detect` and `eval`.
 
+use crate::choice::Choice;
 use std::path::PathBuf;
 
 use anyhow::Context;

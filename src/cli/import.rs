@@ -1,5 +1,6 @@
 //! `zsad import-checkpoint`: published AdaCLIP / AnomalyCLIP weights -> a zsad adapter.
 
+use crate::choice::Choice;
 use std::path::PathBuf;
 
 use anyhow::Context;

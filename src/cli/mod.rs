@@ -12,6 +12,7 @@ mod manifest;
 mod merge;
 
 mod train;
+mod values;
 
 use std::path::Path;
 use std::process::ExitCode;

@@ -57,13 +57,15 @@ impl Record {
     }
 }
 
-/// Record file format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum RecordFormat {
-    /// `scores.jsonl`: one JSON object per line
-    Jsonl,
-    /// `scores.csv`: a header and one row per input
-    Csv,
+crate::choice::choice_enum! {
+    /// Record file format.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum RecordFormat {
+        /// `scores.jsonl`: one JSON object per line
+        Jsonl = "jsonl",
+        /// `scores.csv`: a header and one row per input
+        Csv = "csv",
+    }
 }
 
 impl RecordFormat {
@@ -410,26 +412,30 @@ pub fn parse_map_npy(bytes: &[u8], path: &Path) -> Result<(Vec<f32>, u32, u32)> 
     Ok((v, w, h))
 }
 
-/// What map file to write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum MapFormat {
-    /// 16-bit grey PNG, value = round(p · 65535)
-    Png,
-    /// float32 NumPy array (full precision)
-    Npy,
-    /// no map files (scores only)
-    None,
+crate::choice::choice_enum! {
+    /// What map file to write.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum MapFormat {
+        /// 16-bit grey PNG, value = round(p · 65535)
+        Png = "png",
+        /// float32 NumPy array (full precision)
+        Npy = "npy",
+        /// no map files (scores only)
+        None = "none",
+    }
 }
 
-/// What heatmap to draw.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum HeatmapKind {
-    /// no heatmaps
-    None,
-    /// the colour-mapped anomaly map alone
-    Map,
-    /// the colour-mapped map blended over the image
-    Overlay,
+crate::choice::choice_enum! {
+    /// What heatmap to draw.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum HeatmapKind {
+        /// no heatmaps
+        None = "none",
+        /// the colour-mapped anomaly map alone
+        Map = "map",
+        /// the colour-mapped map blended over the image
+        Overlay = "overlay",
+    }
 }
 
 /// The map through the perceptually uniform `inferno` colormap on the fixed [0, 1] scale,

@@ -324,18 +324,27 @@ impl PixelScores {
     }
 }
 
-/// AnomalyCLIP's threshold grid is `np.arange(min_th, max_th, (max_th - min_th) / 200)` over
-/// float32 scalars, and `amaps > th`. NumPy evaluates both differently across major versions;
-/// both are reproduced bit for bit (checked against NumPy 1.24 and 2.4). The results differ only
-/// when pixels sit exactly on a threshold or the value range is below float32 resolution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum ProGrid {
-    /// NumPy 1.x (AnomalyCLIP's pinned numpy 1.24, the published numbers): step in f64,
-    /// comparison against the threshold rounded to f32.
-    #[default]
-    Numpy1,
-    /// NumPy 2.x: step computed in f32, grid and comparison in f64.
-    Numpy2,
+crate::choice::choice_enum! {
+    /// AnomalyCLIP's threshold grid is `np.arange(min_th, max_th, (max_th - min_th) / 200)` over
+    /// float32 scalars, and `amaps > th`. NumPy evaluates both differently across major versions;
+    /// both are reproduced bit for bit (checked against NumPy 1.24 and 2.4). The results differ only
+    /// when pixels sit exactly on a threshold or the value range is below float32 resolution.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum ProGrid {
+        /// NumPy 1.x (AnomalyCLIP's pinned numpy 1.24, the published numbers): step in f64,
+        /// comparison against the threshold rounded to f32.
+        Numpy1 = "numpy1",
+        /// NumPy 2.x: step computed in f32, grid and comparison in f64.
+        Numpy2 = "numpy2",
+    }
+}
+
+// Written out: `#[default]` cannot pass through `choice_enum!`.
+#[allow(clippy::derivable_impls)]
+impl Default for ProGrid {
+    fn default() -> Self {
+        Self::Numpy1
+    }
 }
 
 impl ProGrid {

@@ -9,15 +9,24 @@ use std::collections::BTreeMap;
 
 use metrics::{BinaryMetrics, Curve, PixelScores};
 
-/// What to do with a class whose images (or pixels) all have one label, where the metrics are
-/// undefined.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
-pub enum SingleLabel {
-    /// Report the metric as undefined (null) and leave the class out of that metric's mean.
-    #[default]
-    Skip,
-    /// AdaCLIP's rule: AUROC, AP and F1-max are 0 and count in the mean.
-    Zero,
+crate::choice::choice_enum! {
+    /// What to do with a class whose images (or pixels) all have one label, where the metrics are
+    /// undefined.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum SingleLabel {
+        /// Report the metric as undefined (null) and leave the class out of that metric's mean.
+        Skip = "skip",
+        /// AdaCLIP's rule: AUROC, AP and F1-max are 0 and count in the mean.
+        Zero = "zero",
+    }
+}
+
+// Written out: `#[default]` cannot pass through `choice_enum!`.
+#[allow(clippy::derivable_impls)]
+impl Default for SingleLabel {
+    fn default() -> Self {
+        Self::Skip
+    }
 }
 
 /// Evidence of one class, added image by image.

@@ -4,6 +4,7 @@
 //!
 //! The tensors and their names are those of [`AdapterParams`]'s tree ([`super::params`]).
 
+use crate::choice::Choice;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -143,7 +144,7 @@ mod tests {
     #[test]
     fn init_fits_and_round_trips() {
         let clip = ClipConfig::tiny();
-        for p in Preset::ALL {
+        for &p in Preset::ALL {
             let cfg = DetectorConfig::preset(p, &clip, "random:tiny");
             let a = Adapter::init(cfg, &clip, 7).unwrap();
             a.check(&clip).unwrap();
@@ -345,7 +346,7 @@ mod tests {
     fn flat_prompt_fields_of_format_1_are_read() {
         use serde_json::json;
         let clip = ClipConfig::tiny();
-        for p in Preset::ALL {
+        for &p in Preset::ALL {
             let a = Adapter::init(DetectorConfig::preset(p, &clip, "x"), &clip, 1).unwrap();
             let flat = |depth_text: usize| {
                 with_config(&a, |j| {

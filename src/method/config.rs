@@ -11,41 +11,25 @@ use crate::clip::config::MAX_INPUT_SIZE;
 use crate::clip::{Activation, ClipConfig, PosInterpolation};
 use crate::{Error, Result};
 
-/// The named methods.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Preset {
-    /// Training-free: hand-made prompt ensembles against V-V patch tokens of the upper layers.
-    ZeroShot,
-    /// AdaCLIP (ECCV'24): static + dynamic prompts in both towers, per-layer projections, HSF.
-    Adaclip,
-    /// AnomalyCLIP (ICLR'24): object-agnostic learnable text prompts, deep text prompts, V-V.
-    Anomalyclip,
-    /// HeadCLIP: AnomalyCLIP's prompts + learnable attention-head weights + a joint score.
-    Headclip,
-    /// Ours: head weights + hybrid static/dynamic prompts + learnable text + joint score.
-    Zsad,
+crate::choice::choice_enum! {
+    /// The named methods.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    pub enum Preset {
+        /// Training-free: hand-made prompt ensembles against V-V patch tokens of the upper layers.
+        ZeroShot = "zero-shot",
+        /// AdaCLIP (ECCV'24): static + dynamic prompts in both towers, per-layer projections, HSF.
+        Adaclip = "adaclip",
+        /// AnomalyCLIP (ICLR'24): object-agnostic learnable text prompts, deep text prompts, V-V.
+        Anomalyclip = "anomalyclip",
+        /// HeadCLIP: AnomalyCLIP's prompts + learnable attention-head weights + a joint score.
+        Headclip = "headclip",
+        /// Ours: head weights + hybrid static/dynamic prompts + learnable text + joint score.
+        Zsad = "zsad",
+    }
 }
 
 impl Preset {
-    pub const ALL: [Preset; 5] = [
-        Self::ZeroShot,
-        Self::Adaclip,
-        Self::Anomalyclip,
-        Self::Headclip,
-        Self::Zsad,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::ZeroShot => "zero-shot",
-            Self::Adaclip => "adaclip",
-            Self::Anomalyclip => "anomalyclip",
-            Self::Headclip => "headclip",
-            Self::Zsad => "zsad",
-        }
-    }
-
     /// The MLP activation the method runs OpenAI weights with: exact GELU for AdaCLIP (its
     /// `create_model` builds `CLIP(**cfg)` from a config without `quick_gelu`, so `nn.GELU`:
     /// caoyunkang/AdaCLIP@e27ee32 `method/custom_clip.py` l.608-672, `method/clip_model.py` l.81),
@@ -592,6 +576,7 @@ fn upgrade_flat_prompts(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::choice::Choice;
 
     #[test]
     fn quarter_points() {
@@ -621,7 +606,7 @@ mod tests {
         assert_eq!(c.visual_prompts, None);
         let z = DetectorConfig::preset(Preset::ZeroShot, &clip, "x");
         assert_eq!(z.layers, vec![12, 18, 24]);
-        for p in Preset::ALL {
+        for &p in Preset::ALL {
             for c in [
                 ClipConfig::vit_l_14_336(),
                 ClipConfig::vit_b_16(),

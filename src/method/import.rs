@@ -20,13 +20,15 @@ use super::params::{AdapterParams, Init, ParamSource};
 use crate::clip::ClipConfig;
 use crate::{Error, Result};
 
-/// Which published checkpoint layout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum CheckpointFormat {
-    /// AdaCLIP `pretrained_*.pth`: a dict of `clip_model.*` tensors.
-    Adaclip,
-    /// AnomalyCLIP `epoch_*.pth`: `{"prompt_learner": state_dict}`.
-    Anomalyclip,
+crate::choice::choice_enum! {
+    /// Which published checkpoint layout.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum CheckpointFormat {
+        /// AdaCLIP `pretrained_*.pth`: a dict of `clip_model.*` tensors.
+        Adaclip = "adaclip",
+        /// AnomalyCLIP `epoch_*.pth`: `{"prompt_learner": state_dict}`.
+        Anomalyclip = "anomalyclip",
+    }
 }
 
 /// Settings the checkpoint cannot tell (`None`: the paper's default for the backbone).

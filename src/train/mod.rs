@@ -6,6 +6,7 @@ pub mod augment;
 pub mod losses;
 pub mod optim;
 
+use crate::choice::Choice;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -21,24 +22,28 @@ use crate::rng::SplitMix64;
 use crate::{Error, Result};
 use optim::{Adam, AdamConfig};
 
-/// The image-level loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum ImageLoss {
-    /// focal loss on the image probabilities (AdaCLIP)
-    Focal,
-    /// cross-entropy (AnomalyCLIP)
-    CrossEntropy,
+crate::choice::choice_enum! {
+    /// The image-level loss.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    pub enum ImageLoss {
+        /// focal loss on the image probabilities (AdaCLIP)
+        Focal = "focal",
+        /// cross-entropy (AnomalyCLIP)
+        CrossEntropy = "cross-entropy",
+    }
 }
 
-/// How the dice loss groups pixels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum DiceGroups {
-    /// per mask row (AdaCLIP's batch-1 `squeeze()` quirk)
-    Rows,
-    /// per image (AnomalyCLIP)
-    Images,
+crate::choice::choice_enum! {
+    /// How the dice loss groups pixels.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    pub enum DiceGroups {
+        /// per mask row (AdaCLIP's batch-1 `squeeze()` quirk)
+        Rows = "rows",
+        /// per image (AnomalyCLIP)
+        Images = "images",
+    }
 }
 
 /// Training hyper-parameters; [`TrainOptions::for_preset`] gives the references' defaults.
