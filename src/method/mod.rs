@@ -11,6 +11,7 @@ pub mod kmeans;
 pub mod maps;
 pub mod params;
 pub mod prompts;
+pub mod reference;
 pub mod scoring;
 pub mod text;
 
