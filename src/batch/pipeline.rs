@@ -92,6 +92,24 @@ fn prepare<T>(
     dev: &Device,
     limits: &DecodeLimits,
 ) -> Prepared<T> {
+    let (result, decode, resize) = decode_for_model(path, size, dev, limits);
+    Prepared {
+        item,
+        result,
+        decode,
+        resize,
+    }
+}
+
+/// Decodes `path` within `limits` and preprocesses it for a model at `size`: the image and its
+/// pixels `[3, S, S]`, or why not (the path left out), with the seconds spent decoding and
+/// resizing.
+pub(crate) fn decode_for_model(
+    path: &Path,
+    size: usize,
+    dev: &Device,
+    limits: &DecodeLimits,
+) -> (std::result::Result<(RgbImage, Tensor), String>, f64, f64) {
     let t0 = Instant::now();
     // A decoder bug must cost one input, not the run: a panic inside it is that input's error.
     let decoded = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -110,12 +128,7 @@ fn prepare<T>(
             .map(|px| (rgb, px))
             .map_err(|e| strip_path(e.to_string(), path)),
     };
-    Prepared {
-        item,
-        result,
-        decode,
-        resize: t1.elapsed().as_secs_f64(),
-    }
+    (result, decode, t1.elapsed().as_secs_f64())
 }
 
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {

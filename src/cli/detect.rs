@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Args;
 
 use super::detector_args::{tokenizer, tokenizer_path, DetectorArgs};
+use super::reference::ReferenceArgs;
 use super::{EXIT_OK, EXIT_SOME_FAILED};
 use crate::batch::detect::{model_settings, DetectJob, DetectOptions};
 use crate::batch::pipeline::PipelineOptions;
@@ -53,6 +54,8 @@ pub struct DetectArgs {
     pub inputs: Vec<String>,
     #[command(flatten)]
     pub detector: DetectorArgs,
+    #[command(flatten)]
+    pub reference: ReferenceArgs,
     /// Output folder (created); the input folders are never written to
     #[arg(long, short = 'o', value_name = "DIR")]
     pub out: PathBuf,
@@ -119,6 +122,7 @@ pub fn run(args: DetectArgs) -> anyhow::Result<u8> {
         quiet: args.quiet,
     };
     // Inputs and options first: a mistyped folder or flag costs no model load.
+    args.reference.check()?;
     let job = DetectJob::new(opts, &mut std::io::stdin().lock())?;
     let (loaded, adapter) = args.detector.setup(args.quiet)?;
     let tok_path = tokenizer_path(&args.detector.tokenizer, &loaded);
@@ -126,7 +130,7 @@ pub fn run(args: DetectArgs) -> anyhow::Result<u8> {
     let inputs_text = TextInputs::build(&adapter.config, &tok)?;
     let detector = Detector::new(&loaded.model, &adapter, inputs_text)
         .context("cannot set up the detector")?;
-    let model = model_settings(
+    let mut model = model_settings(
         &loaded,
         &args.detector.model.model,
         args.detector.adapter.as_deref(),
@@ -135,6 +139,19 @@ pub fn run(args: DetectArgs) -> anyhow::Result<u8> {
         tok_path.as_deref(),
         &format!("{:?}", args.detector.model.precision).to_lowercase(),
     )?;
+    let detector = match args.reference.load(
+        &detector,
+        &model,
+        DecodeLimits::with_max_pixels(args.max_pixels),
+        args.batch_size,
+        args.quiet,
+    )? {
+        Some(r) => {
+            model["reference"] = r.settings()?;
+            detector.with_reference(r.bank, r.how)?
+        }
+        None => detector,
+    };
     let info = serde_json::json!({
         "command": std::env::args().collect::<Vec<_>>(),
         "batch_size": args.batch_size,

@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 
 use super::detector_args::{tokenizer, DetectorArgs};
+use super::reference::{settings_for, Attached, ReferenceArgs};
 use crate::batch::pipeline::{self, Outcome, PipelineOptions};
 use crate::data::dataset::{self, path_words, problem_list, Sample};
 use crate::data::outputs::{self, Record};
@@ -41,6 +42,8 @@ pub struct EvalArgs {
     pub predictions: Option<PathBuf>,
     #[command(flatten)]
     pub detector: DetectorArgs,
+    #[command(flatten)]
+    pub reference: ReferenceArgs,
     /// Output folder for metrics.json, metrics.csv, metrics.md and the curve plots
     #[arg(long, short = 'o', value_name = "DIR")]
     pub out: PathBuf,
@@ -107,9 +110,27 @@ fn run_model(
     args: &EvalArgs,
     detector_args: &DetectorArgs,
     samples: &[Sample],
-) -> anyhow::Result<Evaluation> {
+) -> anyhow::Result<(Evaluation, serde_json::Value)> {
     let (loaded, adapter) = detector_args.setup(args.quiet)?;
     let tok = tokenizer(&detector_args.tokenizer, &loaded)?;
+    let mut settings = settings_for(detector_args, &loaded, &adapter)?;
+    // One bank for every class: the image pass does not depend on the class word.
+    let reference = if args.reference.reference.is_empty() {
+        None
+    } else {
+        let det = Detector::new(
+            &loaded.model,
+            &adapter,
+            TextInputs::build(&adapter.config, &tok)?,
+        )?;
+        let limits = crate::data::image::DecodeLimits::default();
+        args.reference
+            .load(&det, &settings, limits, 0, args.quiet)?
+    };
+    if let Some(r) = &reference {
+        settings["reference"] = r.settings()?;
+        warn_about_references(args, samples, r);
+    }
     let mut bar = progress(samples.len(), args.quiet);
     let mut done = 0u64;
     let mut eval = Evaluation::default();
@@ -122,7 +143,10 @@ fn run_model(
         {
             a.config.class_name = prompts::class_word(&class);
         }
-        let det = Detector::new(&loaded.model, &a, TextInputs::build(&a.config, &tok)?)?;
+        let mut det = Detector::new(&loaded.model, &a, TextInputs::build(&a.config, &tok)?)?;
+        if let Some(r) = &reference {
+            det = det.with_reference(r.bank.clone(), r.how)?;
+        }
         let size = det.image_size();
         bar.bar().set_message(class.clone());
         // detect's pipeline; a sample that cannot be scored stops the evaluation (its metrics
@@ -170,7 +194,37 @@ fn run_model(
         )?;
     }
     bar.finish();
-    Ok(eval)
+    Ok((eval, settings))
+}
+
+/// References are of one product, and an image that is both a reference and a test sample
+/// scores as normal whatever it shows: both are said, not refused (a user may mean it).
+fn warn_about_references(args: &EvalArgs, samples: &[Sample], r: &Attached) {
+    if args.quiet {
+        return;
+    }
+    let classes = by_class(samples).len();
+    if classes > 1 {
+        eprintln!(
+            "zsad: warning: one reference bank for {classes} classes: references should show the product being tested; evaluate each class with its own --reference"
+        );
+    }
+    let sources: std::collections::HashSet<PathBuf> = r
+        .bank
+        .info
+        .sources
+        .iter()
+        .filter_map(|s| canonical(Path::new(&s.path)))
+        .collect();
+    let shared = samples
+        .iter()
+        .filter(|s| canonical(&s.image).is_some_and(|c| sources.contains(&c)))
+        .count();
+    if shared > 0 {
+        eprintln!(
+            "zsad: warning: {shared} test image(s) are also reference images: their scores are not zero-shot evidence"
+        );
+    }
 }
 
 fn canonical(p: &Path) -> Option<PathBuf> {
@@ -362,10 +416,17 @@ fn read_predictions(args: &EvalArgs, dir: &Path, samples: &[Sample]) -> anyhow::
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    args.reference.check()?;
+    if args.predictions.is_some() && !args.reference.reference.is_empty() {
+        bail!("--reference runs with the model; --predictions evaluates a finished detect run: run `zsad detect --reference ...` and evaluate its folder, or drop --predictions");
+    }
     let samples = dataset::read_all(&args.data)?;
     let started = std::time::Instant::now();
-    let eval = match &args.predictions {
-        Some(dir) => read_predictions(&args, dir, &samples)?,
+    let (eval, settings) = match &args.predictions {
+        Some(dir) => (
+            read_predictions(&args, dir, &samples)?,
+            serde_json::json!({"predictions": dir.display().to_string()}),
+        ),
         None if args.detector.model.model.is_empty() => {
             bail!(
                 "give --model (with --adapter or --preset) to run a detector, or --predictions DIR"
@@ -375,6 +436,18 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     };
     let report = eval.finish(args.single_label, args.aupro_grid);
     let out = &args.out;
+    let mut settings = settings;
+    settings["data"] = serde_json::json!(args
+        .data
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>());
+    settings["resolution"] = serde_json::json!(format!("{:?}", args.resolution).to_lowercase());
+    crate::batch::run_record::RunRecord::new(
+        settings,
+        serde_json::json!({"command": std::env::args().collect::<Vec<_>>()}),
+    )
+    .write(out)?;
     outputs::write_atomic(&out.join("metrics.json"), report.to_json().as_bytes())?;
     outputs::write_atomic(&out.join("metrics.csv"), report.to_csv().as_bytes())?;
     let md = report.to_markdown();

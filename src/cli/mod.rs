@@ -10,6 +10,7 @@ mod import;
 mod info;
 mod manifest;
 mod merge;
+mod reference;
 
 mod train;
 mod values;
@@ -111,6 +112,9 @@ pub enum Command {
     /// PNG encoding, writing) over a folder of images, with peak memory.
     #[command(after_help = AFTER_HELP)]
     Bench(bench::BenchArgs),
+    /// Reference banks: normal patch features of a product, for `--reference` on detect and
+    /// eval.
+    Reference(reference::ReferenceCmd),
     /// Print a model's architecture (widths, depths, patch grid, parameters, naming).
     Info(info::InfoArgs),
     /// Write CLIP image/text embeddings and per-layer hidden states to a safetensors file.
@@ -250,6 +254,7 @@ pub fn main() -> ExitCode {
         Command::ImportCheckpoint(a) => import::run(a).map(|()| EXIT_OK),
         Command::Merge(a) => merge::run(a).map(|()| EXIT_OK),
         Command::Bench(a) => bench::run(a).map(|()| EXIT_OK),
+        Command::Reference(a) => reference::run(a),
         Command::Info(a) => info::run(a).map(|()| EXIT_OK),
         Command::Features(a) => features::run(a).map(|()| EXIT_OK),
     };

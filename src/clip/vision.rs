@@ -26,6 +26,8 @@ pub struct VisionTransformer {
     projection: Linear,
     cfg: VisionConfig,
     image_size: usize,
+    /// Width of the joint embedding space (`proj`'s output).
+    embed_dim: usize,
 }
 
 /// Everything a vision forward pass can return.
@@ -73,7 +75,13 @@ impl VisionTransformer {
             projection: Linear::new(proj_vb.get((embed_dim, d), "weight")?, None),
             cfg: cfg.clone(),
             image_size: cfg.image_size,
+            embed_dim,
         })
+    }
+
+    /// Width of the joint embedding space, what [`Self::project`] gives.
+    pub fn embed_dim(&self) -> usize {
+        self.embed_dim
     }
 
     pub fn config(&self) -> &VisionConfig {

@@ -12,8 +12,9 @@
 use candle_core::{DType, IndexOp, Tensor};
 
 use super::adapter::Adapter;
-use super::config::{DetectorConfig, HeadWeights, ImageScore, PatchFeatures};
+use super::config::{DetectorConfig, HeadWeights, ImageScore, JointScore, PatchFeatures};
 use super::params::AdapterParams;
+use super::reference::{self, MemoryBank, ReferenceUse};
 use super::scoring;
 use super::text::{normalize, TextInputs, TextSide};
 use crate::clip::{ClipModel, Hooks, TextTransformer, VisionOutput, VisionTransformer};
@@ -28,6 +29,9 @@ pub struct Forward {
     pub layer_maps: Vec<Tensor>,
     /// `[B, S, S]` fused anomaly map before smoothing.
     pub map: Tensor,
+    /// Per tapped layer `[B, P, E]`, unit rows: the patch features compared with the text (and
+    /// with a reference bank's).
+    pub patches: Vec<Tensor>,
 }
 
 /// Wall time per stage of [`Detector::forward`] / [`Detector::detect`], accumulated (CPU ops
@@ -40,6 +44,8 @@ pub struct StageTimes {
     pub text: f64,
     /// Similarities, upsampling, fusion, image score.
     pub maps: f64,
+    /// Nearest-patch search in the reference bank and its map (`--reference`).
+    pub reference: f64,
     /// Gaussian smoothing and the joint score.
     pub smoothing: f64,
 }
@@ -85,6 +91,8 @@ pub struct Detector {
     params: AdapterParams,
     /// `T` `[2, E]` when it does not depend on the image: computed once per run.
     static_text: Option<Tensor>,
+    /// Normal patches to compare with (`--reference`) and how their map joins the method's.
+    reference: Option<(MemoryBank, ReferenceUse)>,
 }
 
 /// What the image pass gives the later stages.
@@ -123,11 +131,57 @@ impl Detector {
             text_side,
             params,
             static_text: None,
+            reference: None,
         };
         if !det.cfg.text_is_dynamic() {
             det.static_text = Some(det.encode_text(None)?);
         }
         Ok(det)
+    }
+
+    /// Compares every patch with `bank`'s normal patches as well (`--reference`). The bank must
+    /// hold this detector's layers at its image size and feature width.
+    pub fn with_reference(mut self, bank: MemoryBank, how: ReferenceUse) -> Result<Self> {
+        let info = &bank.info;
+        if info.layers != self.cfg.layers || info.image_size != self.cfg.image_size {
+            return Err(crate::Error::Usage(format!(
+                "the reference bank holds layers {:?} at {} px, this detector maps with layers {:?} at {} px",
+                info.layers, info.image_size, self.cfg.layers, self.cfg.image_size
+            )));
+        }
+        if !(0.0..=1.0).contains(&how.weight) {
+            return Err(crate::Error::Usage(format!(
+                "--reference-weight {}: must be in [0, 1]",
+                how.weight
+            )));
+        }
+        for (j, (l, t)) in info.layers.iter().zip(&bank.layers).enumerate() {
+            let width = match self.cfg.patch_features {
+                PatchFeatures::Projected => self.vision.embed_dim(),
+                PatchFeatures::Linear => self.params.patch_proj[j].weight.dim(0)?,
+            };
+            if t.dim(1)? != width {
+                return Err(crate::Error::Usage(format!(
+                    "the reference bank's layer {l} features are {} wide, this detector's are {width}",
+                    t.dim(1)?
+                )));
+            }
+        }
+        let bank = MemoryBank {
+            layers: bank
+                .layers
+                .iter()
+                .map(|t| t.to_dtype(DType::F32)?.to_device(self.device()))
+                .collect::<candle_core::Result<_>>()?,
+            info: bank.info,
+        };
+        self.reference = Some((bank, how));
+        Ok(self)
+    }
+
+    /// The reference bank in use and how it is used.
+    pub fn reference(&self) -> Option<&(MemoryBank, ReferenceUse)> {
+        self.reference.as_ref()
     }
 
     pub fn config(&self) -> &DetectorConfig {
@@ -208,7 +262,18 @@ impl Detector {
             image_probs,
             layer_maps,
             map,
+            patches: image.patches,
         })
+    }
+
+    /// Stages A and B alone: the unit patch features of each tapped layer, what a reference
+    /// bank holds (`zsad reference build`).
+    ///
+    /// # Shapes
+    /// `pixels: [B, 3, S, S]` -> per layer `[B, P, E]`.
+    pub fn patch_features(&self, pixels: &Tensor) -> Result<Vec<Tensor>> {
+        let g = self.global_embedding(pixels)?;
+        Ok(self.image_features(pixels, g.as_ref())?.patches)
     }
 
     /// Stage A: the global embedding `g` of a plain pass, which dynamic prompts are made from.
@@ -333,24 +398,73 @@ impl Detector {
     }
 
     /// [`Self::detect`], adding each stage's wall time to `times`.
+    ///
+    /// With a reference bank the raw map is `(1 − w) · method + w · reference` before the
+    /// smoothing; the image score is the configuration's joint score on the fused map, or,
+    /// for methods without one (AdaCLIP, AnomalyCLIP), WinCLIP+'s
+    /// `(1 − w) · global + w · max(reference map)` (anomalib `winclip/torch_model.py`,
+    /// `forward`: the zero-shot and few-shot image scores averaged, `w = 0.5`). With
+    /// `--reference-only` the text is never used: the map is the reference map and the score
+    /// its peak (PatchCore's image score).
     pub fn detect_timed(
         &self,
         pixels: &Tensor,
         mut times: Option<&mut StageTimes>,
     ) -> Result<Vec<Detection>> {
-        let fwd = self.forward_timed(pixels, false, times.as_deref_mut())?;
-        let started = std::time::Instant::now();
-        let probs = fwd.image_probs.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        let maps = fwd.map.to_dtype(DType::F32)?;
         let size = self.cfg.image_size;
-        probs
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let raw = maps.i(i)?.flatten_all()?.to_vec1::<f32>()?;
-                let global = p[1];
-                let (map, score) =
-                    scoring::postprocess(&raw, size, self.cfg.sigma, global, self.cfg.joint);
+        let fusion = self.cfg.map_fusion;
+        let (globals, method_maps, patches) = match &self.reference {
+            Some((_, how)) if how.only => {
+                let t = std::time::Instant::now();
+                let patches = self.patch_features(pixels)?;
+                if let Some(times) = times.as_deref_mut() {
+                    times.backbone += t.elapsed().as_secs_f64();
+                }
+                (None, None, patches)
+            }
+            _ => {
+                let fwd = self.forward_timed(pixels, false, times.as_deref_mut())?;
+                let probs = fwd.image_probs.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                let globals: Vec<f32> = probs.iter().map(|p| p[1]).collect();
+                (Some(globals), Some(fwd.map), fwd.patches)
+            }
+        };
+        let reference_maps = match &self.reference {
+            Some((bank, _)) => {
+                let t = std::time::Instant::now();
+                let m = reference::reference_map(&patches, &bank.layers, fusion, size)?;
+                if let Some(times) = times.as_deref_mut() {
+                    times.reference += t.elapsed().as_secs_f64();
+                }
+                Some(m)
+            }
+            None => None,
+        };
+        let started = std::time::Instant::now();
+        let how = self.reference.as_ref().map(|(_, h)| *h);
+        let fused = match (&method_maps, &reference_maps, how) {
+            (Some(m), Some(r), Some(h)) => reference::fuse_reference(m, r, h.weight)?,
+            (Some(m), None, _) => m.to_dtype(DType::F32)?,
+            (None, Some(r), _) => r.clone(),
+            _ => unreachable!("a method map, a reference map or both"),
+        };
+        let batch = pixels.dim(0)?;
+        let sigma = self.cfg.sigma;
+        let detections = (0..batch)
+            .map(|i| {
+                let raw = fused.i(i)?.flatten_all()?.to_vec1::<f32>()?;
+                let map = smooth(&raw, size, sigma);
+                let peak = map_peak(&map);
+                let (global, score) = match (&globals, how, &reference_maps) {
+                    (None, _, _) => (peak, peak),
+                    (Some(g), Some(h), Some(r)) if self.cfg.joint == JointScore::None => {
+                        let raw = r.i(i)?.flatten_all()?.to_vec1::<f32>()?;
+                        let r_peak = map_peak(&smooth(&raw, size, sigma));
+                        let s = (1.0 - h.weight) * g[i] as f64 + h.weight * r_peak as f64;
+                        (g[i], s as f32)
+                    }
+                    (Some(g), _, _) => (g[i], self.cfg.joint.combine(g[i], peak)),
+                };
                 Ok(Detection {
                     global,
                     score,
@@ -358,13 +472,21 @@ impl Detector {
                     size,
                 })
             })
-            .collect::<Result<Vec<_>>>()
-            .inspect(|_| {
-                if let Some(t) = times {
-                    t.smoothing += started.elapsed().as_secs_f64();
-                }
-            })
+            .collect::<Result<Vec<_>>>();
+        if let Some(t) = times {
+            t.smoothing += started.elapsed().as_secs_f64();
+        }
+        detections
     }
+}
+
+/// The references' Gaussian smoothing of one `size × size` map (`sigma` 0: none).
+fn smooth(raw: &[f32], size: usize, sigma: f64) -> Vec<f32> {
+    scoring::postprocess(raw, size, sigma, 0.0, JointScore::None).0
+}
+
+fn map_peak(map: &[f32]) -> f32 {
+    map.iter().copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
 #[cfg(test)]

@@ -2,6 +2,8 @@
 //! `scripts/make_fixtures.py` also computes, and tensor comparison.
 #![allow(dead_code)]
 
+pub mod textures;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
