@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::detect::OutputArgs;
 use super::detector_args::{tokenizer, DetectorArgs};
+use super::reference::ReferenceArgs;
 use crate::batch::pipeline::{self, Outcome, PipelineOptions};
 use crate::batch::render;
 use crate::data::inputs::WalkOptions;
@@ -22,6 +23,10 @@ pub struct BenchArgs {
     /// The files `zsad detect` would write (encoded and written to a temporary folder)
     #[command(flatten)]
     pub output: OutputArgs,
+    /// Normal images or a bank, as for detect: the nearest-patch search is timed as its own
+    /// stage, and the bank's size and set-up reported
+    #[command(flatten)]
+    pub reference: ReferenceArgs,
     /// Folder of images to run over (searched recursively); the first one is also the warm-up
     #[arg(long, value_name = "DIR")]
     pub images: PathBuf,
@@ -41,6 +46,8 @@ pub struct Stages {
     pub backbone: f64,
     pub text: f64,
     pub maps: f64,
+    /// Nearest-patch search in the reference bank and its map (`--reference`).
+    pub reference: f64,
     pub smoothing: f64,
     /// Map resized to the image, map and heatmap encoded (what `--maps`/`--heatmaps` ask for).
     pub png_encode: f64,
@@ -63,7 +70,19 @@ pub struct BenchReport {
     /// One-time costs: weights and detector set-up (text encoded once included).
     pub load_seconds: f64,
     pub setup_seconds: f64,
+    /// With `--reference`: bank rows per layer, layers, the bank's memory and the seconds to
+    /// build (or read) it.
+    pub reference_bank: Option<BankReport>,
     pub peak_rss_mb: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BankReport {
+    pub images: usize,
+    pub patches_per_layer: usize,
+    pub layers: usize,
+    pub megabytes: f64,
+    pub build_seconds: f64,
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), in MB.
@@ -75,6 +94,7 @@ pub fn peak_rss_mb() -> Option<f64> {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    args.reference.check()?;
     let output = args.output.options();
     output.validate()?;
     let files = crate::data::inputs::walk_with(&args.images, WalkOptions::default())
@@ -94,6 +114,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         TextInputs::build(&adapter.config, &tok)?,
     )?;
     let setup_seconds = t1.elapsed().as_secs_f64();
+    let t2 = Instant::now();
+    let settings = args.detector.run_settings(&loaded, &adapter)?;
+    let limits = crate::data::image::DecodeLimits::default();
+    let (det, reference_bank) = match args.reference.load(&det, &settings, limits, 0, true)? {
+        Some(r) => {
+            let bank = BankReport {
+                images: r.bank.info.sources.len(),
+                patches_per_layer: r.bank.info.patches_kept,
+                layers: r.bank.layers.len(),
+                megabytes: r.bank.bytes() as f64 / 1e6,
+                build_seconds: t2.elapsed().as_secs_f64(),
+            };
+            (det.with_reference(r.bank, r.how)?, Some(bank))
+        }
+        None => (det, None),
+    };
     let size = det.image_size();
     let out = tempdir()?;
 
@@ -142,6 +178,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         backbone: secs.model.backbone,
         text: secs.model.text,
         maps: secs.model.maps,
+        reference: secs.model.reference,
         smoothing: secs.model.smoothing,
         png_encode,
         write,
@@ -154,6 +191,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         &mut stages.backbone,
         &mut stages.text,
         &mut stages.maps,
+        &mut stages.reference,
         &mut stages.smoothing,
         &mut stages.png_encode,
         &mut stages.write,
@@ -172,6 +210,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         stages,
         load_seconds,
         setup_seconds,
+        reference_bank,
         peak_rss_mb: peak_rss_mb(),
     };
     if args.json {
@@ -197,6 +236,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             ("backbone", s.backbone),
             ("text", s.text),
             ("maps", s.maps),
+            ("reference", s.reference),
             ("smoothing", s.smoothing),
             ("png encode", s.png_encode),
             ("write", s.write),
@@ -216,6 +256,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .map(|m| format!("{m:.0} MB"))
                 .unwrap_or_else(|| "n/a".into())
         );
+        if let Some(b) = &report.reference_bank {
+            println!(
+                "reference bank: {} image(s), {} patches x {} layer(s), {:.1} MB, built in {:.2} s",
+                b.images, b.patches_per_layer, b.layers, b.megabytes, b.build_seconds
+            );
+        }
     }
     Ok(())
 }

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
-use super::detector_args::{tokenizer, tokenizer_path, DetectorArgs};
+use super::detector_args::{tokenizer, DetectorArgs};
 use super::reference::ReferenceArgs;
 use super::{EXIT_OK, EXIT_SOME_FAILED};
-use crate::batch::detect::{model_settings, DetectJob, DetectOptions};
+use crate::batch::detect::{DetectJob, DetectOptions};
 use crate::batch::pipeline::PipelineOptions;
 use crate::batch::render::OutputOptions;
 use crate::data::image::DecodeLimits;
@@ -125,20 +125,11 @@ pub fn run(args: DetectArgs) -> anyhow::Result<u8> {
     args.reference.check()?;
     let job = DetectJob::new(opts, &mut std::io::stdin().lock())?;
     let (loaded, adapter) = args.detector.setup(args.quiet)?;
-    let tok_path = tokenizer_path(&args.detector.tokenizer, &loaded);
     let tok = tokenizer(&args.detector.tokenizer, &loaded)?;
     let inputs_text = TextInputs::build(&adapter.config, &tok)?;
     let detector = Detector::new(&loaded.model, &adapter, inputs_text)
         .context("cannot set up the detector")?;
-    let mut model = model_settings(
-        &loaded,
-        &args.detector.model.model,
-        args.detector.adapter.as_deref(),
-        &adapter,
-        args.detector.init_seed,
-        tok_path.as_deref(),
-        &format!("{:?}", args.detector.model.precision).to_lowercase(),
-    )?;
+    let mut model = args.detector.run_settings(&loaded, &adapter)?;
     let detector = match args.reference.load(
         &detector,
         &model,

@@ -154,6 +154,27 @@ impl DetectorArgs {
     }
 }
 
+impl DetectorArgs {
+    /// What `run.json` records of the model, adapter, detector, tokenizer and precision (and
+    /// what a reference bank's features are compared with).
+    pub fn run_settings(
+        &self,
+        loaded: &LoadedModel,
+        adapter: &Adapter,
+    ) -> anyhow::Result<serde_json::Value> {
+        let tok_path = tokenizer_path(&self.tokenizer, loaded);
+        Ok(crate::batch::detect::model_settings(
+            loaded,
+            &self.model.model,
+            self.adapter.as_deref(),
+            adapter,
+            self.init_seed,
+            tok_path.as_deref(),
+            &format!("{:?}", self.model.precision).to_lowercase(),
+        )?)
+    }
+}
+
 /// The tokenizer file in use: `--tokenizer`, else `tokenizer.json` beside the model.
 pub fn tokenizer_path(flag: &Option<PathBuf>, loaded: &LoadedModel) -> Option<PathBuf> {
     flag.clone().or_else(|| loaded.tokenizer.clone())

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 
 use super::detector_args::{tokenizer, DetectorArgs};
-use super::reference::{settings_for, Attached, ReferenceArgs};
+use super::reference::{Attached, ReferenceArgs};
 use crate::batch::pipeline::{self, Outcome, PipelineOptions};
 use crate::data::dataset::{self, path_words, problem_list, Sample};
 use crate::data::outputs::{self, Record};
@@ -113,7 +113,7 @@ fn run_model(
 ) -> anyhow::Result<(Evaluation, serde_json::Value)> {
     let (loaded, adapter) = detector_args.setup(args.quiet)?;
     let tok = tokenizer(&detector_args.tokenizer, &loaded)?;
-    let mut settings = settings_for(detector_args, &loaded, &adapter)?;
+    let mut settings = detector_args.run_settings(&loaded, &adapter)?;
     // One bank for every class: the image pass does not depend on the class word.
     let reference = if args.reference.reference.is_empty() {
         None

@@ -71,6 +71,10 @@ beside X.jpg; --include-masks keeps them), read only regular files and walk each
 Batch runs: --resume skips inputs already recorded; --shard K/N scores one of N shares (give
 each its own --out, then `zsad merge`).
 
+A few normal images: --reference good/ compares every patch with theirs as well and fuses the
+distance into the map ((1 - w) * method + w * reference, w = --reference-weight, default 0.5);
+`zsad reference build` saves the bank to reuse (--reference bank.safetensors).
+
 ",
     models_help!(),
     "

@@ -1,20 +1,19 @@
 //! `--reference` on `detect` and `eval` (normal images of the product, or a bank file) and
 //! `zsad reference build` (a bank file to reuse across runs and machines).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
-use super::detector_args::{tokenizer, tokenizer_path, DetectorArgs};
+use super::detector_args::{tokenizer, DetectorArgs};
 use super::{EXIT_OK, EXIT_SOME_FAILED};
-use crate::batch::detect::model_settings;
 use crate::batch::reference::{self as bank_builder, BankOptions, DEFAULT_MAX_PATCHES};
 use crate::data::image::DecodeLimits;
 use crate::data::inputs::{self, WalkOptions};
 use crate::method::reference::{MemoryBank, ReferenceUse};
-use crate::method::{Adapter, Detector, TextInputs};
+use crate::method::{Detector, TextInputs};
 
 /// How a run uses normal images of the product.
 #[derive(Debug, Clone, Args)]
@@ -240,24 +239,6 @@ pub struct BuildArgs {
     pub quiet: bool,
 }
 
-/// The run settings a bank's features are compared with: what `detect` records.
-pub fn settings_for(
-    args: &DetectorArgs,
-    loaded: &crate::clip::LoadedModel,
-    adapter: &Adapter,
-) -> anyhow::Result<Value> {
-    let tok_path = tokenizer_path(&args.tokenizer, loaded);
-    Ok(model_settings(
-        loaded,
-        &args.model.model,
-        args.adapter.as_deref(),
-        adapter,
-        args.init_seed,
-        tok_path.as_deref(),
-        &format!("{:?}", args.model.precision).to_lowercase(),
-    )?)
-}
-
 pub fn run(cmd: ReferenceCmd) -> anyhow::Result<u8> {
     let ReferenceAction::Build(args) = cmd.action;
     if !args
@@ -288,7 +269,7 @@ pub fn run(cmd: ReferenceCmd) -> anyhow::Result<u8> {
         TextInputs::build(&adapter.config, &tok)?,
     )
     .context("cannot set up the detector")?;
-    let settings = settings_for(&args.detector, &loaded, &adapter)?;
+    let settings = args.detector.run_settings(&loaded, &adapter)?;
     let opts = BankOptions {
         max_patches: args.reference_max_patches,
         limits: DecodeLimits::with_max_pixels(args.max_pixels),
@@ -304,15 +285,11 @@ pub fn run(cmd: ReferenceCmd) -> anyhow::Result<u8> {
     )?;
     built.bank.save(&args.out)?;
     if !args.quiet {
-        eprintln!("zsad: wrote {}", display(&args.out));
+        eprintln!("zsad: wrote {}", args.out.display());
     }
     Ok(if built.failed.is_empty() {
         EXIT_OK
     } else {
         EXIT_SOME_FAILED
     })
-}
-
-fn display(p: &Path) -> String {
-    p.display().to_string()
 }

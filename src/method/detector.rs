@@ -531,4 +531,146 @@ mod tests {
         assert_eq!(text(true, 0.0), text(true, tiny));
         assert_ne!(text(false, 0.0), text(false, tiny));
     }
+
+    /// Deterministic pixels `[n, 3, s, s]` in about [-1, 1], varied by `k`.
+    fn pixels(n: usize, s: usize, k: f64) -> Tensor {
+        let len = n * 3 * s * s;
+        let t = Tensor::arange(0f32, len as f32, &candle_core::Device::Cpu).unwrap();
+        ((t * (0.37 + k)).unwrap().sin().unwrap())
+            .reshape((n, 3, s, s))
+            .unwrap()
+    }
+
+    /// The reference map joins the method's as `(1 − w) · method + w · reference` (sigma 0 so
+    /// the raw maps compare), the score of a method without a joint score as WinCLIP+'s
+    /// `(1 − w) · global + w · max(reference)`, and `--reference-only` is the reference map
+    /// with its peak as the score; `w = 0` changes nothing, bit for bit.
+    #[test]
+    fn reference_fusion_follows_its_formula() {
+        use crate::method::adapter::Adapter;
+        use crate::method::config::Preset;
+        use crate::method::reference::{reference_map, BankInfo};
+        let m = crate::clip::load_model("random:tiny", &Default::default())
+            .unwrap()
+            .model;
+        let tok = crate::clip::ClipTokenizer::embedded().unwrap();
+        let mut cfg = DetectorConfig::preset(Preset::ZeroShot, &m.config, "random:tiny");
+        cfg.sigma = 0.0;
+        // The zero-shot preset's `mean` joint score is checked at the end; first none, as
+        // AdaCLIP and AnomalyCLIP have.
+        let joint = cfg.joint;
+        assert!(matches!(joint, JointScore::Mean { .. }));
+        cfg.joint = JointScore::None;
+        let adapter = Adapter::init(cfg.clone(), &m.config, 0).unwrap();
+        let det = || {
+            Detector::new(
+                &m,
+                &adapter,
+                TextInputs::build(&adapter.config, &tok).unwrap(),
+            )
+            .unwrap()
+        };
+        let refs = det().patch_features(&pixels(3, 32, 0.5)).unwrap();
+        let layers: Vec<Tensor> = refs
+            .iter()
+            .map(|t| {
+                let (b, p, e) = t.dims3().unwrap();
+                t.reshape((b * p, e)).unwrap()
+            })
+            .collect();
+        let bank = MemoryBank {
+            info: BankInfo {
+                format: reference::FORMAT.into(),
+                features: serde_json::Value::Null,
+                layers: cfg.layers.clone(),
+                image_size: 32,
+                patches_per_image: 16,
+                sources: Vec::new(),
+                patches_total: 48,
+                patches_kept: 48,
+                max_patches: None,
+                coreset_seed: 0,
+            },
+            layers,
+        };
+        let px = pixels(2, 32, 0.0);
+        let plain = det().detect(&px).unwrap();
+        let with = |w: f64, only: bool| {
+            det()
+                .with_reference(bank.clone(), ReferenceUse { weight: w, only })
+                .unwrap()
+                .detect(&px)
+                .unwrap()
+        };
+        let reference = reference_map(
+            &det().patch_features(&px).unwrap(),
+            &bank.layers,
+            cfg.map_fusion,
+            32,
+        )
+        .unwrap();
+        let zero = with(0.0, false);
+        let fused = with(0.3, false);
+        let only = with(1.0, true);
+        for i in 0..2 {
+            let r = reference
+                .i(i)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let r_peak = map_peak(&r);
+            assert!(r_peak > 0.0 && r_peak <= 1.0, "{r_peak}");
+            assert_eq!(zero[i].map, plain[i].map);
+            assert_eq!(zero[i].score, plain[i].score);
+            for ((f, p), r) in fused[i].map.iter().zip(&plain[i].map).zip(&r) {
+                assert!((f - (0.7 * p + 0.3 * r)).abs() < 1e-6, "{f} {p} {r}");
+            }
+            let want = 0.7 * plain[i].global + 0.3 * r_peak;
+            assert!(
+                (fused[i].score - want).abs() < 1e-6,
+                "{} {want}",
+                fused[i].score
+            );
+            assert_eq!(fused[i].global, plain[i].global);
+            assert_eq!(only[i].map, r);
+            assert_eq!((only[i].score, only[i].global), (r_peak, r_peak));
+        }
+        // A joint score takes the fused map's peak.
+        let mut joint_adapter = adapter.clone();
+        joint_adapter.config.joint = joint;
+        let inputs = TextInputs::build(&joint_adapter.config, &tok).unwrap();
+        let d = Detector::new(&m, &joint_adapter, inputs)
+            .unwrap()
+            .with_reference(
+                bank.clone(),
+                ReferenceUse {
+                    weight: 0.3,
+                    only: false,
+                },
+            )
+            .unwrap()
+            .detect(&px)
+            .unwrap();
+        for (d, f) in d.iter().zip(&fused) {
+            assert_eq!(d.map, f.map);
+            assert_eq!(d.score, joint.combine(d.global, f.map_max()));
+        }
+        // A bank of other layers, or at another size, is refused.
+        let mut other = bank.clone();
+        other.info.layers = vec![1];
+        let e = det()
+            .with_reference(other, ReferenceUse::default())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("layers"), "{e}");
+        let mut other = bank;
+        other.info.image_size = 64;
+        let e = det()
+            .with_reference(other, ReferenceUse::default())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("64 px"), "{e}");
+    }
 }

@@ -293,13 +293,23 @@ pub fn greedy_coreset(points: &[f32], dim: usize, m: usize, start: usize) -> Vec
     }
     let row = |i: usize| &points[i * dim..(i + 1) * dim];
     let dist2 = |a: &[f32], b: &[f32]| -> f32 {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| {
-                let d = x - y;
-                d * d
-            })
-            .sum()
+        // Eight partial sums: a plain running sum cannot be reordered, so it would not be
+        // vectorised (3x slower on 128-wide rows).
+        let mut acc = [0f32; 8];
+        let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+        let tail: f32 = a8
+            .remainder()
+            .iter()
+            .zip(b8.remainder())
+            .map(|(x, y)| (x - y) * (x - y))
+            .sum();
+        for (x, y) in a8.zip(b8) {
+            for k in 0..8 {
+                let d = x[k] - y[k];
+                acc[k] += d * d;
+            }
+        }
+        acc.iter().sum::<f32>() + tail
     };
     let mut chosen = Vec::with_capacity(m);
     let mut current = start.min(n - 1);
