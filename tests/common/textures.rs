@@ -3,18 +3,11 @@
 
 use std::path::Path;
 
-/// splitmix64 for the generator.
-pub struct Rng(pub u64);
+/// The library's splitmix64, with a bounded draw.
+struct Rng(zsad::rng::SplitMix64);
 impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        z ^ (z >> 31)
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+    fn below(&mut self, n: u64) -> u64 {
+        self.0.next_u64() % n
     }
 }
 
@@ -24,7 +17,7 @@ impl Rng {
 pub fn make_class(root: &Path, c: u32, n: usize, seed: u64) {
     let dir = root.join(format!("class{c}"));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut rng = Rng(seed ^ (c as u64 * 7919));
+    let mut rng = Rng(zsad::rng::SplitMix64(seed ^ (c as u64 * 7919)));
     let angle = c as f64 * 0.7;
     let period = 6.0 + 2.5 * c as f64;
     let base = [128u32, 128, 128];
