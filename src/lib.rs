@@ -20,6 +20,7 @@ pub mod choice;
 pub mod cli;
 pub mod clip;
 pub mod data;
+pub mod decision;
 pub mod error;
 pub mod eval;
 pub mod interp;
