@@ -50,7 +50,8 @@ impl DetectOptions {
     pub fn validate(&self) -> Result<()> {
         self.output.validate()?;
         if let Some(t) = self.threshold {
-            if !(0.0..=1.0).contains(&t) {
+            // A calibrated threshold may sit just above the highest score (flag nothing).
+            if !(0.0..=1.0f32.next_up()).contains(&t) {
                 return Err(Error::Usage(format!(
                     "--threshold {t}: scores are in [0, 1], so the threshold must be too"
                 )));
@@ -86,7 +87,7 @@ impl DetectOptions {
 
     /// The settings of the job itself that change what is written (for `run.json`).
     fn settings(&self) -> Value {
-        json!({
+        let mut v = json!({
             "records": self.format.file_name(),
             "maps": format!("{:?}", self.output.maps).to_lowercase(),
             "heatmaps": format!("{:?}", self.output.heatmaps).to_lowercase(),
@@ -95,7 +96,13 @@ impl DetectOptions {
             "max_pixels": self.pipeline.limits.max_pixels,
             "include_masks": self.walk.include_masks,
             "shard": self.shard.map(|s| format!("{}/{}", s.k, s.n)),
-        })
+        });
+        // Only when set, so that the folders of earlier versions still resume.
+        if let Some(p) = self.output.pixel_threshold {
+            v["pixel_threshold"] = json!(p);
+            v["min_region_area"] = json!(self.output.min_region_area);
+        }
+        v
     }
 }
 
@@ -278,6 +285,8 @@ impl DetectJob {
                             height: Some(h),
                             map: r.map,
                             heatmap: r.heatmap,
+                            mask: r.mask,
+                            regions: r.regions,
                             error: None,
                         }
                     }
@@ -380,7 +389,11 @@ fn record_or_keep(opts: &DetectOptions, now: &RunRecord) -> Result<()> {
 fn remove_run(out: &Path, record_files: &[PathBuf]) -> Result<()> {
     for f in record_files {
         let (records, _) = outputs::read_records(f)?;
-        for rel in records.iter().flat_map(|r| [&r.map, &r.heatmap]).flatten() {
+        for rel in records
+            .iter()
+            .flat_map(|r| [&r.map, &r.heatmap, &r.mask])
+            .flatten()
+        {
             let p = Path::new(rel);
             let inside = p
                 .components()

@@ -1,11 +1,13 @@
-//! One scored input's files: the map at the image's size (16-bit PNG or `.npy`) and the
-//! heatmap, encoded to bytes and then written atomically.
+//! One scored input's files: the map at the image's size (16-bit PNG or `.npy`), the heatmap
+//! and, with a pixel threshold, the defect mask and its regions, encoded to bytes and then
+//! written atomically.
 
 use std::path::Path;
 
 use image::RgbImage;
 
 use crate::data::outputs::{self, HeatmapKind, MapFormat};
+use crate::decision::regions::{defect_regions, Regions};
 use crate::method::Detection;
 use crate::{Error, Result};
 
@@ -16,6 +18,10 @@ pub struct OutputOptions {
     pub heatmaps: HeatmapKind,
     /// Opacity of the colour in overlay heatmaps, in [0, 1].
     pub heatmap_alpha: f32,
+    /// A defect mask (`masks/NAME.png`) and its regions where the map is at least this.
+    pub pixel_threshold: Option<f32>,
+    /// Regions smaller than this many pixels are dropped from the mask and the regions.
+    pub min_region_area: u64,
 }
 
 impl Default for OutputOptions {
@@ -24,6 +30,8 @@ impl Default for OutputOptions {
             maps: MapFormat::Png,
             heatmaps: HeatmapKind::Overlay,
             heatmap_alpha: 0.5,
+            pixel_threshold: None,
+            min_region_area: 1,
         }
     }
 }
@@ -36,6 +44,13 @@ impl OutputOptions {
                 self.heatmap_alpha
             )));
         }
+        if let Some(p) = self.pixel_threshold {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(Error::Usage(format!(
+                    "--pixel-threshold {p}: map values are in [0, 1], so the threshold must be too"
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -46,6 +61,8 @@ pub struct Rendered {
     pub files: Vec<(String, Vec<u8>)>,
     pub map: Option<String>,
     pub heatmap: Option<String>,
+    pub mask: Option<String>,
+    pub regions: Option<Regions>,
     pub map_max: f32,
     pub map_mean: f32,
 }
@@ -91,10 +108,23 @@ pub fn render(
             Some(r)
         }
     };
+    let (mask_rel, regions) = match opts.pixel_threshold {
+        None => (None, None),
+        Some(t) => {
+            let (mask, items) =
+                defect_regions(&map, w as usize, h as usize, t, opts.min_region_area);
+            let r = output_path("masks", key, "png");
+            files.push((r.clone(), outputs::mask_png(&mask, w, h)?));
+            let count = items.len();
+            (Some(r), Some(Regions { count, items }))
+        }
+    };
     Ok(Rendered {
         files,
         map: map_rel,
         heatmap: heat_rel,
+        mask: mask_rel,
+        regions,
         map_max: map.iter().copied().fold(f32::NEG_INFINITY, f32::max),
         map_mean: (map.iter().map(|&v| v as f64).sum::<f64>() / map.len() as f64) as f32,
     })

@@ -114,22 +114,32 @@ impl RunRecord {
     /// The settings that differ between `self` (the earlier run) and `now`, one line each:
     /// `detector.preset: "zero-shot" then, "adaclip" now`.
     pub fn differences(&self, now: &RunRecord) -> Vec<String> {
-        let (a, b) = (flatten(&self.comparable()), flatten(&now.comparable()));
-        let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-        keys.sort();
-        keys.dedup();
-        keys.into_iter()
-            .filter(|k| !NOT_COMPARED.contains(&k.as_str()))
-            .filter_map(|k| {
-                let (x, y) = (a.get(k), b.get(k));
-                (x != y).then(|| {
-                    let show =
-                        |v: Option<&Value>| v.map(short).unwrap_or_else(|| "(absent)".into());
-                    format!("{k}: {} then, {} now", show(x), show(y))
-                })
-            })
+        leaf_differences(&self.comparable(), &now.comparable())
+            .into_iter()
+            .filter(|(k, _, _)| !NOT_COMPARED.contains(&k.as_str()))
+            .map(|(k, x, y)| format!("{k}: {} then, {} now", show(x), show(y)))
             .collect()
     }
+}
+
+/// The leaves (`a.b[0]`) where two JSON values differ, with each side's value (`None`:
+/// absent), in key order.
+pub fn leaf_differences(a: &Value, b: &Value) -> Vec<(String, Option<Value>, Option<Value>)> {
+    let (a, b) = (flatten(a), flatten(b));
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter_map(|k| {
+            let (x, y) = (a.get(k), b.get(k));
+            (x != y).then(|| (k.clone(), x.cloned(), y.cloned()))
+        })
+        .collect()
+}
+
+/// A value in a message: cut when long, `(absent)` when missing.
+pub fn show(v: Option<Value>) -> String {
+    v.as_ref().map(short).unwrap_or_else(|| "(absent)".into())
 }
 
 /// Long values (hashes, sentences) cut for messages.

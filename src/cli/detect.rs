@@ -15,6 +15,7 @@ use crate::batch::render::OutputOptions;
 use crate::data::image::DecodeLimits;
 use crate::data::inputs::{Shard, WalkOptions};
 use crate::data::outputs::{HeatmapKind, MapFormat, RecordFormat};
+use crate::decision::thresholds::ThresholdFile;
 use crate::method::{Detector, TextInputs};
 
 /// The files written per input (shared with `zsad bench`, which times producing them).
@@ -42,6 +43,7 @@ impl OutputArgs {
             maps: self.maps,
             heatmaps: self.heatmaps,
             heatmap_alpha: self.heatmap_alpha,
+            ..Default::default()
         }
     }
 }
@@ -67,6 +69,21 @@ pub struct DetectArgs {
     /// Adds `"anomalous": score >= T` to every record (T in [0, 1])
     #[arg(long, value_name = "T", allow_negative_numbers = true)]
     pub threshold: Option<f32>,
+    /// Writes a defect mask per image (masks/NAME.png: 255 where the map is >= P, at the
+    /// image's size) and `regions` in every record (P in [0, 1])
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    pub pixel_threshold: Option<f32>,
+    /// The image and pixel thresholds of `zsad calibrate` (instead of --threshold and
+    /// --pixel-threshold); refused when calibrated with another model, adapter or detector
+    /// setting
+    #[arg(long, value_name = "thresholds.json", conflicts_with_all = ["threshold", "pixel_threshold"])]
+    pub thresholds: Option<PathBuf>,
+    /// Use --thresholds although they were calibrated with other settings
+    #[arg(long, requires = "thresholds")]
+    pub force_thresholds: bool,
+    /// Drop defect regions smaller than N pixels from the masks and the records' regions
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub min_region_area: u64,
     /// Continue a run: skip inputs that already have a record (scored or failed)
     #[arg(long)]
     pub resume: bool,
@@ -101,12 +118,29 @@ pub struct DetectArgs {
 }
 
 pub fn run(args: DetectArgs) -> anyhow::Result<u8> {
+    let thresholds = match &args.thresholds {
+        Some(p) => Some(ThresholdFile::load(p)?),
+        None => None,
+    };
+    let (threshold, pixel_threshold) = match &thresholds {
+        Some(f) => (
+            f.image.as_ref().map(|c| c.threshold),
+            f.pixel.as_ref().map(|c| c.threshold),
+        ),
+        None => (args.threshold, args.pixel_threshold),
+    };
+    if args.min_region_area != 1 && pixel_threshold.is_none() {
+        anyhow::bail!("--min-region-area sizes defect regions: add --pixel-threshold P (or --thresholds with a pixel threshold)");
+    }
+    let mut output = args.output.options();
+    output.pixel_threshold = pixel_threshold;
+    output.min_region_area = args.min_region_area;
     let opts = DetectOptions {
         inputs: args.inputs.clone(),
         out: args.out.clone(),
         format: args.format,
-        output: args.output.options(),
-        threshold: args.threshold,
+        output,
+        threshold,
         resume: args.resume,
         retry_failed: args.retry_failed,
         overwrite: args.overwrite,
@@ -143,6 +177,17 @@ pub fn run(args: DetectArgs) -> anyhow::Result<u8> {
         }
         None => detector,
     };
+    if let (Some(f), Some(path)) = (&thresholds, &args.thresholds) {
+        let origin = path.display().to_string();
+        match f.check_matches(&model, &origin) {
+            Err(e) if args.force_thresholds => {
+                if !args.quiet {
+                    eprintln!("zsad: warning: --force-thresholds: {e}");
+                }
+            }
+            other => other?,
+        }
+    }
     let info = serde_json::json!({
         "command": std::env::args().collect::<Vec<_>>(),
         "batch_size": args.batch_size,

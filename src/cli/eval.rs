@@ -106,11 +106,23 @@ fn by_class(samples: &[Sample]) -> BTreeMap<String, Vec<&Sample>> {
     m
 }
 
-fn run_model(
-    args: &EvalArgs,
-    detector_args: &DetectorArgs,
+/// How a dataset is scored by a model (`eval --model`, `calibrate --data`).
+pub struct Scoring<'a> {
+    pub detector: &'a DetectorArgs,
+    pub reference: &'a ReferenceArgs,
+    pub resolution: Resolution,
+    /// Name the object in hand-made prompts by each class's word (eval, as the papers do);
+    /// off, the adapter's word or --class-name is used, as `zsad detect` does.
+    pub class_words: bool,
+    pub quiet: bool,
+}
+
+/// Scores every sample with the model, class by class: the evidence and `run.json`'s settings.
+pub fn run_model(
+    args: &Scoring,
     samples: &[Sample],
 ) -> anyhow::Result<(Evaluation, serde_json::Value)> {
+    let detector_args = args.detector;
     let (loaded, adapter) = detector_args.setup(args.quiet)?;
     let tok = tokenizer(&detector_args.tokenizer, &loaded)?;
     let mut settings = detector_args.run_settings(&loaded, &adapter)?;
@@ -138,7 +150,8 @@ fn run_model(
         // Hand-made ensembles name the object: the dataset's class word, as the papers do,
         // unless --class-name fixes one; learned prompts keep their own word.
         let mut a = adapter.clone();
-        if detector_args.class_name.is_none()
+        if args.class_words
+            && detector_args.class_name.is_none()
             && matches!(a.config.text, TextPrompts::Ensemble { .. })
         {
             a.config.class_name = prompts::class_word(&class);
@@ -199,7 +212,7 @@ fn run_model(
 
 /// References are of one product, and an image that is both a reference and a test sample
 /// scores as normal whatever it shows: both are said, not refused (a user may mean it).
-fn warn_about_references(args: &EvalArgs, samples: &[Sample], r: &Attached) {
+fn warn_about_references(args: &Scoring, samples: &[Sample], r: &Attached) {
     if args.quiet {
         return;
     }
@@ -292,7 +305,8 @@ fn match_records(samples: &[Sample], records: &[Record]) -> Vec<Result<usize, St
         .collect()
 }
 
-fn read_predictions(args: &EvalArgs, dir: &Path, samples: &[Sample]) -> anyhow::Result<Evaluation> {
+/// The evidence of the records and maps that `zsad detect` wrote to `dir` for `samples`.
+pub fn read_predictions(quiet: bool, dir: &Path, samples: &[Sample]) -> anyhow::Result<Evaluation> {
     let file = [dir.join("scores.jsonl"), dir.join("scores.csv")]
         .into_iter()
         .find(|p| p.is_file())
@@ -348,7 +362,7 @@ fn read_predictions(args: &EvalArgs, dir: &Path, samples: &[Sample]) -> anyhow::
             }
         );
     }
-    let mut bar = progress(samples.len(), args.quiet);
+    let mut bar = progress(samples.len(), quiet);
     let mut done = 0u64;
     let mut eval = Evaluation::default();
     let index: HashMap<&Path, usize> = samples
@@ -424,7 +438,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let (eval, settings) = match &args.predictions {
         Some(dir) => (
-            read_predictions(&args, dir, &samples)?,
+            read_predictions(args.quiet, dir, &samples)?,
             serde_json::json!({"predictions": dir.display().to_string()}),
         ),
         None if args.detector.model.model.is_empty() => {
@@ -432,7 +446,16 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
                 "give --model (with --adapter or --preset) to run a detector, or --predictions DIR"
             )
         }
-        None => run_model(&args, &args.detector, &samples)?,
+        None => run_model(
+            &Scoring {
+                detector: &args.detector,
+                reference: &args.reference,
+                resolution: args.resolution,
+                class_words: true,
+                quiet: args.quiet,
+            },
+            &samples,
+        )?,
     };
     let report = eval.finish(args.single_label, args.aupro_grid);
     let out = &args.out;

@@ -1,6 +1,7 @@
 //! The `zsad` command line: parsing, model options shared by subcommands, exit codes.
 
 mod bench;
+mod calibrate;
 mod detect;
 mod detector_args;
 mod eval;
@@ -102,6 +103,11 @@ pub enum Command {
     /// and their mean, exactly as the papers compute them, with ROC and PR plots.
     #[command(after_help = AFTER_HELP)]
     Eval(eval::EvalArgs),
+    /// Choose image and pixel thresholds (thresholds.json for `detect --thresholds`) on
+    /// labelled data (F1-max, --max-fpr or --min-recall) or on normal images only (--normal
+    /// with --max-fpr).
+    #[command(after_help = AFTER_HELP)]
+    Calibrate(calibrate::CalibrateArgs),
     /// Train an adapter on annotated auxiliary data (the target classes are never seen).
     #[command(after_help = AFTER_HELP)]
     Train(train::TrainArgs),
@@ -253,6 +259,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Detect(a) => detect::run(a),
         Command::Eval(a) => eval::run(a).map(|()| EXIT_OK),
+        Command::Calibrate(a) => calibrate::run(a).map(|()| EXIT_OK),
         Command::Train(a) => train::run(a).map(|()| EXIT_OK),
         Command::Manifest(a) => manifest::run(a).map(|()| EXIT_OK),
         Command::ImportCheckpoint(a) => import::run(a).map(|()| EXIT_OK),

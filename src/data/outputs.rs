@@ -39,6 +39,12 @@ pub struct Record {
     pub map: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heatmap: Option<String>,
+    /// The binary defect mask (`map >= pixel threshold`), relative to the output folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<String>,
+    /// The mask's connected regions, when a pixel threshold is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regions: Option<crate::decision::regions::Regions>,
     /// Why the input could not be scored (then no score).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -89,6 +95,8 @@ const CSV_COLUMNS: &[&str] = &[
     "map",
     "heatmap",
     "error",
+    "mask",
+    "regions",
 ];
 
 fn csv_row(r: &Record) -> Vec<String> {
@@ -106,6 +114,12 @@ fn csv_row(r: &Record) -> Vec<String> {
         r.map.clone().unwrap_or_default(),
         r.heatmap.clone().unwrap_or_default(),
         r.error.clone().unwrap_or_default(),
+        r.mask.clone().unwrap_or_default(),
+        // The region count; the regions themselves are in the JSON Lines format only.
+        r.regions
+            .as_ref()
+            .map(|g| g.count.to_string())
+            .unwrap_or_default(),
     ]
 }
 
@@ -190,6 +204,13 @@ pub fn parse(text: &str, format: RecordFormat) -> (Vec<Record>, Vec<usize>) {
                     map: get("map"),
                     heatmap: get("heatmap"),
                     error: get("error"),
+                    mask: get("mask"),
+                    regions: get("regions").and_then(|s| s.parse().ok()).map(|count| {
+                        crate::decision::regions::Regions {
+                            count,
+                            items: Vec::new(),
+                        }
+                    }),
                 });
             }
         }
@@ -288,6 +309,14 @@ impl RecordLog {
 }
 
 /// `round(p · 65535)` as a 16-bit grey PNG: one fixed scale for every image.
+/// A defect mask as an 8-bit grey PNG: 255 where set, 0 elsewhere.
+pub fn mask_png(mask: &[bool], w: u32, h: u32) -> Result<Vec<u8>> {
+    let px: Vec<u8> = mask.iter().map(|&b| if b { 255 } else { 0 }).collect();
+    let img: ImageBuffer<Luma<u8>, Vec<u8>> = ImageBuffer::from_raw(w, h, px)
+        .ok_or_else(|| Error::Output(format!("mask is not {w}x{h}")))?;
+    encode_png(&img)
+}
+
 pub fn map_png(map: &[f32], w: u32, h: u32) -> Result<Vec<u8>> {
     let px: Vec<u16> = map
         .iter()
@@ -489,6 +518,11 @@ mod tests {
                 map: Some("maps/b.png".into()),
                 heatmap: None,
                 error: None,
+                mask: Some("masks/b.png".into()),
+                regions: Some(crate::decision::regions::Regions {
+                    count: 0,
+                    items: Vec::new(),
+                }),
             },
             Record::failed("x.png", "x.png: not an image"),
         ]

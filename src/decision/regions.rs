@@ -6,6 +6,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::eval::metrics::label_regions;
 
+/// A record's `regions`: how many, and each one, largest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Regions {
+    pub count: usize,
+    #[serde(default)]
+    pub items: Vec<Region>,
+}
+
 /// One connected region of the defect mask.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Region {

@@ -14,9 +14,163 @@
 //! at most `max_fpr` of the normal scores are flagged. Where no threshold of the curve meets a
 //! rule by flagging nothing, the threshold is the next float above the highest score.
 
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::eval::metrics::Curve;
+use crate::{Error, Result};
+
+/// `format` of the thresholds files this version writes and reads.
+pub const FORMAT: &str = "zsad-thresholds/1";
+
+/// `thresholds.json`: the image and pixel thresholds, how they were chosen, and the data and
+/// model they came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ThresholdFile {
+    pub format: String,
+    /// `score >= image.threshold`: anomalous.
+    pub image: Option<Chosen>,
+    /// `map >= pixel.threshold`: in the defect mask.
+    pub pixel: Option<Chosen>,
+    /// What made the scores (see [`ThresholdFile::identity`]); a run with other settings is
+    /// refused unless forced.
+    pub model: Value,
+    /// Where the thresholds were chosen: the data, its counts, the command.
+    pub data: Value,
+}
+
+/// One chosen threshold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Chosen {
+    pub threshold: f32,
+    /// `f1-max`, `max-fpr`, `min-recall` (labelled data) or `normal-max-fpr` (normal data).
+    pub rule: String,
+    /// The rule's target: the FPR budget or the recall.
+    pub target: Option<f64>,
+    /// What the threshold achieves on the data it was chosen on.
+    pub achieved: Achieved,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Achieved {
+    pub precision: Option<f64>,
+    pub recall: Option<f64>,
+    pub fpr: Option<f64>,
+    pub f1: Option<f64>,
+    pub true_positives: u64,
+    pub false_positives: u64,
+    pub positives: u64,
+    pub negatives: u64,
+}
+
+impl Chosen {
+    pub fn new(s: &Selected, rule: &str, target: Option<f64>) -> Self {
+        Self {
+            threshold: s.threshold,
+            rule: rule.to_string(),
+            target,
+            achieved: Achieved {
+                precision: s.precision(),
+                recall: s.recall(),
+                fpr: s.fpr(),
+                f1: s.f1(),
+                true_positives: s.true_positives,
+                false_positives: s.false_positives,
+                positives: s.positives,
+                negatives: s.negatives,
+            },
+        }
+    }
+}
+
+impl ThresholdFile {
+    /// What of a run's settings (`run.json`'s `settings`, or the model side of it, see
+    /// [`crate::batch::detect::model_settings`]) decides its scores: the model's files, the CLIP
+    /// configuration, the adapter, the detector configuration and the references, each without
+    /// where it was read from (the model's spec, the adapter's path, the backbone's name, the
+    /// references' paths). Output options, the tokenizer (one vocabulary) and the GEMM
+    /// precision are left out.
+    pub fn identity(settings: &Value) -> Value {
+        let without = |v: &Value, key: &str| {
+            let mut v = v.clone();
+            if let Value::Object(m) = &mut v {
+                m.remove(key);
+            }
+            v
+        };
+        let mut id = serde_json::json!({
+            "model": without(&settings["model"], "spec"),
+            "clip": settings["clip"],
+            "adapter": without(&settings["adapter"], "path"),
+            "detector": without(&settings["detector"], "backbone"),
+        });
+        // References by content and use.
+        if let Some(r) = settings.get("reference") {
+            let shas: Vec<Value> = r["sources"]
+                .as_array()
+                .map(|a| a.iter().map(|s| s["sha256"].clone()).collect())
+                .unwrap_or_default();
+            id["reference"] = serde_json::json!({
+                "sources_sha256": shas,
+                "patches_kept": r["patches_kept"],
+                "max_patches": r["max_patches"],
+                "weight": r["weight"],
+                "only": r["only"],
+            });
+        }
+        id
+    }
+
+    /// Reads and checks a thresholds file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bad = |m: String| Error::Usage(format!("thresholds file {}: {m}", path.display()));
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let f: Self = serde_json::from_str(&text).map_err(|e| {
+            bad(format!(
+                "not a thresholds file written by `zsad calibrate` ({e})"
+            ))
+        })?;
+        if f.format != FORMAT {
+            return Err(bad(format!(
+                "format `{}`, this zsad reads `{FORMAT}`",
+                f.format
+            )));
+        }
+        for (what, c) in [("image", &f.image), ("pixel", &f.pixel)] {
+            if let Some(c) = c {
+                if !(c.threshold.is_finite() && (0.0..=1.0f32.next_up()).contains(&c.threshold)) {
+                    return Err(bad(format!(
+                        "the {what} threshold {} is outside [0, 1]",
+                        c.threshold
+                    )));
+                }
+            }
+        }
+        if f.image.is_none() && f.pixel.is_none() {
+            return Err(bad("it holds neither an image nor a pixel threshold".into()));
+        }
+        Ok(f)
+    }
+
+    /// Refuses thresholds chosen on the scores of other settings than `settings` (a run's),
+    /// naming each that differs.
+    pub fn check_matches(&self, settings: &Value, origin: &str) -> Result<()> {
+        use crate::batch::run_record::{leaf_differences, show};
+        let diffs: Vec<String> = leaf_differences(&self.model, &Self::identity(settings))
+            .into_iter()
+            .map(|(k, then, now)| format!("{k}: calibrated {}, run {}", show(then), show(now)))
+            .collect();
+        if diffs.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Usage(format!(
+            "thresholds {origin} were calibrated with other settings than this run: {}; calibrate again (`zsad calibrate`) or pass --force-thresholds",
+            diffs.join("; ")
+        )))
+    }
+}
 
 /// How a threshold is chosen from labelled scores.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -64,10 +218,11 @@ impl Selected {
         }
     }
 
-    /// `tp / (tp + fp)`; `None` when nothing is flagged.
+    /// `tp / (tp + fp)`; `None` when nothing is flagged or there are no positives to find
+    /// (normal data only).
     pub fn precision(&self) -> Option<f64> {
         let flagged = self.true_positives + self.false_positives;
-        (flagged > 0).then(|| self.true_positives as f64 / flagged as f64)
+        (flagged > 0 && self.positives > 0).then(|| self.true_positives as f64 / flagged as f64)
     }
     /// `tp / P`; `None` without positives.
     pub fn recall(&self) -> Option<f64> {

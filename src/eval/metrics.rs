@@ -252,6 +252,24 @@ impl PixelScores {
     pub fn pixels(&self) -> usize {
         self.positives.len() + self.negatives.len()
     }
+
+    /// Another image set's pixels added to these (for curves over several classes; AUPRO's
+    /// regions stay apart).
+    pub fn append(&mut self, mut other: PixelScores) {
+        let base = self.positives.len();
+        self.positives.append(&mut other.positives);
+        self.region_ends
+            .extend(other.region_ends.iter().map(|e| e + base));
+        self.negatives.append(&mut other.negatives);
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+        self.images += other.images;
+    }
+
+    /// The pixel curve alone (no AUPRO); consumes the scores.
+    pub fn into_curve(mut self) -> Curve {
+        Curve::new(&mut self.positives, &mut self.negatives)
+    }
     pub fn images(&self) -> usize {
         self.images
     }

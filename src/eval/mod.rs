@@ -66,6 +66,23 @@ impl Evaluation {
             .add(map, mask, h, w);
     }
 
+    /// The image and pixel curves over every class together (thresholds are chosen for all the
+    /// data), and the number of images.
+    pub fn pooled_curves(self) -> (Curve, Curve, usize) {
+        let mut pos = Vec::new();
+        let mut neg = Vec::new();
+        let mut pixels = PixelScores::new();
+        for (_, mut ev) in self.classes {
+            pos.append(&mut ev.image_pos);
+            neg.append(&mut ev.image_neg);
+            if let Some(p) = ev.pixels {
+                pixels.append(p);
+            }
+        }
+        let images = pos.len() + neg.len();
+        (Curve::new(&mut pos, &mut neg), pixels.into_curve(), images)
+    }
+
     /// Computes every class's metrics and the mean.
     pub fn finish(self, rule: SingleLabel, grid: metrics::ProGrid) -> report::Report {
         let mut classes = BTreeMap::new();

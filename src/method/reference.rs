@@ -167,8 +167,11 @@ impl MemoryBank {
     /// Refuses a bank whose features were made otherwise than `features` (what this run's
     /// image pass would give), naming each setting that differs.
     pub fn check_matches(&self, features: &Value, origin: &str) -> Result<()> {
-        let mut diffs = Vec::new();
-        diff_values("", &self.info.features, features, &mut diffs);
+        use crate::batch::run_record::{leaf_differences, show};
+        let diffs: Vec<String> = leaf_differences(&self.info.features, features)
+            .into_iter()
+            .map(|(k, bank, run)| format!("{k}: bank {}, run {}", show(bank), show(run)))
+            .collect();
         if diffs.is_empty() {
             return Ok(());
         }
@@ -176,32 +179,6 @@ impl MemoryBank {
             "reference bank {origin} was built with other features than this run: {}; rebuild it with `zsad reference build` for this model and adapter",
             diffs.join("; ")
         )))
-    }
-}
-
-/// Leaf-by-leaf differences between two JSON values, as `key: bank X, run Y`.
-fn diff_values(at: &str, bank: &Value, run: &Value, out: &mut Vec<String>) {
-    match (bank, run) {
-        (Value::Object(a), Value::Object(b)) => {
-            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-            keys.sort();
-            keys.dedup();
-            for k in keys {
-                let sub = if at.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{at}.{k}")
-                };
-                diff_values(
-                    &sub,
-                    a.get(k).unwrap_or(&Value::Null),
-                    b.get(k).unwrap_or(&Value::Null),
-                    out,
-                );
-            }
-        }
-        _ if bank != run => out.push(format!("{at}: bank {bank}, run {run}")),
-        _ => {}
     }
 }
 
@@ -468,14 +445,29 @@ mod tests {
     fn differences_name_each_setting() {
         let a = serde_json::json!({"model": {"sha": "1"}, "layers": [1, 2]});
         let b = serde_json::json!({"model": {"sha": "2"}, "layers": [1, 2], "extra": 1});
-        let mut d = Vec::new();
-        diff_values("", &a, &b, &mut d);
-        assert_eq!(
-            d,
-            [
-                "extra: bank null, run 1",
-                "model.sha: bank \"1\", run \"2\""
-            ]
+        let bank = MemoryBank {
+            layers: Vec::new(),
+            info: BankInfo {
+                format: FORMAT.into(),
+                features: a.clone(),
+                layers: vec![1, 2],
+                image_size: 32,
+                patches_per_image: 16,
+                sources: Vec::new(),
+                patches_total: 1,
+                patches_kept: 1,
+                max_patches: None,
+                coreset_seed: 0,
+            },
+        };
+        assert!(bank.check_matches(&a, "b.safetensors").is_ok());
+        let e = bank
+            .check_matches(&b, "b.safetensors")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("extra: bank (absent), run 1; model.sha: bank \"1\", run \"2\""),
+            "{e}"
         );
     }
 }
