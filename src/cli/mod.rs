@@ -61,13 +61,19 @@ const DETECT_AFTER_HELP: &str = concat!(
   run.json        the settings that made the records (model and adapter SHA-256, detector
                   configuration, output options); --resume refuses other settings
   scores.jsonl    one JSON object per input: path, score, global_score, map_max, map_mean,
-                  width, height, map, heatmap (paths relative to DIR), anomalous (--threshold);
+                  width, height, map, heatmap (paths relative to DIR), anomalous (--threshold),
+                  mask, regions (--pixel-threshold);
                   a failed input has path and error instead (--format csv: scores.csv)
   maps/NAME.png   the anomaly map at the image's size, 16-bit grey, value = round(p * 65535)
   heatmaps/NAME.png  inferno colormap on the fixed [0, 1] scale, over the image
+  masks/NAME.png  with --pixel-threshold or --thresholds: the defect mask (255 where map >= P),
+                  and `regions` (count, and each region's area, bbox, peak) in the record
 NAME is the path inside the folder argument (or as given) without extension (see the README
 for how names are kept distinct). Folder walks leave out masks (ground_truth/, Masks/, X.png
 beside X.jpg; --include-masks keeps them), read only regular files and walk each folder once.
+
+Decisions: --thresholds thresholds.json (from `zsad calibrate`) or --threshold T and
+--pixel-threshold P; --min-region-area N drops specks from masks and regions.
 
 Batch runs: --resume skips inputs already recorded; --shard K/N scores one of N shares (give
 each its own --out, then `zsad merge`).
