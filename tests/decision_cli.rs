@@ -191,6 +191,45 @@ fn masks_and_regions_agree() {
         any |= !items.is_empty();
     }
     assert!(any, "no region at all: the test would not test regions");
+    // Overlays outline the mask in cyan: only mask pixels, and some wherever there is a region.
+    let out4 = dir.join("det4");
+    let o = zsad(&[
+        "detect",
+        s(&d),
+        "--model",
+        "random:tiny",
+        "-q",
+        "--out",
+        s(&out4),
+        "--pixel-threshold",
+        "0.55",
+        "--heatmap-alpha",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", err(&o));
+    for r in records(&out4) {
+        let heat = image::open(out4.join(r["heatmap"].as_str().unwrap()))
+            .unwrap()
+            .to_rgb8();
+        let mask = image::open(out4.join(r["mask"].as_str().unwrap()))
+            .unwrap()
+            .to_luma8();
+        let src = image::open(r["path"].as_str().unwrap()).unwrap().to_rgb8();
+        let mut outline = 0;
+        for ((h, m), s) in heat.pixels().zip(mask.pixels()).zip(src.pixels()) {
+            if h.0 == [0, 255, 255] && s.0 != [0, 255, 255] {
+                assert_eq!(m.0[0], 255, "outline outside the mask");
+                outline += 1;
+            } else {
+                assert_eq!(h.0, s.0, "alpha 0 shows the image itself elsewhere");
+            }
+        }
+        assert_eq!(
+            outline > 0,
+            r["regions"]["count"].as_u64().unwrap() > 0,
+            "{r}"
+        );
+    }
     // --min-region-area drops the small regions.
     let out2 = dir.join("det2");
     let o = detect(

@@ -98,21 +98,25 @@ pub fn render(
         files.push((r.clone(), bytes));
         r
     });
+    let defects = opts
+        .pixel_threshold
+        .map(|t| defect_regions(&map, w as usize, h as usize, t, opts.min_region_area));
     let heat_rel = match opts.heatmaps {
         HeatmapKind::None => None,
         kind => {
             let r = output_path("heatmaps", key, "png");
             let under = (kind == HeatmapKind::Overlay).then_some(rgb);
-            let img = outputs::heatmap(&map, under, w, h, opts.heatmap_alpha);
+            let mut img = outputs::heatmap(&map, under, w, h, opts.heatmap_alpha);
+            if let (HeatmapKind::Overlay, Some((mask, _))) = (kind, &defects) {
+                draw_outline(&mut img, mask);
+            }
             files.push((r.clone(), outputs::png_bytes_rgb(&img)?));
             Some(r)
         }
     };
-    let (mask_rel, regions) = match opts.pixel_threshold {
+    let (mask_rel, regions) = match defects {
         None => (None, None),
-        Some(t) => {
-            let (mask, items) =
-                defect_regions(&map, w as usize, h as usize, t, opts.min_region_area);
+        Some((mask, items)) => {
             let r = output_path("masks", key, "png");
             files.push((r.clone(), outputs::mask_png(&mask, w, h)?));
             let count = items.len();
@@ -128,6 +132,36 @@ pub fn render(
         map_max: map.iter().copied().fold(f32::NEG_INFINITY, f32::max),
         map_mean: (map.iter().map(|&v| v as f64).sum::<f64>() / map.len() as f64) as f32,
     })
+}
+
+/// The outline colour of defect masks on overlays: cyan, far from every inferno colour.
+pub const OUTLINE: [u8; 3] = [0, 255, 255];
+
+/// Paints the mask's boundary (mask pixels with a 4-neighbour outside it or on the image's
+/// edge) in [`OUTLINE`].
+fn draw_outline(img: &mut RgbImage, mask: &[bool]) {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let inside = |x: isize, y: isize| {
+        x >= 0
+            && y >= 0
+            && (x as usize) < w
+            && (y as usize) < h
+            && mask[y as usize * w + x as usize]
+    };
+    for y in 0..h {
+        for x in 0..w {
+            if !mask[y * w + x] {
+                continue;
+            }
+            let (xi, yi) = (x as isize, y as isize);
+            let edge = [(1, 0), (-1, 0), (0, 1), (0, -1)]
+                .iter()
+                .any(|(dx, dy)| !inside(xi + dx, yi + dy));
+            if edge {
+                img.put_pixel(x as u32, y as u32, image::Rgb(OUTLINE));
+            }
+        }
+    }
 }
 
 /// Writes every file atomically under `out`.

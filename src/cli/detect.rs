@@ -24,7 +24,8 @@ pub struct OutputArgs {
     /// Anomaly map files under DIR/maps/, at each image's own size
     #[arg(long, value_enum, default_value = "png")]
     pub maps: MapFormat,
-    /// Heatmaps under DIR/heatmaps/ (inferno colormap, fixed [0, 1] scale)
+    /// Heatmaps under DIR/heatmaps/ (inferno colormap, fixed [0, 1] scale); with a pixel
+    /// threshold, overlays outline the defect mask in cyan
     #[arg(long, value_enum, default_value = "overlay")]
     pub heatmaps: HeatmapKind,
     /// Opacity of the colour in overlay heatmaps, in [0, 1]
