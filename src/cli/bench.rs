@@ -115,21 +115,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     )?;
     let setup_seconds = t1.elapsed().as_secs_f64();
     let t2 = Instant::now();
-    let settings = args.detector.run_settings(&loaded, &adapter)?;
+    let mut settings = args.detector.run_settings(&loaded, &adapter)?;
     let limits = crate::data::image::DecodeLimits::default();
-    let (det, reference_bank) = match args.reference.load(&det, &settings, limits, 0, true)? {
-        Some(r) => {
-            let bank = BankReport {
-                images: r.bank.info.sources.len(),
-                patches_per_layer: r.bank.info.patches_kept,
-                layers: r.bank.layers.len(),
-                megabytes: r.bank.bytes() as f64 / 1e6,
-                build_seconds: t2.elapsed().as_secs_f64(),
-            };
-            (det.with_reference(r.bank, r.how)?, Some(bank))
-        }
-        None => (det, None),
-    };
+    let (det, bank) = args.reference.attach(det, &mut settings, limits, 0, true)?;
+    let reference_bank = bank.map(|b| BankReport {
+        images: b.images,
+        patches_per_layer: b.patches_per_layer,
+        layers: b.layers,
+        megabytes: b.bytes as f64 / 1e6,
+        build_seconds: t2.elapsed().as_secs_f64(),
+    });
     let size = det.image_size();
     let out = tempdir()?;
 

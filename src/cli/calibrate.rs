@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::{json, Value};
 
-use super::detector_args::{tokenizer, DetectorArgs};
+use super::detector_args::DetectorArgs;
 use super::eval::{read_predictions, run_model, Resolution, Scoring};
 use super::reference::ReferenceArgs;
 use crate::batch::pipeline::{self, Outcome, PipelineOptions};
@@ -19,7 +19,6 @@ use crate::decision::thresholds::{
     select, select_normal, Chosen, Rule, Selected, ThresholdFile, FORMAT,
 };
 use crate::eval::metrics::Curve;
-use crate::method::{Detector, TextInputs};
 
 #[derive(Debug, Args)]
 // The model is needed only without --predictions.
@@ -157,25 +156,12 @@ fn normal_only(args: &CalibrateArgs, max_fpr: f64) -> anyhow::Result<ThresholdFi
     }
     let expanded = inputs::expand(&args.normal, &mut std::io::empty(), WalkOptions::default())
         .context("--normal")?;
-    let (loaded, adapter) = args.detector.setup(args.quiet)?;
-    let tok = tokenizer(&args.detector.tokenizer, &loaded)?;
-    let det = Detector::new(
-        &loaded.model,
-        &adapter,
-        TextInputs::build(&adapter.config, &tok)?,
-    )?;
-    let mut settings = args.detector.run_settings(&loaded, &adapter)?;
+    let built = args.detector.build(args.quiet)?;
+    let mut settings = built.settings;
     let limits = crate::data::image::DecodeLimits::default();
-    let det = match args
+    let (det, _) = args
         .reference
-        .load(&det, &settings, limits, 0, args.quiet)?
-    {
-        Some(r) => {
-            settings["reference"] = r.settings()?;
-            det.with_reference(r.bank, r.how)?
-        }
-        None => det,
-    };
+        .attach(built.detector, &mut settings, limits, 0, args.quiet)?;
     let mut scores = Vec::new();
     let mut pixels = Vec::new();
     let mut failed = expanded.missing.len();

@@ -3,10 +3,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Args;
 
-use super::detector_args::{tokenizer, DetectorArgs};
+use super::detector_args::DetectorArgs;
 use super::reference::ReferenceArgs;
 use super::{EXIT_OK, EXIT_SOME_FAILED};
 use crate::batch::detect::{DetectJob, DetectOptions};
@@ -16,7 +15,6 @@ use crate::data::image::DecodeLimits;
 use crate::data::inputs::{Shard, WalkOptions};
 use crate::data::outputs::{HeatmapKind, MapFormat, RecordFormat};
 use crate::decision::thresholds::ThresholdFile;
-use crate::method::{Detector, TextInputs};
 
 /// The files written per input (shared with `zsad bench`, which times producing them).
 #[derive(Debug, Clone, Args)]
@@ -159,25 +157,16 @@ pub fn run(args: DetectArgs) -> anyhow::Result<u8> {
     // Inputs and options first: a mistyped folder or flag costs no model load.
     args.reference.check()?;
     let job = DetectJob::new(opts, &mut std::io::stdin().lock())?;
-    let (loaded, adapter) = args.detector.setup(args.quiet)?;
-    let tok = tokenizer(&args.detector.tokenizer, &loaded)?;
-    let inputs_text = TextInputs::build(&adapter.config, &tok)?;
-    let detector = Detector::new(&loaded.model, &adapter, inputs_text)
-        .context("cannot set up the detector")?;
-    let mut model = args.detector.run_settings(&loaded, &adapter)?;
-    let detector = match args.reference.load(
-        &detector,
-        &model,
+    let built = args.detector.build(args.quiet)?;
+    let loaded = built.loaded;
+    let mut model = built.settings;
+    let (detector, _) = args.reference.attach(
+        built.detector,
+        &mut model,
         DecodeLimits::with_max_pixels(args.max_pixels),
         args.batch_size,
         args.quiet,
-    )? {
-        Some(r) => {
-            model["reference"] = r.settings()?;
-            detector.with_reference(r.bank, r.how)?
-        }
-        None => detector,
-    };
+    )?;
     if let (Some(f), Some(path)) = (&thresholds, &args.thresholds) {
         let origin = path.display().to_string();
         match f.check_matches(&model, &origin) {

@@ -154,7 +154,36 @@ impl DetectorArgs {
     }
 }
 
+/// A detector ready to run, with what made it.
+pub struct Built {
+    pub loaded: LoadedModel,
+    pub adapter: Adapter,
+    pub detector: crate::method::Detector,
+    /// `run.json`'s model side ([`DetectorArgs::run_settings`]).
+    pub settings: serde_json::Value,
+}
+
 impl DetectorArgs {
+    /// Loads the model, sets the detector up (text encoded once where it can be) and records
+    /// its settings.
+    pub fn build(&self, quiet: bool) -> anyhow::Result<Built> {
+        let (loaded, adapter) = self.setup(quiet)?;
+        let tok = tokenizer(&self.tokenizer, &loaded)?;
+        let detector = crate::method::Detector::new(
+            &loaded.model,
+            &adapter,
+            crate::method::TextInputs::build(&adapter.config, &tok)?,
+        )
+        .context("cannot set up the detector")?;
+        let settings = self.run_settings(&loaded, &adapter)?;
+        Ok(Built {
+            loaded,
+            adapter,
+            detector,
+            settings,
+        })
+    }
+
     /// What `run.json` records of the model, adapter, detector, tokenizer and precision (and
     /// what a reference bank's features are compared with).
     pub fn run_settings(

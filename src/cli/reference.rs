@@ -7,13 +7,13 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
-use super::detector_args::{tokenizer, DetectorArgs};
+use super::detector_args::DetectorArgs;
 use super::{EXIT_OK, EXIT_SOME_FAILED};
 use crate::batch::reference::{self as bank_builder, BankOptions, DEFAULT_MAX_PATCHES};
 use crate::data::image::DecodeLimits;
 use crate::data::inputs::{self, WalkOptions};
 use crate::method::reference::{MemoryBank, ReferenceUse};
-use crate::method::{Detector, TextInputs};
+use crate::method::Detector;
 
 /// How a run uses normal images of the product.
 #[derive(Debug, Clone, Args)]
@@ -166,6 +166,42 @@ impl ReferenceArgs {
     }
 }
 
+impl ReferenceArgs {
+    /// [`Self::load`], and the bank attached to `detector` and recorded in `settings`
+    /// (`settings.reference`): the detector to run and the bank's record, if any.
+    pub fn attach(
+        &self,
+        detector: Detector,
+        settings: &mut Value,
+        limits: DecodeLimits,
+        batch_size: usize,
+        quiet: bool,
+    ) -> anyhow::Result<(Detector, Option<BankSummary>)> {
+        match self.load(&detector, settings, limits, batch_size, quiet)? {
+            Some(r) => {
+                settings["reference"] = r.settings()?;
+                let summary = BankSummary {
+                    images: r.bank.info.sources.len(),
+                    patches_per_layer: r.bank.info.patches_kept,
+                    layers: r.bank.layers.len(),
+                    bytes: r.bank.bytes(),
+                };
+                Ok((detector.with_reference(r.bank, r.how)?, Some(summary)))
+            }
+            None => Ok((detector, None)),
+        }
+    }
+}
+
+/// The size of a bank in use.
+#[derive(Debug, Clone, Copy)]
+pub struct BankSummary {
+    pub images: usize,
+    pub patches_per_layer: usize,
+    pub layers: usize,
+    pub bytes: usize,
+}
+
 /// Expands `paths` as detect's inputs are (masks left out) and builds their bank, reporting
 /// each image that could not be used.
 fn build_bank(
@@ -261,15 +297,8 @@ pub fn run(cmd: ReferenceCmd) -> anyhow::Result<u8> {
     if args.inputs.iter().any(|p| p == "-") {
         bail!("reference build -: name the images or folders (stdin is not read)");
     }
-    let (loaded, adapter) = args.detector.setup(args.quiet)?;
-    let tok = tokenizer(&args.detector.tokenizer, &loaded)?;
-    let detector = Detector::new(
-        &loaded.model,
-        &adapter,
-        TextInputs::build(&adapter.config, &tok)?,
-    )
-    .context("cannot set up the detector")?;
-    let settings = args.detector.run_settings(&loaded, &adapter)?;
+    let built = args.detector.build(args.quiet)?;
+    let (detector, settings) = (built.detector, built.settings);
     let opts = BankOptions {
         max_patches: args.reference_max_patches,
         limits: DecodeLimits::with_max_pixels(args.max_pixels),
