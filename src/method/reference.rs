@@ -261,7 +261,7 @@ pub fn fuse_reference(method: &Tensor, reference: &Tensor, weight: f64) -> Resul
 /// `start`. Returns the chosen indices in selection order (all `n` when `m ≥ n`).
 pub fn greedy_coreset(points: &[f32], dim: usize, m: usize, start: usize) -> Vec<usize> {
     use rayon::prelude::*;
-    let n = if dim == 0 { 0 } else { points.len() / dim };
+    let n = points.len().checked_div(dim).unwrap_or(0);
     if n == 0 || m == 0 {
         return Vec::new();
     }
