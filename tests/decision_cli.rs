@@ -354,8 +354,11 @@ fn bad_decision_flags_exit_2_with_a_message() {
         r#"{"format":"zsad-thresholds/9","image":null,"pixel":null,"model":{},"data":{}}"#,
     )
     .unwrap();
+    let fifo = dir.join("fifo.json");
+    mkfifo(&fifo);
     let out = dir.join("o");
     for (extra, want) in [
+        (vec!["--thresholds", s(&fifo)], "FIFO"),
         (vec!["--pixel-threshold", "1.5"], "--pixel-threshold 1.5"),
         (vec!["--pixel-threshold", "nan"], "--pixel-threshold NaN"),
         (

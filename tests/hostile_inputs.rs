@@ -54,16 +54,6 @@ fn error_of<'a>(recs: &'a BTreeMap<String, Value>, suffix: &str) -> &'a str {
         .unwrap_or_else(|| panic!("{suffix} was not an error: {r}"))
 }
 
-fn mkfifo(p: &Path) {
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
-    assert_eq!(
-        unsafe { libc::mkfifo(c.as_ptr(), 0o644) },
-        0,
-        "mkfifo {}",
-        p.display()
-    );
-}
-
 /// CRC-32 (PNG's), for crafting chunk headers.
 fn crc32(data: &[u8]) -> u32 {
     let mut c = 0xFFFF_FFFFu32;

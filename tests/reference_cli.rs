@@ -253,6 +253,28 @@ fn mismatched_bank_is_refused() {
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", err(&o));
     assert!(err(&o).contains("model.seed"), "{}", err(&o));
+    // A FIFO named like a bank is an error, not a hang; so is one given as the adapter.
+    let fifo = dir.join("fifo.safetensors");
+    mkfifo(&fifo);
+    for flag in ["--reference", "--adapter"] {
+        let o = run_zsad_timed(
+            &[
+                "detect",
+                s(&dir.join("test")),
+                "--model",
+                "random:tiny",
+                "-q",
+                "--out",
+                s(&dir.join("out4")),
+                flag,
+                s(&fifo),
+            ],
+            "",
+            std::time::Duration::from_secs(60),
+        );
+        assert_eq!(o.status.code(), Some(2), "{flag}: {}", err(&o));
+        assert!(err(&o).contains("FIFO"), "{flag}: {}", err(&o));
+    }
     // Not a bank at all.
     let junk = dir.join("junk.safetensors");
     std::fs::write(&junk, b"not a safetensors file").unwrap();

@@ -89,8 +89,18 @@ pub fn file_kind(ft: &std::fs::FileType) -> &'static str {
     }
 }
 
-/// Reads a regular file of at most `max_bytes` bytes.
+/// Reads a regular image file of at most `max_bytes` bytes.
 pub fn read_regular_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
+    read_regular(
+        path,
+        max_bytes,
+        " for --max-pixels (raise --max-pixels to read it)",
+    )
+}
+
+/// Reads a regular file of at most `max_bytes` bytes (a FIFO, a device or a socket is refused
+/// without a read, so it cannot stall); `limit` says where the limit comes from.
+pub fn read_regular(path: &Path, max_bytes: u64, limit: &str) -> Result<Vec<u8>> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let regular = |meta: &std::fs::Metadata| {
@@ -117,7 +127,7 @@ pub fn read_regular_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
         return Err(image_error(
             path,
             format!(
-                "file of {} bytes is larger than the {} bytes allowed for --max-pixels (raise --max-pixels to read it)",
+                "file of {} bytes is larger than the {} bytes allowed{limit}",
                 meta.len(),
                 max_bytes
             ),

@@ -31,9 +31,14 @@ pub fn serialize(
         .map_err(|e| Error::Output(format!("cannot serialise tensors: {e}")))
 }
 
+/// The largest safetensors file read (adapters, banks, checkpoints): far above any real one,
+/// so that a sparse or runaway file cannot take the machine's memory.
+pub const MAX_FILE_BYTES: u64 = 64 << 30;
+
 /// Every tensor of a safetensors file (on the CPU, in its stored dtype) and its metadata.
+/// Only regular files are read (a FIFO named `x.safetensors` is an error, not a hang).
 pub fn read(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::data::image::read_regular(path, MAX_FILE_BYTES, "")?;
     parse(&bytes, &path.display().to_string())
 }
 

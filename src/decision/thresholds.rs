@@ -126,7 +126,8 @@ impl ThresholdFile {
     /// Reads and checks a thresholds file.
     pub fn load(path: &Path) -> Result<Self> {
         let bad = |m: String| Error::Usage(format!("thresholds file {}: {m}", path.display()));
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::data::image::read_regular(path, 64 << 20, "")?;
+        let text = String::from_utf8(bytes).map_err(|_| bad("not UTF-8 text".into()))?;
         let f: Self = serde_json::from_str(&text).map_err(|e| {
             bad(format!(
                 "not a thresholds file written by `zsad calibrate` ({e})"

@@ -90,7 +90,8 @@ impl Adapter {
 
     /// Reads an adapter file written by [`Self::to_bytes`].
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes =
+            crate::data::image::read_regular(path, crate::data::tensors::MAX_FILE_BYTES, "")?;
         Self::from_bytes(&bytes, &path.display().to_string())
     }
 

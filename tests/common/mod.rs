@@ -179,3 +179,15 @@ pub fn shared_tokenizer() -> Option<String> {
         None
     }
 }
+
+/// A FIFO at `p` (reading it would block until a writer comes).
+pub fn mkfifo(p: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o644) },
+        0,
+        "mkfifo {}",
+        p.display()
+    );
+}
