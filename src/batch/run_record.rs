@@ -137,6 +137,14 @@ pub fn leaf_differences(a: &Value, b: &Value) -> Vec<(String, Option<Value>, Opt
         .collect()
 }
 
+/// [`leaf_differences`] as message lines: `key: {a_word} X, {b_word} Y`.
+pub fn described_differences(a: &Value, b: &Value, a_word: &str, b_word: &str) -> Vec<String> {
+    leaf_differences(a, b)
+        .into_iter()
+        .map(|(k, x, y)| format!("{k}: {a_word} {}, {b_word} {}", show(x), show(y)))
+        .collect()
+}
+
 /// A value in a message: cut when long, `(absent)` when missing.
 pub fn show(v: Option<Value>) -> String {
     v.as_ref().map(short).unwrap_or_else(|| "(absent)".into())

@@ -158,11 +158,12 @@ impl ThresholdFile {
     /// Refuses thresholds chosen on the scores of other settings than `settings` (a run's),
     /// naming each that differs.
     pub fn check_matches(&self, settings: &Value, origin: &str) -> Result<()> {
-        use crate::batch::run_record::{leaf_differences, show};
-        let diffs: Vec<String> = leaf_differences(&self.model, &Self::identity(settings))
-            .into_iter()
-            .map(|(k, then, now)| format!("{k}: calibrated {}, run {}", show(then), show(now)))
-            .collect();
+        let diffs = crate::batch::run_record::described_differences(
+            &self.model,
+            &Self::identity(settings),
+            "calibrated",
+            "run",
+        );
         if diffs.is_empty() {
             return Ok(());
         }

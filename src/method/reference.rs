@@ -167,11 +167,12 @@ impl MemoryBank {
     /// Refuses a bank whose features were made otherwise than `features` (what this run's
     /// image pass would give), naming each setting that differs.
     pub fn check_matches(&self, features: &Value, origin: &str) -> Result<()> {
-        use crate::batch::run_record::{leaf_differences, show};
-        let diffs: Vec<String> = leaf_differences(&self.info.features, features)
-            .into_iter()
-            .map(|(k, bank, run)| format!("{k}: bank {}, run {}", show(bank), show(run)))
-            .collect();
+        let diffs = crate::batch::run_record::described_differences(
+            &self.info.features,
+            features,
+            "bank",
+            "run",
+        );
         if diffs.is_empty() {
             return Ok(());
         }
