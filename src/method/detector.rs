@@ -79,7 +79,7 @@ pub struct Detection {
 
 impl Detection {
     pub fn map_max(&self) -> f32 {
-        self.map.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+        map_peak(&self.map)
     }
 }
 
@@ -177,11 +177,6 @@ impl Detector {
         };
         self.reference = Some((bank, how));
         Ok(self)
-    }
-
-    /// The reference bank in use and how it is used.
-    pub fn reference(&self) -> Option<&(MemoryBank, ReferenceUse)> {
-        self.reference.as_ref()
     }
 
     pub fn config(&self) -> &DetectorConfig {
