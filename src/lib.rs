@@ -12,7 +12,8 @@
 //!   of published checkpoints;
 //! - [`train`] (losses, optimiser, augmentation, the training loop), [`eval`] (the field's
 //!   metrics as the reference code computes them) and [`batch`] (scoring folders: decoding,
-//!   batching and writing overlapped, resumable, sharded);
+//!   batching and writing overlapped, resumable, sharded), [`decision`] (thresholds, defect
+//!   masks and regions) and [`report`] (the HTML page over a run's folder);
 //! - [`cli`]: the `zsad` command line, the only place that knows about flags and `anyhow`.
 
 pub mod batch;
@@ -26,6 +27,7 @@ pub mod eval;
 pub mod interp;
 pub mod method;
 pub mod progress;
+pub mod report;
 pub mod rng;
 pub mod train;
 

@@ -13,8 +13,11 @@ use serde_json::{json, Value};
 
 use super::pipeline::{self, Outcome, PipelineOptions, MAX_BATCH_SIZE};
 use super::render::{self, OutputOptions};
+use super::run_heatmaps;
 use super::run_record::{self, RunRecord};
+use crate::choice::Choice;
 use crate::clip::{LoadedModel, ModelSource};
+use crate::data::heatmap::{HeatmapKind, HeatmapScale, ValueRange};
 use crate::data::inputs::{self, Expanded, Input, Shard, WalkOptions};
 use crate::data::outputs::{self, Record, RecordFormat, RecordLog};
 use crate::method::{Adapter, Detector};
@@ -102,6 +105,12 @@ impl DetectOptions {
             v["pixel_threshold"] = json!(p);
             v["min_region_area"] = json!(self.output.min_region_area);
         }
+        if self.output.heatmap_scale != HeatmapScale::Fixed {
+            v["heatmap_scale"] = json!(self.output.heatmap_scale.name());
+        }
+        if self.output.colorbar {
+            v["colorbar"] = json!(true);
+        }
         v
     }
 }
@@ -118,6 +127,9 @@ pub struct DetectSummary {
     pub links_skipped: usize,
     pub seconds: f64,
     pub records: PathBuf,
+    /// `--heatmap-scale run`: the range drawn, and the heatmaps that could not be drawn.
+    pub heatmap_range: Option<ValueRange>,
+    pub heatmaps_failed: usize,
 }
 
 /// The settings of the model side for `run.json`: the weights by content, the adapter (file by
@@ -280,6 +292,7 @@ impl DetectJob {
                             global_score: Some(detection.global),
                             map_max: Some(r.map_max),
                             map_mean: Some(r.map_mean),
+                            map_min: Some(r.map_min),
                             anomalous: opts.threshold.map(|t| detection.score >= t),
                             width: Some(w),
                             height: Some(h),
@@ -306,8 +319,28 @@ impl DetectJob {
             },
         )?;
         progress.finish();
+        drop(log);
         summary.scored = scored;
         summary.failed += failed;
+        if opts.output.heatmaps != HeatmapKind::None
+            && opts.output.heatmap_scale == HeatmapScale::Run
+        {
+            let (records, _) = outputs::read_records(&log_path)?;
+            let here = std::env::current_dir().map_err(|e| Error::io(Path::new("."), e))?;
+            let drawn = run_heatmaps::draw(
+                out,
+                &records,
+                &opts.output,
+                &here,
+                &opts.pipeline.limits,
+                opts.quiet,
+            )?;
+            if let Some(range) = drawn.range {
+                run_record::note_info(out, "heatmap_range", json!([range.lo, range.hi]))?;
+            }
+            summary.heatmap_range = drawn.range;
+            summary.heatmaps_failed = drawn.failed.len();
+        }
         summary.seconds = started.elapsed().as_secs_f64();
         Ok(summary)
     }
@@ -394,15 +427,22 @@ fn remove_run(out: &Path, record_files: &[PathBuf]) -> Result<()> {
             .flat_map(|r| [&r.map, &r.heatmap, &r.mask])
             .flatten()
         {
-            let p = Path::new(rel);
-            let inside = p
-                .components()
-                .all(|c| matches!(c, std::path::Component::Normal(_)));
-            if inside {
-                let _ = std::fs::remove_file(out.join(p));
+            if let Some(p) = outputs::inside(out, rel) {
+                let _ = std::fs::remove_file(p);
             }
         }
         std::fs::remove_file(f).map_err(|e| Error::io(f, e))?;
+    }
+    // The report of the earlier run and its thumbnails (only the names zsad gives them).
+    let _ = std::fs::remove_file(out.join(crate::report::FILE_NAME));
+    let thumbs = out.join(crate::report::thumbs::FOLDER);
+    if let Ok(entries) = std::fs::read_dir(&thumbs) {
+        for e in entries.flatten() {
+            if crate::report::thumbs::is_thumbnail_name(&e.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&thumbs);
     }
     let rj = out.join(run_record::FILE_NAME);
     match std::fs::remove_file(&rj) {

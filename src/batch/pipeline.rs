@@ -111,24 +111,36 @@ pub(crate) fn decode_for_model(
     limits: &DecodeLimits,
 ) -> (std::result::Result<(RgbImage, Tensor), String>, f64, f64) {
     let t0 = Instant::now();
-    // A decoder bug must cost one input, not the run: a panic inside it is that input's error.
+    let decoded = decode_rgb(path, limits);
+    let decode = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let result = decoded.and_then(|rgb| {
+        crate::clip::preprocess::preprocess(&rgb, size, dev)
+            .map(|px| (rgb, px))
+            .map_err(|e| strip_path(e.to_string(), path))
+    });
+    (result, decode, t1.elapsed().as_secs_f64())
+}
+
+/// Decodes `path` within `limits` to 8-bit RGB (EXIF orientation applied), or says why not
+/// (the path left out). A decoder bug must cost one input, not the run: a panic inside it is
+/// that input's error.
+pub(crate) fn decode_rgb(
+    path: &Path,
+    limits: &DecodeLimits,
+) -> std::result::Result<RgbImage, String> {
     let decoded = std::panic::catch_unwind(AssertUnwindSafe(|| {
         crate::data::image::decode_limited(path, limits)
             .map(|img| crate::data::image::to_rgb8(&img))
     }));
-    let decode = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    let result = match decoded {
+    match decoded {
         Err(panic) => Err(format!(
             "the image decoder failed on this file ({}); the file is probably malformed",
             panic_text(&panic)
         )),
         Ok(Err(e)) => Err(strip_path(e.to_string(), path)),
-        Ok(Ok(rgb)) => crate::clip::preprocess::preprocess(&rgb, size, dev)
-            .map(|px| (rgb, px))
-            .map_err(|e| strip_path(e.to_string(), path)),
-    };
-    (result, decode, t1.elapsed().as_secs_f64())
+        Ok(Ok(rgb)) => Ok(rgb),
+    }
 }
 
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {

@@ -6,7 +6,9 @@ use std::path::Path;
 
 use image::RgbImage;
 
-use crate::data::outputs::{self, HeatmapKind, MapFormat};
+use crate::choice::Choice;
+use crate::data::heatmap::{self, HeatmapKind, HeatmapScale, ValueRange};
+use crate::data::outputs::{self, MapFormat};
 use crate::decision::regions::{defect_regions, Regions};
 use crate::method::Detection;
 use crate::{Error, Result};
@@ -18,6 +20,10 @@ pub struct OutputOptions {
     pub heatmaps: HeatmapKind,
     /// Opacity of the colour in overlay heatmaps, in [0, 1].
     pub heatmap_alpha: f32,
+    /// Which map values the colormap's ends stand for.
+    pub heatmap_scale: HeatmapScale,
+    /// A colour bar with the scale's values beside each heatmap.
+    pub colorbar: bool,
     /// A defect mask (`masks/NAME.png`) and its regions where the map is at least this.
     pub pixel_threshold: Option<f32>,
     /// Regions smaller than this many pixels are dropped from the mask and the regions.
@@ -30,6 +36,8 @@ impl Default for OutputOptions {
             maps: MapFormat::Png,
             heatmaps: HeatmapKind::Overlay,
             heatmap_alpha: 0.5,
+            heatmap_scale: HeatmapScale::Fixed,
+            colorbar: false,
             pixel_threshold: None,
             min_region_area: 1,
         }
@@ -51,7 +59,31 @@ impl OutputOptions {
                 )));
             }
         }
+        if self.heatmaps == HeatmapKind::None {
+            if self.colorbar {
+                return Err(Error::Usage(
+                    "--colorbar draws beside the heatmaps: drop --heatmaps none".into(),
+                ));
+            }
+            if self.heatmap_scale != HeatmapScale::Fixed {
+                return Err(Error::Usage(format!(
+                    "--heatmap-scale {} colours the heatmaps: drop --heatmaps none",
+                    self.heatmap_scale.name()
+                )));
+            }
+        }
+        if self.heatmap_scale == HeatmapScale::Run && self.maps == MapFormat::None {
+            return Err(Error::Usage(
+                "--heatmap-scale run colours the heatmaps from the written maps once every input is scored: use --maps png or npy (or --heatmap-scale image)".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// Whether heatmaps are drawn per input as it is scored (every scale but `run`, whose range
+    /// is known only at the run's end: see [`super::run_heatmaps`]).
+    pub fn heatmaps_per_input(&self) -> bool {
+        self.heatmaps != HeatmapKind::None && self.heatmap_scale != HeatmapScale::Run
     }
 }
 
@@ -60,16 +92,41 @@ pub struct Rendered {
     /// `(path relative to the output folder, bytes)`: the map, then the heatmap.
     pub files: Vec<(String, Vec<u8>)>,
     pub map: Option<String>,
+    /// The heatmap's path; with `--heatmap-scale run` the file is drawn after the run.
     pub heatmap: Option<String>,
     pub mask: Option<String>,
     pub regions: Option<Regions>,
     pub map_max: f32,
     pub map_mean: f32,
+    pub map_min: f32,
 }
 
 /// `DIR/KEY.EXT` as a `/`-separated path relative to the output folder.
 pub fn output_path(dir: &str, key: &str, ext: &str) -> String {
     format!("{dir}/{key}.{ext}")
+}
+
+/// The heatmap of a `w` x `h` map at its image's size: `image` is the image (read for overlays
+/// only), `mask` the defect mask to outline (overlays only), `range` the map values at the
+/// colormap's ends.
+pub fn draw_heatmap(
+    opts: &OutputOptions,
+    map: &[f32],
+    (w, h): (u32, u32),
+    image: Option<&RgbImage>,
+    mask: Option<&[bool]>,
+    range: ValueRange,
+) -> RgbImage {
+    let overlay = opts.heatmaps == HeatmapKind::Overlay;
+    let under = if overlay { image } else { None };
+    let mut img = heatmap::heatmap(map, under, w, h, opts.heatmap_alpha, range);
+    if let (true, Some(mask)) = (overlay, mask) {
+        heatmap::draw_outline(&mut img, mask);
+    }
+    if opts.colorbar {
+        img = heatmap::with_colorbar(&img, range);
+    }
+    img
 }
 
 /// Resizes the map to the image and encodes what `opts` asks for, under `key` (the input's
@@ -101,19 +158,18 @@ pub fn render(
     let defects = opts
         .pixel_threshold
         .map(|t| defect_regions(&map, w as usize, h as usize, t, opts.min_region_area));
-    let heat_rel = match opts.heatmaps {
-        HeatmapKind::None => None,
-        kind => {
-            let r = output_path("heatmaps", key, "png");
-            let under = (kind == HeatmapKind::Overlay).then_some(rgb);
-            let mut img = outputs::heatmap(&map, under, w, h, opts.heatmap_alpha);
-            if let (HeatmapKind::Overlay, Some((mask, _))) = (kind, &defects) {
-                draw_outline(&mut img, mask);
-            }
-            files.push((r.clone(), outputs::png_bytes_rgb(&img)?));
-            Some(r)
-        }
-    };
+    let observed = ValueRange::of(map.iter().copied()).unwrap_or(ValueRange::UNIT);
+    let heat_rel =
+        (opts.heatmaps != HeatmapKind::None).then(|| output_path("heatmaps", key, "png"));
+    if let (Some(r), true) = (&heat_rel, opts.heatmaps_per_input()) {
+        let range = match opts.heatmap_scale {
+            HeatmapScale::Image => observed,
+            _ => ValueRange::UNIT,
+        };
+        let mask = defects.as_ref().map(|(m, _)| m.as_slice());
+        let img = draw_heatmap(opts, &map, (w, h), Some(rgb), mask, range);
+        files.push((r.clone(), outputs::png_bytes_rgb(&img)?));
+    }
     let (mask_rel, regions) = match defects {
         None => (None, None),
         Some((mask, items)) => {
@@ -129,39 +185,10 @@ pub fn render(
         heatmap: heat_rel,
         mask: mask_rel,
         regions,
-        map_max: map.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+        map_max: observed.hi,
         map_mean: (map.iter().map(|&v| v as f64).sum::<f64>() / map.len() as f64) as f32,
+        map_min: observed.lo,
     })
-}
-
-/// The outline colour of defect masks on overlays: cyan, far from every inferno colour.
-pub const OUTLINE: [u8; 3] = [0, 255, 255];
-
-/// Paints the mask's boundary (mask pixels with a 4-neighbour outside it or on the image's
-/// edge) in [`OUTLINE`].
-fn draw_outline(img: &mut RgbImage, mask: &[bool]) {
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let inside = |x: isize, y: isize| {
-        x >= 0
-            && y >= 0
-            && (x as usize) < w
-            && (y as usize) < h
-            && mask[y as usize * w + x as usize]
-    };
-    for y in 0..h {
-        for x in 0..w {
-            if !mask[y * w + x] {
-                continue;
-            }
-            let (xi, yi) = (x as isize, y as isize);
-            let edge = [(1, 0), (-1, 0), (0, 1), (0, -1)]
-                .iter()
-                .any(|(dx, dy)| !inside(xi + dx, yi + dy));
-            if edge {
-                img.put_pixel(x as u32, y as u32, image::Rgb(OUTLINE));
-            }
-        }
-    }
 }
 
 /// Writes every file atomically under `out`.

@@ -47,6 +47,25 @@ pub fn file_entry(path: &Path) -> Result<Value> {
     }))
 }
 
+/// Sets `info.KEY` in `DIR/run.json` (what a run learns at its end, such as the range of
+/// `--heatmap-scale run`); nothing when the folder has no `run.json`.
+pub fn note_info(dir: &Path, key: &str, value: Value) -> Result<()> {
+    let Some(mut r) = RunRecord::read(dir)? else {
+        return Ok(());
+    };
+    match &mut r.info {
+        Value::Object(m) => {
+            m.insert(key.to_string(), value);
+        }
+        other => *other = json!({ key: value }),
+    }
+    // `read` copies the format version into the settings for comparing; the file keeps it once.
+    if let Value::Object(m) = &mut r.settings {
+        m.remove("record_format_version");
+    }
+    r.write(dir)
+}
+
 /// The record of a run: `settings` (compared on `--resume`) and `info` (not compared).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunRecord {
@@ -161,7 +180,7 @@ fn short(v: &Value) -> String {
 }
 
 /// `{"a": {"b": [1, 2]}}` as `a.b[0] = 1, a.b[1] = 2`.
-fn flatten(v: &Value) -> BTreeMap<String, Value> {
+pub fn flatten(v: &Value) -> BTreeMap<String, Value> {
     fn go(prefix: String, v: &Value, out: &mut BTreeMap<String, Value>) {
         match v {
             Value::Object(m) if !m.is_empty() => {

@@ -97,6 +97,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     args.reference.check()?;
     let output = args.output.options();
     output.validate()?;
+    if output.heatmap_scale == crate::data::heatmap::HeatmapScale::Run {
+        bail!("--heatmap-scale run draws the heatmaps after a whole run, not per image: bench times `fixed` or `image` (the same work per image)");
+    }
     let files = crate::data::inputs::walk_with(&args.images, WalkOptions::default())
         .with_context(|| format!("cannot list {}", args.images.display()))?
         .files;

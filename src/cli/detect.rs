@@ -11,9 +11,10 @@ use super::{EXIT_OK, EXIT_SOME_FAILED};
 use crate::batch::detect::{DetectJob, DetectOptions};
 use crate::batch::pipeline::PipelineOptions;
 use crate::batch::render::OutputOptions;
+use crate::data::heatmap::{HeatmapKind, HeatmapScale};
 use crate::data::image::DecodeLimits;
 use crate::data::inputs::{Shard, WalkOptions};
-use crate::data::outputs::{HeatmapKind, MapFormat, RecordFormat};
+use crate::data::outputs::{MapFormat, RecordFormat};
 use crate::decision::thresholds::ThresholdFile;
 
 /// The files written per input (shared with `zsad bench`, which times producing them).
@@ -22,10 +23,17 @@ pub struct OutputArgs {
     /// Anomaly map files under DIR/maps/, at each image's own size
     #[arg(long, value_enum, default_value = "png")]
     pub maps: MapFormat,
-    /// Heatmaps under DIR/heatmaps/ (inferno colormap, fixed [0, 1] scale); with a pixel
+    /// Heatmaps under DIR/heatmaps/ (inferno colormap, on --heatmap-scale); with a pixel
     /// threshold, overlays outline the defect mask in cyan
     #[arg(long, value_enum, default_value = "overlay")]
     pub heatmaps: HeatmapKind,
+    /// The map values at the colormap's ends
+    #[arg(long, value_enum, default_value = "fixed", value_name = "SCALE")]
+    pub heatmap_scale: HeatmapScale,
+    /// A colour bar beside each heatmap, labelled with its scale's values (the heatmap is then
+    /// wider than the image)
+    #[arg(long)]
+    pub colorbar: bool,
     /// Opacity of the colour in overlay heatmaps, in [0, 1]
     #[arg(
         long,
@@ -42,6 +50,8 @@ impl OutputArgs {
             maps: self.maps,
             heatmaps: self.heatmaps,
             heatmap_alpha: self.heatmap_alpha,
+            heatmap_scale: self.heatmap_scale,
+            colorbar: self.colorbar,
             ..Default::default()
         }
     }
@@ -111,12 +121,21 @@ pub struct DetectArgs {
     /// `zsad eval` reads), and say how many they left out
     #[arg(long)]
     pub include_masks: bool,
+    /// Also write DIR/report.html once the run is done (as `zsad report DIR`): every image by
+    /// score with its heatmap, mask and decision, filters, histogram and settings
+    #[arg(long)]
+    pub report: bool,
+    #[command(flatten)]
+    pub page: super::report::PageArgs,
     /// No progress bar or per-file warnings (the exit status still tells)
     #[arg(long, short = 'q')]
     pub quiet: bool,
 }
 
 pub fn run(args: DetectArgs) -> anyhow::Result<u8> {
+    let page = args.page.options(args.max_pixels, args.quiet);
+    // Checked before the model loads: a typo costs nothing.
+    page.validate()?;
     let thresholds = match &args.thresholds {
         Some(p) => Some(ThresholdFile::load(p)?),
         None => None,
@@ -184,6 +203,9 @@ pub fn run(args: DetectArgs) -> anyhow::Result<u8> {
         "threads": rayon::current_num_threads(),
         "device": format!("{:?}", args.detector.model.device).to_lowercase(),
         "gemm": loaded.model.gemm(),
+        // Records name inputs as given; relative ones are read from here again by the
+        // run-scale heatmaps of `zsad merge` and by `zsad report`'s thumbnails.
+        "cwd": std::env::current_dir().ok().map(|d| d.display().to_string()),
         "started_unix": std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -223,6 +245,21 @@ pub fn run(args: DetectArgs) -> anyhow::Result<u8> {
                 s.links_skipped
             );
         }
+        if let Some(r) = s.heatmap_range {
+            eprintln!(
+                "zsad: heatmaps drawn on the run's scale, {} to {}{}",
+                r.lo,
+                r.hi,
+                if s.heatmaps_failed > 0 {
+                    format!(
+                        " ({} could not be drawn, named above; --resume draws them again)",
+                        s.heatmaps_failed
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
         if s.prior_failed > 0 {
             eprintln!(
                 "zsad: {} input(s) failed in the earlier run (--retry-failed tries them again)",
@@ -230,9 +267,14 @@ pub fn run(args: DetectArgs) -> anyhow::Result<u8> {
             );
         }
     }
-    Ok(if s.failed + s.prior_failed > 0 {
+    let mut status = if s.failed + s.prior_failed + s.heatmaps_failed > 0 {
         EXIT_SOME_FAILED
     } else {
         EXIT_OK
-    })
+    };
+    if args.report {
+        let r = crate::report::build(&args.out, &page)?;
+        status = status.max(super::report::finish(&r, args.quiet));
+    }
+    Ok(status)
 }

@@ -377,11 +377,7 @@ pub fn read_predictions(quiet: bool, dir: &Path, samples: &[Sample]) -> anyhow::
             let problem = 'one: {
                 let r = &records[index[s.image.as_path()]];
                 let map_path = dir.join(r.map.as_ref().expect("checked"));
-                let read = if map_path.extension().is_some_and(|e| e == "npy") {
-                    outputs::read_map_npy(&map_path)
-                } else {
-                    outputs::read_map_png(&map_path)
-                };
+                let read = outputs::read_map(&map_path);
                 let (map, w, h) = match read {
                     Ok(m) => m,
                     Err(e) => break 'one Some(format!("unreadable map: {e}")),

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Args;
 
-use crate::batch::run_record::RunRecord;
+use crate::batch::run_heatmaps;
+use crate::batch::run_record::{self, RunRecord};
+use crate::data::image::DecodeLimits;
 use crate::data::outputs::{self, Record, RecordFormat};
 
 #[derive(Debug, Args)]
@@ -81,7 +83,13 @@ fn merged_run_record(shards: &[PathBuf]) -> anyhow::Result<Option<RunRecord>> {
         }
     }
     Ok(first.map(|(_, mut r)| {
+        // Where the first shard ran: relative input paths are read from there again to draw
+        // run-scale overlays.
+        let cwd = r.info.get("cwd").cloned();
         r.info = serde_json::json!({ "merged_from": from });
+        if let Some(cwd) = cwd {
+            r.info["cwd"] = cwd;
+        }
         r
     }))
 }
@@ -93,11 +101,16 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     }
 }
 
-pub fn run(args: MergeArgs) -> anyhow::Result<()> {
+pub fn run(args: MergeArgs) -> anyhow::Result<u8> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     // Checked before anything is written.
     let run = merged_run_record(&args.shards)?;
+    // Shards drew run-scale heatmaps on their own ranges: the merged folder's are drawn again
+    // on the range of all of them.
+    let redraw = run
+        .as_ref()
+        .and_then(|r| run_heatmaps::options_from_settings(&r.settings));
     // path -> (record, folder its files are relative to); a scored record beats a failure,
     // later shards beat earlier ones.
     let mut merged: HashMap<String, (Record, PathBuf)> = HashMap::new();
@@ -135,7 +148,7 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
     for i in order {
         let (r, dir) = &mut all[i];
         let free = |suffix: &str, r: &Record, taken: &HashSet<String>| {
-            [&r.map, &r.heatmap]
+            [&r.map, &r.heatmap, &r.mask]
                 .into_iter()
                 .flatten()
                 .all(|rel| !taken.contains(&with_suffix(rel, suffix).to_lowercase()))
@@ -147,25 +160,73 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
             n += 1;
         }
         let in_place = same_dir(dir, &args.out);
-        for rel in [&mut r.map, &mut r.heatmap].into_iter().flatten() {
+        let heatmap = r.heatmap.clone();
+        for rel in [&mut r.map, &mut r.heatmap, &mut r.mask]
+            .into_iter()
+            .flatten()
+        {
             let to_rel = with_suffix(rel, &suffix);
             taken.insert(to_rel.to_lowercase());
             if in_place && suffix.is_empty() {
                 continue;
             }
             let from = dir.join(&*rel);
-            let bytes = std::fs::read(&from)
-                .with_context(|| format!("{}: cannot read {}", r.path, from.display()))?;
+            let bytes = match std::fs::read(&from) {
+                Ok(b) => b,
+                // A run-scale heatmap not drawn yet (its run stopped early) is drawn below.
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::NotFound
+                        && redraw.is_some()
+                        && heatmap.as_deref() == Some(&**rel) =>
+                {
+                    *rel = to_rel;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("{}: cannot read {}", r.path, from.display()))
+                }
+            };
             outputs::write_atomic(&args.out.join(&to_rel), &bytes)?;
             *rel = to_rel;
         }
     }
     let records: Vec<Record> = all.into_iter().map(|(r, _)| r).collect();
-    if let Some(run) = run {
+    if let Some(run) = &run {
         run.write(&args.out)?;
     }
     let path = args.out.join(args.format.file_name());
     outputs::write_atomic(&path, &outputs::encode_all(&records, args.format)?)?;
+    let mut heatmaps_failed = 0;
+    if let Some(opts) = &redraw {
+        let from = run
+            .as_ref()
+            .and_then(|r| r.info.get("cwd")?.as_str().map(PathBuf::from));
+        let from = match from {
+            Some(d) => d,
+            None => std::env::current_dir()?,
+        };
+        let drawn = run_heatmaps::draw(
+            &args.out,
+            &records,
+            opts,
+            &from,
+            &DecodeLimits::with_max_pixels(
+                run.as_ref()
+                    .and_then(|r| r.settings.get("max_pixels")?.as_u64())
+                    .unwrap_or(crate::data::image::DEFAULT_MAX_PIXELS),
+            ),
+            false,
+        )?;
+        if let Some(r) = drawn.range {
+            run_record::note_info(&args.out, "heatmap_range", serde_json::json!([r.lo, r.hi]))?;
+            eprintln!(
+                "zsad: heatmaps drawn again on the merged run's scale, {} to {}",
+                r.lo, r.hi
+            );
+        }
+        heatmaps_failed = drawn.failed.len();
+    }
     let failed = records.iter().filter(|r| r.is_failure()).count();
     eprintln!(
         "zsad: merged {} records ({} failed) -> {}",
@@ -173,5 +234,9 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
         failed,
         path.display()
     );
-    Ok(())
+    Ok(if heatmaps_failed > 0 {
+        super::EXIT_SOME_FAILED
+    } else {
+        super::EXIT_OK
+    })
 }

@@ -12,7 +12,7 @@ mod info;
 mod manifest;
 mod merge;
 mod reference;
-
+mod report;
 mod train;
 mod values;
 
@@ -55,6 +55,20 @@ record file with an `error`, every other input is scored and written); 2 bad usa
 adapter that cannot be loaded, or an output that cannot be written (the message names the file).
 A closed stdout (`zsad eval ... | head -1`) ends zsad by SIGPIPE (141 in a shell), as it does cat."
 );
+
+const REPORT_AFTER_HELP: &str =
+    "The page lists every input of the run's records (scores.jsonl or scores.csv), highest
+score first, failed inputs last, with its image, heatmap and defect mask side by side, a page
+of rows at a time. Thumbnails are made in DIR/thumbs/ (again only when their source changed);
+the enlarged view shows the run's own heatmap and mask and the input image itself (a preview
+for formats browsers cannot show, such as TIFF). Relative input paths are read from the folder
+detect ran in (run.json's info.cwd). The filters, order and page are kept in the URL
+(report.html#filter=failed&page=2). Keys: j/k or arrows move, Enter enlarges, left/right turn
+pages (images when enlarged), Esc closes, / searches.
+
+Exit status: 0 the page shows every picture; 1 some pictures could not be made (an input moved
+away, a heatmap missing; each row says why, the page is written); 2 bad usage or no records in
+DIR.";
 
 const DETECT_AFTER_HELP: &str = concat!(
     "Outputs in --out DIR, written as each input finishes:
@@ -124,6 +138,12 @@ pub enum Command {
     ImportCheckpoint(import::ImportArgs),
     /// Join the output folders of `zsad detect --shard` runs.
     Merge(merge::MergeArgs),
+    /// Write DIR/report.html for a detect run: every image sorted by score with its heatmap,
+    /// mask and decision, the score histogram with the threshold, filters, keyboard navigation,
+    /// the run's settings and, with eval results, the metrics and curves. One self-contained
+    /// file (thumbnails in DIR/thumbs/), opened straight from disk.
+    #[command(after_help = REPORT_AFTER_HELP)]
+    Report(report::ReportArgs),
     /// Time the detection pipeline per stage (decode, resize, backbone, text, maps, smoothing,
     /// PNG encoding, writing) over a folder of images, with peak memory.
     #[command(after_help = AFTER_HELP)]
@@ -269,7 +289,8 @@ pub fn main() -> ExitCode {
         Command::Train(a) => train::run(a).map(|()| EXIT_OK),
         Command::Manifest(a) => manifest::run(a).map(|()| EXIT_OK),
         Command::ImportCheckpoint(a) => import::run(a).map(|()| EXIT_OK),
-        Command::Merge(a) => merge::run(a).map(|()| EXIT_OK),
+        Command::Merge(a) => merge::run(a),
+        Command::Report(a) => report::run(a),
         Command::Bench(a) => bench::run(a).map(|()| EXIT_OK),
         Command::Reference(a) => reference::run(a),
         Command::Info(a) => info::run(a).map(|()| EXIT_OK),

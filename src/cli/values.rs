@@ -29,7 +29,8 @@ clap_values!(
     crate::train::DiceGroups,
     crate::data::outputs::RecordFormat,
     crate::data::outputs::MapFormat,
-    crate::data::outputs::HeatmapKind,
+    crate::data::heatmap::HeatmapKind,
+    crate::data::heatmap::HeatmapScale,
     crate::eval::SingleLabel,
     crate::eval::metrics::ProGrid,
 );
@@ -59,7 +60,8 @@ mod tests {
         check::<crate::train::DiceGroups>();
         check::<crate::data::outputs::RecordFormat>();
         check::<crate::data::outputs::MapFormat>();
-        check::<crate::data::outputs::HeatmapKind>();
+        check::<crate::data::heatmap::HeatmapKind>();
+        check::<crate::data::heatmap::HeatmapScale>();
         check::<crate::eval::SingleLabel>();
         check::<crate::eval::metrics::ProGrid>();
         serde_names::<crate::method::Preset>();

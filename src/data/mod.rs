@@ -2,6 +2,8 @@
 //! lists, output records and maps, annotated datasets, safetensors files.
 
 pub mod dataset;
+pub mod draw;
+pub mod heatmap;
 pub mod image;
 pub mod inputs;
 pub mod outputs;

@@ -21,11 +21,13 @@ pub struct Record {
     /// The method's global score before pixel evidence is fused in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub global_score: Option<f32>,
-    /// Maximum and mean of the written map.
+    /// Maximum, mean and minimum of the written map.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub map_max: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub map_mean: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map_min: Option<f32>,
     /// `score >= --threshold`, when a threshold is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anomalous: Option<bool>,
@@ -97,6 +99,7 @@ const CSV_COLUMNS: &[&str] = &[
     "error",
     "mask",
     "regions",
+    "map_min",
 ];
 
 fn csv_row(r: &Record) -> Vec<String> {
@@ -120,6 +123,7 @@ fn csv_row(r: &Record) -> Vec<String> {
             .as_ref()
             .map(|g| g.count.to_string())
             .unwrap_or_default(),
+        f(r.map_min),
     ]
 }
 
@@ -198,6 +202,7 @@ pub fn parse(text: &str, format: RecordFormat) -> (Vec<Record>, Vec<usize>) {
                     global_score: num("global_score"),
                     map_max: num("map_max"),
                     map_mean: num("map_mean"),
+                    map_min: num("map_min"),
                     anomalous: get("anomalous").and_then(|s| s.parse().ok()),
                     width: get("width").and_then(|s| s.parse().ok()),
                     height: get("height").and_then(|s| s.parse().ok()),
@@ -216,6 +221,17 @@ pub fn parse(text: &str, format: RecordFormat) -> (Vec<Record>, Vec<usize>) {
         }
     }
     (good, bad)
+}
+
+/// `dir/rel` for a record's file path `rel` that stays inside `dir` (plain names separated by
+/// `/`); `None` for an empty path, an absolute one, or one with `.` or `..` (records are data: a
+/// hand-edited `../../x` must never be read, written or removed).
+pub fn inside(dir: &Path, rel: &str) -> Option<PathBuf> {
+    let p = Path::new(rel);
+    (!rel.is_empty()
+        && p.components()
+            .all(|c| matches!(c, std::path::Component::Normal(_))))
+    .then(|| dir.join(p))
 }
 
 /// Reads a record file (format by extension: `.csv`, else JSON Lines).
@@ -382,8 +398,20 @@ pub fn map_npy(map: &[f32], w: u32, h: u32) -> Vec<u8> {
 
 /// Reads a map written by [`map_npy`]: `(values, width, height)`.
 pub fn read_map_npy(path: &Path) -> Result<(Vec<f32>, u32, u32)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    // A map is at most the largest image: 4 bytes a pixel of --max-pixels' ceiling (4
+    // gigapixels), plus the header. Only a regular file is read (a FIFO cannot stall).
+    const LIMIT: u64 = 4 * 4_000_000_000 + 4096;
+    let bytes = crate::data::image::read_regular(path, LIMIT, " for a map")?;
     parse_map_npy(&bytes, path)
+}
+
+/// A written map, `.npy` or 16-bit PNG by its extension: values, width, height.
+pub fn read_map(path: &Path) -> Result<(Vec<f32>, u32, u32)> {
+    if path.extension().is_some_and(|e| e == "npy") {
+        read_map_npy(path)
+    } else {
+        read_map_png(path)
+    }
 }
 
 /// [`read_map_npy`] on bytes in memory (`path` names them in errors).
@@ -454,48 +482,6 @@ crate::choice::choice_enum! {
     }
 }
 
-crate::choice::choice_enum! {
-    /// What heatmap to draw.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum HeatmapKind {
-        /// no heatmaps
-        None = "none",
-        /// the colour-mapped anomaly map alone
-        Map = "map",
-        /// the colour-mapped map blended over the image
-        Overlay = "overlay",
-    }
-}
-
-/// The map through the perceptually uniform `inferno` colormap on the fixed [0, 1] scale,
-/// alone or alpha-blended (`alpha` for the colour) over `image`.
-pub fn heatmap(map: &[f32], image: Option<&RgbImage>, w: u32, h: u32, alpha: f32) -> RgbImage {
-    // 256-entry lookup table: the map's 16-bit precision is more than a colour can show.
-    let lut: Vec<[u8; 3]> = (0..256)
-        .map(|i| {
-            let c = colorous::INFERNO.eval_continuous(i as f64 / 255.0);
-            [c.r, c.g, c.b]
-        })
-        .collect();
-    let mut out = RgbImage::new(w, h);
-    for (i, px) in out.pixels_mut().enumerate() {
-        let c = lut[(map[i].clamp(0.0, 1.0) * 255.0).round() as usize];
-        px.0 = match image {
-            Some(img) => {
-                let o = img.as_raw();
-                let mut v = [0u8; 3];
-                for k in 0..3 {
-                    let base = o[i * 3 + k] as f32;
-                    v[k] = ((1.0 - alpha) * base + alpha * c[k] as f32).round() as u8;
-                }
-                v
-            }
-            None => c,
-        };
-    }
-    out
-}
-
 pub fn png_bytes_rgb(img: &RgbImage) -> Result<Vec<u8>> {
     encode_png(img)
 }
@@ -512,6 +498,7 @@ mod tests {
                 global_score: Some(0.125),
                 map_max: Some(0.5),
                 map_mean: Some(0.1),
+                map_min: Some(0.0),
                 anomalous: Some(false),
                 width: Some(3),
                 height: Some(2),
@@ -610,23 +597,5 @@ mod tests {
         header(&mut b, "(4294967295, 4294967295)");
         assert!(e(&b).contains("needs more than 2^64 bytes"), "{}", e(&b));
         assert!(e(b"\x93NUMPY\x01\x00\xff\xff{").contains("truncated header"));
-    }
-
-    #[test]
-    fn heatmap_blends_on_a_fixed_scale() {
-        let img = RgbImage::from_pixel(2, 1, image::Rgb([200, 100, 0]));
-        let h = heatmap(&[0.0, 1.0], Some(&img), 2, 1, 0.5);
-        let lo = colorous::INFERNO.eval_continuous(0.0);
-        assert_eq!(
-            h.get_pixel(0, 0).0,
-            [
-                ((200.0 + lo.r as f32) / 2.0).round() as u8,
-                ((100.0 + lo.g as f32) / 2.0).round() as u8,
-                ((0.0 + lo.b as f32) / 2.0).round() as u8
-            ]
-        );
-        let alone = heatmap(&[1.0], None, 1, 1, 0.5);
-        let hi = colorous::INFERNO.eval_continuous(1.0);
-        assert_eq!(alone.get_pixel(0, 0).0, [hi.r, hi.g, hi.b]);
     }
 }

@@ -4,66 +4,14 @@
 
 use image::{Rgb, RgbImage};
 
+use crate::data::draw::{line, text};
+
 const W: u32 = 720;
 const H: u32 = 560;
 const LEFT: i64 = 70;
 const RIGHT: i64 = 250; // room for the legend
 const TOP: i64 = 52;
 const BOTTOM: i64 = 60;
-
-/// A 2x-scaled 8x8 glyph string at (x, y), top-left.
-fn text(img: &mut RgbImage, x: i64, y: i64, s: &str, color: Rgb<u8>, scale: i64) {
-    let mut cx = x;
-    for ch in s.chars() {
-        let glyph = font8x8::legacy::BASIC_LEGACY[if (ch as u32) < 128 {
-            ch as usize
-        } else {
-            b'?' as usize
-        }];
-        for (row, bits) in glyph.iter().enumerate() {
-            for col in 0..8 {
-                if bits >> col & 1 == 1 {
-                    for dy in 0..scale {
-                        for dx in 0..scale {
-                            put(
-                                img,
-                                cx + col * scale + dx,
-                                y + row as i64 * scale + dy,
-                                color,
-                            );
-                        }
-                    }
-                }
-            }
-        }
-        cx += 8 * scale;
-    }
-}
-
-fn put(img: &mut RgbImage, x: i64, y: i64, c: Rgb<u8>) {
-    if x >= 0 && y >= 0 && (x as u32) < img.width() && (y as u32) < img.height() {
-        img.put_pixel(x as u32, y as u32, c);
-    }
-}
-
-/// A line `width` pixels thick (DDA with a square brush).
-fn line(img: &mut RgbImage, (x0, y0): (f64, f64), (x1, y1): (f64, f64), c: Rgb<u8>, width: i64) {
-    let steps = (x1 - x0).abs().max((y1 - y0).abs()).ceil().max(1.0) as i64;
-    for i in 0..=steps {
-        let t = i as f64 / steps as f64;
-        let (x, y) = (x0 + t * (x1 - x0), y0 + t * (y1 - y0));
-        for dy in 0..width {
-            for dx in 0..width {
-                put(
-                    img,
-                    x.round() as i64 + dx - width / 2,
-                    y.round() as i64 + dy - width / 2,
-                    c,
-                );
-            }
-        }
-    }
-}
 
 /// Plots `curves` (name, points in the unit square, legend value) under `title`.
 pub fn plot(

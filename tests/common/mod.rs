@@ -2,6 +2,7 @@
 //! `scripts/make_fixtures.py` also computes, and tensor comparison.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod textures;
 
 use std::path::{Path, PathBuf};

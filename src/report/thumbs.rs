@@ -1,0 +1,233 @@
+//! Small copies of each row's image, heatmap and mask, so a page of a 10,000-image run opens
+//! at once and shows formats a browser cannot (TIFF). They live in `DIR/thumbs/`, named by a
+//! hash of the record's path, and are made again only when missing or older than their source.
+
+use std::path::{Path, PathBuf};
+
+use image::{DynamicImage, GrayImage, RgbImage};
+use sha2::{Digest, Sha256};
+
+use crate::data::image::DecodeLimits;
+
+/// The folder of thumbnails inside a run's folder.
+pub const FOLDER: &str = "thumbs";
+
+/// What a thumbnail shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Image,
+    /// A larger copy of an image whose format a browser cannot show (TIFF), for the enlarged
+    /// view.
+    Preview,
+    Heatmap,
+    Mask,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Image => "image",
+            Self::Preview => "preview",
+            Self::Heatmap => "heatmap",
+            Self::Mask => "mask",
+        }
+    }
+
+    /// Masks stay lossless PNG (sharp edges); the rest are JPEG (a tenth of the bytes).
+    fn extension(self) -> &'static str {
+        match self {
+            Self::Mask => "png",
+            _ => "jpg",
+        }
+    }
+}
+
+/// Formats every browser shows: the original is linked for the enlarged view.
+pub fn browser_shows(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+        ["png", "jpg", "jpeg", "bmp", "webp", "gif"]
+            .iter()
+            .any(|x| x.eq_ignore_ascii_case(e))
+    })
+}
+
+/// `thumbs/<16 hex digits of SHA-256(record path)>-<kind>.<ext>`, relative to the run folder.
+pub fn name(record_path: &str, kind: Kind) -> String {
+    let h = Sha256::digest(record_path.as_bytes());
+    let hex: String = h[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{FOLDER}/{hex}-{}.{}", kind.name(), kind.extension())
+}
+
+/// Whether `name` is a file [`name`] makes (so `--overwrite` removes only those).
+pub fn is_thumbnail_name(name: &str) -> bool {
+    let Some((hex, rest)) = name.split_once('-') else {
+        return false;
+    };
+    hex.len() == 16
+        && hex.bytes().all(|b| b.is_ascii_hexdigit())
+        && [Kind::Image, Kind::Preview, Kind::Heatmap, Kind::Mask]
+            .iter()
+            .any(|k| rest == format!("{}.{}", k.name(), k.extension()))
+}
+
+/// The size thumbnails are made at.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    /// Longest side of row thumbnails.
+    pub thumbnail: u32,
+    /// Longest side of previews.
+    pub preview: u32,
+}
+
+/// Whether `thumb` exists and is at least as new as `source`.
+fn fresh(thumb: &Path, source: &Path) -> bool {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    matches!((modified(thumb), modified(source)), (Some(t), Some(s)) if t >= s)
+}
+
+fn shrink(img: &DynamicImage, side: u32) -> DynamicImage {
+    let (w, h) = (img.width(), img.height());
+    if w.max(h) <= side {
+        return img.clone();
+    }
+    let scale = side as f64 / w.max(h) as f64;
+    let (tw, th) = (
+        ((w as f64 * scale).round() as u32).max(1),
+        ((h as f64 * scale).round() as u32).max(1),
+    );
+    img.thumbnail_exact(tw, th)
+}
+
+fn encode(img: &DynamicImage, kind: Kind) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    let r = match kind {
+        Kind::Mask => {
+            let g: GrayImage = img.to_luma8();
+            g.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        }
+        _ => {
+            let rgb: RgbImage = img.to_rgb8();
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85).encode_image(&rgb)
+        }
+    };
+    r.map(|()| out)
+        .map_err(|e| format!("cannot encode a thumbnail: {e}"))
+}
+
+/// Makes (or keeps, when fresh) the `kind` thumbnail of `source` for the record `record_path`
+/// in `dir`; returns its path relative to `dir`, or why there is none.
+pub fn make(
+    dir: &Path,
+    record_path: &str,
+    source: &Path,
+    kind: Kind,
+    sizes: Sizes,
+    limits: &DecodeLimits,
+) -> Result<String, String> {
+    let rel = name(record_path, kind);
+    let thumb: PathBuf = dir.join(&rel);
+    if fresh(&thumb, source) {
+        return Ok(rel);
+    }
+    let img: DynamicImage = match kind {
+        Kind::Image | Kind::Preview => {
+            crate::batch::pipeline::decode_rgb(source, limits).map(DynamicImage::ImageRgb8)?
+        }
+        // The run's own files: PNGs at most as large as the images.
+        Kind::Heatmap | Kind::Mask => {
+            crate::data::image::decode_limited(source, limits).map_err(|e| e.to_string())?
+        }
+    };
+    let side = match kind {
+        Kind::Preview => sizes.preview,
+        _ => sizes.thumbnail,
+    };
+    let bytes = encode(&shrink(&img, side), kind)?;
+    crate::data::outputs::write_atomic(&thumb, &bytes).map_err(|e| e.to_string())?;
+    Ok(rel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::GenericImageView;
+
+    #[test]
+    fn names_are_stable_and_recognised() {
+        let a = name("data/x.png", Kind::Image);
+        assert_eq!(a, name("data/x.png", Kind::Image));
+        assert_ne!(a, name("data/y.png", Kind::Image));
+        assert!(a.starts_with("thumbs/") && a.ends_with("-image.jpg"));
+        assert!(name("x", Kind::Mask).ends_with("-mask.png"));
+        let file = |k| name("q", k).trim_start_matches("thumbs/").to_string();
+        for k in [Kind::Image, Kind::Preview, Kind::Heatmap, Kind::Mask] {
+            assert!(is_thumbnail_name(&file(k)));
+        }
+        for bad in [
+            "x-image.jpg",
+            "0123456789abcdef-image.png",
+            "report.html",
+            "0123456789abcdeg-mask.png",
+        ] {
+            assert!(!is_thumbnail_name(bad), "{bad}");
+        }
+        assert!(browser_shows(Path::new("a/B.JPG")) && !browser_shows(Path::new("a.tiff")));
+    }
+
+    #[test]
+    fn shrinks_to_the_longest_side_and_keeps_small_images() {
+        let img = DynamicImage::ImageRgb8(RgbImage::new(900, 300));
+        assert_eq!(shrink(&img, 180).dimensions(), (180, 60));
+        let tall = DynamicImage::ImageRgb8(RgbImage::new(1, 5000));
+        assert_eq!(shrink(&tall, 100).dimensions(), (1, 100));
+        let small = DynamicImage::ImageRgb8(RgbImage::new(20, 10));
+        assert_eq!(shrink(&small, 180).dimensions(), (20, 10));
+    }
+
+    #[test]
+    fn made_once_then_kept_until_the_source_changes() {
+        let dir = std::env::temp_dir().join(format!("zsad-thumbs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = dir.join("in.png");
+        RgbImage::from_pixel(400, 200, image::Rgb([200, 10, 10]))
+            .save(&src)
+            .unwrap();
+        let sizes = Sizes {
+            thumbnail: 100,
+            preview: 300,
+        };
+        let limits = DecodeLimits::default();
+        let rel = make(&dir, "in.png", &src, Kind::Image, sizes, &limits).unwrap();
+        let t = image::open(dir.join(&rel)).unwrap();
+        assert_eq!(t.dimensions(), (100, 50));
+        let px = t.to_rgb8().get_pixel(50, 25).0;
+        assert!(px[0] > 180 && px[1] < 40, "{px:?}");
+        // Kept while fresh: a thumbnail replaced by hand stays.
+        std::fs::write(dir.join(&rel), b"kept").unwrap();
+        make(&dir, "in.png", &src, Kind::Image, sizes, &limits).unwrap();
+        assert_eq!(std::fs::read(dir.join(&rel)).unwrap(), b"kept");
+        // Remade once the source is newer.
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+        std::fs::File::options()
+            .write(true)
+            .open(&src)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        make(&dir, "in.png", &src, Kind::Image, sizes, &limits).unwrap();
+        assert!(image::open(dir.join(&rel)).is_ok());
+        // A source that is not an image says why.
+        std::fs::write(dir.join("bad.png"), b"not a png").unwrap();
+        let e = make(
+            &dir,
+            "bad.png",
+            &dir.join("bad.png"),
+            Kind::Image,
+            sizes,
+            &limits,
+        )
+        .unwrap_err();
+        assert!(!e.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
