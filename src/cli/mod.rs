@@ -75,11 +75,15 @@ const DETECT_AFTER_HELP: &str = concat!(
   run.json        the settings that made the records (model and adapter SHA-256, detector
                   configuration, output options); --resume refuses other settings
   scores.jsonl    one JSON object per input: path, score, global_score, map_max, map_mean,
-                  width, height, map, heatmap (paths relative to DIR), anomalous (--threshold),
+                  map_min, width, height, map, heatmap (paths relative to DIR), anomalous
+                  (--threshold),
                   mask, regions (--pixel-threshold);
                   a failed input has path and error instead (--format csv: scores.csv)
   maps/NAME.png   the anomaly map at the image's size, 16-bit grey, value = round(p * 65535)
-  heatmaps/NAME.png  inferno colormap on the fixed [0, 1] scale, over the image
+  heatmaps/NAME.png  inferno colormap over the image, on --heatmap-scale: fixed [0, 1] (default),
+                  image (each map's own range) or run (the whole run's range, drawn after the
+                  last record); --colorbar adds a labelled colour bar
+  report.html     with --report: the page of `zsad report` (thumbnails in thumbs/)
   masks/NAME.png  with --pixel-threshold or --thresholds: the defect mask (255 where map >= P),
                   and `regions` (count, and each region's area, bbox, peak) in the record
 NAME is the path inside the folder argument (or as given) without extension (see the README
