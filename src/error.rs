@@ -48,6 +48,11 @@ pub enum Error {
     #[error("{0}")]
     Training(String),
 
+    /// The device cannot run the work: no CUDA in this build, no GPU or driver, a GPU out of
+    /// memory. The message says what to change.
+    #[error("{0}")]
+    Device(String),
+
     /// A setting or flag value is out of range (batch size 0, NaN threshold, ...). The message names
     /// the flag and what it accepts.
     #[error("{0}")]

@@ -1,7 +1,8 @@
 //! zsad: zero-shot visual anomaly detection with CLIP, on candle.
 //!
 //! Layers, from the bottom (each uses only those above it in this list):
-//! - [`error`], [`choice`] (named alternatives the CLI offers), [`rng`], [`progress`];
+//! - [`error`], [`choice`] (named alternatives the CLI offers), [`rng`], [`progress`], [`device`]
+//!   (the GPU: its errors and memory);
 //! - [`interp`] (PyTorch-exact interpolation weights) and [`data`] (inputs, image decoding and
 //!   PIL-exact resizing, datasets, output files);
 //! - [`clip`]: the backbone, exact to the reference implementations (linear and attention layers
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod clip;
 pub mod data;
 pub mod decision;
+pub mod device;
 pub mod error;
 pub mod eval;
 pub mod interp;

@@ -307,3 +307,60 @@ fn help_documents_models_and_exit_status() {
         "{h}"
     );
 }
+
+/// `--device cuda` in a build without CUDA is one line saying how to get it, for every command
+/// that loads a model, before any work.
+#[test]
+fn cuda_without_cuda_support_is_one_clear_line() {
+    if candle_core::utils::cuda_is_available() {
+        eprintln!("skipping: this build has CUDA");
+        return;
+    }
+    let dir = tmp("nocuda");
+    common::write_png(&dir.join("a.png"), 32, 32, 1);
+    let img = dir.join("a.png");
+    let img = img.to_str().unwrap();
+    let out = dir.join("out");
+    let out = out.to_str().unwrap();
+    for args in [
+        vec![
+            "detect",
+            img,
+            "--model",
+            "random:tiny",
+            "--device",
+            "cuda",
+            "--out",
+            out,
+        ],
+        vec!["info", "--model", "random:tiny", "--device", "cuda"],
+        vec![
+            "bench",
+            "--model",
+            "random:tiny",
+            "--device",
+            "cuda",
+            "--images",
+            dir.to_str().unwrap(),
+        ],
+        vec![
+            "features",
+            "--model",
+            "random:tiny",
+            "--device",
+            "cuda",
+            "--out",
+            out,
+            img,
+        ],
+    ] {
+        let o = zsad(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let e = stderr(&o);
+        assert_eq!(e.trim().lines().count(), 1, "{args:?}: {e}");
+        assert!(
+            e.contains("built without CUDA support") && e.contains("--features cuda"),
+            "{e}"
+        );
+    }
+}

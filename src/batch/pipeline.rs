@@ -51,6 +51,25 @@ pub fn auto_batch(tokens: usize) -> usize {
     (1024 / tokens.max(1)).clamp(1, 8)
 }
 
+/// The most images `--batch-size 0` puts in one pass on a GPU.
+pub const GPU_AUTO_MAX: usize = 64;
+
+/// Images per model pass: `--batch-size` (at most [`MAX_BATCH_SIZE`]), or for 0 about 1024
+/// tokens on the CPU ([`auto_batch`]) and what half of a GPU's free memory holds
+/// ([`crate::device::gpu_batch`], at most [`GPU_AUTO_MAX`]).
+pub fn pass_size(detector: &Detector, requested: usize) -> usize {
+    match requested {
+        0 => match crate::device::memory(detector.device()) {
+            Some((free, _)) => {
+                crate::device::gpu_batch(free, detector.bytes_per_image(), GPU_AUTO_MAX)
+            }
+            None => auto_batch(detector.image_tokens()),
+        },
+        n => n.min(MAX_BATCH_SIZE),
+    }
+    .max(1)
+}
+
 /// What became of one input.
 pub enum Outcome {
     Scored {
@@ -184,12 +203,9 @@ where
     if items.is_empty() {
         return Ok(StageSeconds::default());
     }
-    let batch = match opts.batch_size {
-        0 => auto_batch(detector.image_tokens()),
-        n => n.min(MAX_BATCH_SIZE),
-    }
-    .min(items.len())
-    .max(1);
+    let batch = pass_size(detector, opts.batch_size).min(items.len()).max(1);
+    // Lowered for the rest of the run when a GPU runs out of memory.
+    let mut limit = batch;
     let size = detector.image_size();
     let dev = detector.device().clone();
     let limits = opts.limits;
@@ -206,7 +222,7 @@ where
                     prepare(item, &p, size, &dev, &limits)
                 })
                 .collect();
-            for (item, outcome) in score_batch(detector, prepared, &mut secs) {
+            for (item, outcome) in score_batch(detector, prepared, &mut secs, &mut limit)? {
                 let t = Instant::now();
                 consume(item, outcome)?;
                 secs.consume += t.elapsed().as_secs_f64();
@@ -240,7 +256,7 @@ where
         let mut pending = rx.into_iter().peekable();
         'batches: while pending.peek().is_some() {
             let prepared: Vec<_> = pending.by_ref().take(batch).collect();
-            for scored in score_batch(detector, prepared, &mut secs) {
+            for scored in score_batch(detector, prepared, &mut secs, &mut limit)? {
                 if out_tx.send(scored).is_err() {
                     break 'batches; // the consumer stopped on an error, returned below
                 }
@@ -255,12 +271,50 @@ where
     })
 }
 
-/// One model pass over the inputs of a batch that decoded; the others pass through, in order.
+/// Runs `run` over `0..n` in consecutive parts of at most `*limit` items. When a part runs
+/// the GPU out of memory it is halved and tried again, and `*limit` stays lowered for the rest
+/// of the run (`shrunk(from, to)` is told); out of memory with one item is an
+/// [`Error::Device`]. Other errors end the parts and are returned.
+pub(crate) fn in_parts<D>(
+    n: usize,
+    limit: &mut usize,
+    mut run: impl FnMut(std::ops::Range<usize>) -> Result<Vec<D>>,
+    mut shrunk: impl FnMut(usize, usize),
+) -> Result<Vec<D>> {
+    let mut out = Vec::with_capacity(n);
+    let mut start = 0;
+    while start < n {
+        let len = (*limit).clamp(1, n - start);
+        match run(start..start + len) {
+            Ok(v) => {
+                out.extend(v);
+                start += len;
+            }
+            Err(e) if crate::device::is_out_of_memory(&e.to_string()) => {
+                if len == 1 {
+                    return Err(Error::Device(format!(
+                        "the GPU ran out of memory with one image per pass ({}): this model at this --image-size does not fit; use --dtype f16 or bf16, a smaller --image-size, or a GPU with more memory",
+                        e.to_string().lines().next().unwrap_or("")
+                    )));
+                }
+                *limit = len / 2;
+                shrunk(len, *limit);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// One model pass (or several of at most `*limit` images, see [`in_parts`]) over the inputs of
+/// a batch that decoded; the others pass through, in order. A GPU that cannot hold even one
+/// image is an error for the run.
 fn score_batch<T>(
     detector: &Detector,
     prepared: Vec<Prepared<T>>,
     secs: &mut StageSeconds,
-) -> Vec<(T, Outcome)> {
+    limit: &mut usize,
+) -> Result<Vec<(T, Outcome)>> {
     for p in &prepared {
         secs.decode += p.decode;
         secs.resize += p.resize;
@@ -269,26 +323,34 @@ fn score_batch<T>(
         .iter()
         .filter_map(|p| p.result.as_ref().ok().map(|(_, px)| px))
         .collect();
-    let dets = if ok.is_empty() {
-        Ok(Vec::new())
-    } else {
-        Tensor::stack(&ok, 0)
-            .map_err(Error::from)
-            .and_then(|px| detector.detect_timed(&px, Some(&mut secs.model)))
-            .and_then(|d| {
-                if d.len() == ok.len() {
-                    Ok(d)
-                } else {
-                    Err(Error::InvalidArgument(format!(
-                        "{} detections for {} images",
-                        d.len(),
-                        ok.len()
-                    )))
-                }
-            })
+    let dets = in_parts(
+        ok.len(),
+        limit,
+        |part| {
+            let d = Tensor::stack(&ok[part.clone()], 0)
+                .map_err(Error::from)
+                .and_then(|px| detector.detect_timed(&px, Some(&mut secs.model)))?;
+            if d.len() == part.len() {
+                Ok(d)
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "{} detections for {} images",
+                    d.len(),
+                    part.len()
+                )))
+            }
+        },
+        |from, to| {
+            eprintln!(
+                "zsad: warning: the GPU ran out of memory with {from} images per pass; going on with {to} (--batch-size {to} starts there)"
+            )
+        },
+    );
+    let mut dets = match dets {
+        Err(e @ Error::Device(_)) => return Err(e),
+        other => other.map(|d| d.into_iter()),
     };
-    let mut dets = dets.map(|d| d.into_iter());
-    prepared
+    Ok(prepared
         .into_iter()
         .map(|p| {
             let outcome = match (p.result, &mut dets) {
@@ -304,7 +366,7 @@ fn score_batch<T>(
             };
             (p.item, outcome)
         })
-        .collect()
+        .collect())
 }
 
 #[cfg(test)]
@@ -318,6 +380,64 @@ mod tests {
             size: 2,
             map,
         }
+    }
+
+    /// A pretend GPU that holds at most `fits` images per pass.
+    fn pretend(
+        fits: usize,
+        calls: &mut Vec<usize>,
+        part: std::ops::Range<usize>,
+    ) -> Result<Vec<usize>> {
+        calls.push(part.len());
+        if part.len() > fits {
+            Err(Error::Candle(candle_core::Error::Msg(
+                "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+            )))
+        } else {
+            Ok(part.collect())
+        }
+    }
+
+    #[test]
+    fn out_of_memory_halves_the_pass_and_keeps_it_lowered() {
+        let (mut calls, mut told) = (Vec::new(), Vec::new());
+        let mut limit = 8;
+        let got = in_parts(
+            10,
+            &mut limit,
+            |p| pretend(3, &mut calls, p),
+            |a, b| told.push((a, b)),
+        )
+        .unwrap();
+        assert_eq!(got, (0..10).collect::<Vec<_>>(), "every item, in order");
+        assert_eq!(limit, 2);
+        assert_eq!(told, [(8, 4), (4, 2)]);
+        assert_eq!(calls, [8, 4, 2, 2, 2, 2, 2]);
+        // The lowered limit carries over to the next batch.
+        calls.clear();
+        in_parts(3, &mut limit, |p| pretend(3, &mut calls, p), |_, _| {}).unwrap();
+        assert_eq!(calls, [2, 1]);
+    }
+
+    #[test]
+    fn out_of_memory_with_one_image_is_an_error_and_other_errors_pass_through() {
+        let mut limit = 4;
+        let e = in_parts(5, &mut limit, |p| pretend(0, &mut Vec::new(), p), |_, _| {}).unwrap_err();
+        assert!(matches!(e, Error::Device(_)), "{e}");
+        assert!(e.to_string().contains("one image per pass"), "{e}");
+        let e = in_parts(
+            5,
+            &mut 4,
+            |_| -> Result<Vec<u8>> { Err(Error::InvalidArgument("shape".into())) },
+            |_, _| panic!("not out of memory"),
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)));
+        assert!(
+            in_parts(0, &mut 4, |_| -> Result<Vec<u8>> { panic!() }, |_, _| {})
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
-use super::pipeline::{auto_batch, decode_for_model, MAX_BATCH_SIZE};
+use super::pipeline::decode_for_model;
 use super::run_record;
 use crate::data::image::DecodeLimits;
 use crate::data::inputs::Expanded;
@@ -110,11 +110,7 @@ pub fn build(
         .iter()
         .map(|m| (m.given.clone(), m.error.clone()))
         .collect();
-    let batch = match opts.batch_size {
-        0 => auto_batch(detector.image_tokens()),
-        n => n.min(MAX_BATCH_SIZE),
-    }
-    .max(1);
+    let batch = super::pipeline::pass_size(detector, opts.batch_size);
     let size = detector.image_size();
     let dev = detector.device().clone();
     let n_layers = detector.config().layers.len();

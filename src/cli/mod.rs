@@ -233,8 +233,7 @@ impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<LoadedModel> {
         let device = match self.device {
             DeviceArg::Cpu => candle_core::Device::Cpu,
-            DeviceArg::Cuda => candle_core::Device::new_cuda(0)
-                .context("--device cuda: no CUDA device (is zsad built with --features cuda?)")?,
+            DeviceArg::Cuda => crate::device::cuda(0)?,
         };
         if matches!((self.dtype, self.device), (DTypeArg::Bf16, DeviceArg::Cpu)) {
             anyhow::bail!("--dtype bf16 needs --device cuda: on the CPU use --precision bf16 (bf16 GEMMs, the rest in f32)");

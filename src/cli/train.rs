@@ -334,6 +334,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let loss = trainer
                 .step(model, &vision, &texts[class], &examples)
+                .map_err(|e| step_error(e, opts.batch_size, cfg.image_size, &device))
                 .with_context(|| format!("training step {}", trainer.progress.steps + 1))?;
             sum += loss;
             n += 1;
@@ -396,4 +397,34 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A training step's error; a GPU out of memory says which setting to lower (the batch is the
+/// loss's, so it is not split behind the user's back as detection's passes are).
+fn step_error(
+    e: crate::Error,
+    batch: usize,
+    image_size: usize,
+    device: &candle_core::Device,
+) -> anyhow::Error {
+    if !crate::device::is_out_of_memory(&e.to_string()) {
+        return e.into();
+    }
+    let memory = crate::device::memory(device)
+        .map(|(free, total)| {
+            format!(
+                " ({} of {} free after the step)",
+                crate::device::gib(free),
+                crate::device::gib(total)
+            )
+        })
+        .unwrap_or_default();
+    let hint = if batch > 1 {
+        format!("try --batch-size {} (halved)", batch / 2)
+    } else {
+        "one image per step does not fit: use --dtype bf16, a smaller --image-size, or a GPU with more memory".into()
+    };
+    anyhow::anyhow!(
+        "the GPU ran out of memory in a training step at --batch-size {batch}, --image-size {image_size}{memory}: {hint}"
+    )
 }

@@ -192,6 +192,16 @@ impl Detector {
     pub fn device(&self) -> &candle_core::Device {
         self.vision.device()
     }
+    /// The memory one image takes in a pass of the image tower ([`crate::device::image_bytes`]).
+    pub fn bytes_per_image(&self) -> u64 {
+        let c = self.vision.config();
+        crate::device::image_bytes(
+            self.image_tokens(),
+            c.num_attention_heads,
+            c.hidden_size,
+            self.vision.dtype().size_in_bytes(),
+        )
+    }
     /// Whether `T` was encoded once for the run (it is re-encoded per image only when dynamic
     /// prompts reach the text tower).
     pub fn text_is_cached(&self) -> bool {
