@@ -77,17 +77,8 @@ fn synthetic_run(root: &Path, n: usize) -> PathBuf {
 fn chromium_seconds(exe: &str, url: &str, profile: &Path) -> Option<f64> {
     let t = Instant::now();
     let o = Command::new(exe)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--dump-dom",
-        ])
+        .args(report::HEADLESS_CHROMIUM)
+        .arg("--dump-dom")
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg(url)
         .output()

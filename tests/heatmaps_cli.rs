@@ -55,6 +55,21 @@ fn npy(path: &Path) -> (Vec<f32>, u32, u32) {
     zsad::data::outputs::read_map_npy(path).unwrap()
 }
 
+/// The `.npy` maps of `recs` in `out`, with the lowest and highest value over all of them.
+fn maps_and_range(out: &Path, recs: &[serde_json::Value]) -> (Vec<Vec<f32>>, f32, f32) {
+    let maps: Vec<Vec<f32>> = recs
+        .iter()
+        .map(|r| npy(&out.join(r["map"].as_str().unwrap())).0)
+        .collect();
+    let lo = maps.iter().flatten().copied().fold(f32::INFINITY, f32::min);
+    let hi = maps
+        .iter()
+        .flatten()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    (maps, lo, hi)
+}
+
 /// Every pixel of `heatmap` is inferno at the map value's position on `[lo, hi]`.
 fn assert_coloured(heatmap: &Path, map: &[f32], lo: f32, hi: f32) {
     let img = image::open(heatmap).unwrap().to_rgb8();
@@ -124,16 +139,7 @@ fn run_scale_spans_the_whole_run_and_is_drawn_again_on_resume() {
     let o = detect(&data, &out, &args);
     assert!(o.status.success(), "{}", stderr_of(&o));
     let recs = records(&out);
-    let maps: Vec<Vec<f32>> = recs
-        .iter()
-        .map(|r| npy(&out.join(r["map"].as_str().unwrap())).0)
-        .collect();
-    let lo = maps.iter().flatten().copied().fold(f32::INFINITY, f32::min);
-    let hi = maps
-        .iter()
-        .flatten()
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
+    let (maps, lo, hi) = maps_and_range(&out, &recs);
     let run: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
     assert_eq!(
@@ -199,16 +205,7 @@ fn merge_draws_run_scale_heatmaps_on_all_shards_range_and_copies_masks() {
     ok(&["merge", s(&shards[0]), s(&shards[1]), "--out", s(&merged)]);
     let recs = records(&merged);
     assert_eq!(recs.len(), 6);
-    let maps: Vec<Vec<f32>> = recs
-        .iter()
-        .map(|r| npy(&merged.join(r["map"].as_str().unwrap())).0)
-        .collect();
-    let lo = maps.iter().flatten().copied().fold(f32::INFINITY, f32::min);
-    let hi = maps
-        .iter()
-        .flatten()
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
+    let (maps, lo, hi) = maps_and_range(&merged, &recs);
     for (r, map) in recs.iter().zip(&maps) {
         assert_coloured(&merged.join(r["heatmap"].as_str().unwrap()), map, lo, hi);
         assert!(

@@ -22,6 +22,21 @@ fn zsad(args: &[&str]) -> Output {
     run_zsad(args, "")
 }
 
+/// `zsad detect` of `inputs` into `out` with the tiny random model, quietly.
+fn detect(inputs: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "detect",
+        s(inputs),
+        "--model",
+        "random:tiny",
+        "-q",
+        "--out",
+        s(out),
+    ];
+    args.extend(extra);
+    zsad(&args)
+}
+
 /// The JSON data embedded in a report page.
 fn page_data(page: &Path) -> Value {
     let html = std::fs::read_to_string(page).unwrap();
@@ -64,16 +79,7 @@ fn inputs(dir: &Path) -> PathBuf {
 /// pixel threshold and the report; returns the output folder.
 fn detect_with_report(dir: &Path, data: &Path, extra: &[&str]) -> PathBuf {
     let out = dir.join("out");
-    let base = [
-        "detect",
-        s(data),
-        "--model",
-        "random:tiny",
-        "-q",
-        "--out",
-        s(&out),
-    ];
-    let o = zsad(&base);
+    let o = detect(data, &out, &[]);
     assert_eq!(
         o.status.code(),
         Some(1),
@@ -86,17 +92,16 @@ fn detect_with_report(dir: &Path, data: &Path, extra: &[&str]) -> PathBuf {
         .collect();
     scores.sort_by(f64::total_cmp);
     let median = format!("{}", scores[scores.len() / 2]);
-    let mut args = base.to_vec();
-    args.extend([
+    let mut args = vec![
         "--overwrite",
         "--threshold",
         &median,
         "--pixel-threshold",
         "0.5",
         "--report",
-    ]);
+    ];
     args.extend(extra);
-    let o = zsad(&args);
+    let o = detect(data, &out, &args);
     assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
     assert!(out.join("report.html").is_file());
     out
@@ -188,16 +193,7 @@ fn report_without_a_browser_names_what_it_cannot_show() {
     assert!(row["heatmap"].is_string(), "the run's own files still show");
 
     // --overwrite removes the earlier report and its thumbnails.
-    let o = zsad(&[
-        "detect",
-        s(&data),
-        "--model",
-        "random:tiny",
-        "-q",
-        "--out",
-        s(&out),
-        "--overwrite",
-    ]);
+    let o = detect(&data, &out, &["--overwrite"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(!page.exists() && !out.join("thumbs").exists());
 }
@@ -239,15 +235,7 @@ fn report_embeds_eval_metrics_and_curves() {
     common::textures::make_class(&dir.join("data"), 4, 8, 3);
     let data = dir.join("data");
     let out = dir.join("out");
-    let o = zsad(&[
-        "detect",
-        s(&data),
-        "--model",
-        "random:tiny",
-        "-q",
-        "--out",
-        s(&out),
-    ]);
+    let o = detect(&data, &out, &[]);
     assert!(o.status.success(), "{}", stderr_of(&o));
     let eval = dir.join("eval");
     let o = zsad(&[

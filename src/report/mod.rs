@@ -27,6 +27,23 @@ use crate::data::outputs::{self, Record, RecordFormat};
 use crate::progress::{Lines, Progress};
 use crate::{Error, Result};
 
+/// Flags for a headless Chromium on a machine with a closed network (the tests and
+/// `benches/report.rs` open the page with them): no sandbox (root in CI), no GPU, and none of
+/// the background connections that would be refused over and over.
+pub const HEADLESS_CHROMIUM: &[&str] = &[
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-extensions",
+    "--mute-audio",
+];
+
 /// The page's file name in the run's folder.
 pub const FILE_NAME: &str = "report.html";
 
@@ -120,6 +137,30 @@ struct Row {
     problems: Vec<String>,
 }
 
+impl Row {
+    /// The record's values, with no pictures yet.
+    fn of(r: &Record) -> Self {
+        Row {
+            path: r.path.clone(),
+            score: r.score,
+            global_score: r.global_score,
+            anomalous: r.anomalous,
+            error: r.error.clone(),
+            width: r.width,
+            height: r.height,
+            map_max: r.map_max,
+            regions: r.regions.as_ref().map(|g| g.count),
+            image: None,
+            image_full: None,
+            heatmap: None,
+            heatmap_full: None,
+            mask: None,
+            mask_full: None,
+            problems: Vec::new(),
+        }
+    }
+}
+
 /// The record file of a run folder (JSON Lines first).
 fn record_file(dir: &Path) -> Result<PathBuf> {
     [RecordFormat::Jsonl, RecordFormat::Csv]
@@ -149,24 +190,7 @@ fn sort_records(records: &mut [Record]) {
 
 /// The row of one record: its thumbnails made (or kept), its files linked.
 fn row(dir: &Path, dir_abs: &Path, inputs_from: &Path, r: &Record, opts: &ReportOptions) -> Row {
-    let mut row = Row {
-        path: r.path.clone(),
-        score: r.score,
-        global_score: r.global_score,
-        anomalous: r.anomalous,
-        error: r.error.clone(),
-        width: r.width,
-        height: r.height,
-        map_max: r.map_max,
-        regions: r.regions.as_ref().map(|g| g.count),
-        image: None,
-        image_full: None,
-        heatmap: None,
-        heatmap_full: None,
-        mask: None,
-        mask_full: None,
-        problems: Vec::new(),
-    };
+    let mut row = Row::of(r);
     if r.is_failure() {
         return row;
     }

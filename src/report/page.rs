@@ -212,7 +212,7 @@ mod tests {
     use super::*;
 
     fn row(path: &str, score: Option<f32>, anomalous: Option<bool>) -> Row {
-        Row {
+        Row::of(&crate::data::outputs::Record {
             path: path.into(),
             score,
             global_score: score,
@@ -221,15 +221,8 @@ mod tests {
             width: Some(4),
             height: Some(4),
             map_max: score,
-            regions: None,
-            image: None,
-            image_full: None,
-            heatmap: None,
-            heatmap_full: None,
-            mask: None,
-            mask_full: None,
-            problems: Vec::new(),
-        }
+            ..Default::default()
+        })
     }
 
     #[test]

@@ -78,20 +78,8 @@ impl Browser {
         let (reply_read, reply_write) = pipe();
         let mut command = Command::new(exe);
         command
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--no-default-browser-check",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-extensions",
-                "--mute-audio",
-                "--remote-debugging-pipe",
-            ])
+            .args(zsad::report::HEADLESS_CHROMIUM)
+            .arg("--remote-debugging-pipe")
             .arg(format!("--user-data-dir={}", profile.display()))
             .arg("about:blank")
             .stdin(Stdio::null())
