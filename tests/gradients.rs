@@ -1,7 +1,8 @@
 //! Gradient checks: for every kind of adapter tensor, the autograd gradient of the training
 //! loss agrees with central finite differences, on a tiny random CLIP in f64. This is what
 //! catches the silent zero gradients of candle's fused kernels (candle-nn's `softmax_last_dim`
-//! and `layer_norm` are custom ops without a backward).
+//! and `layer_norm` are custom ops without a backward). Built with `--features cuda`, the same
+//! checks also run on the first CUDA device, when there is one.
 
 use candle_core::{DType, Device, Tensor};
 use zsad::clip::{load_model, LoadOptions};
@@ -28,11 +29,12 @@ fn example(size: usize, x0: usize, anomalous: bool) -> Example {
     }
 }
 
-fn check(preset: Preset) {
+fn check(preset: Preset, device: &Device) {
     let m = load_model(
         "random:tiny",
         &LoadOptions {
             dtype: DType::F64,
+            device: device.clone(),
             ..Default::default()
         },
     )
@@ -50,7 +52,7 @@ fn check(preset: Preset) {
         *t = (t.clone() + 0.3).unwrap();
     }
     let opts = TrainOptions::for_preset(preset, cfg.layers.len());
-    let trainer = Trainer::new(adapter, opts, &Device::Cpu, DType::F64).unwrap();
+    let trainer = Trainer::new(adapter, opts, device, DType::F64).unwrap();
     let mut sentence = vec![49406u32, 320, 1125, 539, 320, 14115, 269, 49407];
     sentence.resize(77, 0);
     let text = match cfg.text {
@@ -100,7 +102,7 @@ fn check(preset: Preset) {
             let set = |delta: f64| {
                 let mut v = base.clone();
                 v[k] += delta;
-                var.set(&Tensor::from_vec(v, var.as_tensor().shape(), &Device::Cpu).unwrap())
+                var.set(&Tensor::from_vec(v, var.as_tensor().shape(), device).unwrap())
                     .unwrap();
             };
             set(h);
@@ -119,23 +121,38 @@ fn check(preset: Preset) {
         assert!(largest > 0.0, "{preset:?} `{name}`: zero gradient");
         kinds.insert(name.split('.').take(2).collect::<Vec<_>>().join("."));
     }
-    eprintln!("{preset:?}: checked {kinds:?}");
+    eprintln!("{preset:?} on {device:?}: checked {kinds:?}");
 }
 
 #[test]
 fn zsad_preset_gradients() {
     // learned context, deep + dynamic prompts in both towers, patch/CLS projections, head weights
-    check(Preset::Zsad);
+    check(Preset::Zsad, &Device::Cpu);
 }
 
 #[test]
 fn headclip_preset_gradients() {
     // V-V path, ln_post + proj features, deep text prompts, head weights
-    check(Preset::Headclip);
+    check(Preset::Headclip, &Device::Cpu);
 }
 
 #[test]
 fn adaclip_preset_gradients() {
     // hand-made ensembles with static + dynamic deep prompts
-    check(Preset::Adaclip);
+    check(Preset::Adaclip, &Device::Cpu);
+}
+
+/// The three presets' checks on the first CUDA device (skipped without one): the training path
+/// (the frozen linear and recomputing attention ops, the differentiable LayerNorm and softmax,
+/// the losses) in f64 on the GPU.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_gradients() {
+    let Ok(gpu) = Device::new_cuda(0) else {
+        eprintln!("skipped: no CUDA device");
+        return;
+    };
+    for preset in [Preset::Zsad, Preset::Headclip, Preset::Adaclip] {
+        check(preset, &gpu);
+    }
 }

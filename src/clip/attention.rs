@@ -3,7 +3,8 @@
 //!
 //! - inference on the CPU in f32: the fused kernel of [`super::kernels`], which reads q, k and v
 //!   in place from the qkv projection and writes heads merged;
-//! - training: [`scaled_dot_product`] as one op whose backward recomputes the probabilities;
+//! - training (a learnable tensor upstream, any device and dtype): [`scaled_dot_product`] as
+//!   one [`frozen_op`](super::frozen_op) whose backward recomputes the probabilities;
 //! - anything else: candle's plain ops.
 //!
 //! Differentiability: candle-nn's fused `softmax_last_dim` (and `layer_norm`) are custom ops
@@ -13,27 +14,31 @@
 //! kernel otherwise, so inference stays fast and training gets true gradients without a mode
 //! flag.
 
-use candle_core::{CpuStorage, DType, Layout, Module, Shape, Tensor, D};
+use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
+use super::frozen_op::{self, Backward3};
 use super::kernels;
 use super::linear::Linear;
 use crate::Result;
 
 /// Softmax over the last dimension, in f32 at least (f64 stays f64), differentiable when needed.
 pub fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
-    let dtype = xs.dtype();
-    let xs = if dtype == DType::F64 {
+    softmax_wide(xs)?.to_dtype(xs.dtype())
+}
+
+/// [`softmax_last_dim`] left in the dtype it is computed in (f32, or f64).
+fn softmax_wide(xs: &Tensor) -> candle_core::Result<Tensor> {
+    let xs = if xs.dtype() == DType::F64 {
         xs.clone()
     } else {
         xs.to_dtype(DType::F32)?
     };
-    let ys = if xs.track_op() {
-        candle_nn::ops::softmax(&xs, D::Minus1)?
+    if xs.track_op() {
+        candle_nn::ops::softmax(&xs, D::Minus1)
     } else {
-        candle_nn::ops::softmax_last_dim(&xs.contiguous()?)?
-    };
-    ys.to_dtype(dtype)
+        candle_nn::ops::softmax_last_dim(&xs.contiguous()?)
+    }
 }
 
 /// Multi-head self-attention with q/k/v fused into one projection (one matmul instead of three).
@@ -224,88 +229,65 @@ pub(crate) fn weight_heads(
         .reshape((b, l, d))?)
 }
 
-/// `softmax(q kᵀ · scale + mask) v` as one op whose backward recomputes the attention
-/// probabilities instead of keeping them: training through a ViT-L at 518 px (1375 tokens, 16
-/// heads) would otherwise hold about six 121 MB score-sized tensors per layer.
+/// The attention probabilities `softmax(q kᵀ · scale + mask)` `[B, H, Lq, Lk]`, in f32 at least
+/// (f64 stays f64), as [`softmax_last_dim`] computes it.
+///
+/// Scales q (as `nn.MultiheadAttention` and Hugging Face do) rather than the L x L scores: 64x
+/// fewer multiplications at 1370 tokens, the same values for the power-of-two 1/8.
+fn probabilities(
+    q: &Tensor,
+    k: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let s = (q * scale)?.matmul(&k.t()?)?;
+    let s = match mask {
+        Some(m) => s.broadcast_add(&m.to_dtype(s.dtype())?)?,
+        None => s,
+    };
+    softmax_wide(&s)
+}
+
+/// The backward of `softmax(q kᵀ · scale + mask) v`, recomputing the attention probabilities
+/// instead of keeping them: training through a ViT-L at 518 px (1375 tokens, 16 heads) would
+/// otherwise hold about six 121 MB score-sized tensors per layer.
 struct RecomputeAttention {
     scale: f64,
     mask: Option<Tensor>,
 }
 
-fn to_tensor(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("attention: inputs must be contiguous");
-    };
-    let dev = candle_core::Device::Cpu;
-    match s {
-        CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], l.shape(), &dev),
-        CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], l.shape(), &dev),
-        _ => candle_core::bail!("attention: f32 or f64 only"),
-    }
-}
-
-fn to_storage(t: &Tensor) -> candle_core::Result<CpuStorage> {
-    let t = t.flatten_all()?;
-    Ok(match t.dtype() {
-        DType::F64 => CpuStorage::F64(t.to_vec1::<f64>()?),
-        _ => CpuStorage::F32(t.to_vec1::<f32>()?),
-    })
-}
-
-impl RecomputeAttention {
-    /// The attention probabilities `[B, H, Lq, Lk]`.
-    fn probs(&self, q: &Tensor, k: &Tensor) -> candle_core::Result<Tensor> {
-        let s = (q * self.scale)?.matmul(&k.t()?)?;
-        let s = match &self.mask {
-            Some(m) => s.broadcast_add(&m.to_dtype(s.dtype())?)?,
-            None => s,
-        };
-        candle_nn::ops::softmax_last_dim(&s.contiguous()?)
-    }
-}
-
-impl candle_core::CustomOp3 for RecomputeAttention {
-    fn name(&self) -> &'static str {
-        "attention-recompute"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (to_tensor(s1, l1)?, to_tensor(s2, l2)?, to_tensor(s3, l3)?);
-        let o = self.probs(&q, &k)?.matmul(&v)?;
-        Ok((to_storage(&o)?, o.shape().clone()))
-    }
+impl Backward3 for RecomputeAttention {
+    const NAME: &'static str = "attention-recompute";
 
     #[allow(clippy::type_complexity)]
-    fn bwd(
+    fn backward(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
+        [q, k, v]: [&Tensor; 3],
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, v, g) = (q.detach(), k.detach(), v.detach(), grad.detach());
-        let p = self.probs(&q, &k)?;
+        let dtype = q.dtype();
+        // Contiguous: the gradient of the merged heads arrives transposed, which cuBLAS'
+        // strided-batch products refuse (candle-core `cuda_backend` `gemm_config`).
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let g = grad.detach().contiguous()?;
+        // P in f32 at least, as the forward's softmax; the products in the inputs' dtype, as
+        // candle's backward of the plain ops computes them.
+        let p_wide = probabilities(&q, &k, self.scale, self.mask.as_ref())?;
+        let p = p_wide.to_dtype(dtype)?;
         let dv = p.t()?.matmul(&g)?;
-        let dp = g.matmul(&v.t()?)?;
+        let dp = g.matmul(&v.t()?)?.to_dtype(p_wide.dtype())?;
         // softmax backward: dS = P ⊙ (dP − Σ_j dP ⊙ P)
-        let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(candle_core::D::Minus1)?)?)?;
+        let ds = (&p_wide * dp.broadcast_sub(&(&dp * &p_wide)?.sum_keepdim(D::Minus1)?)?)?
+            .to_dtype(dtype)?;
         let dq = (ds.matmul(&k)? * self.scale)?;
         let dk = (ds.t()?.matmul(&q)? * self.scale)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
 
-/// `softmax(q kᵀ · scale + mask) v` for `[B, H, L, d]` inputs: the plain ops for inference, the
-/// recomputing op when a learnable tensor is upstream (CPU, f32/f64).
+/// `softmax(q kᵀ · scale + mask) v` for `[B, H, L, d]` inputs: the plain ops for inference, and
+/// one op with a recomputing backward when a learnable tensor is upstream (any device, any
+/// float dtype).
 pub(crate) fn scaled_dot_product(
     q: &Tensor,
     k: &Tensor,
@@ -313,24 +295,20 @@ pub(crate) fn scaled_dot_product(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
-    let tracked = q.track_op() || k.track_op() || v.track_op();
-    if tracked && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F64) {
-        let op = RecomputeAttention {
+    let out = |q: &Tensor, k: &Tensor, v: &Tensor| -> candle_core::Result<Tensor> {
+        probabilities(q, k, scale, mask)?
+            .to_dtype(v.dtype())?
+            .matmul(v)
+    };
+    if q.track_op() || k.track_op() || v.track_op() {
+        let output = out(&q.detach(), &k.detach(), &v.detach())?;
+        let backward = RecomputeAttention {
             scale,
             mask: mask.cloned(),
         };
-        return q
-            .contiguous()?
-            .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
+        return frozen_op::apply3([q, k, v], output, backward);
     }
-    // Scale q (as `nn.MultiheadAttention` and Hugging Face do) rather than the L x L scores:
-    // 64x fewer multiplications at 1370 tokens, the same values for the power-of-two 1/8.
-    let s = (q * scale)?.matmul(&k.t()?)?;
-    let s = match mask {
-        Some(m) => s.broadcast_add(m)?,
-        None => s,
-    };
-    softmax_last_dim(&s)?.matmul(v)
+    out(q, k, v)
 }
 
 #[cfg(test)]
@@ -437,37 +415,62 @@ mod tests {
         }
     }
 
-    /// The recomputing op gives the plain composition's values and gradients (f64), with and
-    /// without a causal mask, and for the V-V form q = k = v.
+    /// The recomputing op gives the plain composition's values and gradients (f64 to 1e-12 and
+    /// f32 to 1e-5, bf16 to its rounding), with and without a causal mask, and for the V-V
+    /// form q = k = v.
     #[test]
     fn matches_the_plain_composition() {
+        for (dtype, value_tol, grad_tol) in [
+            (DType::F64, 1e-12, 1e-10),
+            (DType::F32, 1e-5, 1e-4),
+            (DType::BF16, 0.05, 0.1),
+        ] {
+            check_against_plain(dtype, value_tol, grad_tol);
+        }
+    }
+
+    fn check_against_plain(dtype: DType, value_tol: f64, grad_tol: f64) {
         let dev = Device::Cpu;
         let r = |seed: u64, n: usize| {
-            crate::rng::SplitMix64(seed)
-                .normal(n, 1.0)
-                .into_iter()
-                .map(f64::from)
-                .collect::<Vec<_>>()
+            let v = crate::rng::SplitMix64(seed).normal(n, 1.0);
+            Tensor::from_vec(v, (1, 2, 5, 3), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
         };
-        let shape = (1, 2, 5, 3);
-        let q = Var::from_vec(r(1, 30), shape, &dev).unwrap();
-        let k = Var::from_vec(r(2, 30), shape, &dev).unwrap();
-        let v = Var::from_vec(r(3, 30), shape, &dev).unwrap();
-        let m: Vec<f64> = (0..25)
+        let q = Var::from_tensor(&r(1, 30)).unwrap();
+        let k = Var::from_tensor(&r(2, 30)).unwrap();
+        let v = Var::from_tensor(&r(3, 30)).unwrap();
+        let m: Vec<f32> = (0..25)
             .map(|i| {
                 if i % 5 > i / 5 {
-                    f64::NEG_INFINITY
+                    f32::NEG_INFINITY
                 } else {
                     0.0
                 }
             })
             .collect();
-        let mask = Tensor::from_vec(m, (5, 5), &dev).unwrap();
-        let w = Tensor::from_vec(r(4, 30), shape, &dev).unwrap();
+        let mask = Tensor::from_vec(m, (5, 5), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let w = r(4, 30);
+        let max_diff = |a: &Tensor, b: &Tensor| -> f64 {
+            (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
         for (mask, vv) in [(None, false), (Some(&mask), false), (None, true)] {
             let (qq, kk) = if vv { (&v, &v) } else { (&q, &k) };
             let fast = scaled_dot_product(qq.as_tensor(), kk.as_tensor(), v.as_tensor(), 0.5, mask)
                 .unwrap();
+            assert_eq!(fast.dtype(), dtype);
+            // candle's ops, softmax (composed, differentiable) in f32 at least as ours.
             let plain = {
                 let s =
                     (qq.as_tensor().matmul(&kk.as_tensor().t().unwrap()).unwrap() * 0.5).unwrap();
@@ -475,36 +478,30 @@ mod tests {
                     Some(m) => s.broadcast_add(m).unwrap(),
                     None => s,
                 };
-                candle_nn::ops::softmax(&s, candle_core::D::Minus1)
+                let wide = if dtype == DType::F64 {
+                    DType::F64
+                } else {
+                    DType::F32
+                };
+                candle_nn::ops::softmax(&s.to_dtype(wide).unwrap(), candle_core::D::Minus1)
+                    .unwrap()
+                    .to_dtype(dtype)
                     .unwrap()
                     .matmul(v.as_tensor())
                     .unwrap()
             };
-            let d = (&fast - &plain)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            assert!(d < 1e-12, "values differ by {d}");
+            let d = max_diff(&fast, &plain);
+            assert!(d < value_tol, "{dtype:?}: values differ by {d}");
             let g1 = (fast * &w).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
             for t in [&q, &k, &v] {
                 match (g1.get(t.as_tensor()), g2.get(t.as_tensor())) {
                     (Some(a), Some(b)) => {
-                        let d = (a - b)
-                            .unwrap()
-                            .abs()
-                            .unwrap()
-                            .max_all()
-                            .unwrap()
-                            .to_scalar::<f64>()
-                            .unwrap();
+                        assert_eq!(a.dtype(), dtype);
+                        let d = max_diff(a, b);
                         assert!(
-                            d < 1e-10,
-                            "gradients differ by {d} (mask {}, vv {vv})",
+                            d < grad_tol,
+                            "{dtype:?}: gradients differ by {d} (mask {}, vv {vv})",
                             mask.is_some()
                         );
                     }

@@ -7,15 +7,17 @@
 //!   the gradient of both operands (`candle-core` `backprop.rs`, `Op::Matmul`), so a frozen
 //!   backbone would also get, and hold until the end of the backward pass, a gradient for every
 //!   weight: a third of the backward FLOPs and the model's size again in memory. When a
-//!   learnable tensor is upstream (`track_op`) on the CPU the product runs as a custom op whose
-//!   backward returns the input gradient only (tested below and in `tests/gradients.rs`);
-//! - anything else (other devices and dtypes): candle's plain `broadcast_matmul`.
+//!   learnable tensor is upstream (`track_op`), on any device and in any dtype, the product
+//!   is a [`frozen_op`](super::frozen_op) whose backward returns the input gradient only
+//!   (tested below and in `tests/gradients.rs`);
+//! - anything else (inference on other devices and dtypes): candle's plain `broadcast_matmul`.
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
+use super::frozen_op::{self, Backward1};
 use super::kernels::{self, Kernel, PackedB, Precision, Weight};
 use crate::Result;
 
@@ -99,9 +101,9 @@ impl Linear {
         }
     }
 
-    /// An f32 weight tensor for the plain ops (training, other devices): a packed weight is
-    /// unpacked and widened per call.
-    fn weight_f32(&self, dtype: DType) -> candle_core::Result<Tensor> {
+    /// The weight in `dtype` for the plain ops (training, other devices and dtypes): a packed
+    /// weight (CPU only) is unpacked and widened per call.
+    fn weight_as(&self, dtype: DType) -> candle_core::Result<Tensor> {
         match &self.weight {
             Stored::F32(w) | Stored::RoundedF32(w) => w.to_dtype(dtype),
             Stored::Packed(p, _) => {
@@ -112,41 +114,17 @@ impl Linear {
     }
 }
 
-/// `x Wᵀ` as an op of `x` alone.
-struct MatmulFrozen {
+/// The backward of `x Wᵀ` as a function of `x` alone: `∂x = ∂y W`.
+struct FrozenWeight {
     weight: Tensor,
 }
 
-impl CustomOp1 for MatmulFrozen {
-    fn name(&self) -> &'static str {
-        "matmul-frozen"
-    }
+impl Backward1 for FrozenWeight {
+    const NAME: &'static str = "matmul-frozen";
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let data = match storage {
-            CpuStorage::F32(v) => v,
-            _ => candle_core::bail!("matmul-frozen: f32 only"),
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("matmul-frozen: input must be contiguous");
-        };
-        let x = Tensor::from_slice(&data[start..end], layout.shape(), &candle_core::Device::Cpu)?;
-        let y = x.broadcast_matmul(&self.weight.t()?)?;
-        let shape = y.shape().clone();
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
-    }
-
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad_res.broadcast_matmul(&self.weight)?))
+    fn backward(&self, _x: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // Contiguous, as cuBLAS' strided-batch products need (see `attention`'s backward).
+        Ok(Some(grad.contiguous()?.broadcast_matmul(&self.weight)?))
     }
 }
 
@@ -168,9 +146,10 @@ impl Module for Linear {
             return self.forward_with(x, kernels::Epilogue::None);
         }
         // Outside the fast path (training, other devices) a bf16 weight is widened per call.
-        let weight = self.weight_f32(x.dtype())?;
-        let y = if x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 {
-            x.contiguous()?.apply_op1(MatmulFrozen { weight })?
+        let weight = self.weight_as(x.dtype())?;
+        let y = if x.track_op() {
+            let y = x.detach().broadcast_matmul(&weight.t()?)?;
+            frozen_op::apply1(x, y, FrozenWeight { weight })?
         } else {
             x.broadcast_matmul(&weight.t()?)?
         };
@@ -186,31 +165,58 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// In each dtype the op gives candle's `Linear`'s values and input gradient, and no weight
+    /// gradient (f64 and f32 exactly: the same products; bf16 through the same bf16 products).
     #[test]
     fn same_values_and_input_gradient_no_weight_gradient() {
         let dev = Device::Cpu;
-        let w = Tensor::new(&[[1f32, 2.0, 3.0], [0.5, -1.0, 0.0]], &dev).unwrap();
-        let b = Tensor::new(&[0.1f32, 0.2], &dev).unwrap();
-        let l = Linear::new(w.clone(), Some(b.clone()));
-        let x = Var::new(&[[[1f32, 0.0, -1.0], [2.0, 1.0, 0.5]]], &dev).unwrap();
-        let y = l.forward(x.as_tensor()).unwrap();
-        let plain = candle_nn::Linear::new(w.clone(), Some(b))
-            .forward(x.as_tensor())
-            .unwrap();
-        assert_eq!(y.to_vec3::<f32>().unwrap(), plain.to_vec3::<f32>().unwrap());
-        let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        let plain_grads = plain.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        assert_eq!(
-            grads.get(x.as_tensor()).unwrap().to_vec3::<f32>().unwrap(),
-            plain_grads
-                .get(x.as_tensor())
+        for dtype in [DType::F64, DType::F32, DType::BF16] {
+            let w = Tensor::new(&[[1f32, 2.0, 3.0], [0.5, -1.0, 0.0]], &dev)
                 .unwrap()
-                .to_vec3::<f32>()
+                .to_dtype(dtype)
+                .unwrap();
+            let b = Tensor::new(&[0.1f32, 0.2], &dev)
                 .unwrap()
-        );
-        // candle's Linear keeps gradients for x, the product, the weight's transposed view and
-        // the bias; ours none for the weight.
-        assert!(grads.get(&w).is_none());
-        assert_eq!(plain_grads.get_ids().count(), grads.get_ids().count() + 1);
+                .to_dtype(dtype)
+                .unwrap();
+            let l = Linear::new(w.clone(), Some(b.clone()));
+            let x = Tensor::new(&[[[1f32, 0.0, -1.0], [2.0, 1.0, 0.5]]], &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let x = Var::from_tensor(&x).unwrap();
+            let y = l.forward(x.as_tensor()).unwrap();
+            let plain = candle_nn::Linear::new(w.clone(), Some(b))
+                .forward(x.as_tensor())
+                .unwrap();
+            let f64s = |t: &Tensor| -> Vec<f64> {
+                let t = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+                t.to_vec1::<f64>().unwrap()
+            };
+            assert_eq!(y.dtype(), dtype);
+            assert_eq!(f64s(&y), f64s(&plain), "{dtype:?}");
+            let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let plain_grads = plain.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            assert_eq!(
+                f64s(grads.get(x.as_tensor()).unwrap()),
+                f64s(plain_grads.get(x.as_tensor()).unwrap()),
+                "{dtype:?}"
+            );
+            // candle's Linear keeps gradients for x, the product, the weight's transposed view
+            // and the bias; ours none for the weight.
+            assert!(grads.get(&w).is_none());
+            assert_eq!(plain_grads.get_ids().count(), grads.get_ids().count() + 1);
+        }
+    }
+
+    /// Without a learnable tensor upstream no graph is recorded (the plain product).
+    #[test]
+    fn untracked_input_records_no_op() {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[1f64, 2.0], [0.5, -1.0]], &dev).unwrap();
+        let x = Tensor::new(&[[1f64, 3.0]], &dev).unwrap();
+        let y = Linear::new(w, None).forward(&x).unwrap();
+        assert!(!y.track_op());
+        assert_eq!(y.to_vec2::<f64>().unwrap(), [[7.0, -2.5]]);
     }
 }

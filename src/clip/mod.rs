@@ -4,7 +4,8 @@
 //!
 //! Layers, bottom up: [`kernels`] (fused CPU GEMM and attention, no autograd) and
 //! [`gemm_bf16`] under `linear` (one linear layer: fused inference, frozen for training, plain)
-//! and `attention` (one attention layer: fused, recompute-in-backward, plain), composed by
+//! and `attention` (one attention layer: fused, recompute-in-backward, plain; the two
+//! hand-written backwards share `frozen_op`), composed by
 //! `encoder` (block and stack with the hooks) into the two towers, [`vision`] and [`text`].
 //! Weights come from [`weights`] (safetensors, `.pth` via [`pth`], every common naming) and
 //! [`hub`]; [`config`] reads Hugging Face `config.json`.
@@ -12,6 +13,7 @@
 mod attention;
 pub mod config;
 mod encoder;
+mod frozen_op;
 pub mod gemm_bf16;
 pub mod hub;
 pub mod kernels;

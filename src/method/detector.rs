@@ -53,15 +53,23 @@ pub struct StageTimes {
 struct Lap<'a> {
     times: Option<&'a mut StageTimes>,
     last: std::time::Instant,
+    device: &'a candle_core::Device,
 }
 
 impl Lap<'_> {
-    fn mark(&mut self, stage: fn(&mut StageTimes) -> &mut f64) {
+    /// Ends a stage. When stages are timed, the device's queued work is waited for first (a
+    /// no-op on the CPU): on CUDA a stage's kernels would otherwise be counted in the stage
+    /// that next reads a result back.
+    fn mark(&mut self, stage: fn(&mut StageTimes) -> &mut f64) -> Result<()> {
+        if self.times.is_some() {
+            self.device.synchronize()?;
+        }
         let now = std::time::Instant::now();
         if let Some(t) = self.times.as_deref_mut() {
             *stage(t) += (now - self.last).as_secs_f64();
         }
         self.last = now;
+        Ok(())
     }
 }
 
@@ -249,20 +257,21 @@ impl Detector {
         let mut lap = Lap {
             times,
             last: std::time::Instant::now(),
+            device: pixels.device(),
         };
         let cfg = &self.cfg;
         let g = self.global_embedding(pixels)?;
         let image = self.image_features(pixels, g.as_ref())?;
-        lap.mark(|t| &mut t.backbone);
+        lap.mark(|t| &mut t.backbone)?;
         let text_t = self.text_features(g.as_ref(), pixels.dim(0)?)?;
-        lap.mark(|t| &mut t.text);
+        lap.mark(|t| &mut t.text)?;
         let logits = scoring::patch_logits(&image.patches, &text_t, cfg.logit_scale)?;
         let image_probs = self.image_probs(&image, &logits, &text_t)?;
         let (map, layer_maps) =
             scoring::fuse_maps(&logits, cfg.map_fusion, cfg.image_size, with_layer_maps)?;
         // Materialise the lazy results before the clock stops (a no-op on the CPU).
         map.device().synchronize()?;
-        lap.mark(|t| &mut t.maps);
+        lap.mark(|t| &mut t.maps)?;
         Ok(Forward {
             image_probs,
             layer_maps,
@@ -423,6 +432,7 @@ impl Detector {
                 let t = std::time::Instant::now();
                 let patches = self.patch_features(pixels)?;
                 if let Some(times) = times.as_deref_mut() {
+                    pixels.device().synchronize()?; // as Lap::mark
                     times.backbone += t.elapsed().as_secs_f64();
                 }
                 (None, None, patches)
@@ -439,6 +449,7 @@ impl Detector {
                 let t = std::time::Instant::now();
                 let m = reference::reference_map(&patches, &bank.layers, fusion, size)?;
                 if let Some(times) = times.as_deref_mut() {
+                    m.device().synchronize()?; // as Lap::mark
                     times.reference += t.elapsed().as_secs_f64();
                 }
                 Some(m)

@@ -279,14 +279,22 @@ impl Trainer {
             .iter()
             .flat_map(|e| e.mask.iter().map(|&m| m as u8 as f32))
             .collect();
-        let gt = Tensor::from_vec(gt, (b, s, s), &self.device)?.to_dtype(self.dtype)?;
+        // The losses in f32 at least (f64 stays f64), as PyTorch's autocast computes them: in
+        // f16 a dice sum over a 518x518 mask overflows (65504 at most), and bf16 keeps 8 bits.
+        let wide = if self.dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let gt = Tensor::from_vec(gt, (b, s, s), &self.device)?.to_dtype(wide)?;
         let labels: Vec<f32> = batch.iter().map(|e| e.label as u8 as f32).collect();
-        let labels = Tensor::from_vec(labels, b, &self.device)?.to_dtype(self.dtype)?;
+        let labels = Tensor::from_vec(labels, b, &self.device)?.to_dtype(wide)?;
         let fwd = det.forward(&px, true)?;
+        let image_probs = fwd.image_probs.to_dtype(wide)?;
         let o = &self.options;
         let mut loss = match o.image_loss {
-            ImageLoss::Focal => losses::focal(&fwd.image_probs, &labels)?,
-            ImageLoss::CrossEntropy => losses::cross_entropy(&fwd.image_probs, &labels)?,
+            ImageLoss::Focal => losses::focal(&image_probs, &labels)?,
+            ImageLoss::CrossEntropy => losses::cross_entropy(&image_probs, &labels)?,
         };
         let inv = (1.0 - &gt)?;
         let groups = |x: &Tensor| -> Result<Tensor> {
@@ -296,6 +304,7 @@ impl Trainer {
             })
         };
         for m in &fwd.layer_maps {
+            let m = &m.to_dtype(wide)?;
             let abn = m.narrow(1, 1, 1)?.squeeze(1)?;
             let nor = m.narrow(1, 0, 1)?.squeeze(1)?;
             let pixel = ((losses::focal(m, &gt)? + losses::dice(&groups(&abn)?, &groups(&gt)?)?)?
