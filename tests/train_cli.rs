@@ -346,3 +346,61 @@ fn progress_lines_when_not_a_terminal_and_overwrite() {
     let cfg = adapter_config(Path::new(&out));
     assert_eq!(cfg["provenance"]["steps"], 3);
 }
+
+/// Half-precision training keeps f32 master variables and optimiser moments (as PyTorch's mixed
+/// precision does): in f16, Adam's eps (1e-8) is 0, so a zero gradient would give 0/0 = NaN in
+/// f16 moments. The presets train a few steps in f16 to finite f32 tensors; a step whose
+/// gradients are not finite (the `zsad` preset's backward in f16, on this random model) is
+/// refused before it reaches the variables, naming them and the fix, and nothing is written.
+#[test]
+fn half_precision_training_stays_finite_or_stops_before_nan_is_saved() {
+    let dir = tmp("f16");
+    make_class(&dir.join("data"), 1, 6, 4);
+    let train = |preset: &str| {
+        let out = dir.join(format!("{preset}.safetensors"));
+        let o = zsad(&[
+            "train",
+            "--data",
+            dir.join("data").to_str().unwrap(),
+            "--model",
+            "random:tiny",
+            "--preset",
+            preset,
+            "--dtype",
+            "f16",
+            "--max-steps",
+            "4",
+            "--image-size",
+            "32",
+            "-q",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        (o, out)
+    };
+    for preset in ["anomalyclip", "adaclip", "headclip"] {
+        let (o, out) = train(preset);
+        assert!(o.status.success(), "{preset}: {}", err(&o));
+        let bytes = std::fs::read(&out).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (name, t) in st.tensors() {
+            assert_eq!(t.dtype(), safetensors::Dtype::F32, "{preset} {name}");
+            let v: Vec<f32> = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            assert!(v.iter().all(|x| x.is_finite()), "{preset} {name}");
+        }
+    }
+    let (o, out) = train("zsad");
+    assert_eq!(o.status.code(), Some(2), "{}", err(&o));
+    let e = err(&o);
+    assert!(
+        e.contains("are not finite")
+            && e.contains("the step was not applied")
+            && e.contains("--dtype bf16 or f32"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}

@@ -89,9 +89,11 @@ pub fn run(args: FeaturesArgs) -> anyhow::Result<()> {
                 .collect::<crate::Result<Vec<_>>>()?;
             let batch = Tensor::stack(&pixels, 0)?;
             let o = vision.forward(&batch, &hooks)?;
-            pooled.push(o.pooled);
+            // Kept in host memory as they come: a GPU holds one batch, however many images.
+            let cpu = candle_core::Device::Cpu;
+            pooled.push(o.pooled.to_device(&cpu)?);
             for (slot, t) in o.taps.into_iter().enumerate() {
-                taps[slot].push(t);
+                taps[slot].push(t.to_device(&cpu)?);
             }
         }
         out.insert("image_embeds".into(), Tensor::cat(&pooled, 0)?);

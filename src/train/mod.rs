@@ -179,7 +179,21 @@ pub struct Trainer {
     opt: Adam,
     pub progress: Progress,
     device: Device,
+    /// The model's dtype, which the forward sees the variables in.
     dtype: DType,
+    /// The variables' and the optimiser's own dtype: f32 at least (f64 stays f64), as PyTorch's
+    /// mixed precision keeps master weights, since in f16 Adam's eps (1e-8) is 0 and a zero
+    /// gradient gives 0/0, and in bf16 small updates are lost to rounding.
+    master: DType,
+}
+
+/// The dtype variables and optimiser moments are kept in for a model in `dtype`.
+fn master_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
 }
 
 impl Trainer {
@@ -195,7 +209,9 @@ impl Trainer {
         let vars = names
             .into_iter()
             .map(|n| {
-                let t = adapter.tensors[n].to_device(device)?.to_dtype(dtype)?;
+                let t = adapter.tensors[n]
+                    .to_device(device)?
+                    .to_dtype(master_dtype(dtype))?;
                 Ok((n.clone(), Var::from_tensor(&t)?))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -215,6 +231,7 @@ impl Trainer {
             progress: Progress::default(),
             device: device.clone(),
             dtype,
+            master: master_dtype(dtype),
         })
     }
 
@@ -223,14 +240,14 @@ impl Trainer {
         &self.vars
     }
 
-    /// The variables by role, through the adapter's name tree (the same tensors, so gradients
-    /// reach the variables).
+    /// The variables by role, through the adapter's name tree, in the model's dtype (a
+    /// differentiable cast of the same tensors, so gradients reach the variables).
     fn params(&self, clip: &crate::clip::ClipConfig) -> Result<AdapterParams> {
         let tensors: HashMap<String, Tensor> = self
             .vars
             .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect();
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(self.dtype)?)))
+            .collect::<Result<_>>()?;
         AdapterParams::load(&self.adapter.config, clip, &mut NamedTensors::new(&tensors))
     }
 
@@ -281,11 +298,7 @@ impl Trainer {
             .collect();
         // The losses in f32 at least (f64 stays f64), as PyTorch's autocast computes them: in
         // f16 a dice sum over a 518x518 mask overflows (65504 at most), and bf16 keeps 8 bits.
-        let wide = if self.dtype == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
+        let wide = self.master;
         let gt = Tensor::from_vec(gt, (b, s, s), &self.device)?.to_dtype(wide)?;
         let labels: Vec<f32> = batch.iter().map(|e| e.label as u8 as f32).collect();
         let labels = Tensor::from_vec(labels, b, &self.device)?.to_dtype(wide)?;
@@ -331,9 +344,42 @@ impl Trainer {
             )));
         }
         let grads = loss.backward()?;
+        self.check_gradients(&grads)?;
         self.opt.step(&self.vars, &grads)?;
         self.progress.steps += 1;
         Ok(value)
+    }
+
+    /// A step whose gradients are not all finite is refused before it reaches the variables
+    /// (their NaN would be saved in every later checkpoint), naming the tensors and what to
+    /// change.
+    fn check_gradients(&self, grads: &candle_core::backprop::GradStore) -> Result<()> {
+        let mut bad = Vec::new();
+        for (n, v) in &self.vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                let peak = g
+                    .abs()?
+                    .to_dtype(DType::F64)?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f64>()?;
+                if !peak.is_finite() {
+                    bad.push(n.as_str());
+                }
+            }
+        }
+        if bad.is_empty() {
+            return Ok(());
+        }
+        let fix = match self.dtype {
+            DType::F16 => "f16 keeps 5 exponent bits: train with --dtype bf16 or f32",
+            _ => "lower --lr",
+        };
+        Err(Error::Training(format!(
+            "the gradients of {} are not finite (NaN or infinity) at step {}; the step was not applied: {fix}",
+            bad.join(", "),
+            self.progress.steps + 1
+        )))
     }
 
     /// Checkpoint bytes: the variables, the optimiser moments and the progress.
@@ -388,7 +434,7 @@ impl Trainer {
                     .get(&k)
                     .ok_or_else(|| bad(format!("missing `{k}`")))?
                     .to_device(&self.device)?
-                    .to_dtype(self.dtype)?)
+                    .to_dtype(self.master)?)
             };
             v.set(&get(format!("param.{n}"))?)?;
             if self.opt.step > 0 {
