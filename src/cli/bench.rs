@@ -33,6 +33,11 @@ pub struct BenchArgs {
     /// Passes over the images (at least 1)
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = super::flags::at_least(1))]
     pub runs: usize,
+    /// Images per model pass: 1 (default) times each stage one image at a time; 0 is detect's
+    /// default (about 1024 tokens on a CPU, what half the free memory holds on a GPU), where
+    /// throughput on a GPU comes from
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub batch_size: usize,
     /// Print one JSON object instead of a table
     #[arg(long)]
     pub json: bool,
@@ -131,10 +136,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let size = det.image_size();
     let out = tempdir()?;
 
-    // detect's pipeline, its stages one after another on one image at a time, so each stage's
-    // time is its own share of the time per image.
+    // detect's pipeline, its stages one after another on one pass at a time (one image unless
+    // --batch-size says otherwise), so each stage's time is its own share of the time per image.
+    if args.batch_size > pipeline::MAX_BATCH_SIZE {
+        bail!(
+            "--batch-size {}: at most {} (0 is detect's default)",
+            args.batch_size,
+            pipeline::MAX_BATCH_SIZE
+        );
+    }
     let opts = PipelineOptions {
-        batch_size: 1,
+        batch_size: args.batch_size,
         overlap: false,
         ..Default::default()
     };
