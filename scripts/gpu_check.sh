@@ -62,16 +62,17 @@ run() {
     for f in "$kit"/*.gz; do gunzip -c "$f" > "$work/$(basename "$f" .gz)"; done
     chmod +x "$work"/zsad "$work"/test-*
     zsad=$work/zsad dev=cuda vitb=random:ViT-B-16 vitl=random:ViT-L-14-336
-    # CUDA 13's cuBLAS, cuRAND and runtime: PyTorch's wheels carry them there.
-    local lib
-    lib=$(dirname "$(find / -name 'libcublas.so.13' -not -path '*/proc/*' 2>/dev/null | head -1)")
-    export LD_LIBRARY_PATH=$lib:${LD_LIBRARY_PATH:-}
+    # CUDA 13's cuBLAS, cuRAND and runtime: PyTorch's `nvidia-*` wheels carry them there.
+    local libs
+    libs=$(python3 -c 'import glob, nvidia; print(":".join(sorted({d for p in nvidia.__path__ for d in glob.glob(p + "/*/lib")})))' 2>/dev/null)
+    export LD_LIBRARY_PATH=$libs:${LD_LIBRARY_PATH:-}
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    "$zsad" --version || { echo "zsad does not start: ldd says"; ldd "$zsad" | grep -i "not found"; }
   fi
   echo "== 1. parity tests on the GPU"
   if [ "$smoke" != --smoke ]; then
-    "$work"/test-zsad clip::frozen_op::tests::cuda_matches_the_cpu --nocapture 2>&1 | tail -3
-    "$work"/test-gradients cuda_gradients --nocapture 2>&1 | tail -3
+    timeout 120 "$work"/test-zsad clip::frozen_op::tests::cuda_matches_the_cpu --nocapture 2>&1 | grep -v "^\s*[0-9]*: \|^\s*at " | tail -25
+    timeout 180 "$work"/test-gradients cuda_gradients --nocapture 2>&1 | grep -v "^\s*[0-9]*: \|^\s*at " | tail -25
   fi
   echo "== images"
   python3 - "$work" <<'PY'
@@ -96,9 +97,9 @@ for i in range(4):
 print("8 test images 900x900, 4 training images 518x518")
 PY
   echo "== 2. detect: $dev against the CPU ($vitb, maps as .npy)"
-  "$zsad" detect "$work/img" --model "$vitb" --device cpu --maps npy --heatmaps none -q --out "$work/cpu"
-  "$zsad" detect "$work/img" --model "$vitb" --device "$dev" --maps npy --heatmaps none -q --out "$work/gpu32"
-  "$zsad" detect "$work/img" --model "$vitb" --device "$dev" --precision bf16 --maps npy --heatmaps none -q --out "$work/gpu16"
+  timeout 120 "$zsad" detect "$work/img" --model "$vitb" --device cpu --maps npy --heatmaps none -q --out "$work/cpu"
+  timeout 120 "$zsad" detect "$work/img" --model "$vitb" --device "$dev" --maps npy --heatmaps none -q --out "$work/gpu32"
+  timeout 120 "$zsad" detect "$work/img" --model "$vitb" --device "$dev" --precision bf16 --maps npy --heatmaps none -q --out "$work/gpu16"
   python3 - "$work" <<'PY'
 import json, sys
 import numpy as np
@@ -123,9 +124,11 @@ PY
       ( while :; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; sleep 0.1; done ) > "$peak" &
       local poll=$!
     fi
-    /usr/bin/time -f "$preset: %e s wall for load + steps" "$zsad" train --data "$work/train" --model "$vitl" \
+    local t0=$EPOCHREALTIME
+    timeout 150 "$zsad" train --data "$work/train" --model "$vitl" \
       --preset "$preset" --image-size "$train_size" --batch-size 1 --max-steps 4 --device "$dev" \
-      --out "$work/$preset.safetensors" 2>&1 | grep -E "steps in|error|s wall"
+      --out "$work/$preset.safetensors" 2>&1 | grep -E "steps in|error"
+    echo "$preset: $(awk "BEGIN {printf \"%.1f\", $EPOCHREALTIME - $t0}") s wall for the model's load and the steps"
     if [ "$smoke" != --smoke ]; then
       kill "$poll" 2>/dev/null
       echo "$preset: peak GPU memory $(sort -n "$peak" | tail -1) MiB (whole card, zsad alone on it)"
@@ -137,9 +140,13 @@ PY
     [ "$model" = "$vitl" ] && size=518
     [ "$smoke" = --smoke ] && size=32
     for prec in f32 bf16; do
-      "$zsad" bench --model "$model" --image-size "$size" --device "$dev" --precision "$prec" \
-        --images "$work/img" --runs 4 --batch-size 0 --json 2>/dev/null \
-        | python3 -c "import json,sys; j=json.load(sys.stdin); print('$model @ $size $prec: %.3f s/image, %.2f images/s, gemm %s' % (j['seconds_per_image'], j['images_per_second'], j.get('gemm')))"
+      local json
+      if json=$(timeout 120 "$zsad" bench --model "$model" --image-size "$size" --device "$dev" \
+        --precision "$prec" --images "$work/img" --runs 4 --batch-size 0 --json 2>"$work/bench.err"); then
+        python3 -c "import json,sys; j=json.loads(sys.argv[1]); print('$model @ $size $prec: %.4f s/image, %.2f images/s, gemm %s, peak RSS %.0f MB' % (j['seconds_per_image'], j['images_per_second'], j.get('gemm'), j.get('peak_rss_mb') or 0))" "$json"
+      else
+        echo "$model @ $size $prec: bench failed: $(tail -2 "$work/bench.err")"
+      fi
     done
   done
   echo "report: $report"
