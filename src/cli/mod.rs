@@ -221,7 +221,8 @@ pub struct ModelArgs {
     /// GEMM precision: bf16 multiplies bf16 operands with f32 accumulation, as PyTorch's
     /// autocast does, on the CPU's AMX or AVX512-BF16 unit (weights packed once, half the
     /// memory); everything else stays f32. A CPU without them computes the same numbers at f32
-    /// speed (`zsad info` says which GEMM runs). On CUDA it means --dtype bf16
+    /// speed (`zsad info` says which GEMM runs). On CUDA: the GPU's bf16 units through cuBLAS,
+    /// the rest in f32 (--dtype bf16 runs the whole model in bf16)
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: PrecisionArg,
     /// Where to run the model
@@ -238,15 +239,13 @@ impl ModelArgs {
         if matches!((self.dtype, self.device), (DTypeArg::Bf16, DeviceArg::Cpu)) {
             anyhow::bail!("--dtype bf16 needs --device cuda: on the CPU use --precision bf16 (bf16 GEMMs, the rest in f32)");
         }
-        let cpu_bf16 =
-            self.precision == PrecisionArg::Bf16 && matches!(self.device, DeviceArg::Cpu);
-        if cpu_bf16 && !matches!(self.dtype, DTypeArg::F32) {
-            anyhow::bail!("--precision bf16 on the CPU works on f32 tensors: drop --dtype");
+        // bf16 products in an f32 model, on either device (the CPU's bf16 units, or a GPU's as
+        // PyTorch's autocast); --dtype bf16 is the whole model in bf16, on a GPU.
+        let bf16 = self.precision == PrecisionArg::Bf16;
+        if bf16 && !matches!(self.dtype, DTypeArg::F32) {
+            anyhow::bail!("--precision bf16 multiplies bf16 operands in an f32 model: drop --dtype (or, on CUDA, use --dtype bf16 alone for a model wholly in bf16)");
         }
-        let dtype = match (self.precision, self.dtype) {
-            (PrecisionArg::Bf16, _) if !cpu_bf16 => DTypeArg::Bf16,
-            (_, d) => d,
-        };
+        let dtype = self.dtype;
         let opts = LoadOptions {
             dtype: match dtype {
                 DTypeArg::F32 => candle_core::DType::F32,
@@ -261,7 +260,7 @@ impl ModelArgs {
         };
         let mut loaded = clip::load_model(&self.model, &opts)
             .with_context(|| format!("cannot load model `{}`", self.model))?;
-        if cpu_bf16 {
+        if bf16 {
             loaded.model.use_bf16().context("--precision bf16")?;
         }
         Ok(loaded)

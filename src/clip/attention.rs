@@ -199,9 +199,17 @@ impl Attention {
             let (b, h, l, hd) = heads.dims4()?;
             Ok(heads.transpose(1, 2)?.reshape((b, l, h * hd))?)
         };
-        let ori = merge(scaled_dot_product(&q, &k, &v, self.scale, mask)?)?;
+        let autocast = self.precision == kernels::Precision::Bf16Autocast && !xs.track_op();
+        let attend = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
+            Ok(if autocast {
+                scaled_dot_product_bf16(a, b, &v, self.scale, mask)?
+            } else {
+                scaled_dot_product(a, b, &v, self.scale, mask)?
+            })
+        };
+        let ori = merge(attend(&q, &k)?)?;
         let vv = if with_vv {
-            Some(merge(scaled_dot_product(&v, &v, &v, self.scale, mask)?)?)
+            Some(merge(attend(&v, &v)?)?)
         } else {
             None
         };
@@ -311,10 +319,57 @@ pub(crate) fn scaled_dot_product(
     out(q, k, v)
 }
 
+/// [`scaled_dot_product`] under GPU autocast ([`kernels::Precision::Bf16Autocast`], inference):
+/// both products on bf16 operands, the scores, mask and softmax in f32 (PyTorch's autocast
+/// keeps softmax in f32), the output read back in `q`'s dtype.
+pub(crate) fn scaled_dot_product_bf16(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let bf16 = |t: &Tensor| t.to_dtype(DType::BF16);
+    let s = bf16(&(q * scale)?)?
+        .matmul(&bf16(k)?.t()?)?
+        .to_dtype(DType::F32)?;
+    let s = match mask {
+        Some(m) => s.broadcast_add(&m.to_dtype(DType::F32)?)?,
+        None => s,
+    };
+    bf16(&softmax_wide(&s)?)?
+        .matmul(&bf16(v)?)?
+        .to_dtype(q.dtype())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::clip::testing::{randn, to2, vb};
+
+    /// Autocast attention stays within bf16's precision of the f32 one (run here on the CPU's
+    /// bf16 matmul; on a GPU the same ops run on its tensor cores).
+    #[test]
+    fn bf16_autocast_attention_is_close_to_f32() {
+        let q = randn(&[2, 3, 17, 8], 1);
+        let k = randn(&[2, 3, 17, 8], 2);
+        let v = randn(&[2, 3, 17, 8], 3);
+        let mask = randn(&[17, 17], 4);
+        let want = scaled_dot_product(&q, &k, &v, 0.35, Some(&mask)).unwrap();
+        let got = scaled_dot_product_bf16(&q, &k, &v, 0.35, Some(&mask)).unwrap();
+        assert_eq!(got.dtype(), DType::F32);
+        let d = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d > 0.0 && d < 0.05, "{d}");
+    }
     use candle_core::{Device, IndexOp, Var};
 
     /// Naive single-sequence attention, one head at a time, from the fused weights:

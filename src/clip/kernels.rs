@@ -300,6 +300,11 @@ pub enum Precision {
     /// bf16 (weights once at load, activations per product), the same numbers up to summation
     /// order, at f32 speed.
     Bf16Emulated,
+    /// bf16 operands on a GPU's bf16 units (tensor cores, through cuBLAS), as PyTorch's CUDA
+    /// autocast: the weights kept in bf16 (half the memory), activations cast to bf16 per
+    /// product and its result read back in f32; LayerNorm, softmax, activations and the rest
+    /// stay f32.
+    Bf16Autocast,
 }
 
 impl Precision {
@@ -322,6 +327,7 @@ impl Precision {
             Precision::F32 => gemm_backend().to_string(),
             Precision::Bf16(k) => k.name().to_string(),
             Precision::Bf16Emulated => format!("{}+bf16-emulated", gemm_backend()),
+            Precision::Bf16Autocast => "bf16-autocast".to_string(),
         }
     }
 }

@@ -36,6 +36,8 @@ enum Stored {
     RoundedF32(Tensor),
     /// bf16 on a bf16 unit: packed once at load into the kernel's layout (half the memory).
     Packed(Arc<PackedB>, Kernel),
+    /// bf16 for a GPU's autocast products ([`Precision::Bf16Autocast`]).
+    Bf16(Tensor),
 }
 
 impl Linear {
@@ -62,7 +64,9 @@ impl Linear {
     pub fn weight(&self) -> candle_core::Result<&Tensor> {
         match &self.weight {
             Stored::F32(w) | Stored::RoundedF32(w) => Ok(w),
-            Stored::Packed(..) => candle_core::bail!("the weight is packed for the bf16 kernel"),
+            Stored::Packed(..) | Stored::Bf16(_) => {
+                candle_core::bail!("the weight is kept in bf16")
+            }
         }
     }
 
@@ -74,6 +78,7 @@ impl Linear {
         };
         self.weight = match precision {
             Precision::F32 => return Ok(()),
+            Precision::Bf16Autocast => Stored::Bf16(w.to_dtype(DType::BF16)?),
             Precision::Bf16Emulated => Stored::RoundedF32(kernels::round_bf16(w)?),
             Precision::Bf16(kernel) => {
                 let (n, k) = w.dims2()?;
@@ -93,19 +98,24 @@ impl Linear {
     }
 
     /// The weight as the fused kernels take it.
-    fn kernel_weight(&self) -> Weight<'_> {
-        match &self.weight {
+    fn kernel_weight(&self) -> candle_core::Result<Weight<'_>> {
+        Ok(match &self.weight {
             Stored::F32(w) => Weight::F32(w),
             Stored::RoundedF32(w) => Weight::RoundedF32(w),
             Stored::Packed(p, k) => Weight::Packed(p, *k),
-        }
+            Stored::Bf16(_) => {
+                candle_core::bail!(
+                    "bf16 autocast weights are multiplied on their GPU, not by the CPU kernels"
+                )
+            }
+        })
     }
 
     /// The weight in `dtype` for the plain ops (training, other devices and dtypes): a packed
     /// weight (CPU only) is unpacked and widened per call.
     fn weight_as(&self, dtype: DType) -> candle_core::Result<Tensor> {
         match &self.weight {
-            Stored::F32(w) | Stored::RoundedF32(w) => w.to_dtype(dtype),
+            Stored::F32(w) | Stored::RoundedF32(w) | Stored::Bf16(w) => w.to_dtype(dtype),
             Stored::Packed(p, _) => {
                 Tensor::from_vec(p.to_weight(), (p.n(), p.k()), &candle_core::Device::Cpu)?
                     .to_dtype(dtype)
@@ -136,12 +146,23 @@ impl Linear {
         x: &Tensor,
         epilogue: kernels::Epilogue,
     ) -> candle_core::Result<Tensor> {
-        kernels::linear(x, self.kernel_weight(), self.bias.as_ref(), epilogue)
+        kernels::linear(x, self.kernel_weight()?, self.bias.as_ref(), epilogue)
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let (Stored::Bf16(w), false) = (&self.weight, x.track_op()) {
+            // Autocast: the product of bf16 operands, read back in the activations' dtype.
+            let y = x
+                .to_dtype(DType::BF16)?
+                .broadcast_matmul(&w.t()?)?
+                .to_dtype(x.dtype())?;
+            return match &self.bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+                None => Ok(y),
+            };
+        }
         if kernels::applies(x) {
             return self.forward_with(x, kernels::Epilogue::None);
         }
@@ -164,6 +185,65 @@ impl Module for Linear {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// GPU autocast (run here on the CPU's bf16 matmul): the product of the operands rounded to
+    /// bf16, rounded to bf16 once more as a bf16 product's result, plus the f32 bias; the
+    /// training path multiplies the widened weight in the input's dtype.
+    #[test]
+    fn bf16_autocast_multiplies_bf16_operands() {
+        let dev = Device::Cpu;
+        let w = crate::clip::testing::randn(&[5, 9], 7);
+        let b = crate::clip::testing::randn(&[5], 8);
+        let x = crate::clip::testing::randn(&[2, 3, 9], 9);
+        let mut l = Linear::new(w.clone(), Some(b.clone()));
+        l.use_precision(Precision::Bf16Autocast).unwrap();
+        let got = l.forward(&x).unwrap();
+        assert_eq!(got.dtype(), DType::F32);
+        let r = |t: &Tensor| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let want = r(&r(&x).broadcast_matmul(&r(&w).t().unwrap()).unwrap())
+            .broadcast_add(&b)
+            .unwrap();
+        let diff = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        // f32 sums of bf16 products against bf16 accumulation order: within a bf16 step.
+        let scale = want
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() <= scale / 128.0);
+        let plain = candle_nn::Linear::new(r(&w), Some(b)).forward(&x).unwrap();
+        let xv = Var::from_tensor(&x).unwrap();
+        let tracked = l.forward(xv.as_tensor()).unwrap();
+        let d = (tracked - plain)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert!(
+            d.to_scalar::<f32>().unwrap() < 1e-5,
+            "training multiplies the widened weight"
+        );
+        let _ = dev;
+    }
 
     /// In each dtype the op gives candle's `Linear`'s values and input gradient, and no weight
     /// gradient (f64 and f32 exactly: the same products; bf16 through the same bf16 products).

@@ -44,20 +44,25 @@ pub struct ClipModel {
     pub vision: VisionTransformer,
     pub text: TextTransformer,
     pub config: ClipConfig,
-    /// How the CPU kernels multiply (set by [`Self::use_bf16`]).
+    /// How the GEMMs multiply (set by [`Self::use_bf16`]).
     precision: kernels::Precision,
 }
 
 impl ClipModel {
-    /// `--precision bf16` on the CPU: both towers' blocks keep their weights in bfloat16 and
-    /// multiply bf16 operands with f32 accumulation; LayerNorm, softmax, activations,
-    /// embeddings and projections stay f32.
+    /// `--precision bf16`: both towers' blocks keep their weights in bfloat16 and multiply bf16
+    /// operands with f32 accumulation; LayerNorm, softmax, activations, embeddings and
+    /// projections stay f32. On a GPU: its bf16 units through cuBLAS, as PyTorch's autocast
+    /// ([`kernels::Precision::Bf16Autocast`]).
     ///
     /// The GEMMs run on the CPU's bf16 unit (AMX, else AVX512-BF16) where it has one; elsewhere
     /// the same rounding is emulated on the f32 kernels, at f32 speed. Returns which
     /// ([`kernels::Precision::gemm_name`] names it).
     pub fn use_bf16(&mut self) -> Result<kernels::Precision> {
-        let precision = kernels::Precision::bf16();
+        let precision = if self.vision.device().is_cpu() {
+            kernels::Precision::bf16()
+        } else {
+            kernels::Precision::Bf16Autocast
+        };
         self.vision.use_precision(precision)?;
         self.text.use_precision(precision)?;
         self.precision = precision;
@@ -68,10 +73,10 @@ impl ClipModel {
     /// `cuda`, `amx-bf16`, `avx512-bf16`, or the f32 backend (`gemm`, `onednn`), with
     /// `+bf16-emulated` when `--precision bf16` runs on a CPU without bf16 units.
     pub fn gemm(&self) -> String {
-        if self.vision.device().is_cpu() {
-            self.precision.gemm_name()
-        } else {
-            "cuda".to_string()
+        match (self.vision.device().is_cpu(), self.precision) {
+            (true, p) => p.gemm_name(),
+            (false, kernels::Precision::Bf16Autocast) => "cuda+bf16-autocast".to_string(),
+            (false, _) => "cuda".to_string(),
         }
     }
 
