@@ -268,16 +268,27 @@ impl DetectJob {
         }
         let started = std::time::Instant::now();
         let (mut scored, mut failed) = (0usize, 0usize);
-        pipeline::run(
+        // Rendering (map resize, PNG encoding) is the step a GPU outruns: it may run for
+        // several inputs at once (`run_with`); writing and the record stay in input order.
+        let rendered = |input: &Input, outcome: Outcome| match outcome {
+            Outcome::Failed(e) => Err(e),
+            Outcome::Scored { image, detection } => Ok((
+                render::render(&opts.output, &input.key, &image, &detection),
+                image.dimensions(),
+                detection,
+            )),
+        };
+        pipeline::run_with(
             todo,
             |i: &Input| i.path.as_path(),
             detector,
             &opts.pipeline,
-            |input, outcome| {
-                let record = match outcome {
-                    Outcome::Failed(e) => Record::failed(&input.given, e),
-                    Outcome::Scored { image, detection } => {
-                        let r = render::render(&opts.output, &input.key, &image, &detection)
+            rendered,
+            |input, done| {
+                let record = match done {
+                    Err(e) => Record::failed(&input.given, e),
+                    Ok((r, (w, h), detection)) => {
+                        let r = r
                             .and_then(|r| render::write(out, &r).map(|()| r))
                             .map_err(|e| {
                                 Error::Output(format!(
@@ -285,7 +296,6 @@ impl DetectJob {
                                     input.given
                                 ))
                             })?;
-                        let (w, h) = image.dimensions();
                         Record {
                             path: input.given.clone(),
                             score: Some(detection.score),

@@ -10,6 +10,8 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::Instant;
 
+use rayon::prelude::*;
+
 use candle_core::{Device, Tensor};
 use image::RgbImage;
 
@@ -193,12 +195,35 @@ pub fn run<T, P, C>(
     path_of: P,
     detector: &Detector,
     opts: &PipelineOptions,
-    mut consume: C,
+    consume: C,
 ) -> Result<StageSeconds>
 where
     T: Send,
     P: Fn(&T) -> &Path + Sync,
     C: FnMut(T, Outcome) -> Result<()> + Send,
+{
+    run_with(items, path_of, detector, opts, |_, o| o, consume)
+}
+
+/// [`run`] with a `render` step between the model and `consume`: `render` turns an item's
+/// outcome into what `consume` writes (encoded files, say), and can run for several items at
+/// once. When the model runs on a GPU, the inputs of a pass are decoded and the outcomes of a
+/// pass rendered on all cores (rayon), so that decoding and PNG encoding keep up with the GPU;
+/// on the CPU each keeps its one thread beside the model, whose GEMMs have the cores.
+pub fn run_with<T, U, P, R, C>(
+    items: Vec<T>,
+    path_of: P,
+    detector: &Detector,
+    opts: &PipelineOptions,
+    render: R,
+    mut consume: C,
+) -> Result<StageSeconds>
+where
+    T: Send,
+    U: Send,
+    P: Fn(&T) -> &Path + Sync,
+    R: Fn(&T, Outcome) -> U + Sync,
+    C: FnMut(T, U) -> Result<()> + Send,
 {
     if items.is_empty() {
         return Ok(StageSeconds::default());
@@ -208,25 +233,42 @@ where
     let mut limit = batch;
     let size = detector.image_size();
     let dev = detector.device().clone();
+    let parallel = !dev.is_cpu();
     let limits = opts.limits;
     let mut secs = StageSeconds::default();
+    let prepare_all = |chunk: Vec<T>| -> Vec<Prepared<T>> {
+        let one = |item: T| {
+            let p = path_of(&item).to_path_buf();
+            prepare(item, &p, size, &dev, &limits)
+        };
+        if parallel {
+            chunk.into_par_iter().map(one).collect()
+        } else {
+            chunk.into_iter().map(one).collect()
+        }
+    };
+    let render_all = |scored: Vec<(T, Outcome)>| -> Vec<(T, U)> {
+        let one = |(item, outcome): (T, Outcome)| {
+            let u = render(&item, outcome);
+            (item, u)
+        };
+        if parallel {
+            scored.into_par_iter().map(one).collect()
+        } else {
+            scored.into_iter().map(one).collect()
+        }
+    };
 
     if !opts.overlap {
         let mut pending = items.into_iter().peekable();
         while pending.peek().is_some() {
-            let prepared: Vec<_> = pending
-                .by_ref()
-                .take(batch)
-                .map(|item| {
-                    let p = path_of(&item).to_path_buf();
-                    prepare(item, &p, size, &dev, &limits)
-                })
-                .collect();
-            for (item, outcome) in score_batch(detector, prepared, &mut secs, &mut limit)? {
-                let t = Instant::now();
-                consume(item, outcome)?;
-                secs.consume += t.elapsed().as_secs_f64();
+            let prepared = prepare_all(pending.by_ref().take(batch).collect());
+            let scored = score_batch(detector, prepared, &mut secs, &mut limit)?;
+            let t = Instant::now();
+            for (item, u) in render_all(scored) {
+                consume(item, u)?;
             }
+            secs.consume += t.elapsed().as_secs_f64();
         }
         return Ok(secs);
     }
@@ -234,21 +276,36 @@ where
     let (tx, rx) = mpsc::sync_channel::<Prepared<T>>(2 * batch);
     let (out_tx, out_rx) = mpsc::sync_channel::<(T, Outcome)>(2 * batch);
     std::thread::scope(|scope| -> Result<StageSeconds> {
-        let path_of = &path_of;
-        let dev = &dev;
+        let prepare_all = &prepare_all;
         scope.spawn(move || {
-            for item in items {
-                let p = path_of(&item).to_path_buf();
-                if tx.send(prepare(item, &p, size, dev, &limits)).is_err() {
-                    break; // the model stage stopped
+            let mut items = items.into_iter().peekable();
+            while items.peek().is_some() {
+                // One item at a time on the CPU (its thread beside the model), a pass's worth
+                // at once on all cores for a GPU.
+                let n = if parallel { batch } else { 1 };
+                for p in prepare_all(items.by_ref().take(n).collect()) {
+                    if tx.send(p).is_err() {
+                        return; // the model stage stopped
+                    }
                 }
             }
         });
+        let render_all = &render_all;
         let consumer = scope.spawn(move || -> Result<f64> {
             let mut spent = 0.0;
-            for (item, outcome) in out_rx {
+            while let Ok(first) = out_rx.recv() {
+                // What has arrived, up to a pass's worth, rendered together.
+                let mut ready = vec![first];
+                while ready.len() < batch {
+                    match out_rx.try_recv() {
+                        Ok(next) => ready.push(next),
+                        Err(_) => break,
+                    }
+                }
                 let t = Instant::now();
-                consume(item, outcome)?;
+                for (item, u) in render_all(ready) {
+                    consume(item, u)?;
+                }
                 spent += t.elapsed().as_secs_f64();
             }
             Ok(spent)
