@@ -349,23 +349,25 @@ fn progress_lines_when_not_a_terminal_and_overwrite() {
 
 /// Half-precision training keeps f32 master variables and optimiser moments (as PyTorch's mixed
 /// precision does): in f16, Adam's eps (1e-8) is 0, so a zero gradient would give 0/0 = NaN in
-/// f16 moments. The presets train a few steps in f16 to finite f32 tensors; a step whose
-/// gradients are not finite (the `zsad` preset's backward in f16, on this random model) is
-/// refused before it reaches the variables, naming them and the fix, and nothing is written.
+/// f16 moments. Every preset trains a few steps in f16 to finite f32 tensors (`zsad`'s map
+/// softmax, whose logits on this random model lie up to ~50 apart, is computed in f32). A step
+/// whose gradients are not finite is refused before it reaches the variables, naming them and
+/// the fix, and no adapter is written: here HeadCLIP started from head weights θ = −20, whose
+/// `2σ(θ) = 2 / (1 + e^−θ)` meets `e^20`, infinite in f16, with the backward `0 · ∞`.
 #[test]
 fn half_precision_training_stays_finite_or_stops_before_nan_is_saved() {
     let dir = tmp("f16");
     make_class(&dir.join("data"), 1, 6, 4);
-    let train = |preset: &str| {
-        let out = dir.join(format!("{preset}.safetensors"));
-        let o = zsad(&[
+    let data = dir.join("data");
+    // `method`: `--preset P`, or `--adapter A` to start from.
+    let train = |name: &str, method: &[&str]| {
+        let out = dir.join(format!("{name}.safetensors"));
+        let mut args = vec![
             "train",
             "--data",
-            dir.join("data").to_str().unwrap(),
+            data.to_str().unwrap(),
             "--model",
             "random:tiny",
-            "--preset",
-            preset,
             "--dtype",
             "f16",
             "--max-steps",
@@ -375,11 +377,12 @@ fn half_precision_training_stays_finite_or_stops_before_nan_is_saved() {
             "-q",
             "--out",
             out.to_str().unwrap(),
-        ]);
-        (o, out)
+        ];
+        args.extend(method);
+        (zsad(&args), out)
     };
-    for preset in ["anomalyclip", "adaclip", "headclip"] {
-        let (o, out) = train(preset);
+    for preset in ["anomalyclip", "adaclip", "headclip", "zsad"] {
+        let (o, out) = train(preset, &["--preset", preset]);
         assert!(o.status.success(), "{preset}: {}", err(&o));
         let bytes = std::fs::read(&out).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -393,12 +396,20 @@ fn half_precision_training_stays_finite_or_stops_before_nan_is_saved() {
             assert!(v.iter().all(|x| x.is_finite()), "{preset} {name}");
         }
     }
-    let (o, out) = train("zsad");
+    let mut off = zsad::method::Adapter::load(&dir.join("headclip.safetensors")).unwrap();
+    let theta = off.tensors["vision.head_weights"].clone();
+    off.tensors.insert(
+        "vision.head_weights".into(),
+        (theta.zeros_like().unwrap() - 20.0).unwrap(),
+    );
+    let start = dir.join("headclip-off.safetensors");
+    std::fs::write(&start, off.to_bytes().unwrap()).unwrap();
+    let (o, out) = train("refused", &["--adapter", start.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2), "{}", err(&o));
     let e = err(&o);
     assert!(
-        e.contains("are not finite")
-            && e.contains("the step was not applied")
+        e.contains("the gradients of vision.head_weights are not finite")
+            && e.contains("at step 1; the step was not applied")
             && e.contains("--dtype bf16 or f32"),
         "{e}"
     );

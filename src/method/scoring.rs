@@ -14,10 +14,23 @@ use crate::Result;
 
 /// Softmax over a pair `(a0, a1)` of equal-shape tensors, elementwise: `(p0, p1)`, written as
 /// `p1 = 1 / (1 + e^(a0 − a1))` so that it has a backward.
+///
+/// Computed in f32 at least (f64 stays f64) and returned in the inputs' dtype, as PyTorch's
+/// autocast runs softmax and `exp`: in f16 `e^(a0 − a1)` is infinite once `a0 − a1` exceeds
+/// `ln 65504 ≈ 11.09` (a cosine gap of 0.111 at CLIP's logit scale 100), which the forward
+/// survives (`p1 = 1/∞ = 0`) but the backward does not: the reciprocal's gradient `g / ∞²` is 0
+/// and the exponential's `0 · e^(a0 − a1) = 0 · ∞` is NaN.
 pub fn pair_softmax(a0: &Tensor, a1: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dtype = a0.dtype();
+    let wide = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let (a0, a1) = (a0.to_dtype(wide)?, a1.to_dtype(wide)?);
     let p1 = ((a0 - a1)?.exp()? + 1.0)?.recip()?;
     let p0 = (1.0 - &p1)?;
-    Ok((p0, p1))
+    Ok((p0.to_dtype(dtype)?, p1.to_dtype(dtype)?))
 }
 
 /// Indices of the `k` largest values, ties broken by the lower index.
@@ -239,6 +252,57 @@ mod tests {
         assert!((p1[0] as f64 - e / (1.0 + e)).abs() < 1e-12);
         assert!((p0[0] as f64 - 1.0 / (1.0 + e)).abs() < 1e-7);
         assert!((p1[1] - 1.0).abs() < 1e-7);
+    }
+
+    /// In f16, `e^(a0 − a1)` is infinite beyond `ln 65504 ≈ 11.09`; computed that way, the
+    /// backward gave `0 · ∞ = NaN` there. In f32 and cast back, the probabilities are f32's
+    /// rounded to f16, and the gradients `∂p1/∂a0 = −p0·p1 = −∂p1/∂a1` are finite and right.
+    #[test]
+    fn pair_softmax_in_f16_has_finite_gradients_beyond_the_f16_exp_range() {
+        let dev = Device::Cpu;
+        let d = [20.0, 11.5, 0.5, -20.0]; // a0 − a1
+        let var = |v: &[f64]| {
+            let t = Tensor::new(v, &dev).unwrap().to_dtype(DType::F16).unwrap();
+            candle_core::Var::from_tensor(&t).unwrap()
+        };
+        let a0 = var(&d);
+        let a1 = var(&[0.0; 4]);
+        let (p0, p1) = pair_softmax(a0.as_tensor(), a1.as_tensor()).unwrap();
+        assert_eq!((p0.dtype(), p1.dtype()), (DType::F16, DType::F16));
+        let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+        let grads = p1.sum_all().unwrap().backward().unwrap();
+        let g0 = f64s(grads.get(a0.as_tensor()).unwrap());
+        let g1 = f64s(grads.get(a1.as_tensor()).unwrap());
+        assert!(
+            g0.iter().chain(&g1).all(|g| g.is_finite()),
+            "gradients {g0:?} {g1:?}"
+        );
+        let want_p1: Vec<f64> = d.iter().map(|&x| sigmoid(-x)).collect();
+        for (got, want) in f64s(&p1).iter().zip(&want_p1) {
+            let f16_of = half::f16::from_f64(*want).to_f64();
+            assert!(
+                (got - f16_of).abs() <= 1e-3 * f16_of.abs().max(1e-4),
+                "{got} {want}"
+            );
+        }
+        let want_p0: Vec<f64> = want_p1.iter().map(|p| 1.0 - p).collect();
+        for (got, want) in f64s(&p0).iter().zip(&want_p0) {
+            assert!(
+                (got - want).abs() <= 1e-3 * want.abs().max(1e-4),
+                "{got} {want}"
+            );
+        }
+        for i in 0..d.len() {
+            let want = want_p1[i] * want_p0[i];
+            assert!(
+                (g0[i] + want).abs() < 1e-3 * want + 1e-7,
+                "{g0:?} vs -{want}"
+            );
+            assert!(
+                (g1[i] - want).abs() < 1e-3 * want + 1e-7,
+                "{g1:?} vs {want}"
+            );
+        }
     }
 
     #[test]
