@@ -347,15 +347,30 @@ fn progress_lines_when_not_a_terminal_and_overwrite() {
     assert_eq!(cfg["provenance"]["steps"], 3);
 }
 
+/// Every tensor of the adapter at `path` is f32 and finite.
+fn assert_finite(path: &Path, what: &str) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (name, t) in st.tensors() {
+        assert_eq!(t.dtype(), safetensors::Dtype::F32, "{what} {name}");
+        let v: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert!(v.iter().all(|x| x.is_finite()), "{what} {name}");
+    }
+}
+
 /// Half-precision training keeps f32 master variables and optimiser moments (as PyTorch's mixed
 /// precision does): in f16, Adam's eps (1e-8) is 0, so a zero gradient would give 0/0 = NaN in
-/// f16 moments. Every preset trains a few steps in f16 to finite f32 tensors (`zsad`'s map
-/// softmax, whose logits on this random model lie up to ~50 apart, is computed in f32). A step
-/// whose gradients are not finite is refused before it reaches the variables, naming them and
-/// the fix, and no adapter is written: here HeadCLIP started from head weights θ = −20, whose
-/// `2σ(θ) = 2 / (1 + e^−θ)` meets `e^20`, infinite in f16, with the backward `0 · ∞`.
+/// f16 moments; exponentials and norms are computed in f32 (`zsad`'s map softmax, whose logits
+/// on this random model lie up to ~50 apart, and HeadCLIP's `2σ(θ)`, whose `e^−θ` is infinite
+/// in f16 below θ = −11.09 with a backward of `0 · ∞`). Every preset trains a few steps in f16
+/// to finite f32 tensors, and so does HeadCLIP started from head weights θ = −20. (A step whose
+/// gradients are not finite is refused before it reaches the variables: `train::tests`.)
 #[test]
-fn half_precision_training_stays_finite_or_stops_before_nan_is_saved() {
+fn half_precision_training_stays_finite() {
     let dir = tmp("f16");
     make_class(&dir.join("data"), 1, 6, 4);
     let data = dir.join("data");
@@ -384,17 +399,7 @@ fn half_precision_training_stays_finite_or_stops_before_nan_is_saved() {
     for preset in ["anomalyclip", "adaclip", "headclip", "zsad"] {
         let (o, out) = train(preset, &["--preset", preset]);
         assert!(o.status.success(), "{preset}: {}", err(&o));
-        let bytes = std::fs::read(&out).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        for (name, t) in st.tensors() {
-            assert_eq!(t.dtype(), safetensors::Dtype::F32, "{preset} {name}");
-            let v: Vec<f32> = t
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            assert!(v.iter().all(|x| x.is_finite()), "{preset} {name}");
-        }
+        assert_finite(&out, preset);
     }
     let mut off = zsad::method::Adapter::load(&dir.join("headclip.safetensors")).unwrap();
     let theta = off.tensors["vision.head_weights"].clone();
@@ -404,14 +409,7 @@ fn half_precision_training_stays_finite_or_stops_before_nan_is_saved() {
     );
     let start = dir.join("headclip-off.safetensors");
     std::fs::write(&start, off.to_bytes().unwrap()).unwrap();
-    let (o, out) = train("refused", &["--adapter", start.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(2), "{}", err(&o));
-    let e = err(&o);
-    assert!(
-        e.contains("the gradients of vision.head_weights are not finite")
-            && e.contains("at step 1; the step was not applied")
-            && e.contains("--dtype bf16 or f32"),
-        "{e}"
-    );
-    assert!(!out.exists());
+    let (o, out) = train("from-theta", &["--adapter", start.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert_finite(&out, "headclip from θ = −20");
 }

@@ -288,14 +288,14 @@ impl DetectJob {
                 let record = match done {
                     Err(e) => Record::failed(&input.given, e),
                     Ok((r, (w, h), detection)) => {
-                        let r = r
-                            .and_then(|r| render::write(out, &r).map(|()| r))
-                            .map_err(|e| {
-                                Error::Output(format!(
-                                    "cannot write the outputs of {}: {e}",
-                                    input.given
-                                ))
-                            })?;
+                        let r =
+                            r.and_then(|r| render::write(out, &r).map(|()| r))
+                                .map_err(|e| {
+                                    Error::Output(format!(
+                                        "cannot write the outputs of {}: {e}",
+                                        input.given
+                                    ))
+                                })?;
                         Record {
                             path: input.given.clone(),
                             score: Some(detection.score),

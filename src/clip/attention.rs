@@ -29,11 +29,7 @@ pub fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
 
 /// [`softmax_last_dim`] left in the dtype it is computed in (f32, or f64).
 fn softmax_wide(xs: &Tensor) -> candle_core::Result<Tensor> {
-    let xs = if xs.dtype() == DType::F64 {
-        xs.clone()
-    } else {
-        xs.to_dtype(DType::F32)?
-    };
+    let xs = xs.to_dtype(super::wide(xs.dtype()))?;
     if xs.track_op() {
         candle_nn::ops::softmax(&xs, D::Minus1)
     } else {

@@ -237,8 +237,12 @@ impl Detector {
         };
         Ok(Some(match kind {
             HeadWeights::Raw => theta.clone(),
-            // 2·σ(θ), written with basic ops so that it has a backward.
-            HeadWeights::Sigmoid => ((theta.neg()?.exp()? + 1.0)?.recip()? * 2.0)?,
+            // 2·σ(θ), written with basic ops so that it has a backward, in f32 at least: in
+            // f16 e^−θ is infinite below θ = −11.09 and its backward 0·∞ = NaN.
+            HeadWeights::Sigmoid => {
+                let t = theta.to_dtype(crate::clip::wide(theta.dtype()))?;
+                ((t.neg()?.exp()? + 1.0)?.recip()? * 2.0)?
+            }
         }))
     }
 

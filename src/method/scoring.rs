@@ -22,11 +22,7 @@ use crate::Result;
 /// and the exponential's `0 · e^(a0 − a1) = 0 · ∞` is NaN.
 pub fn pair_softmax(a0: &Tensor, a1: &Tensor) -> Result<(Tensor, Tensor)> {
     let dtype = a0.dtype();
-    let wide = if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
+    let wide = crate::clip::wide(dtype);
     let (a0, a1) = (a0.to_dtype(wide)?, a1.to_dtype(wide)?);
     let p1 = ((a0 - a1)?.exp()? + 1.0)?.recip()?;
     let p0 = (1.0 - &p1)?;

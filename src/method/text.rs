@@ -52,10 +52,12 @@ pub(crate) fn round_f16(t: &Tensor) -> Result<Tensor> {
     Ok(t.to_dtype(DType::F16)?.to_dtype(t.dtype())?)
 }
 
-/// L2-normalises the last dimension.
+/// L2-normalises the last dimension, in f32 at least (in f16 a sum of squares overflows once a
+/// vector is longer than 256); the result is in `t`'s dtype.
 pub(crate) fn normalize(t: &Tensor) -> Result<Tensor> {
-    let n = t.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
-    Ok(t.broadcast_div(&n)?)
+    let w = t.to_dtype(crate::clip::wide(t.dtype()))?;
+    let n = w.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+    Ok(w.broadcast_div(&n)?.to_dtype(t.dtype())?)
 }
 
 /// Encodes `T` for the text tower with learned tensors looked up by `param`.

@@ -187,15 +187,6 @@ pub struct Trainer {
     master: DType,
 }
 
-/// The dtype variables and optimiser moments are kept in for a model in `dtype`.
-fn master_dtype(dtype: DType) -> DType {
-    if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
-
 impl Trainer {
     /// Starts from `adapter` (fresh or loaded), its tensors becoming variables on `device`.
     pub fn new(
@@ -211,7 +202,7 @@ impl Trainer {
             .map(|n| {
                 let t = adapter.tensors[n]
                     .to_device(device)?
-                    .to_dtype(master_dtype(dtype))?;
+                    .to_dtype(crate::clip::wide(dtype))?;
                 Ok((n.clone(), Var::from_tensor(&t)?))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -231,7 +222,7 @@ impl Trainer {
             progress: Progress::default(),
             device: device.clone(),
             dtype,
-            master: master_dtype(dtype),
+            master: crate::clip::wide(dtype),
         })
     }
 
@@ -354,20 +345,7 @@ impl Trainer {
     /// (their NaN would be saved in every later checkpoint), naming the tensors and what to
     /// change.
     fn check_gradients(&self, grads: &candle_core::backprop::GradStore) -> Result<()> {
-        let mut bad = Vec::new();
-        for (n, v) in &self.vars {
-            if let Some(g) = grads.get(v.as_tensor()) {
-                let peak = g
-                    .abs()?
-                    .to_dtype(DType::F64)?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_scalar::<f64>()?;
-                if !peak.is_finite() {
-                    bad.push(n.as_str());
-                }
-            }
-        }
+        let bad = non_finite_gradients(&self.vars, grads)?;
         if bad.is_empty() {
             return Ok(());
         }
@@ -446,6 +424,28 @@ impl Trainer {
     }
 }
 
+/// The names of the variables whose gradient holds a NaN or an infinity.
+fn non_finite_gradients<'a>(
+    vars: &'a [(String, Var)],
+    grads: &candle_core::backprop::GradStore,
+) -> Result<Vec<&'a str>> {
+    let mut bad = Vec::new();
+    for (n, v) in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            // A sum, not a max: a maximum passes over NaN, a sum carries it.
+            let total = g
+                .to_dtype(DType::F64)?
+                .abs()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+            if !total.is_finite() {
+                bad.push(n.as_str());
+            }
+        }
+    }
+    Ok(bad)
+}
+
 fn to_json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("serialisable")
 }
@@ -498,6 +498,31 @@ pub fn text_inputs_for(
 mod tests {
     use super::*;
     use std::path::PathBuf;
+
+    #[test]
+    fn non_finite_gradients_are_named() {
+        let dev = Device::Cpu;
+        let vars: Vec<(String, Var)> = ["a", "b", "c"]
+            .iter()
+            .map(|n| (n.to_string(), Var::new(&[1f32, 2.0], &dev).unwrap()))
+            .collect();
+        let loss = vars
+            .iter()
+            .map(|(_, v)| v.as_tensor().sum_all().unwrap())
+            .reduce(|x, y| (x + y).unwrap())
+            .unwrap();
+        let mut grads = loss.backward().unwrap();
+        assert!(non_finite_gradients(&vars, &grads).unwrap().is_empty());
+        grads.insert(
+            vars[1].1.as_tensor(),
+            Tensor::new(&[0f32, f32::NAN], &dev).unwrap(),
+        );
+        grads.insert(
+            vars[2].1.as_tensor(),
+            Tensor::new(&[f32::NEG_INFINITY, 0.0], &dev).unwrap(),
+        );
+        assert_eq!(non_finite_gradients(&vars, &grads).unwrap(), ["b", "c"]);
+    }
 
     #[test]
     fn batches_cover_every_sample_once_and_keep_classes_apart() {
