@@ -30,7 +30,7 @@ pack() {
   set -e
   cd "$repo"
   command -v nvcc >/dev/null || { echo "nvcc not found: eval \"\$(scripts/cuda-toolkit.sh)\" first" >&2; exit 2; }
-  mkdir -p "$kit"
+  rm -rf "$kit" && mkdir -p "$kit"
   # Its own target folder: the CPU build in target/release stays as it is.
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo/target/cuda}
   cargo build --release --features cuda
@@ -44,8 +44,11 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])
 ' > "$kit/tests.txt"
   strip -o "$kit/zsad" "$CARGO_TARGET_DIR/release/zsad"
-  while read -r name exe; do strip -o "$kit/test-$name" "$exe"; done < "$kit/tests.txt"
-  gzip -f -9 "$kit/zsad" "$kit"/test-*
+  gzip -9 "$kit/zsad"
+  while read -r name exe; do
+    strip -o "$kit/test-$name" "$exe"
+    gzip -9 "$kit/test-$name"
+  done < "$kit/tests.txt"
   du -sh "$kit"
 }
 
