@@ -21,7 +21,10 @@
 #   3. training steps of adaclip and headclip at ViT-L/14-336 @ 518, batch 1, with the GPU's
 #      peak memory (nvidia-smi polled every 0.1 s);
 #   4. zsad bench at ViT-B/16 @ 224 and ViT-L/14-336 @ 518, f32 and bf16, images per second
-#      (32 images, --batch-size 0: as many per pass as the GPU's free memory holds).
+#      (32 images, --batch-size 0: as many per pass as the GPU's free memory holds), with the
+#      seconds of each stage one after another;
+#   5. `zsad detect` over 64 images, the whole overlapped pipeline (`throughput` runs this step
+#      alone).
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 kit=$repo/gpu-kit
@@ -158,11 +161,54 @@ PY
       fi
     done
   done
+  throughput_step "$zsad" "$dev" "$vitb" "$vitl" "$work" "$smoke"
   echo "report: $report"
+}
+
+# 5. What a user gets: `zsad detect` over 64 images (900x900 PNG, maps and overlays written),
+#    the whole overlapped pipeline, --batch-size 0 (sized for the GPU).
+throughput_step() {
+  local zsad=$1 dev=$2 vitb=$3 vitl=$4 work=$5 smoke=$6
+  echo "== 5. zsad detect throughput, 64 images, maps and overlay heatmaps written"
+  python3 - "$work" <<'PY'
+import sys, os
+import numpy as np
+from PIL import Image
+root = sys.argv[1]
+os.makedirs(f"{root}/many", exist_ok=True)
+rng = np.random.default_rng(1)
+base = (rng.random((900, 900, 3)) * 255).astype("uint8")
+for i in range(64):
+    a = np.roll(base, i * 7, axis=1)
+    Image.fromarray(a).save(f"{root}/many/{i:03}.png", compress_level=1)
+PY
+  local size
+  for model in "$vitb" "$vitl"; do
+    size=224
+    [ "$model" = "$vitl" ] && size=518
+    [ "$smoke" = --smoke ] && size=32
+    for prec in f32 bf16; do
+      rm -rf "$work/tp"
+      timeout 150 "$zsad" detect "$work/many" --model "$model" --image-size "$size" --device "$dev" \
+        --precision "$prec" --out "$work/tp" 2>&1 | grep -E "scored|error" | sed "s|^|$model @ $size $prec: |"
+    done
+  done
+}
+
+throughput() {
+  local out=${OUT:-$PWD} work=/tmp/zsad-gpu-check
+  mkdir -p "$work"
+  exec > >(tee "$out/gpu-throughput.txt") 2>&1
+  for f in "$kit"/zsad.gz; do gunzip -c "$f" > "$work/zsad"; done
+  chmod +x "$work/zsad"
+  export LD_LIBRARY_PATH=$(python3 -c 'import glob, nvidia; print(":".join(sorted({d for p in nvidia.__path__ for d in glob.glob(p + "/*/lib")})))' 2>/dev/null):${LD_LIBRARY_PATH:-}
+  nproc
+  throughput_step "$work/zsad" cuda random:ViT-B-16 random:ViT-L-14-336 "$work" ""
 }
 
 case ${1:-} in
 pack) pack ;;
 run) shift; run "$@" ;;
-*) echo "usage: scripts/gpu_check.sh pack | run [--smoke]" >&2; exit 2 ;;
+throughput) throughput ;;
+*) echo "usage: scripts/gpu_check.sh pack | run [--smoke] | throughput" >&2; exit 2 ;;
 esac
