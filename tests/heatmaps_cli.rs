@@ -33,17 +33,7 @@ fn images(dir: &Path) -> PathBuf {
 }
 
 fn detect(inputs: &Path, out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "detect",
-        s(inputs),
-        "--model",
-        "random:tiny",
-        "-q",
-        "--out",
-        s(out),
-    ];
-    args.extend(extra);
-    zsad(&args)
+    common::detect_tiny(inputs, out, extra)
 }
 
 fn inferno(t: f32) -> [u8; 3] {

@@ -22,19 +22,8 @@ fn zsad(args: &[&str]) -> Output {
     run_zsad(args, "")
 }
 
-/// `zsad detect` of `inputs` into `out` with the tiny random model, quietly.
 fn detect(inputs: &Path, out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "detect",
-        s(inputs),
-        "--model",
-        "random:tiny",
-        "-q",
-        "--out",
-        s(out),
-    ];
-    args.extend(extra);
-    zsad(&args)
+    common::detect_tiny(inputs, out, extra)
 }
 
 /// The JSON data embedded in a report page.

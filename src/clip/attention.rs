@@ -354,16 +354,7 @@ mod tests {
         let want = scaled_dot_product(&q, &k, &v, 0.35, Some(&mask)).unwrap();
         let got = scaled_dot_product_bf16(&q, &k, &v, 0.35, Some(&mask)).unwrap();
         assert_eq!(got.dtype(), DType::F32);
-        let d = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::clip::testing::diff(&got, &want);
         assert!(d > 0.0 && d < 0.05, "{d}");
     }
     use candle_core::{Device, IndexOp, Var};

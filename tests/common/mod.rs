@@ -110,6 +110,21 @@ pub fn run_zsad_timed(args: &[&str], stdin: &str, limit: std::time::Duration) ->
     }
 }
 
+/// `zsad detect INPUTS --model random:tiny -q --out OUT EXTRA...`.
+pub fn detect_tiny(inputs: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "detect",
+        inputs.to_str().unwrap(),
+        "--model",
+        "random:tiny",
+        "-q",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    run_zsad(&args, "")
+}
+
 /// A fresh, empty folder under the system temp dir, unique to this test process.
 pub fn fresh_dir(prefix: &str, name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("zsad-{prefix}-{}-{name}", std::process::id()));
