@@ -262,4 +262,19 @@ fn impossible_combinations_are_refused_naming_the_flag() {
         "{}",
         stderr_of(&o)
     );
+    let o = zsad(&[
+        "bench",
+        "--model",
+        "random:tiny",
+        "--images",
+        s(&data),
+        "--batch-size",
+        "300",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr_of(&o).contains("--batch-size 300: at most 256"),
+        "{}",
+        stderr_of(&o)
+    );
 }

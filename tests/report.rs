@@ -207,9 +207,21 @@ fn report_refuses_what_is_not_a_run() {
         assert_eq!(o.status.code(), Some(2), "{args:?}");
         assert!(stderr_of(&o).contains(says), "{args:?}: {}", stderr_of(&o));
     }
+    // detect --report checks the page's options before the model loads.
+    common::write_png(&dir.join("in/a.png"), 16, 16, 1);
+    let o = detect(
+        &dir.join("in"),
+        &dir.join("out"),
+        &["--report", "--page-size", "0"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr_of(&o).contains("--page-size 0"), "{}", stderr_of(&o));
+    assert!(
+        !dir.join("out").exists(),
+        "refused before anything is written"
+    );
     // A metrics.json that is not eval's.
     std::fs::write(dir.join("scores.jsonl"), "").unwrap();
-    std::fs::write(dir.join("m.json"), "{}").unwrap();
     let eval = dir.join("e");
     std::fs::create_dir_all(&eval).unwrap();
     std::fs::write(eval.join("metrics.json"), "{\"mean\": 1}").unwrap();

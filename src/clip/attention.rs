@@ -497,16 +497,7 @@ mod tests {
             .to_dtype(dtype)
             .unwrap();
         let w = r(4, 30);
-        let max_diff = |a: &Tensor, b: &Tensor| -> f64 {
-            (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
+        let max_diff = |a: &Tensor, b: &Tensor| crate::clip::testing::diff(a, b) as f64;
         for (mask, vv) in [(None, false), (Some(&mask), false), (None, true)] {
             let (qq, kk) = if vv { (&v, &v) } else { (&q, &k) };
             let fast = scaled_dot_product(qq.as_tensor(), kk.as_tensor(), v.as_tensor(), 0.5, mask)

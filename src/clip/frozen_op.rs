@@ -339,18 +339,7 @@ mod tests {
             let n = shape.iter().product();
             Tensor::from_vec(crate::rng::SplitMix64(seed).normal(n, 1.0), shape, &cpu).unwrap()
         };
-        let max_diff = |a: &Tensor, b: &Tensor| -> f64 {
-            let a = a.to_device(&cpu).unwrap().to_dtype(DType::F64).unwrap();
-            let b = b.to_device(&cpu).unwrap().to_dtype(DType::F64).unwrap();
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
+        let max_diff = |a: &Tensor, b: &Tensor| crate::clip::testing::diff(a, b) as f64;
         for (dtype, tol) in [(DType::F32, 1e-4), (DType::F16, 2e-2), (DType::BF16, 1e-1)] {
             // Each op on each device: the output and the gradients of sum(output * w).
             let run = |dev: &Device| -> Vec<Tensor> {

@@ -236,10 +236,16 @@ pub(crate) mod testing {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    /// The largest absolute difference.
+    /// The largest absolute difference, in f64 on the CPU (any device, any float dtype).
     pub fn diff(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
-        d.max(0).unwrap().to_scalar::<f32>().unwrap()
+        let wide = |t: &Tensor| {
+            t.to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+        };
+        let d = (wide(a) - wide(b)).unwrap().abs().unwrap();
+        d.max_all().unwrap().to_scalar::<f64>().unwrap() as f32
     }
 
     pub fn to2(t: &Tensor) -> Vec<Vec<f32>> {

@@ -198,36 +198,50 @@ fn row(dir: &Path, dir_abs: &Path, inputs_from: &Path, r: &Record, opts: &Report
         thumbnail: opts.thumbnail_size,
         preview: PREVIEW_SIZE,
     };
-    let mut thumb = |source: &Path, kind: thumbs::Kind, what: &str| -> Option<String> {
-        match thumbs::make(dir, &r.path, source, kind, sizes, &opts.limits) {
-            Ok(rel) => Some(html::url_path(&rel)),
-            Err(e) => {
-                row.problems.push(format!("{what}: {e}"));
-                None
+    // The pictures of one source (decoded once), or why there are none.
+    let mut thumbs_of =
+        |source: &Path, kinds: &[thumbs::Kind], what: &str| -> Vec<Option<String>> {
+            match thumbs::make(dir, &r.path, source, kinds, sizes, &opts.limits) {
+                Ok(rels) => rels.iter().map(|rel| Some(html::url_path(rel))).collect(),
+                Err(e) => {
+                    row.problems.push(format!("{what}: {e}"));
+                    vec![None; kinds.len()]
+                }
             }
-        }
-    };
+        };
     let input = inputs_from.join(&r.path);
-    let image = thumb(&input, thumbs::Kind::Image, "image");
-    let full = if image.is_none() {
-        None
-    } else if thumbs::browser_shows(&input) {
-        input
-            .canonicalize()
-            .ok()
-            .map(|p| html::url_of_path(&html::relative(dir_abs, &p)))
+    let (image, full) = if thumbs::browser_shows(&input) {
+        let image = thumbs_of(&input, &[thumbs::Kind::Image], "image").remove(0);
+        let full = image.as_ref().and_then(|_| {
+            let p = input.canonicalize().ok()?;
+            Some(html::url_of_path(&html::relative(dir_abs, &p)))
+        });
+        (image, full)
     } else {
-        thumb(&input, thumbs::Kind::Preview, "preview")
+        // Formats browsers cannot show get a preview for the enlarged view.
+        let mut v = thumbs_of(
+            &input,
+            &[thumbs::Kind::Image, thumbs::Kind::Preview],
+            "image",
+        );
+        let preview = v.pop().flatten();
+        (v.pop().flatten(), preview)
     };
     // The run's own files, checked to stay inside the folder (records are data).
     let own = |rel: &Option<String>| -> Option<(PathBuf, String)> {
         let rel = rel.as_deref()?;
         Some((outputs::inside(dir, rel)?, html::url_path(rel)))
     };
-    let heatmap = own(&r.heatmap)
-        .and_then(|(p, url)| thumb(&p, thumbs::Kind::Heatmap, "heatmap").map(|t| (t, url)));
-    let mask =
-        own(&r.mask).and_then(|(p, url)| thumb(&p, thumbs::Kind::Mask, "mask").map(|t| (t, url)));
+    let heatmap = own(&r.heatmap).and_then(|(p, url)| {
+        thumbs_of(&p, &[thumbs::Kind::Heatmap], "heatmap")
+            .remove(0)
+            .map(|t| (t, url))
+    });
+    let mask = own(&r.mask).and_then(|(p, url)| {
+        thumbs_of(&p, &[thumbs::Kind::Mask], "mask")
+            .remove(0)
+            .map(|t| (t, url))
+    });
     row.image = image;
     row.image_full = full;
     (row.heatmap, row.heatmap_full) = heatmap.unzip();

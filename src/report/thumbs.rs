@@ -114,22 +114,29 @@ fn encode(img: &DynamicImage, kind: Kind) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("cannot encode a thumbnail: {e}"))
 }
 
-/// Makes (or keeps, when fresh) the `kind` thumbnail of `source` for the record `record_path`
-/// in `dir`; returns its path relative to `dir`, or why there is none.
+/// Makes (or keeps, when fresh) the thumbnails of `kinds` of `source` for the record
+/// `record_path` in `dir`, decoding `source` once for all that are stale; returns their paths
+/// relative to `dir`, in the order of `kinds`, or why there are none. `kinds` are all of the
+/// input ([`Kind::Image`], [`Kind::Preview`]) or all of the run's own files.
 pub fn make(
     dir: &Path,
     record_path: &str,
     source: &Path,
-    kind: Kind,
+    kinds: &[Kind],
     sizes: Sizes,
     limits: &DecodeLimits,
-) -> Result<String, String> {
-    let rel = name(record_path, kind);
-    let thumb: PathBuf = dir.join(&rel);
-    if fresh(&thumb, source) {
-        return Ok(rel);
-    }
-    let img: DynamicImage = match kind {
+) -> Result<Vec<String>, String> {
+    let rels: Vec<String> = kinds.iter().map(|&k| name(record_path, k)).collect();
+    let stale: Vec<(Kind, &String)> = kinds
+        .iter()
+        .zip(&rels)
+        .filter(|(_, rel)| !fresh(&dir.join(rel), source))
+        .map(|(&k, rel)| (k, rel))
+        .collect();
+    let Some(&(first, _)) = stale.first() else {
+        return Ok(rels);
+    };
+    let img: DynamicImage = match first {
         Kind::Image | Kind::Preview => {
             crate::batch::pipeline::decode_rgb(source, limits).map(DynamicImage::ImageRgb8)?
         }
@@ -138,13 +145,16 @@ pub fn make(
             crate::data::image::decode_limited(source, limits).map_err(|e| e.to_string())?
         }
     };
-    let side = match kind {
-        Kind::Preview => sizes.preview,
-        _ => sizes.thumbnail,
-    };
-    let bytes = encode(&shrink(&img, side), kind)?;
-    crate::data::outputs::write_atomic(&thumb, &bytes).map_err(|e| e.to_string())?;
-    Ok(rel)
+    for (kind, rel) in stale {
+        let side = match kind {
+            Kind::Preview => sizes.preview,
+            _ => sizes.thumbnail,
+        };
+        let bytes = encode(&shrink(&img, side), kind)?;
+        let thumb: PathBuf = dir.join(rel);
+        crate::data::outputs::write_atomic(&thumb, &bytes).map_err(|e| e.to_string())?;
+    }
+    Ok(rels)
 }
 
 #[cfg(test)]
@@ -197,14 +207,27 @@ mod tests {
             preview: 300,
         };
         let limits = DecodeLimits::default();
-        let rel = make(&dir, "in.png", &src, Kind::Image, sizes, &limits).unwrap();
+        let rels = make(
+            &dir,
+            "in.png",
+            &src,
+            &[Kind::Image, Kind::Preview],
+            sizes,
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(
+            image::open(dir.join(&rels[1])).unwrap().dimensions(),
+            (300, 150)
+        );
+        let rel = rels[0].clone();
         let t = image::open(dir.join(&rel)).unwrap();
         assert_eq!(t.dimensions(), (100, 50));
         let px = t.to_rgb8().get_pixel(50, 25).0;
         assert!(px[0] > 180 && px[1] < 40, "{px:?}");
         // Kept while fresh: a thumbnail replaced by hand stays.
         std::fs::write(dir.join(&rel), b"kept").unwrap();
-        make(&dir, "in.png", &src, Kind::Image, sizes, &limits).unwrap();
+        make(&dir, "in.png", &src, &[Kind::Image], sizes, &limits).unwrap();
         assert_eq!(std::fs::read(dir.join(&rel)).unwrap(), b"kept");
         // Remade once the source is newer.
         let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
@@ -214,7 +237,7 @@ mod tests {
             .unwrap()
             .set_modified(later)
             .unwrap();
-        make(&dir, "in.png", &src, Kind::Image, sizes, &limits).unwrap();
+        make(&dir, "in.png", &src, &[Kind::Image], sizes, &limits).unwrap();
         assert!(image::open(dir.join(&rel)).is_ok());
         // A source that is not an image says why.
         std::fs::write(dir.join("bad.png"), b"not a png").unwrap();
@@ -222,7 +245,7 @@ mod tests {
             &dir,
             "bad.png",
             &dir.join("bad.png"),
-            Kind::Image,
+            &[Kind::Image],
             sizes,
             &limits,
         )
