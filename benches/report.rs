@@ -101,18 +101,16 @@ fn main() {
         "synthetic run of {n} images written in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    let opts = ReportOptions {
-        quiet: true,
-        ..Default::default()
-    };
+    let opts = ReportOptions::default();
+    let quiet = zsad::progress::Console::silent();
     let t = Instant::now();
-    report::build(&dir, &opts).unwrap();
+    report::build(&dir, &opts, &quiet).unwrap();
     println!(
         "zsad report, thumbnails made:  {:.2} s",
         t.elapsed().as_secs_f64()
     );
     let t = Instant::now();
-    report::build(&dir, &opts).unwrap();
+    report::build(&dir, &opts, &quiet).unwrap();
     println!(
         "zsad report, thumbnails kept:  {:.2} s",
         t.elapsed().as_secs_f64()

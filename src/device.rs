@@ -4,20 +4,18 @@
 
 use candle_core::Device;
 
-use crate::{Error, Result};
+use crate::error::{DeviceError, Error, Result};
 
 /// The CUDA GPU `ordinal` (0 = the first one `CUDA_VISIBLE_DEVICES` leaves visible).
 pub fn cuda(ordinal: usize) -> Result<Device> {
     if !candle_core::utils::cuda_is_available() {
-        return Err(Error::Device(
-            "--device cuda: this zsad was built without CUDA support; build it with `cargo build --release --features cuda` where the CUDA toolkit is (README: GPUs), or use --device cpu".into(),
-        ));
+        return Err(Error::Device(DeviceError::NoCudaInBuild));
     }
     Device::new_cuda(ordinal).map_err(|e| {
-        Error::Device(format!(
-            "--device cuda: no usable CUDA GPU {ordinal} ({}); check that `nvidia-smi` lists it and that the NVIDIA driver is loaded (CUDA_VISIBLE_DEVICES chooses the GPUs zsad sees)",
-            one_line(&e.to_string())
-        ))
+        Error::Device(DeviceError::NoGpu {
+            ordinal,
+            detail: one_line(&e.to_string()).to_string(),
+        })
     })
 }
 
@@ -26,12 +24,47 @@ fn one_line(s: &str) -> &str {
     s.lines().next().unwrap_or("").trim()
 }
 
-/// Whether an error message is a GPU running out of memory: the driver's
-/// `CUDA_ERROR_OUT_OF_MEMORY`, cuBLAS's `CUBLAS_STATUS_ALLOC_FAILED`, the runtime's "out of
-/// memory".
-pub fn is_out_of_memory(message: &str) -> bool {
-    let m = message.to_ascii_lowercase();
-    m.contains("out_of_memory") || m.contains("out of memory") || m.contains("alloc_failed")
+/// The GPU's out-of-memory status inside a candle error, if that is what it is: the driver's
+/// `CUDA_ERROR_OUT_OF_MEMORY` or cuBLAS's `CUBLAS_STATUS_ALLOC_FAILED`, read from the typed
+/// errors candle wraps (`candle_core::cuda_backend::CudaError`), through any context or
+/// backtrace wrappers. Always `None` in a build without CUDA.
+pub fn out_of_memory(e: &candle_core::Error) -> Option<String> {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. }
+        | candle_core::Error::Context { inner, .. } => out_of_memory(inner),
+        #[cfg(feature = "cuda")]
+        candle_core::Error::Cuda(inner) => {
+            use candle_core::cuda_backend::cudarc::cublas::sys::cublasStatus_t;
+            use candle_core::cuda_backend::cudarc::driver::sys::CUresult;
+            use candle_core::cuda_backend::CudaError;
+            let driver = |d: &candle_core::cuda_backend::cudarc::driver::result::DriverError| {
+                (d.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY).then(|| "CUDA_ERROR_OUT_OF_MEMORY")
+            };
+            let status = match inner.downcast_ref::<CudaError>() {
+                Some(CudaError::Cuda(d)) | Some(CudaError::Load { cuda: d, .. }) => driver(d),
+                Some(CudaError::Cublas(c)) if c.0 == cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED => {
+                    Some("CUBLAS_STATUS_ALLOC_FAILED")
+                }
+                _ => inner
+                    .downcast_ref::<candle_core::cuda_backend::cudarc::driver::result::DriverError>(
+                    )
+                    .and_then(driver),
+            };
+            status.map(|s| format!("{s}: {}", one_line(&e.to_string())))
+        }
+        _ => None,
+    }
+}
+
+/// `e` as a typed [`DeviceError::OutOfMemory`] when it is one, else unchanged.
+pub fn classify(e: Error) -> Error {
+    match e {
+        Error::Tensor(t) => match out_of_memory(&t) {
+            Some(detail) => Error::Device(DeviceError::OutOfMemory { detail }),
+            None => Error::Tensor(t),
+        },
+        other => other,
+    }
 }
 
 /// Free and total bytes of a GPU (`None` on the CPU, or where the driver does not say).
@@ -75,13 +108,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn out_of_memory_is_recognised_in_each_spelling() {
-        assert!(is_out_of_memory(
-            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")"
-        ));
-        assert!(is_out_of_memory("cublas error: CUBLAS_STATUS_ALLOC_FAILED"));
-        assert!(!is_out_of_memory("shape mismatch in matmul, lhs: [2, 3]"));
-        assert!(!is_out_of_memory("CUDA_ERROR_NOT_FOUND"));
+    fn only_typed_gpu_errors_are_out_of_memory() {
+        // A message that merely says so is not the driver's status.
+        let msg = candle_core::Error::Msg("CUDA_ERROR_OUT_OF_MEMORY out of memory".into());
+        assert_eq!(out_of_memory(&msg), None);
+        assert!(!classify(Error::Tensor(msg)).is_out_of_memory());
+        let oom = Error::Device(DeviceError::OutOfMemory {
+            detail: "test".into(),
+        });
+        assert!(classify(oom).is_out_of_memory());
     }
 
     #[test]
@@ -104,10 +139,7 @@ mod tests {
         assert_eq!(memory(&Device::Cpu), None);
         if !candle_core::utils::cuda_is_available() {
             let e = cuda(0).unwrap_err().to_string();
-            assert!(
-                e.contains("--features cuda") && e.contains("--device cpu"),
-                "{e}"
-            );
+            assert!(e.contains("--features cuda") && e.contains("cpu"), "{e}");
         }
     }
 }

@@ -1,23 +1,25 @@
 //! zsad: zero-shot visual anomaly detection with CLIP, on candle.
 //!
-//! Layers, from the bottom (each uses only those above it in this list):
-//! - [`error`], [`choice`] (named alternatives the CLI offers), [`rng`], [`progress`], [`device`]
-//!   (the GPU: its errors and memory);
-//! - [`interp`] (PyTorch-exact interpolation weights) and [`data`] (inputs, image decoding and
-//!   PIL-exact resizing, datasets, output files);
-//! - [`clip`]: the backbone, exact to the reference implementations (linear and attention layers
-//!   with fused CPU kernels, the encoder with the anomaly hooks, both towers, weights, tokenizer);
-//! - [`method`]: the detectors on top of CLIP: a configuration ([`method::DetectorConfig`]), the
-//!   learnable parameters under one name tree ([`method::params`]), the forward as stages over
-//!   pure scoring functions ([`method::scoring`], [`method::maps`]), adapter files and the import
-//!   of published checkpoints;
-//! - [`train`] (losses, optimiser, augmentation, the training loop), [`eval`] (the field's
-//!   metrics as the reference code computes them) and [`batch`] (scoring folders: decoding,
-//!   batching and writing overlapped, resumable, sharded), [`decision`] (thresholds, defect
-//!   masks and regions) and [`report`] (the HTML page over a run's folder);
-//! - [`cli`]: the `zsad` command line, the only place that knows about flags and `anyhow`.
+//! The modules form layers; each uses only those listed before it (`tests/architecture.rs`
+//! reads `src/` and fails on an import that points up, or on two files that import each
+//! other). From the bottom:
+//!
+//! 1. Foundations: [`error`] (errors by concern), [`fsio`] (the one guarded reader and the one
+//!    confined writer), [`rng`], [`choice`] (named alternatives), [`progress`], [`interp`]
+//!    (PyTorch-exact interpolation weights), [`settings`] (run settings flattened and compared),
+//!    [`device`] (the GPU: its errors and memory).
+//! 2. [`data`]: decoding and PIL-exact resizing, inputs, records and regions, maps, `run.json`,
+//!    annotated datasets, heatmaps, safetensors files.
+//! 3. [`clip`]: the backbone, exact to the reference implementations, with the anomaly hooks.
+//! 4. [`method`]: the detectors on CLIP: configuration, learnable parameters, the forward as
+//!    stages over pure scoring functions, adapter files, reference banks.
+//! 5. [`eval`] (the field's metrics as the reference code computes them), then [`decision`]
+//!    (thresholds, defect masks and regions), [`train`] (losses, optimiser, augmentation, the
+//!    training loop) and [`report`] (the HTML page over a run's folder).
+//! 6. [`jobs`]: every command as a library job over typed options (detect, eval, calibrate,
+//!    train, merge, bench, features, reference banks, manifests, imports), sharing one prelude.
+//! 7. [`cli`]: the `zsad` command line: flags to options, results to output and exit status.
 
-pub mod batch;
 pub mod choice;
 pub mod cli;
 pub mod clip;
@@ -26,11 +28,14 @@ pub mod decision;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod fsio;
 pub mod interp;
+pub mod jobs;
 pub mod method;
 pub mod progress;
 pub mod report;
 pub mod rng;
+pub mod settings;
 pub mod train;
 
 pub use error::{Error, Result};

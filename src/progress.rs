@@ -1,11 +1,93 @@
-//! Progress of long runs (`train`, `eval`): a bar on a terminal; plain lines otherwise, so a
-//! batch log (Slurm, CI, `2> log`) shows how far the run is instead of staying empty until
-//! the end; nothing with `--quiet`.
+//! What a job tells while it runs: progress of long runs (a bar on a terminal; plain lines
+//! otherwise, so a batch log (Slurm, CI, `2> log`) shows how far the run is instead of staying
+//! empty until the end), warnings and notes, one line each; nothing when quiet. A job gets a
+//! [`Console`] from its caller, which decides how option names are shown ([`Console::render`]).
 
 use std::io::IsTerminal;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
+
+/// Set when the user asked the run to stop (Ctrl-C, SIGTERM, Python's KeyboardInterrupt):
+/// jobs stop feeding new work, finish and write what is in flight, and return
+/// `Error::Interrupted`.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks running jobs to stop (async-signal-safe: one atomic store).
+pub fn request_stop() {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether a stop was asked for.
+pub fn stop_requested() -> bool {
+    STOP.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Clears a stop request (the Python package runs several jobs in one process).
+pub fn clear_stop() {
+    STOP.store(false, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Where a job's messages go (stderr), and how they name options: library messages name an
+/// option by its field in backticks (`` `batch_size` ``), which `render` turns into what the
+/// caller calls it (`--batch-size` on the command line).
+pub struct Console {
+    pub quiet: bool,
+    render: fn(&str) -> String,
+    /// The bar on screen, suspended while a line is printed.
+    bar: Mutex<Option<ProgressBar>>,
+}
+
+impl Console {
+    pub fn new(quiet: bool, render: fn(&str) -> String) -> Self {
+        Self {
+            quiet,
+            render,
+            bar: Mutex::new(None),
+        }
+    }
+
+    /// A console that prints nothing (library callers that read summaries only).
+    pub fn silent() -> Self {
+        Self::new(true, |s| s.to_string())
+    }
+
+    /// `text` with its option names as the caller spells them.
+    pub fn render(&self, text: &str) -> String {
+        (self.render)(text)
+    }
+
+    fn line(&self, line: &str) {
+        let bar = self.bar.lock().unwrap_or_else(|e| e.into_inner());
+        match bar.as_ref().filter(|b| !b.is_finished()) {
+            Some(b) => b.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    /// `zsad: warning: {text}`, unless quiet.
+    pub fn warn(&self, text: &str) {
+        if !self.quiet {
+            self.line(&format!("zsad: warning: {}", self.render(text)));
+        }
+    }
+
+    /// `zsad: {text}`, unless quiet.
+    pub fn note(&self, text: &str) {
+        if !self.quiet {
+            self.line(&format!("zsad: {}", self.render(text)));
+        }
+    }
+
+    /// A progress display for `total` units (see [`Progress::new`]), suspended while this
+    /// console prints.
+    pub fn progress(&self, total: u64, template: &str, lines: Lines) -> Progress {
+        let p = Progress::new(total, self.quiet, template, lines);
+        *self.bar.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.bar.clone());
+        p
+    }
+}
 
 /// A plain line at least this often while steps finish (and for the last step).
 pub const LINE_INTERVAL: Duration = Duration::from_secs(30);

@@ -159,8 +159,16 @@ fn bad_inputs_are_reported_and_the_rest_scored() {
     let missing = data.join("missing.png").display().to_string();
     let m = model();
     let mut args = detect_args(&tok, &m, &o);
-    args.extend([d.as_str(), missing.as_str()]);
-    let r = zsad(&args);
+    // Named on the command line, a path that does not exist is a typo: refused, nothing
+    // written. Listed on stdin, it is that input's failed record.
+    let mut typo = args.clone();
+    typo.extend([d.as_str(), missing.as_str()]);
+    let r = zsad(&typo);
+    assert_eq!(r.status.code(), Some(2), "{}", stderr(&r));
+    assert!(stderr(&r).contains("missing.png"), "{}", stderr(&r));
+    assert!(!out.exists() || std::fs::read_dir(&out).unwrap().next().is_none());
+    args.extend([d.as_str(), "-"]);
+    let r = zsad_stdin(&args, &format!("{missing}\n"));
     assert_eq!(
         r.status.code(),
         Some(1),

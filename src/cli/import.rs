@@ -1,15 +1,18 @@
 //! `zsad import-checkpoint`: published AdaCLIP / AnomalyCLIP weights -> a zsad adapter.
 
-use crate::choice::Choice;
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Args;
 
-use super::ModelArgs;
-use crate::method::import::{import_checkpoint, CheckpointFormat, ImportOptions};
+use super::args::ModelArgs;
+use super::output::EXIT_OK;
+use crate::choice::Choice;
+use crate::error::Result;
+use crate::jobs::import::{import, ImportJobOptions};
+use crate::method::import::{CheckpointFormat, ImportOptions};
 
 #[derive(Debug, Args)]
+#[command(mut_arg("model", |a| a.required(true)))]
 pub struct ImportArgs {
     /// The checkpoint (.pth), e.g. AdaCLIP's pretrained_visa_clinicdb.pth or AnomalyCLIP's
     /// epoch_15.pth
@@ -26,46 +29,46 @@ pub struct ImportArgs {
     pub image_size: Option<usize>,
     /// Tapped layers, 1-based, comma-separated (default: AdaCLIP the quarter points 6,12,18,24;
     /// AnomalyCLIP the last layer, as its released checkpoints effectively used)
-    #[arg(long, value_delimiter = ',', value_name = "L,...")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "L,...",
+        hide_short_help = true
+    )]
     pub layers: Option<Vec<usize>>,
     /// AnomalyCLIP: first layer (1-based) with the V-V path; 0 turns it off (default: depth/4,
     /// i.e. 6 of 24 = DPAM_layer 20)
-    #[arg(long, value_name = "L")]
+    #[arg(long, value_name = "L", hide_short_help = true)]
     pub vv_from: Option<usize>,
     /// Object word to record for the prompts (default `object`)
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", hide_short_help = true)]
     pub class_name: Option<String>,
     /// The adapter to write
     #[arg(long, short = 'o', value_name = "A.safetensors")]
     pub out: PathBuf,
 }
 
-pub fn run(args: ImportArgs) -> anyhow::Result<()> {
-    // Only the architecture matters here; the method's activation is recorded in the adapter.
-    let loaded = args.model.load()?;
-    let opts = ImportOptions {
-        image_size: args.image_size,
-        layers: args.layers.clone(),
-        vv_from: args.vv_from,
-        class_name: args.class_name.clone(),
-    };
-    let adapter = import_checkpoint(
-        args.format,
-        &args.input,
-        &loaded.model.config,
-        &args.model.model,
-        &opts,
-    )
-    .with_context(|| format!("cannot import {}", args.input.display()))?;
-    super::write_atomic(&args.out, &adapter.to_bytes()?)?;
+pub fn run(args: ImportArgs) -> Result<u8> {
+    let adapter = import(&ImportJobOptions {
+        input: args.input.clone(),
+        format: args.format,
+        model: args.model.options(),
+        import: ImportOptions {
+            image_size: args.image_size,
+            layers: args.layers.clone(),
+            vv_from: args.vv_from,
+            class_name: args.class_name.clone(),
+        },
+        out: args.out.clone(),
+    })?;
     let c = &adapter.config;
-    eprintln!(
-        "zsad: wrote {} ({} tensors): preset {}, image size {}, layers {:?}",
+    super::output::console(false).note(&format!(
+        "wrote {} ({} tensors): preset {}, image size {}, layers {:?}",
         args.out.display(),
         adapter.tensors.len(),
         c.preset.name(),
         c.image_size,
         c.layers
-    );
-    Ok(())
+    ));
+    Ok(EXIT_OK)
 }

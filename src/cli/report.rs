@@ -4,20 +4,11 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{EXIT_OK, EXIT_SOME_FAILED};
-use crate::data::image::DecodeLimits;
-use crate::report::{self, ReportOptions, ReportSummary};
-
-/// The page's options, shared by `zsad report` and `zsad detect --report`.
-#[derive(Debug, Clone, Args)]
-pub struct PageArgs {
-    /// Longest side of the row thumbnails (made once in DIR/thumbs/), in pixels
-    #[arg(long, default_value_t = 160, value_name = "PX")]
-    pub thumbnail_size: u32,
-    /// Rows per page of the report
-    #[arg(long, default_value_t = 100, value_name = "N")]
-    pub page_size: usize,
-}
+use super::args::PageArgs;
+use super::output::{EXIT_OK, EXIT_SOME_FAILED};
+use crate::error::Result;
+use crate::progress::Console;
+use crate::report::ReportSummary;
 
 #[derive(Debug, Args)]
 pub struct ReportArgs {
@@ -31,47 +22,33 @@ pub struct ReportArgs {
     #[command(flatten)]
     pub page: PageArgs,
     /// Largest input image read again for its thumbnail, in pixels (width x height)
-    #[arg(long, default_value_t = crate::data::image::DEFAULT_MAX_PIXELS, value_name = "N")]
+    #[arg(long, default_value_t = crate::data::image::DEFAULT_MAX_PIXELS, value_name = "N", hide_short_help = true)]
     pub max_pixels: u64,
     /// No progress or summary lines
     #[arg(long, short = 'q')]
     pub quiet: bool,
 }
 
-impl PageArgs {
-    pub fn options(&self, max_pixels: u64, quiet: bool) -> ReportOptions {
-        ReportOptions {
-            eval: None,
-            thumbnail_size: self.thumbnail_size,
-            page_size: self.page_size,
-            limits: DecodeLimits::with_max_pixels(max_pixels),
-            quiet,
-        }
-    }
-}
-
 /// One line saying what the page shows; the exit status says whether every picture could be.
-pub fn finish(s: &ReportSummary, quiet: bool) -> u8 {
-    if !quiet {
-        let anomalous = s
-            .anomalous
-            .map(|n| format!(", {n} anomalous"))
-            .unwrap_or_default();
-        let unavailable = if s.unavailable > 0 {
-            format!(
-                "; {} picture(s) could not be shown (each row says why)",
-                s.unavailable
-            )
-        } else {
-            String::new()
-        };
-        eprintln!(
-            "zsad: report: {} scored, {} failed{anomalous}{unavailable} -> {}",
-            s.scored,
-            s.failed,
-            s.page.display()
-        );
-    }
+pub fn finish(s: &ReportSummary, console: &Console) -> u8 {
+    let anomalous = s
+        .anomalous
+        .map(|n| format!(", {n} anomalous"))
+        .unwrap_or_default();
+    let unavailable = if s.unavailable > 0 {
+        format!(
+            "; {} picture(s) could not be shown (each row says why)",
+            s.unavailable
+        )
+    } else {
+        String::new()
+    };
+    console.note(&format!(
+        "report: {} scored, {} failed{anomalous}{unavailable} -> {}",
+        s.scored,
+        s.failed,
+        s.page.display()
+    ));
     if s.unavailable > 0 {
         EXIT_SOME_FAILED
     } else {
@@ -79,22 +56,10 @@ pub fn finish(s: &ReportSummary, quiet: bool) -> u8 {
     }
 }
 
-pub fn run(args: ReportArgs) -> anyhow::Result<u8> {
-    if !(1..=crate::batch::detect::MAX_MAX_PIXELS).contains(&args.max_pixels) {
-        anyhow::bail!(
-            "--max-pixels {}: must be in 1..={}",
-            args.max_pixels,
-            crate::batch::detect::MAX_MAX_PIXELS
-        );
-    }
-    if !args.dir.is_dir() {
-        anyhow::bail!(
-            "{}: not a folder; give the --out folder of a `zsad detect` run",
-            args.dir.display()
-        );
-    }
-    let mut opts = args.page.options(args.max_pixels, args.quiet);
+pub fn run(args: ReportArgs) -> Result<u8> {
+    let console = super::output::console(args.quiet);
+    let mut opts = args.page.options(args.max_pixels);
     opts.eval = args.eval.clone();
-    let s = report::build(&args.dir, &opts)?;
-    Ok(finish(&s, args.quiet))
+    let s = crate::report::build(&args.dir, &opts, &console)?;
+    Ok(finish(&s, &console))
 }

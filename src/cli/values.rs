@@ -27,12 +27,17 @@ clap_values!(
     crate::method::import::CheckpointFormat,
     crate::train::ImageLoss,
     crate::train::DiceGroups,
-    crate::data::outputs::RecordFormat,
+    crate::data::records::RecordFormat,
     crate::data::outputs::MapFormat,
     crate::data::heatmap::HeatmapKind,
     crate::data::heatmap::HeatmapScale,
     crate::eval::SingleLabel,
     crate::eval::metrics::ProGrid,
+    crate::jobs::prelude::ComputeDevice,
+    crate::jobs::prelude::ModelDtype,
+    crate::jobs::prelude::GemmPrecision,
+    crate::jobs::prelude::JointChoice,
+    crate::jobs::evaluate::Resolution,
 );
 
 #[cfg(test)]
@@ -58,12 +63,15 @@ mod tests {
         check::<crate::method::import::CheckpointFormat>();
         check::<crate::train::ImageLoss>();
         check::<crate::train::DiceGroups>();
-        check::<crate::data::outputs::RecordFormat>();
+        check::<crate::data::records::RecordFormat>();
         check::<crate::data::outputs::MapFormat>();
         check::<crate::data::heatmap::HeatmapKind>();
         check::<crate::data::heatmap::HeatmapScale>();
         check::<crate::eval::SingleLabel>();
         check::<crate::eval::metrics::ProGrid>();
+        check::<crate::jobs::prelude::ComputeDevice>();
+        check::<crate::jobs::prelude::JointChoice>();
+        check::<crate::jobs::evaluate::Resolution>();
         serde_names::<crate::method::Preset>();
         serde_names::<crate::train::ImageLoss>();
         serde_names::<crate::train::DiceGroups>();

@@ -1,10 +1,10 @@
 //! Multi-head self-attention of both towers, with the anomaly-detection hooks (per-head weights,
 //! the V-V path), behind one interface ([`Attention::forward`]) over three implementations:
 //!
-//! - inference on the CPU in f32: the fused kernel of [`super::kernels`], which reads q, k and v
+//! - inference on the CPU in f32: the fused kernel of `kernels`, which reads q, k and v
 //!   in place from the qkv projection and writes heads merged;
 //! - training (a learnable tensor upstream, any device and dtype): [`scaled_dot_product`] as
-//!   one [`frozen_op`](super::frozen_op) whose backward recomputes the probabilities;
+//!   one `frozen_op` whose backward recomputes the probabilities;
 //! - anything else: candle's plain ops.
 //!
 //! Differentiability: candle-nn's fused `softmax_last_dim` (and `layer_norm`) are custom ops
@@ -29,7 +29,7 @@ pub fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
 
 /// [`softmax_last_dim`] left in the dtype it is computed in (f32, or f64).
 fn softmax_wide(xs: &Tensor) -> candle_core::Result<Tensor> {
-    let xs = xs.to_dtype(super::wide(xs.dtype()))?;
+    let xs = xs.to_dtype(super::numerics::wide(xs.dtype()))?;
     if xs.track_op() {
         candle_nn::ops::softmax(&xs, D::Minus1)
     } else {

@@ -126,21 +126,10 @@ impl VisionConfig {
     }
     pub fn activation(&self) -> crate::Result<Activation> {
         Activation::from_hf_name(&self.hidden_act).ok_or_else(|| {
-            crate::Error::Model(format!(
+            crate::Error::model(format!(
                 "vision hidden_act {:?} is not supported",
                 self.hidden_act
             ))
-        })
-    }
-    /// The transformer stack's shape.
-    pub fn encoder(&self) -> crate::Result<super::EncoderConfig> {
-        Ok(super::EncoderConfig {
-            depth: self.num_hidden_layers,
-            width: self.hidden_size,
-            heads: self.num_attention_heads,
-            mlp_width: self.intermediate_size,
-            layer_norm_eps: self.layer_norm_eps,
-            activation: self.activation()?,
         })
     }
 }
@@ -151,21 +140,10 @@ impl TextConfig {
     }
     pub fn activation(&self) -> crate::Result<Activation> {
         Activation::from_hf_name(&self.hidden_act).ok_or_else(|| {
-            crate::Error::Model(format!(
+            crate::Error::model(format!(
                 "text hidden_act {:?} is not supported",
                 self.hidden_act
             ))
-        })
-    }
-    /// The transformer stack's shape.
-    pub fn encoder(&self) -> crate::Result<super::EncoderConfig> {
-        Ok(super::EncoderConfig {
-            depth: self.num_hidden_layers,
-            width: self.hidden_size,
-            heads: self.num_attention_heads,
-            mlp_width: self.intermediate_size,
-            layer_norm_eps: self.layer_norm_eps,
-            activation: self.activation()?,
         })
     }
 }
@@ -174,7 +152,7 @@ impl ClipConfig {
     /// Parses a Hugging Face `CLIPModel` `config.json`.
     pub fn from_hf_json(text: &str) -> crate::Result<Self> {
         let cfg: Self = serde_json::from_str(text)
-            .map_err(|e| crate::Error::Model(format!("config.json is not a CLIP config: {e}")))?;
+            .map_err(|e| crate::Error::model(format!("config.json is not a CLIP config: {e}")))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -260,7 +238,7 @@ impl ClipConfig {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(crate::Error::Model(format!(
+            Err(crate::Error::model(format!(
                 "not a usable CLIP config: {}",
                 problems.join("; ")
             )))

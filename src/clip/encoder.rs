@@ -1,12 +1,12 @@
 //! The transformer stack shared by both towers: LayerNorm, MLP, the pre-LN residual block and
 //! the encoder with the anomaly-detection hooks (taps, per-head weights, deep prompts, the V-V
-//! path). Attention and linear layers live in [`super::attention`] and [`super::linear`].
+//! path). Attention and linear layers live in `attention` and `linear`.
 
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::attention::{Attention, AttentionRequest};
-use super::config::Activation;
+use super::config::{Activation, TextConfig, VisionConfig};
 use super::kernels;
 use super::linear::Linear;
 use crate::Result;
@@ -23,6 +23,32 @@ pub struct EncoderConfig {
     pub mlp_width: usize,
     pub layer_norm_eps: f64,
     pub activation: Activation,
+}
+
+impl EncoderConfig {
+    /// The image tower's stack.
+    pub fn of_vision(c: &VisionConfig) -> Result<Self> {
+        Ok(Self {
+            depth: c.num_hidden_layers,
+            width: c.hidden_size,
+            heads: c.num_attention_heads,
+            mlp_width: c.intermediate_size,
+            layer_norm_eps: c.layer_norm_eps,
+            activation: c.activation()?,
+        })
+    }
+
+    /// The text tower's stack.
+    pub fn of_text(c: &TextConfig) -> Result<Self> {
+        Ok(Self {
+            depth: c.num_hidden_layers,
+            width: c.hidden_size,
+            heads: c.num_attention_heads,
+            mlp_width: c.intermediate_size,
+            layer_norm_eps: c.layer_norm_eps,
+            activation: c.activation()?,
+        })
+    }
 }
 
 /// LayerNorm over the last dimension (torch semantics: biased variance, eps inside the sqrt).

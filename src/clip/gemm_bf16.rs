@@ -27,7 +27,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::kernels::MatRef;
+use super::matrix::MatRef;
 
 /// A bf16 unit this CPU has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -485,7 +485,7 @@ struct Block([f32; 32 * 32]);
 
 #[cfg(target_arch = "x86_64")]
 mod amx {
-    use super::{Block, Line};
+    use crate::clip::gemm_bf16::{Block, Line};
     use std::arch::asm;
 
     /// Palette 1, tiles 0-7 all 16 rows × 64 bytes: tmm0-3 the f32 accumulators of a 32 × 32
@@ -496,7 +496,7 @@ mod amx {
     /// Loads the tile configuration on this thread (`ldtilecfg`).
     ///
     /// # Safety
-    /// The CPU must have AMX and the process its permission ([`super::available`]).
+    /// The CPU must have AMX and the process its permission (`available`).
     pub unsafe fn load_config() {
         let mut cfg = TileConfig([0; 64]);
         cfg.0[0] = 1;
@@ -599,7 +599,7 @@ mod amx {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::Line;
+    use crate::clip::gemm_bf16::Line;
     use std::arch::x86_64::*;
 
     /// `out[8, 32] (+)= A[8, 32 steps] · B[32 steps, 32]`: `a` the tiles of a 16-row group from

@@ -33,14 +33,14 @@ pub fn resolve(spec: &str) -> Result<ModelSource> {
             Some((a, s)) => (
                 a,
                 s.parse()
-                    .map_err(|_| Error::Model(format!("bad seed in `{spec}`")))?,
+                    .map_err(|_| Error::model(format!("bad seed in `{spec}`")))?,
             ),
             None => (rest, 0),
         };
-        if super::ClipConfig::by_name(arch).is_none() {
-            return Err(Error::Model(format!(
+        if super::config::ClipConfig::by_name(arch).is_none() {
+            return Err(Error::model(format!(
                 "unknown architecture `{arch}` in `{spec}`; known: {}",
-                super::ClipConfig::NAMES.join(", ")
+                super::config::ClipConfig::NAMES.join(", ")
             )));
         }
         return Ok(ModelSource::Random {
@@ -53,7 +53,7 @@ pub fn resolve(spec: &str) -> Result<ModelSource> {
         return from_path(path);
     }
     if is_local_path(spec) {
-        return Err(Error::Model(format!(
+        return Err(Error::model(format!(
             "no such model folder or file: {spec} (a path, not a Hugging Face id: check the spelling, \
              or download the model into it with `hf download ORG/NAME config.json model.safetensors \
              tokenizer.json --local-dir {spec}`)"
@@ -62,7 +62,7 @@ pub fn resolve(spec: &str) -> Result<ModelSource> {
     if looks_like_hub_id(spec) {
         return from_hub(spec);
     }
-    Err(Error::Model(format!(
+    Err(Error::model(format!(
         "model `{spec}` is neither an existing path, a Hugging Face id (org/name) nor random:<arch>"
     )))
 }
@@ -86,30 +86,57 @@ fn looks_like_hub_id(spec: &str) -> bool {
         && !spec.starts_with('.')
 }
 
+/// `dir/name` when it exists; an error when something that is not a regular file (a FIFO, a
+/// folder, a broken link) holds the name, which a model folder must not silently ignore.
+fn existing(dir: &Path, name: &str) -> Result<Option<PathBuf>> {
+    let p = dir.join(name);
+    match std::fs::symlink_metadata(&p) {
+        Err(_) => Ok(None),
+        Ok(_) => {
+            crate::fsio::check_regular(&p, crate::fsio::FileKind::ModelConfig)
+                .or_else(|e| match name {
+                    // Weight files are bounded by their own kind, not a config's.
+                    n if n.ends_with(".safetensors") || n.ends_with(".bin") => {
+                        crate::fsio::check_regular(&p, crate::fsio::FileKind::Weights)
+                    }
+                    _ => Err(e),
+                })
+                .map_err(|e| Error::model(format!("{e} (in the model folder)")))?;
+            Ok(Some(p))
+        }
+    }
+}
+
 fn from_path(path: &Path) -> Result<ModelSource> {
-    if path.is_file() {
+    if crate::fsio::is_file(path) {
         let dir = path.parent().unwrap_or(Path::new("."));
-        let existing = |n: &str| Some(dir.join(n)).filter(|p| p.is_file());
         return Ok(ModelSource::Files {
-            config: existing("config.json"),
+            config: existing(dir, "config.json")?,
             weights: vec![path.to_path_buf()],
-            tokenizer: existing("tokenizer.json"),
+            tokenizer: existing(dir, "tokenizer.json")?,
         });
     }
-    let existing = |n: &str| Some(path.join(n)).filter(|p| p.is_file());
-    let weights = if let Some(w) = WEIGHT_NAMES.iter().find_map(|n| existing(n)) {
-        vec![w]
-    } else if let Some(index) = existing("model.safetensors.index.json") {
+    let mut weights = None;
+    for n in WEIGHT_NAMES {
+        if let Some(w) = existing(path, n)? {
+            weights = Some(vec![w]);
+            break;
+        }
+    }
+    let weights = if let Some(w) = weights {
+        w
+    } else if let Some(index) = existing(path, "model.safetensors.index.json")? {
         shards_from_index(&index)?
     } else {
-        let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+        let mut found: Vec<PathBuf> = crate::fsio::list_dir(path)
             .map_err(|e| Error::io(path, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && super::weights::is_weight_file(p))
+            .into_iter()
+            .map(|n| path.join(n))
+            .filter(|p| crate::fsio::is_file(p) && super::weights::is_weight_file(p))
             .collect();
         found.sort();
         if found.len() != 1 {
-            return Err(Error::Model(format!(
+            return Err(Error::model(format!(
                 "{}: expected one of {} (or a single .safetensors/.bin/.pth file), found {}",
                 path.display(),
                 WEIGHT_NAMES.join(", "),
@@ -123,19 +150,19 @@ fn from_path(path: &Path) -> Result<ModelSource> {
         found
     };
     Ok(ModelSource::Files {
-        config: existing("config.json"),
+        config: existing(path, "config.json")?,
         weights,
-        tokenizer: existing("tokenizer.json"),
+        tokenizer: existing(path, "tokenizer.json")?,
     })
 }
 
 fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let text = crate::fsio::read_text(index, crate::fsio::FileKind::ModelConfig)?;
     let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Model(format!("{}: {e}", index.display())))?;
+        .map_err(|e| Error::model(format!("{}: {e}", index.display())))?;
     let map = json["weight_map"]
         .as_object()
-        .ok_or_else(|| Error::Model(format!("{}: no weight_map", index.display())))?;
+        .ok_or_else(|| Error::model(format!("{}: no weight_map", index.display())))?;
     let mut files: Vec<String> = map
         .values()
         .filter_map(|v| v.as_str().map(String::from))
@@ -185,7 +212,7 @@ fn from_hub(id: &str) -> Result<ModelSource> {
         m.join(" and ")
     };
     let hint = |why: &str| {
-        Error::Model(format!(
+        Error::model(format!(
             "model `{id}` is not in the Hugging Face cache ({}) and {why}: {} missing. Where the \
              hub is reachable, run `hf download {id} config.json model.safetensors tokenizer.json \
              --local-dir DIR` (or fetch them from https://huggingface.co/{id}), then pass `--model DIR`",

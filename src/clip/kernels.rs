@@ -20,23 +20,7 @@ use rayon::prelude::*;
 
 use super::gemm_bf16;
 pub use super::gemm_bf16::{Kernel, PackedB};
-
-/// A read-only strided f32 matrix view: element (i, j) is `data[i * rs + j * cs]`.
-#[derive(Clone, Copy)]
-pub struct MatRef<'a> {
-    pub data: &'a [f32],
-    pub rs: usize,
-    pub cs: usize,
-}
-
-impl MatRef<'_> {
-    pub(crate) fn check(&self, rows: usize, cols: usize, what: &str) {
-        if rows > 0 && cols > 0 {
-            let last = (rows - 1) * self.rs + (cols - 1) * self.cs;
-            assert!(last < self.data.len(), "gemm: {what} out of bounds");
-        }
-    }
-}
+pub use super::matrix::MatRef;
 
 /// `C[m, n] = (C if accumulate else 0) + alpha · A[m, k] · B[k, n]`, `C` row-major with row
 /// stride `ldc` starting at `c[0]`. `parallel = false` keeps the call on the current thread (for
@@ -78,11 +62,11 @@ pub fn gemm(
 
 #[cfg(not(feature = "onednn"))]
 mod backend {
-    use super::MatRef;
+    use crate::clip::matrix::MatRef;
 
     /// # Safety
     /// Every element the views `a` (m × k), `b` (k × n) and `c` (m rows of `ldc`, n used) address
-    /// must lie inside their allocations; [`super::gemm`] checks this before calling.
+    /// must lie inside their allocations; `gemm` checks this before calling.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn gemm(
         m: usize,
@@ -128,7 +112,7 @@ mod backend {
 
 #[cfg(feature = "onednn")]
 mod backend {
-    use super::MatRef;
+    use crate::clip::matrix::MatRef;
     use std::os::raw::{c_char, c_int};
 
     #[link(name = "dnnl")]
@@ -169,7 +153,7 @@ mod backend {
 
     /// # Safety
     /// Every element the views `a` (m × k), `b` (k × n) and `c` (m rows of `ldc`, n used) address
-    /// must lie inside their allocations; [`super::gemm`] checks this before calling.
+    /// must lie inside their allocations; `gemm` checks this before calling.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn gemm(
         m: usize,

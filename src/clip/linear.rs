@@ -1,14 +1,14 @@
 //! The linear layer of both towers, in its three roles behind one interface
 //! ([`Module::forward`], and [`Linear::forward_with`] for a fused activation):
 //!
-//! - inference on the CPU in f32: the fused GEMM kernels of [`super::kernels`], with the weight
+//! - inference on the CPU in f32: the fused GEMM kernels of `kernels`, with the weight
 //!   kept as `--precision` asks (f32, rounded to bf16, or packed for a bf16 unit);
 //! - training through the frozen backbone: candle's matmul backward always computes and keeps
 //!   the gradient of both operands (`candle-core` `backprop.rs`, `Op::Matmul`), so a frozen
 //!   backbone would also get, and hold until the end of the backward pass, a gradient for every
 //!   weight: a third of the backward FLOPs and the model's size again in memory. When a
 //!   learnable tensor is upstream (`track_op`), on any device and in any dtype, the product
-//!   is a [`frozen_op`](super::frozen_op) whose backward returns the input gradient only
+//!   is a `frozen_op` whose backward returns the input gradient only
 //!   (tested below and in `tests/gradients.rs`);
 //! - anything else (inference on other devices and dtypes): candle's plain `broadcast_matmul`.
 

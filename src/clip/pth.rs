@@ -8,7 +8,7 @@
 //! or a tensor shape allocates whatever it says, and short argument tuples panic. This reader
 //! runs the pickle on shared nodes with a nesting limit, an object budget and a copy budget,
 //! reads strings and storages only after checking their lengths against the bytes that exist,
-//! and reports every problem as [`Error::Weights`] naming the file and the tensor.
+//! and reports every problem as [`crate::error::ModelError::Weights`] naming the file and the tensor.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek};
@@ -63,7 +63,7 @@ impl PthFile {
     /// (`{"prompt_learner": {...}}`) instead of the top-level dict.
     pub fn open(path: &Path, key: Option<&str>) -> Result<Self> {
         let origin = path.display().to_string();
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = crate::fsio::open(path, crate::fsio::FileKind::Checkpoint)?.file;
         let mut zip = open_zip(std::io::BufReader::new(file), &origin)?;
         let (names, infos) = tensor_table(&mut zip, key, &origin)?;
         Ok(Self {
@@ -117,9 +117,12 @@ impl PthFile {
 
     fn reopen(&self) -> Result<(zip::ZipArchive<std::io::BufReader<std::fs::File>>, u64)> {
         let origin = self.path.display().to_string();
-        let file = std::fs::File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
-        let size = file.metadata().map_err(|e| Error::io(&self.path, e))?.len();
-        Ok((open_zip(std::io::BufReader::new(file), &origin)?, size))
+        let opened = crate::fsio::open(&self.path, crate::fsio::FileKind::Checkpoint)?;
+        let size = opened.len;
+        Ok((
+            open_zip(std::io::BufReader::new(opened.file), &origin)?,
+            size,
+        ))
     }
 }
 
@@ -139,10 +142,7 @@ pub fn read_bytes(bytes: &[u8], key: Option<&str>, origin: &str) -> Result<Vec<(
 }
 
 fn weights_error(origin: &str, message: String) -> Error {
-    Error::Weights {
-        file: origin.to_string(),
-        message,
-    }
+    Error::weights(origin, message)
 }
 
 fn open_zip<R: Read + Seek>(reader: R, origin: &str) -> Result<zip::ZipArchive<R>> {
@@ -305,21 +305,7 @@ fn tensor_info(value: Node, dir: &str) -> std::result::Result<Option<TensorInfo>
             "size {shape:?} and stride {stride:?} have different ranks"
         ));
     }
-    let mut problem = None;
-    let dtype = match &*storage_type {
-        "FloatStorage" => DType::F32,
-        "DoubleStorage" => DType::F64,
-        "HalfStorage" => DType::F16,
-        "BFloat16Storage" => DType::BF16,
-        "ByteStorage" => DType::U8,
-        "IntStorage" => DType::I32,
-        "ShortStorage" => DType::I16,
-        "LongStorage" => DType::I64,
-        other => {
-            problem = Some(format!("it is stored as {other}, which cannot be read"));
-            DType::U8
-        }
-    };
+    let (dtype, mut problem) = storage_dtype(&storage_type);
     let elems = shape
         .iter()
         .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
@@ -354,6 +340,27 @@ fn tensor_info(value: Node, dir: &str) -> std::result::Result<Option<TensorInfo>
         len,
         problem,
     }))
+}
+
+/// The dtype of a `torch.*Storage` type, or why it cannot be read (then `U8`, to keep going).
+fn storage_dtype(storage_type: &str) -> (DType, Option<String>) {
+    let dtype = match storage_type {
+        "FloatStorage" => DType::F32,
+        "DoubleStorage" => DType::F64,
+        "HalfStorage" => DType::F16,
+        "BFloat16Storage" => DType::BF16,
+        "ByteStorage" => DType::U8,
+        "IntStorage" => DType::I32,
+        "ShortStorage" => DType::I16,
+        "LongStorage" => DType::I64,
+        other => {
+            return (
+                DType::U8,
+                Some(format!("it is stored as {other}, which cannot be read")),
+            )
+        }
+    };
+    (dtype, None)
 }
 
 /// Whether (size, stride) pairs, innermost first, lay the elements out densely (strides of

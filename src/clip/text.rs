@@ -46,7 +46,10 @@ impl TextTransformer {
             position_embedding: emb
                 .pp("position_embedding")
                 .get((cfg.max_position_embeddings, d), "weight")?,
-            encoder: Encoder::load(vb.pp("encoder"), &cfg.encoder()?)?,
+            encoder: Encoder::load(
+                vb.pp("encoder"),
+                &super::encoder::EncoderConfig::of_text(cfg)?,
+            )?,
             final_layer_norm: LayerNorm::load(vb.pp("final_layer_norm"), d, cfg.layer_norm_eps)?,
             projection: Linear::new(proj_vb.get((embed_dim, d), "weight")?, None),
             cfg: cfg.clone(),
@@ -103,7 +106,7 @@ impl TextTransformer {
         Ok(self.token_embedding.forward(&t)?)
     }
 
-    /// `--precision` for the transformer blocks (see [`super::encoder::Encoder::use_precision`]).
+    /// `--precision` for the transformer blocks (see `encoder::Encoder::use_precision`).
     pub fn use_precision(&mut self, precision: super::kernels::Precision) -> Result<()> {
         self.encoder.use_precision(precision)
     }

@@ -23,9 +23,12 @@ pub struct ClipTokenizer {
 const EMBEDDED_GZ: &[u8] = include_bytes!("../../assets/clip-tokenizer.json.gz");
 
 impl ClipTokenizer {
+    /// Reads `tokenizer.json` through the guarded reader (a regular file of at most 64 MB: a
+    /// FIFO, `/dev/zero` or a runaway file is refused before it is read).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let bytes = crate::fsio::read(path, crate::fsio::FileKind::Tokenizer)?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+            .map_err(|e| Error::tokenizer(format!("{}: {e}", path.display())))?;
         Self::checked(inner, &path.display().to_string())
     }
 
@@ -36,9 +39,9 @@ impl ClipTokenizer {
         let mut json = Vec::new();
         flate2::read::GzDecoder::new(EMBEDDED_GZ)
             .read_to_end(&mut json)
-            .map_err(|e| Error::Tokenizer(format!("{origin}: {e}")))?;
+            .map_err(|e| Error::tokenizer(format!("{origin}: {e}")))?;
         let inner = tokenizers::Tokenizer::from_bytes(&json)
-            .map_err(|e| Error::Tokenizer(format!("{origin}: {e}")))?;
+            .map_err(|e| Error::tokenizer(format!("{origin}: {e}")))?;
         Self::checked(inner, origin)
     }
 
@@ -47,7 +50,7 @@ impl ClipTokenizer {
         if inner.token_to_id("<|startoftext|>") != Some(SOT)
             || inner.token_to_id("<|endoftext|>") != Some(EOT)
         {
-            return Err(Error::Tokenizer(format!(
+            return Err(Error::tokenizer(format!(
                 "{origin}: not a CLIP tokenizer (<|startoftext|> must be {SOT} and <|endoftext|> {EOT})"
             )));
         }
@@ -67,7 +70,7 @@ impl ClipTokenizer {
         let enc = self
             .inner
             .encode(text, false)
-            .map_err(|e| Error::Tokenizer(format!("{text:?}: {e}")))?;
+            .map_err(|e| Error::tokenizer(format!("{text:?}: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 

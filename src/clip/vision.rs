@@ -70,7 +70,10 @@ impl VisionTransformer {
             positions: trained_positions.clone(),
             trained_positions,
             pre_layrnorm: LayerNorm::load(vb.pp("pre_layrnorm"), d, cfg.layer_norm_eps)?,
-            encoder: Encoder::load(vb.pp("encoder"), &cfg.encoder()?)?,
+            encoder: Encoder::load(
+                vb.pp("encoder"),
+                &super::encoder::EncoderConfig::of_vision(cfg)?,
+            )?,
             post_layernorm: LayerNorm::load(vb.pp("post_layernorm"), d, cfg.layer_norm_eps)?,
             projection: Linear::new(proj_vb.get((embed_dim, d), "weight")?, None),
             cfg: cfg.clone(),
@@ -181,7 +184,7 @@ impl VisionTransformer {
         Ok(self.forward(pixels, &hooks)?.pooled)
     }
 
-    /// `--precision` for the transformer blocks (see [`super::encoder::Encoder::use_precision`]).
+    /// `--precision` for the transformer blocks (see `encoder::Encoder::use_precision`).
     pub fn use_precision(&mut self, precision: super::kernels::Precision) -> Result<()> {
         self.encoder.use_precision(precision)
     }

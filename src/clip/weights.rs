@@ -34,7 +34,7 @@ impl Raw {
     fn open(files: &[PathBuf]) -> Result<Self> {
         let first = files
             .first()
-            .ok_or_else(|| Error::Model("no weight file given".into()))?;
+            .ok_or_else(|| Error::model("no weight file given"))?;
         let is_pickle = files.len() == 1
             && matches!(
                 first.extension().and_then(|e| e.to_str()),
@@ -42,8 +42,8 @@ impl Raw {
             );
         if is_pickle {
             let pth = super::pth::PthFile::open(first, None).map_err(|mut err| {
-                if let Error::Weights { message, .. } = &mut err {
-                    message.push_str(
+                if let Error::Model(crate::error::ModelError::Weights { problem, .. }) = &mut err {
+                    problem.push_str(
                         " (TorchScript archives such as OpenAI's ViT-*.pt cannot be read: use the \
                          Hugging Face safetensors of the same model)",
                     );
@@ -52,13 +52,14 @@ impl Raw {
             })?;
             Ok(Raw::Pickle(pth))
         } else {
+            // Only regular files, within the bound of weights, are mapped.
+            for f in files {
+                crate::fsio::check_regular(f, crate::fsio::FileKind::Weights)?;
+            }
             // SAFETY: the file is mapped read-only; like every mmap user we assume it is not
             // truncated while the model loads.
             let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }.map_err(
-                |e| Error::Weights {
-                    file: first.display().to_string(),
-                    message: format!("cannot read: {e}"),
-                },
+                |e| Error::weights(first.display().to_string(), format!("cannot read: {e}")),
             )?;
             Ok(Raw::Safetensors(st))
         }
@@ -86,7 +87,9 @@ impl Raw {
                 .map_err(|e| format!("tensor `{name}`: {e}")),
             Raw::Pickle(p) => match p.load(name) {
                 Ok(t) => t.to_device(dev).map_err(|e| e.to_string()),
-                Err(Error::Weights { message, .. }) => Err(message),
+                Err(Error::Model(crate::error::ModelError::Weights { problem, .. })) => {
+                    Err(problem)
+                }
                 Err(e) => Err(e.to_string()),
             },
         }
@@ -231,12 +234,11 @@ impl Checkpoint {
                 }
             }
         }
-        Err(Error::Weights {
-            file: origin,
-            message: "no CLIP vision tower found: expected `vision_model.embeddings.patch_embedding.weight` \
-                      (Hugging Face) or `visual.conv1.weight` (OpenAI/open_clip)"
-                .into(),
-        })
+        Err(Error::weights(
+            origin,
+            "no CLIP vision tower found: expected `vision_model.embeddings.patch_embedding.weight` \
+             (Hugging Face) or `visual.conv1.weight` (OpenAI/open_clip)",
+        ))
     }
 
     pub fn naming(&self) -> Naming {
@@ -251,10 +253,7 @@ impl Checkpoint {
     /// widths, depths, patch size and trained input size; heads = width / 64 as in every CLIP
     /// ViT. The activation is QuickGELU, OpenAI's; override it for GELU-trained weights.
     pub fn infer_config(&self) -> Result<ClipConfig> {
-        let err = |m: &str| Error::Weights {
-            file: self.origin.clone(),
-            message: m.to_string(),
-        };
+        let err = |m: &str| Error::weights(self.origin.clone(), m.to_string());
         let (conv, pos, vproj, tok, tpos, tproj, vlayer, tlayer) = match self.naming {
             Naming::HuggingFace => (
                 "vision_model.embeddings.patch_embedding.weight",

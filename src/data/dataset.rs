@@ -9,6 +9,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::data::inputs::{is_image_name, walk};
+use crate::fsio::FileKind;
 use crate::{Error, Result};
 
 /// One annotated image.
@@ -63,7 +64,7 @@ pub fn problem_list(what: &str, problems: &[String]) -> String {
 }
 
 fn bad(path: &Path, msg: impl Into<String>) -> Error {
-    Error::Dataset(format!("{}: {}", path.display(), msg.into()))
+    Error::dataset(format!("{}: {}", path.display(), msg.into()))
 }
 
 /// A dataset as read, before its files are checked.
@@ -90,7 +91,7 @@ impl Parsed {
 pub fn read(path: &Path) -> Result<(Layout, Vec<Sample>)> {
     let (layout, parsed) = parse(path)?;
     if !parsed.problems.is_empty() {
-        return Err(Error::Dataset(problem_list(
+        return Err(Error::dataset(problem_list(
             &format!("problem(s) in {}", path.display()),
             &parsed.problems,
         )));
@@ -148,9 +149,10 @@ pub fn parse(path: &Path) -> Result<(Layout, Parsed)> {
 }
 
 fn sorted_dirs(p: &Path) -> Result<Vec<PathBuf>> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(p)
+    let mut v: Vec<PathBuf> = crate::fsio::list_dir(p)
         .map_err(|e| Error::io(p, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
+        .into_iter()
+        .map(|n| p.join(n))
         .filter(|p| p.is_dir())
         .filter(|p| {
             !p.file_name()
@@ -234,10 +236,10 @@ fn csv_line(pos: Option<&csv::Position>, fallback: usize) -> usize {
 }
 
 fn parse_visa(root: &Path, csv_path: &Path) -> Result<Parsed> {
+    let text = crate::fsio::read_text(csv_path, FileKind::Manifest)?;
     let mut rd = csv::ReaderBuilder::new()
         .flexible(true)
-        .from_path(csv_path)
-        .map_err(|e| bad(csv_path, e.to_string()))?;
+        .from_reader(text.as_bytes());
     let header = rd
         .headers()
         .map_err(|e| bad(csv_path, e.to_string()))?
@@ -358,7 +360,7 @@ fn manifest_csv_rows(
         .clone();
     let pos = column_positions(&header, &["image", "mask", "label", "class"]);
     let Some(c_img) = pos[0] else {
-        return Err(Error::Dataset(format!(
+        return Err(Error::dataset(format!(
             "manifest {}: no `image` column; the columns are: {} (expected a header line with {MANIFEST_COLUMNS})",
             path.display(),
             column_list(&header)
@@ -415,7 +417,7 @@ fn manifest_jsonl_rows(
 ) -> Result<(Vec<(usize, ManifestRow)>, Vec<(usize, String)>)> {
     use serde_json::Value;
     if text.trim_start().starts_with('[') {
-        return Err(Error::Dataset(format!(
+        return Err(Error::dataset(format!(
             "manifest {}: a JSON array; a manifest is JSON Lines (one object per line, keys {MANIFEST_COLUMNS}) or a .csv file",
             path.display()
         )));
@@ -442,53 +444,11 @@ fn manifest_jsonl_rows(
             }
         };
         keys.extend(obj.keys().cloned());
-        let text_of = |k: &str| -> std::result::Result<Option<String>, String> {
-            match obj.get(k) {
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::String(s)) => Ok(Some(s.trim().to_string()).filter(|s| !s.is_empty())),
-                Some(v) => Err(format!("`{k}` is {v}, not a string")),
-            }
-        };
-        let mut row_problems = Vec::new();
-        let image = match text_of("image") {
-            Ok(Some(s)) => Some(s),
-            Ok(None) if !obj.contains_key("image") => {
-                no_image.push(line);
-                None
-            }
-            Ok(None) => {
-                row_problems.push("empty `image`".to_string());
-                None
-            }
-            Err(e) => {
-                row_problems.push(e);
-                None
-            }
-        };
         any_image |= obj.contains_key("image");
-        let mask = text_of("mask").unwrap_or_else(|e| {
-            row_problems.push(e);
-            None
-        });
-        let class = match obj.get("class") {
-            // A number is a fine class name (`"class": 3`).
-            Some(Value::Number(n)) => Some(n.to_string()),
-            _ => text_of("class").unwrap_or_else(|e| {
-                row_problems.push(e);
-                None
-            }),
-        };
-        problems.extend(row_problems.iter().map(|p| (line, p.clone())));
-        if let (Some(image), true) = (image, row_problems.is_empty()) {
-            rows.push((
-                line,
-                ManifestRow {
-                    image,
-                    mask,
-                    label: obj.get("label").cloned(),
-                    class,
-                },
-            ));
+        match jsonl_row(&obj) {
+            Ok(Some(row)) => rows.push((line, row)),
+            Ok(None) => no_image.push(line),
+            Err(row_problems) => problems.extend(row_problems.into_iter().map(|p| (line, p))),
         }
     }
     let key_list = || {
@@ -499,7 +459,7 @@ fn manifest_jsonl_rows(
         }
     };
     if !any_image && !no_image.is_empty() {
-        return Err(Error::Dataset(format!(
+        return Err(Error::dataset(format!(
             "manifest {}: no `image` key on any line; the keys are: {} (expected {MANIFEST_COLUMNS})",
             path.display(),
             key_list()
@@ -513,13 +473,62 @@ fn manifest_jsonl_rows(
     Ok((rows, problems))
 }
 
+/// One JSON Lines manifest object as a row: `Ok(None)` when it has no `image` key, `Err` with
+/// every problem of the row.
+fn jsonl_row(
+    obj: &serde_json::Map<String, serde_json::Value>,
+) -> std::result::Result<Option<ManifestRow>, Vec<String>> {
+    use serde_json::Value;
+    let text_of = |k: &str| -> std::result::Result<Option<String>, String> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.trim().to_string()).filter(|s| !s.is_empty())),
+            Some(v) => Err(format!("`{k}` is {v}, not a string")),
+        }
+    };
+    let mut problems = Vec::new();
+    let image = match text_of("image") {
+        Ok(Some(s)) => Some(s),
+        Ok(None) if !obj.contains_key("image") => None,
+        Ok(None) => {
+            problems.push("empty `image`".to_string());
+            None
+        }
+        Err(e) => {
+            problems.push(e);
+            None
+        }
+    };
+    let mask = text_of("mask").unwrap_or_else(|e| {
+        problems.push(e);
+        None
+    });
+    let class = match obj.get("class") {
+        // A number is a fine class name (`"class": 3`).
+        Some(Value::Number(n)) => Some(n.to_string()),
+        _ => text_of("class").unwrap_or_else(|e| {
+            problems.push(e);
+            None
+        }),
+    };
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(image.map(|image| ManifestRow {
+        image,
+        mask,
+        label: obj.get("label").cloned(),
+        class,
+    }))
+}
+
 /// A manifest: `.csv` with a header, or JSON Lines (anything else), columns/keys `image`,
 /// `mask`, `label` (0/1, normal/anomaly, or empty = from the mask), `class` (default: `all`).
 /// Every row that does not parse is listed in the error.
 pub fn read_manifest(path: &Path) -> Result<Vec<Sample>> {
     let parsed = parse_manifest(path)?;
     if !parsed.problems.is_empty() {
-        return Err(Error::Dataset(problem_list(
+        return Err(Error::dataset(problem_list(
             &format!("problem(s) in {}", path.display()),
             &parsed.problems,
         )));
@@ -530,7 +539,7 @@ pub fn read_manifest(path: &Path) -> Result<Vec<Sample>> {
 /// Like [`read_manifest`], keeping going past the rows that do not parse.
 pub fn parse_manifest(path: &Path) -> Result<Parsed> {
     let base = path.parent().unwrap_or(Path::new("."));
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::fsio::read_text(path, FileKind::Manifest)?;
     let csv = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
@@ -635,7 +644,7 @@ pub fn read_all(paths: &[PathBuf]) -> Result<Vec<Sample>> {
         }
     }
     if !problems.is_empty() {
-        return Err(Error::Dataset(format!(
+        return Err(Error::dataset(format!(
             "the data has {}",
             problem_list("problem(s)", &problems)
         )));
@@ -659,16 +668,14 @@ pub fn check(samples: &[Sample], classes_expected: &[String]) -> Vec<String> {
 /// The file problems of `samples`, each prefixed with its origin (`m.csv: line 5: `) where
 /// `origins` has one.
 fn check_files(samples: &[Sample], origins: &[Option<String>]) -> Vec<String> {
+    // Only the header is read, through the guarded reader: a FIFO or a device in a manifest
+    // row is refused without a read, never waited on.
     let dims = |p: &Path| -> std::result::Result<(u32, u32), String> {
-        if !p.exists() {
+        if std::fs::symlink_metadata(p).is_err() {
             return Err("not found".into());
         }
-        image::ImageReader::open(p)
-            .map_err(|e| e.to_string())?
-            .with_guessed_format()
-            .map_err(|e| e.to_string())?
-            .into_dimensions()
-            .map_err(|e| format!("unreadable: {e}"))
+        crate::data::image::dimensions(p)
+            .map_err(|e| crate::data::image::strip_path(e.to_string(), p))
     };
     let mut problems = Vec::new();
     for (k, s) in samples.iter().enumerate() {

@@ -7,37 +7,45 @@
 //! rounding `v / 257` (PIL's `convert("RGB")` clips them instead, which saturates most 16-bit
 //! images). Alpha is dropped without compositing, as `convert("RGB")` does.
 //!
-//! Resizing: Pillow's convolution resampling, bit-exact ([`super::resample`]): `BICUBIC`
+//! Resizing: Pillow's convolution resampling, bit-exact (`resample`): `BICUBIC`
 //! (Keys a = -0.5) for images, `BILINEAR` for masks.
 
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 
 use image::{DynamicImage, GrayImage, ImageDecoder, ImageReader, RgbImage};
 
 use super::resample::{resize, Filter};
-use crate::{Error, Result};
+use crate::error::{Error, Result};
+use crate::fsio::FileKind;
 
 fn image_error(path: &Path, message: impl Into<String>) -> Error {
-    Error::Image {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
+    // Some decoders end their messages with a newline: one line per error.
+    Error::input(path, message.into().trim_end().to_string())
 }
 
 /// What an input may cost before it is refused: checked against the file's size and the
 /// header's dimensions before any pixel buffer is allocated, so a decompression bomb (a 100-byte
-/// BMP that declares 60000x60000) is an error for that input, never an abort of the run.
+/// BMP that declares 60000x60000) or a 40,000,000x1 strip is an error for that input, never an
+/// abort of the run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodeLimits {
     /// Largest `width * height` accepted (`--max-pixels`).
     pub max_pixels: u64,
     /// Largest file read, in bytes.
     pub max_file_bytes: u64,
+    /// Largest ratio of the long side to the short one.
+    pub max_aspect: u32,
 }
 
 /// 40 megapixels: above every inspection camera in the benchmark datasets (MVTec's largest is
 /// 1024x1024, VisA's 2168x1516, a 20 MP line-scan frame fits) with room to spare.
 pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
+
+/// The most elongated image read: 100:1. The model squashes every image to a square, so a
+/// strip beyond that holds no usable detail across its short side, while its map at full size
+/// (and the resampling on the way) would cost memory out of all proportion.
+pub const MAX_ASPECT: u32 = 100;
 
 impl Default for DecodeLimits {
     fn default() -> Self {
@@ -52,6 +60,7 @@ impl DecodeLimits {
         Self {
             max_pixels,
             max_file_bytes: max_pixels.saturating_mul(16).saturating_add(64 << 20),
+            max_aspect: MAX_ASPECT,
         }
     }
 }
@@ -61,90 +70,61 @@ pub fn decode(path: &Path) -> Result<DynamicImage> {
     decode_limited(path, &DecodeLimits::default())
 }
 
-/// Decodes an image file within `limits`. Only regular files are read: a FIFO, a device or a
-/// socket is refused without reading a byte (opened non-blocking, so even a FIFO swapped in
-/// after the check cannot stall the run).
+/// Decodes an image file within `limits` (read through [`crate::fsio`]: regular files only,
+/// bounded). A decoder bug must cost one file, not the command: a panic inside the decoder is
+/// this file's error.
 pub fn decode_limited(path: &Path, limits: &DecodeLimits) -> Result<DynamicImage> {
-    let bytes = read_regular_file(path, limits.max_file_bytes)?;
-    decode_bytes_limited(path, &bytes, limits)
-}
-
-/// What kind of file system object `ft` is, for messages.
-pub fn file_kind(ft: &std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if ft.is_dir() {
-        "a folder"
-    } else if ft.is_fifo() {
-        "a FIFO (named pipe)"
-    } else if ft.is_char_device() {
-        "a character device"
-    } else if ft.is_block_device() {
-        "a block device"
-    } else if ft.is_socket() {
-        "a socket"
-    } else if ft.is_symlink() {
-        "a symbolic link"
-    } else {
-        "not a regular file"
-    }
-}
-
-/// Reads a regular image file of at most `max_bytes` bytes.
-pub fn read_regular_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
-    read_regular(
-        path,
-        max_bytes,
-        " for --max-pixels (raise --max-pixels to read it)",
-    )
-}
-
-/// Reads a regular file of at most `max_bytes` bytes (a FIFO, a device or a socket is refused
-/// without a read, so it cannot stall); `limit` says where the limit comes from.
-pub fn read_regular(path: &Path, max_bytes: u64, limit: &str) -> Result<Vec<u8>> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let regular = |meta: &std::fs::Metadata| {
-        if meta.is_file() {
-            Ok(())
-        } else {
-            let kind = file_kind(&meta.file_type());
-            Err(image_error(
-                path,
-                format!("{kind}: only regular files are read"),
-            ))
-        }
-    };
-    regular(&std::fs::metadata(path).map_err(|e| Error::io(path, e))?)?;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
-    // The file may have been replaced between the two looks: trust only the opened handle.
-    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-    regular(&meta)?;
-    if meta.len() > max_bytes {
-        return Err(image_error(
+    let bytes = crate::fsio::read_bounded(path, FileKind::Image, limits.max_file_bytes)?;
+    match std::panic::catch_unwind(AssertUnwindSafe(|| {
+        decode_bytes_limited(path, &bytes, limits)
+    })) {
+        Ok(r) => r,
+        Err(panic) => Err(image_error(
             path,
             format!(
-                "file of {} bytes is larger than the {} bytes allowed{limit}",
-                meta.len(),
-                max_bytes
+                "the image decoder failed on this file ({}); the file is probably malformed",
+                panic_text(&panic)
             ),
-        ));
+        )),
     }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    // `take` bounds a file that grows while it is read.
-    file.take(max_bytes + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| Error::io(path, e))?;
-    if bytes.len() as u64 > max_bytes {
-        return Err(image_error(
-            path,
-            "file grew past its limit while being read",
-        ));
-    }
-    Ok(bytes)
+}
+
+/// The text of a caught panic.
+pub fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
+/// An error's message without the leading `path: ` (a record already names its input).
+pub fn strip_path(msg: String, path: &Path) -> String {
+    let prefix = format!("{}: ", path.display());
+    msg.strip_prefix(&prefix).map(str::to_string).unwrap_or(msg)
+}
+
+/// Decodes `path` within `limits` to 8-bit RGB (EXIF orientation applied), or says why not
+/// (the path left out, for a record's `error`).
+pub fn decode_rgb(path: &Path, limits: &DecodeLimits) -> std::result::Result<RgbImage, String> {
+    decode_limited(path, limits)
+        .map(|img| to_rgb8(&img))
+        .map_err(|e| strip_path(e.to_string(), path))
+}
+
+/// An image file's width and height from its header alone, read through the guarded reader
+/// (a FIFO or a device is refused, never waited on).
+pub fn dimensions(path: &Path) -> Result<(u32, u32)> {
+    let opened = crate::fsio::open(path, FileKind::Image)?;
+    ImageReader::new(std::io::BufReader::new(opened.file))
+        .with_guessed_format()
+        .map_err(|e| image_error(path, format!("cannot read: {e}")))?
+        .into_dimensions()
+        .map_err(|e| image_error(path, format!("unreadable: {e}")))
+}
+
+/// A mask file as 8-bit grey (any channel counts), read and decoded the guarded way.
+pub fn decode_mask(path: &Path) -> Result<GrayImage> {
+    decode(path).map(|img| to_luma8(&img))
 }
 
 /// Decodes bytes with the default limits; `path` only names the image in errors.
@@ -194,11 +174,21 @@ pub fn decode_bytes_limited(
         .map_err(|e| image_error(path, format!("cannot decode: {e}")))?;
     let (w, h) = decoder.dimensions();
     let pixels = w as u64 * h as u64;
+    let (long, short) = (w.max(h) as u64, w.min(h).max(1) as u64);
+    if short > 0 && long > limits.max_aspect as u64 * short {
+        return Err(image_error(
+            path,
+            format!(
+                "{w}x{h} is more elongated than {}:1; the model squashes images to a square, so split it into tiles of a shape the model can see",
+                limits.max_aspect
+            ),
+        ));
+    }
     if pixels > limits.max_pixels {
         return Err(image_error(
             path,
             format!(
-                "{w}x{h} = {pixels} pixels is over the budget of {} (--max-pixels; raise it if the image is real)",
+                "{w}x{h} = {pixels} pixels is over the budget of {} (`max_pixels`; raise it if the image is real)",
                 limits.max_pixels
             ),
         ));
@@ -360,21 +350,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("40x30 = 1200 pixels") && e.contains("--max-pixels"),
+            e.contains("40x30 = 1200 pixels") && e.contains("`max_pixels`"),
             "{e}"
         );
         assert!(
             decode_bytes_limited(Path::new("x.png"), &b, &DecodeLimits::with_max_pixels(1200))
                 .is_ok()
         );
-        let e = read_regular_file(Path::new("/dev/null"), 10)
-            .unwrap_err()
-            .to_string();
+        let e = decode(Path::new("/dev/null")).unwrap_err().to_string();
         assert!(e.contains("character device"), "{e}");
-        let e = read_regular_file(Path::new("/"), 10)
-            .unwrap_err()
-            .to_string();
+        let e = decode(Path::new("/")).unwrap_err().to_string();
         assert!(e.contains("folder"), "{e}");
+        // A strip more elongated than 100:1 is refused from the header, both ways round.
+        for (w, h) in [(1001, 10), (10, 1001)] {
+            let b = encoded(image::ImageFormat::Png, w, h);
+            let e = decode_bytes(Path::new("x.png"), &b)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("more elongated than 100:1"), "{e}");
+        }
+        assert!(decode_bytes(
+            Path::new("x.png"),
+            &encoded(image::ImageFormat::Png, 1000, 10)
+        )
+        .is_ok());
     }
 
     /// Seeded mutations of small valid files in every format: each decodes or is an error,

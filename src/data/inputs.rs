@@ -41,6 +41,9 @@ pub struct Input {
 pub struct Missing {
     pub given: String,
     pub error: String,
+    /// A path named as an argument that does not exist (a typo: callers refuse the run rather
+    /// than record it).
+    pub argument_not_found: bool,
 }
 
 /// The arguments, expanded.
@@ -52,12 +55,18 @@ pub struct Expanded {
     pub masks_skipped: usize,
     /// Folders reached a second time through a symbolic link (cycles included), walked once.
     pub links_skipped: usize,
+    /// Folders left out of walks: the run's own output folder, and folders holding a zsad
+    /// `run.json` (the outputs of other runs).
+    pub runs_skipped: Vec<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct WalkOptions {
     /// Keep mask files (by default they are counted and left out).
     pub include_masks: bool,
+    /// Folders never walked (canonical paths): the run's own output folder, so that a run
+    /// whose output is inside its inputs does not score its own maps.
+    pub exclude: Vec<PathBuf>,
 }
 
 /// What a folder walk found.
@@ -70,6 +79,18 @@ pub struct Walk {
     pub problems: Vec<(PathBuf, String)>,
     pub masks_skipped: usize,
     pub links_skipped: usize,
+    /// Output folders left out (see [`Expanded::runs_skipped`]).
+    pub runs_skipped: Vec<PathBuf>,
+}
+
+/// Whether `dir` holds the outputs of a zsad run: a `run.json` that zsad wrote (it names its
+/// record format), beside which the maps and heatmaps are not inputs.
+pub fn is_run_folder(dir: &Path) -> bool {
+    let rj = dir.join(crate::data::run_record::FILE_NAME);
+    crate::fsio::read_text(&rj, crate::fsio::FileKind::Settings).is_ok_and(|t| {
+        serde_json::from_str::<serde_json::Value>(&t)
+            .is_ok_and(|v| v.get("record_format_version").is_some())
+    })
 }
 
 pub fn is_image_name(path: &Path) -> bool {
@@ -146,8 +167,9 @@ fn masks_among(files: &[PathBuf]) -> HashSet<PathBuf> {
 pub fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(walk_with(
         dir,
-        WalkOptions {
+        &WalkOptions {
             include_masks: true,
+            ..Default::default()
         },
     )?
     .files)
@@ -155,9 +177,18 @@ pub fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Walks `dir` (see the module docs). Fails only when `dir` itself cannot be read; problems
 /// below it are returned in [`Walk::problems`].
-pub fn walk_with(dir: &Path, opts: WalkOptions) -> Result<Walk> {
+pub fn walk_with(dir: &Path, opts: &WalkOptions) -> Result<Walk> {
     let mut walk = Walk::default();
     let root = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
+    // Outputs named as the folder itself are never inputs.
+    if opts
+        .exclude
+        .iter()
+        .any(|x| dir.canonicalize().is_ok_and(|c| &c == x))
+    {
+        walk.runs_skipped.push(dir.to_path_buf());
+        return Ok(walk);
+    }
     let mut visited: HashSet<(u64, u64)> = HashSet::from([(root.dev(), root.ino())]);
     // A mask folder named on the command line is a mask folder too.
     let root_is_masks = dir
@@ -166,7 +197,7 @@ pub fn walk_with(dir: &Path, opts: WalkOptions) -> Result<Walk> {
     let mut stack = vec![(dir.to_path_buf(), root_is_masks)];
     let mut first = true;
     while let Some((d, in_mask_folder)) = stack.pop() {
-        let entries = match std::fs::read_dir(&d) {
+        let entries = match crate::fsio::list_dir(&d) {
             Ok(e) => e,
             Err(e) if first => return Err(Error::io(&d, e)),
             Err(e) => {
@@ -176,19 +207,24 @@ pub fn walk_with(dir: &Path, opts: WalkOptions) -> Result<Walk> {
             }
         };
         first = false;
-        let mut names: Vec<_> = entries
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name())
+        let names: Vec<_> = entries
+            .into_iter()
             .filter(|n| !n.as_bytes().starts_with(b"."))
             .collect();
-        names.sort();
         let mut files = Vec::new();
         let mut subdirs = Vec::new();
         for name in names {
             let p = d.join(&name);
             match std::fs::metadata(&p) {
                 Ok(m) if m.is_dir() => {
-                    if visited.insert((m.dev(), m.ino())) {
+                    let excluded = opts
+                        .exclude
+                        .iter()
+                        .any(|x| p.canonicalize().is_ok_and(|c| &c == x))
+                        || is_run_folder(&p);
+                    if excluded {
+                        walk.runs_skipped.push(p);
+                    } else if visited.insert((m.dev(), m.ino())) {
                         let masks = in_mask_folder
                             || MASK_FOLDERS.iter().any(|f| name.as_bytes() == f.as_bytes());
                         subdirs.push((p, masks));
@@ -203,15 +239,21 @@ pub fn walk_with(dir: &Path, opts: WalkOptions) -> Result<Walk> {
                 }
                 Ok(m) => {
                     if is_image_name(&p) {
-                        let kind = crate::data::image::file_kind(&m.file_type());
+                        let kind = crate::fsio::object_kind(&m.file_type());
                         walk.problems
                             .push((p, format!("{kind}: only regular files are read")));
                     }
                 }
                 Err(e) => {
                     let link = std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_symlink());
-                    if e.raw_os_error() == Some(libc::ELOOP) {
+                    if e.raw_os_error() == Some(libc::ELOOP) && !is_image_name(&p) {
                         walk.links_skipped += 1;
+                    } else if e.raw_os_error() == Some(libc::ELOOP) {
+                        walk.problems.push((
+                            p,
+                            "a symbolic link that never ends (it points to itself or a cycle)"
+                                .into(),
+                        ));
                     } else if is_image_name(&p) {
                         let what = if link {
                             "broken symbolic link".to_string()
@@ -260,28 +302,62 @@ fn key_of(rel: &Path, strip: bool) -> String {
     } else {
         rel.to_path_buf()
     };
-    let parts = sanitize(&rel);
+    let parts: Vec<String> = sanitize(&rel)
+        .iter()
+        .map(|c| crate::fsio::shorten(c, MAX_KEY_COMPONENT))
+        .collect();
     if parts.is_empty() {
-        "_".into()
-    } else {
-        parts.join("/")
+        return "_".into();
     }
+    let key = parts.join("/");
+    if key.len() <= MAX_KEY {
+        return key;
+    }
+    // A path too deep for any file system once under the output folder: one hashed name.
+    format!(
+        "_long/{}",
+        crate::fsio::shorten(&key.replace('/', "%2F"), MAX_KEY_COMPONENT)
+    )
 }
 
-/// Reads one path per line (any bytes but `\n`; a trailing `\r` is dropped).
+/// The longest component of an output name: room for `.png`, a `~N` suffix and the writer's
+/// temporary `.NAME.tmp-PID` within a file system's 255 bytes.
+const MAX_KEY_COMPONENT: usize = 180;
+
+/// The longest output name: the output folder's own path and `heatmaps/` still fit in
+/// `PATH_MAX` (4096).
+const MAX_KEY: usize = 1024;
+
+/// The longest line of a path list: Linux's `PATH_MAX`. Anything longer is not a path (a
+/// binary file or `/dev/zero` on stdin) and is refused before it can take memory.
+const MAX_LIST_LINE: usize = 4096;
+
+/// Reads one path per line (any bytes but `\n`; a trailing `\r` is dropped), at most
+/// [`MAX_LIST_LINE`] bytes a line and the bound of [`crate::fsio::FileKind::PathList`] in all.
 fn read_list(stdin: &mut dyn BufRead) -> Result<Vec<PathBuf>> {
+    use std::io::Read;
     let mut out = Vec::new();
     let mut line = Vec::new();
+    let mut total = 0u64;
+    let limit = crate::fsio::FileKind::PathList.max_bytes();
     loop {
         line.clear();
         let n = stdin
+            .take(MAX_LIST_LINE as u64 + 2)
             .read_until(b'\n', &mut line)
             .map_err(|e| Error::io("<stdin>", e))?;
         if n == 0 {
             break;
         }
+        total += n as u64;
         let t = line.strip_suffix(b"\n").unwrap_or(&line);
         let t = t.strip_suffix(b"\r").unwrap_or(t);
+        if t.len() > MAX_LIST_LINE || total > limit {
+            return Err(crate::error::OptionError::rule(format!(
+                "`-` (paths on stdin): line {} is longer than {MAX_LIST_LINE} bytes (or the list passes {limit} bytes): stdin must be a list of paths, one per line",
+                out.len() + 1
+            )));
+        }
         if !t.is_empty() {
             out.push(PathBuf::from(OsStr::from_bytes(t)));
         }
@@ -295,10 +371,9 @@ fn read_list(stdin: &mut dyn BufRead) -> Result<Vec<PathBuf>> {
 /// the path as given (files), without extension; where two inputs would share a key (ignoring
 /// case, as some file systems do), they keep their extension; where that is not enough, the
 /// full given path; then a `~N` suffix.
-pub fn expand(args: &[String], stdin: &mut dyn BufRead, opts: WalkOptions) -> Result<Expanded> {
+pub fn expand(args: &[String], stdin: &mut dyn BufRead, opts: &WalkOptions) -> Result<Expanded> {
     let mut ex = Expanded::default();
-    // (path, given, path relative to its folder argument)
-    let mut found: Vec<(PathBuf, String, PathBuf)> = Vec::new();
+    let mut found: Vec<Found> = Vec::new();
     let add_file = |p: &Path, listed: bool, ex: &mut Expanded, found: &mut Vec<_>| {
         let given = path_text(p);
         match std::fs::metadata(p) {
@@ -306,13 +381,15 @@ pub fn expand(args: &[String], stdin: &mut dyn BufRead, opts: WalkOptions) -> Re
             Ok(m) if m.is_dir() => ex.missing.push(Missing {
                 given,
                 error: "a folder: name folders as arguments, not in a list".into(),
+                argument_not_found: false,
             }),
             Ok(m) => ex.missing.push(Missing {
                 given,
                 error: format!(
                     "{}: only regular files are read",
-                    crate::data::image::file_kind(&m.file_type())
+                    crate::fsio::object_kind(&m.file_type())
                 ),
+                argument_not_found: false,
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => ex.missing.push(Missing {
                 given,
@@ -321,10 +398,16 @@ pub fn expand(args: &[String], stdin: &mut dyn BufRead, opts: WalkOptions) -> Re
                 } else {
                     "no such file or folder".into()
                 },
+                argument_not_found: !listed,
             }),
             Err(e) => ex.missing.push(Missing {
                 given,
-                error: format!("cannot read: {e}"),
+                error: if e.raw_os_error() == Some(libc::ELOOP) {
+                    "a symbolic link that never ends (it points to itself or a cycle)".into()
+                } else {
+                    format!("cannot read: {e}")
+                },
+                argument_not_found: false,
             }),
         }
     };
@@ -346,10 +429,12 @@ pub fn expand(args: &[String], stdin: &mut dyn BufRead, opts: WalkOptions) -> Re
             let w = walk_with(p, opts)?;
             ex.masks_skipped += w.masks_skipped;
             ex.links_skipped += w.links_skipped;
+            ex.runs_skipped.extend(w.runs_skipped);
             for (f, why) in w.problems {
                 ex.missing.push(Missing {
                     given: path_text(&f),
                     error: why,
+                    argument_not_found: false,
                 });
             }
             for f in w.files {
@@ -360,19 +445,30 @@ pub fn expand(args: &[String], stdin: &mut dyn BufRead, opts: WalkOptions) -> Re
             add_file(p, false, &mut ex, &mut found);
         }
     }
+    let found = unique(found, &mut ex.missing);
+    ex.inputs = with_keys(found);
+    Ok(ex)
+}
+
+/// `(path, given, path relative to its folder argument)` of a found file.
+type Found = (PathBuf, String, PathBuf);
+
+/// The same path named twice is one input; two different paths with one text (only possible
+/// with a file literally named `\xNN` beside one with that byte) could not be told apart in
+/// their records: the second is named in `missing`.
+fn unique(mut found: Vec<Found>, missing: &mut Vec<Missing>) -> Vec<Found> {
     let mut seen_paths = HashSet::new();
     found.retain(|(path, _, _)| seen_paths.insert(path.clone()));
-    // Two different paths with one text (only possible with a file literally named `\xNN`
-    // beside one with that byte): their records could not be told apart.
     let mut seen_given: HashMap<String, PathBuf> = HashMap::new();
     found.retain(|(path, given, _)| match seen_given.get(given) {
         Some(other) if other != path => {
-            ex.missing.push(Missing {
+            missing.push(Missing {
                 given: given.clone(),
                 error: format!(
                     "its name reads the same as another input's ({}): rename one of them",
                     path_text(other)
                 ),
+                argument_not_found: false,
             });
             false
         }
@@ -381,12 +477,19 @@ pub fn expand(args: &[String], stdin: &mut dyn BufRead, opts: WalkOptions) -> Re
             true
         }
     });
+    found
+}
+
+/// Output keys, unique ignoring case: the path in its folder without extension; where two
+/// would share one, with extension; where that is not enough, the full path; then `~N`.
+fn with_keys(found: Vec<Found>) -> Vec<Input> {
     let fold = |k: &str| k.to_lowercase();
     let mut count: HashMap<String, usize> = HashMap::new();
     for (_, _, rel) in &found {
         *count.entry(fold(&key_of(rel, true))).or_default() += 1;
     }
     let mut taken = HashSet::new();
+    let mut out = Vec::with_capacity(found.len());
     for (path, given, rel) in found {
         let stripped = key_of(&rel, true);
         let mut key = if count[&fold(&stripped)] > 1 {
@@ -407,9 +510,9 @@ pub fn expand(args: &[String], stdin: &mut dyn BufRead, opts: WalkOptions) -> Re
             n += 1;
         }
         taken.insert(fold(&key));
-        ex.inputs.push(Input { path, given, key });
+        out.push(Input { path, given, key });
     }
-    Ok(ex)
+    out
 }
 
 /// `--shard K/N`: which of `n` shards (0-based `k`) an input belongs to, by a stable hash of the
@@ -482,7 +585,7 @@ mod tests {
         let ex = expand(
             &[a.clone(), b, "-".into(), a.clone()],
             &mut stdin,
-            WalkOptions::default(),
+            &WalkOptions::default(),
         )
         .unwrap();
         assert_eq!(ex.masks_skipped, 2);

@@ -7,5 +7,7 @@ pub mod heatmap;
 pub mod image;
 pub mod inputs;
 pub mod outputs;
+pub mod records;
 pub mod resample;
+pub mod run_record;
 pub mod tensors;

@@ -26,19 +26,15 @@ pub fn serialize(
                 .map(|v| (n.clone(), v))
         })
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::Output(format!("cannot serialise tensors: {e}")))?;
+        .map_err(|e| Error::output(format!("cannot serialise tensors: {e}")))?;
     safetensors::serialize(views, Some(meta))
-        .map_err(|e| Error::Output(format!("cannot serialise tensors: {e}")))
+        .map_err(|e| Error::output(format!("cannot serialise tensors: {e}")))
 }
-
-/// The largest safetensors file read (adapters, banks, checkpoints): far above any real one,
-/// so that a sparse or runaway file cannot take the machine's memory.
-pub const MAX_FILE_BYTES: u64 = 64 << 30;
 
 /// Every tensor of a safetensors file (on the CPU, in its stored dtype) and its metadata.
 /// Only regular files are read (a FIFO named `x.safetensors` is an error, not a hang).
 pub fn read(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
-    let bytes = crate::data::image::read_regular(path, MAX_FILE_BYTES, "")?;
+    let bytes = crate::fsio::read(path, crate::fsio::FileKind::Tensors)?;
     parse(&bytes, &path.display().to_string())
 }
 
@@ -47,10 +43,7 @@ pub fn parse(
     bytes: &[u8],
     origin: &str,
 ) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
-    let bad = |m: String| Error::Weights {
-        file: origin.to_string(),
-        message: m,
-    };
+    let bad = |m: String| Error::weights(origin.to_string(), m);
     let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let meta = header.metadata().clone().unwrap_or_default();

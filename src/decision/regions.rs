@@ -2,36 +2,8 @@
 //! as `skimage.measure.label` with full connectivity and `regionprops`' `area`, `bbox` and
 //! `intensity_max`), largest first.
 
-use serde::{Deserialize, Serialize};
-
+use crate::data::records::{BBox, Region};
 use crate::eval::metrics::label_regions;
-
-/// A record's `regions`: how many, and each one, largest first.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Regions {
-    pub count: usize,
-    #[serde(default)]
-    pub items: Vec<Region>,
-}
-
-/// One connected region of the defect mask.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Region {
-    /// Pixels in the region.
-    pub area: u64,
-    /// Bounding box in pixels: left column, top row, width and height.
-    pub bbox: BBox,
-    /// The highest map value inside the region.
-    pub peak: f32,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BBox {
-    pub x: u32,
-    pub y: u32,
-    pub width: u32,
-    pub height: u32,
-}
 
 /// The mask of a row-major `height x width` map (`map >= threshold`, the convention of an
 /// image score against its threshold) with regions smaller than `min_area` pixels removed,

@@ -19,8 +19,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::error::{Error, MismatchError, Result};
 use crate::eval::metrics::Curve;
-use crate::{Error, Result};
 
 /// `format` of the thresholds files this version writes and reads.
 pub const FORMAT: &str = "zsad-thresholds/1";
@@ -87,7 +87,7 @@ impl Chosen {
 
 impl ThresholdFile {
     /// What of a run's settings (`run.json`'s `settings`, or the model side of it, see
-    /// [`crate::batch::detect::model_settings`]) decides its scores: the model's files, the CLIP
+    /// the model settings of a run) decides its scores: the model's files, the CLIP
     /// configuration, the adapter, the detector configuration and the references, each without
     /// where it was read from (the model's spec, the adapter's path, the backbone's name, the
     /// references' paths). Output options, the tokenizer (one vocabulary) and the GEMM
@@ -125,8 +125,8 @@ impl ThresholdFile {
 
     /// Reads and checks a thresholds file.
     pub fn load(path: &Path) -> Result<Self> {
-        let bad = |m: String| Error::Usage(format!("thresholds file {}: {m}", path.display()));
-        let bytes = crate::data::image::read_regular(path, 64 << 20, "")?;
+        let bad = |m: String| Error::output(format!("thresholds file {}: {m}", path.display()));
+        let bytes = crate::fsio::read(path, crate::fsio::FileKind::Thresholds)?;
         let text = String::from_utf8(bytes).map_err(|_| bad("not UTF-8 text".into()))?;
         let f: Self = serde_json::from_str(&text).map_err(|e| {
             bad(format!(
@@ -157,8 +157,8 @@ impl ThresholdFile {
 
     /// Refuses thresholds chosen on the scores of other settings than `settings` (a run's),
     /// naming each that differs.
-    pub fn check_matches(&self, settings: &Value, origin: &str) -> Result<()> {
-        let diffs = crate::batch::run_record::described_differences(
+    pub fn check_matches(&self, settings: &Value, origin: &Path) -> Result<()> {
+        let diffs = crate::settings::described_differences(
             &self.model,
             &Self::identity(settings),
             "calibrated",
@@ -167,10 +167,13 @@ impl ThresholdFile {
         if diffs.is_empty() {
             return Ok(());
         }
-        Err(Error::Usage(format!(
-            "thresholds {origin} were calibrated with other settings than this run: {}; calibrate again (`zsad calibrate`) or pass --force-thresholds",
-            diffs.join("; ")
-        )))
+        Err(Error::Mismatch(MismatchError {
+            what: "thresholds",
+            file: origin.to_path_buf(),
+            verb: "were calibrated",
+            differences: diffs,
+            remedy: "calibrate again (`zsad calibrate`) or set `force_thresholds`".into(),
+        }))
     }
 }
 

@@ -2,7 +2,7 @@
 //! [`DetectorConfig`] in the safetensors metadata (key `zsad.config`), so that a file alone says
 //! how to run it.
 //!
-//! The tensors and their names are those of [`AdapterParams`]'s tree ([`super::params`]).
+//! The tensors and their names are those of [`AdapterParams`]'s tree (`params`).
 
 use crate::choice::Choice;
 use std::collections::HashMap;
@@ -18,6 +18,9 @@ use crate::{Error, Result};
 
 /// Metadata key of the configuration JSON.
 pub const CONFIG_KEY: &str = "zsad.config";
+/// Metadata key of the backbone the adapter was trained (or imported) on: its identity as
+/// [`backbone_identity`] gives it, JSON.
+pub const BACKBONE_KEY: &str = "zsad.backbone";
 /// Metadata key of the format marker.
 pub const FORMAT_KEY: &str = "zsad.format";
 /// `zsad-adapter/2` groups the prompts per tower; `/1` files are read as well
@@ -29,6 +32,24 @@ pub const FORMAT: &str = "zsad-adapter/2";
 pub struct Adapter {
     pub config: DetectorConfig,
     pub tensors: HashMap<String, Tensor>,
+    /// The backbone it was trained on ([`backbone_identity`]); `None` in files of older
+    /// versions and for fresh parameters.
+    pub backbone: Option<serde_json::Value>,
+}
+
+/// What identifies a backbone's weights, from `run.json`'s model settings: the random
+/// architecture and seed, or the SHA-256 of each weight file (not where the files are, nor
+/// their names).
+pub fn backbone_identity(model_settings: &serde_json::Value) -> serde_json::Value {
+    match model_settings.get("random") {
+        Some(arch) => serde_json::json!({"random": arch, "seed": model_settings["seed"]}),
+        None => serde_json::json!({
+            "weights_sha256": model_settings["files"]
+                .as_array()
+                .map(|files| files.iter().map(|f| f["sha256"].clone()).collect::<Vec<_>>())
+                .unwrap_or_default(),
+        }),
+    }
 }
 
 impl Adapter {
@@ -41,6 +62,7 @@ impl Adapter {
         Ok(Self {
             config,
             tensors: fresh.made,
+            backbone: None,
         })
     }
 
@@ -54,7 +76,7 @@ impl Adapter {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(Error::Adapter(format!(
+            Err(Error::adapter(format!(
                 "adapter does not fit the {} preset on this backbone: {}",
                 self.config.preset.name(),
                 problems.join("; ")
@@ -80,18 +102,20 @@ impl Adapter {
     /// The safetensors bytes (tensors as f32, the configuration in the metadata).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let config = serde_json::to_string(&self.config)
-            .map_err(|e| Error::Output(format!("cannot serialise the config: {e}")))?;
-        let meta = HashMap::from([
+            .map_err(|e| Error::output(format!("cannot serialise the config: {e}")))?;
+        let mut meta = HashMap::from([
             (FORMAT_KEY.to_string(), FORMAT.to_string()),
             (CONFIG_KEY.to_string(), config),
         ]);
+        if let Some(b) = &self.backbone {
+            meta.insert(BACKBONE_KEY.to_string(), b.to_string());
+        }
         crate::data::tensors::serialize(&self.tensors, meta)
     }
 
     /// Reads an adapter file written by [`Self::to_bytes`].
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes =
-            crate::data::image::read_regular(path, crate::data::tensors::MAX_FILE_BYTES, "")?;
+        let bytes = crate::fsio::read(path, crate::fsio::FileKind::Tensors)?;
         Self::from_bytes(&bytes, &path.display().to_string())
     }
 
@@ -100,10 +124,7 @@ impl Adapter {
     /// checked against the backbone by [`Self::check`].
     pub fn from_bytes(bytes: &[u8], origin: &str) -> Result<Self> {
         let (tensors, meta) = crate::data::tensors::parse(bytes, origin)?;
-        let bad = |m: String| Error::Weights {
-            file: origin.to_string(),
-            message: m,
-        };
+        let bad = |m: String| Error::weights(origin.to_string(), m);
         let json = meta.get(CONFIG_KEY).ok_or_else(|| {
             bad(format!(
                 "not a zsad adapter (no `{CONFIG_KEY}` metadata); convert published checkpoints with `zsad import-checkpoint`"
@@ -129,9 +150,17 @@ impl Adapter {
             }
             out.insert(name.clone(), t);
         }
+        let backbone = match meta.get(BACKBONE_KEY) {
+            Some(s) => Some(
+                serde_json::from_str(s)
+                    .map_err(|e| bad(format!("unreadable `{BACKBONE_KEY}` metadata: {e}")))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             config,
             tensors: out,
+            backbone,
         })
     }
 }
@@ -241,7 +270,7 @@ mod tests {
                 &zsad,
                 "image_size",
                 json!(36),
-                "image_size = 36 is not a multiple of the 8px patch",
+                "image_size = 36 is not a multiple of the model's 8 px patch",
             ),
             (
                 &zsad,

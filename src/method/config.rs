@@ -272,6 +272,29 @@ pub fn quarter_layers(depth: usize) -> Vec<usize> {
     v
 }
 
+/// Why `size` cannot be the square input size of a backbone with `patch` px patches that takes
+/// at most `max` px (`None` when it can): outside one patch to `max`, or not a multiple of the
+/// patch (the last partial patch would be dropped and the map shifted), with the sizes to use.
+pub fn image_size_problem(size: usize, patch: usize, max: usize) -> Option<String> {
+    if size < patch || size > max {
+        return Some(format!(
+            "is outside {patch}..={max} (one {patch} px patch to the largest input this backbone takes)"
+        ));
+    }
+    if patch > 0 && size % patch != 0 {
+        let below = size / patch * patch;
+        return Some(format!(
+            "is not a multiple of the model's {patch} px patch (the last partial patch would be dropped and the map shifted); use {}",
+            if below >= patch {
+                format!("{below} or {}", below + patch)
+            } else {
+                (below + patch).to_string()
+            }
+        ));
+    }
+    None
+}
+
 impl DetectorConfig {
     /// The preset's defaults for a backbone: the published settings at 24 layers (AdaCLIP's
     /// `app.py` l.20-28 and `train.py` l.47-49 at caoyunkang/AdaCLIP@e27ee32; AnomalyCLIP's
@@ -450,30 +473,22 @@ impl DetectorConfig {
             within("image_score.clusters", clusters, 1, MAX_CLUSTERS, "");
         }
         if p > 0 && self.image_size % p != 0 {
-            let below = self.image_size / p * p;
-            problems.push(format!(
-                "image_size = {} is not a multiple of the {p}px patch (the last partial patch \
-                 would be dropped and the map shifted): use {} or {}",
-                self.image_size,
-                below.max(p),
-                below + p
-            ));
-        }
-        let mut real = |field: &str, value: f64, lo: f64, hi: f64, open_lo: bool| {
-            let ok = value.is_finite() && value <= hi && (value > lo || (!open_lo && value == lo));
-            if !ok {
-                let l = if open_lo { '(' } else { '[' };
-                problems.push(format!("{field} = {value} is outside {l}{lo}, {hi}]"));
+            if let Some(why) = image_size_problem(self.image_size, p, max_size) {
+                problems.push(format!("image_size = {} {why}", self.image_size));
             }
-        };
-        real("logit_scale", self.logit_scale, 0.0, MAX_LOGIT_SCALE, true);
-        real("sigma", self.sigma, 0.0, MAX_SIGMA, false);
-        if let ImageScore::Hsf { cls_weight, .. } = self.image_score {
-            real("image_score.cls_weight", cls_weight, 0.0, 1.0, false);
         }
-        if let JointScore::Mean { alpha } = self.joint {
-            real("joint.alpha", alpha, 0.0, 1.0, false);
+        self.check_reals(&mut problems);
+        self.check_combinations(&mut problems);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::adapter(problems.join("; ")))
         }
+    }
+
+    /// The real-valued fields in their ranges (finite, `(lo, hi]` or `[lo, hi]`).
+    /// Settings that do not go together.
+    fn check_combinations(&self, problems: &mut Vec<String>) {
         if matches!(self.image_score, ImageScore::Hsf { .. })
             && self.patch_features != PatchFeatures::Linear
         {
@@ -491,10 +506,23 @@ impl DetectorConfig {
                 ));
             }
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::Adapter(problems.join("; ")))
+    }
+
+    fn check_reals(&self, problems: &mut Vec<String>) {
+        let mut real = |field: &str, value: f64, lo: f64, hi: f64, open_lo: bool| {
+            let ok = value.is_finite() && value <= hi && (value > lo || (!open_lo && value == lo));
+            if !ok {
+                let l = if open_lo { '(' } else { '[' };
+                problems.push(format!("{field} = {value} is outside {l}{lo}, {hi}]"));
+            }
+        };
+        real("logit_scale", self.logit_scale, 0.0, MAX_LOGIT_SCALE, true);
+        real("sigma", self.sigma, 0.0, MAX_SIGMA, false);
+        if let ImageScore::Hsf { cls_weight, .. } = self.image_score {
+            real("image_score.cls_weight", cls_weight, 0.0, 1.0, false);
+        }
+        if let JointScore::Mean { alpha } = self.joint {
+            real("joint.alpha", alpha, 0.0, 1.0, false);
         }
     }
 

@@ -5,7 +5,7 @@
 //! (caoyunkang/AdaCLIP@e27ee32 method/adaclip.py, `AdaCLIP.forward`) and AnomalyCLIP's test loop
 //! (zqhang/AnomalyCLIP@45ed4dd test.py l.80-111): A. dynamic prompts from a plain pass's global
 //! embedding; B. the prompted, head-weighted image pass and its patch features; D. the text
-//! features; E. logits, image probabilities and the fused map ([`super::scoring`]). Which steps
+//! features; E. logits, image probabilities and the fused map (`scoring`). Which steps
 //! run is decided by [`DetectorConfig`]. `forward` is differentiable in the adapter's tensors
 //! (training); [`Detector::detect`] adds the post-processing (Gaussian smoothing, joint score).
 
@@ -153,16 +153,17 @@ impl Detector {
     pub fn with_reference(mut self, bank: MemoryBank, how: ReferenceUse) -> Result<Self> {
         let info = &bank.info;
         if info.layers != self.cfg.layers || info.image_size != self.cfg.image_size {
-            return Err(crate::Error::Usage(format!(
+            return Err(crate::Error::adapter(format!(
                 "the reference bank holds layers {:?} at {} px, this detector maps with layers {:?} at {} px",
                 info.layers, info.image_size, self.cfg.layers, self.cfg.image_size
             )));
         }
         if !(0.0..=1.0).contains(&how.weight) {
-            return Err(crate::Error::Usage(format!(
-                "--reference-weight {}: must be in [0, 1]",
-                how.weight
-            )));
+            return Err(crate::error::OptionError::value(
+                "reference_weight",
+                how.weight,
+                "must be in [0, 1]",
+            ));
         }
         for (j, (l, t)) in info.layers.iter().zip(&bank.layers).enumerate() {
             let width = match self.cfg.patch_features {
@@ -170,7 +171,7 @@ impl Detector {
                 PatchFeatures::Linear => self.params.patch_proj[j].weight.dim(0)?,
             };
             if t.dim(1)? != width {
-                return Err(crate::Error::Usage(format!(
+                return Err(crate::Error::adapter(format!(
                     "the reference bank's layer {l} features are {} wide, this detector's are {width}",
                     t.dim(1)?
                 )));

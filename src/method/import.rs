@@ -50,10 +50,7 @@ struct Source<'a> {
 
 impl Source<'_> {
     fn error(&self, message: String) -> Error {
-        Error::Weights {
-            file: self.path.display().to_string(),
-            message,
-        }
+        Error::weights(self.path.display().to_string(), message)
     }
 
     fn take(&mut self, name: &str) -> Result<Tensor> {
@@ -184,13 +181,7 @@ type Tensors = (HashMap<String, Tensor>, HashMap<String, String>);
 
 /// The checkpoint's tensors as f32, and those it lists but that cannot be read.
 fn read(path: &Path, key: Option<&str>) -> Result<Tensors> {
-    let bad = |m: String| Error::Weights {
-        file: path.display().to_string(),
-        message: m,
-    };
-    if !path.exists() {
-        return Err(bad("no such file".into()));
-    }
+    let bad = |m: String| Error::weights(path.display().to_string(), m);
     let pth = crate::clip::pth::PthFile::open(path, key)?;
     if pth.names().is_empty() {
         return Err(bad(match key {
@@ -238,11 +229,11 @@ pub fn import_checkpoint(
     let adapter = Adapter {
         config: cfg,
         tensors,
+        backbone: None,
     };
-    adapter.check(clip).map_err(|e| Error::Weights {
-        file: path.display().to_string(),
-        message: e.to_string(),
-    })?;
+    adapter
+        .check(clip)
+        .map_err(|e| Error::weights(path.display().to_string(), e.to_string()))?;
     Ok(adapter)
 }
 

@@ -45,42 +45,11 @@ pub fn kmeans(data: &[f32], n: usize, d: usize, k: usize, seed: u64) -> KMeans {
     let row = |i: usize| &data[i * d..(i + 1) * d];
     let mut rng = Rng(seed);
 
-    // Greedy k-means++ seeding.
-    let trials = 2 + (k as f64).ln() as usize;
-    let mut centers: Vec<usize> = vec![(rng.next_f64() * n as f64) as usize % n];
-    let mut closest: Vec<f64> = (0..n).map(|i| sq_dist(row(i), row(centers[0]))).collect();
-    while centers.len() < k {
-        let mut best: Option<(f64, usize, Vec<f64>)> = None;
-        for _ in 0..trials {
-            let c = sample(&closest, &mut rng);
-            let dists: Vec<f64> = (0..n)
-                .map(|i| closest[i].min(sq_dist(row(i), row(c))))
-                .collect();
-            let potential: f64 = dists.iter().sum();
-            if best.as_ref().is_none_or(|(p, _, _)| potential < *p) {
-                best = Some((potential, c, dists));
-            }
-        }
-        let (_, c, dists) = best.expect("at least one trial");
-        centers.push(c);
-        closest = dists;
-    }
+    let centers = seed_centers(data, n, d, k, &mut rng);
     let mut c: Vec<f32> = centers.iter().flat_map(|&i| row(i).to_vec()).collect();
 
-    // Lloyd iterations.
-    let mean: Vec<f64> = (0..d)
-        .map(|j| (0..n).map(|i| data[i * d + j] as f64).sum::<f64>() / n as f64)
-        .collect();
-    let var: f64 = (0..d)
-        .map(|j| {
-            (0..n)
-                .map(|i| (data[i * d + j] as f64 - mean[j]).powi(2))
-                .sum::<f64>()
-                / n as f64
-        })
-        .sum::<f64>()
-        / d as f64;
-    let tol = 1e-4 * var;
+    // Lloyd iterations, to sklearn's tolerance: 1e-4 of the mean per-feature variance.
+    let tol = 1e-4 * mean_variance(data, n, d);
     let assign = |c: &[f32]| -> Vec<usize> {
         (0..n)
             .map(|i| {
@@ -141,6 +110,49 @@ pub fn kmeans(data: &[f32], n: usize, d: usize, k: usize, seed: u64) -> KMeans {
         k,
         iterations,
     }
+}
+
+/// Greedy k-means++ seeding (sklearn's `_kmeans_plusplus`): the first centre at random, each
+/// next one the best of `2 + ln k` candidates drawn in proportion to the squared distance to
+/// the nearest centre so far.
+fn seed_centers(data: &[f32], n: usize, d: usize, k: usize, rng: &mut Rng) -> Vec<usize> {
+    let row = |i: usize| &data[i * d..(i + 1) * d];
+    let trials = 2 + (k as f64).ln() as usize;
+    let mut centers: Vec<usize> = vec![(rng.next_f64() * n as f64) as usize % n];
+    let mut closest: Vec<f64> = (0..n).map(|i| sq_dist(row(i), row(centers[0]))).collect();
+    while centers.len() < k {
+        let mut best: Option<(f64, usize, Vec<f64>)> = None;
+        for _ in 0..trials {
+            let c = sample(&closest, rng);
+            let dists: Vec<f64> = (0..n)
+                .map(|i| closest[i].min(sq_dist(row(i), row(c))))
+                .collect();
+            let potential: f64 = dists.iter().sum();
+            if best.as_ref().is_none_or(|(p, _, _)| potential < *p) {
+                best = Some((potential, c, dists));
+            }
+        }
+        let (_, c, dists) = best.expect("at least one trial");
+        centers.push(c);
+        closest = dists;
+    }
+    centers
+}
+
+/// The mean over features of each feature's variance.
+fn mean_variance(data: &[f32], n: usize, d: usize) -> f64 {
+    let mean: Vec<f64> = (0..d)
+        .map(|j| (0..n).map(|i| data[i * d + j] as f64).sum::<f64>() / n as f64)
+        .collect();
+    (0..d)
+        .map(|j| {
+            (0..n)
+                .map(|i| (data[i * d + j] as f64 - mean[j]).powi(2))
+                .sum::<f64>()
+                / n as f64
+        })
+        .sum::<f64>()
+        / d as f64
 }
 
 #[cfg(test)]

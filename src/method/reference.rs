@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use super::config::MapFusion;
 use super::maps::upsample_bilinear;
-use crate::{Error, Result};
+use crate::error::{Error, MismatchError, Result};
 
 /// `zsad.reference` in a bank file's metadata.
 pub const META_KEY: &str = "zsad.reference";
@@ -97,10 +97,10 @@ impl MemoryBank {
             .sum()
     }
 
-    /// Writes the bank as safetensors (`layer.{i}`, f32) with [`BankInfo`] as JSON metadata.
-    pub fn save(&self, path: &Path) -> Result<()> {
+    /// The bank as safetensors bytes (`layer.{i}`, f32) with [`BankInfo`] as JSON metadata.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let info = serde_json::to_string(&self.info)
-            .map_err(|e| Error::Output(format!("{}: {e}", path.display())))?;
+            .map_err(|e| Error::output(format!("reference bank: {e}")))?;
         let tensors: HashMap<String, Tensor> = self
             .layers
             .iter()
@@ -108,13 +108,12 @@ impl MemoryBank {
             .map(|(i, t)| Ok((format!("layer.{i}"), t.to_dtype(DType::F32)?)))
             .collect::<Result<_>>()?;
         let meta = HashMap::from([(META_KEY.to_string(), info)]);
-        let bytes = crate::data::tensors::serialize(&tensors, meta)?;
-        crate::data::outputs::write_atomic(path, &bytes)
+        crate::data::tensors::serialize(&tensors, meta)
     }
 
-    /// Reads a bank written by [`Self::save`], checking every tensor against its record.
+    /// Reads a bank written by [`Self::to_bytes`], checking every tensor against its record.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let bad = |m: String| Error::Adapter(format!("reference bank {}: {m}", path.display()));
+        let bad = |m: String| Error::adapter(format!("reference bank {}: {m}", path.display()));
         let (tensors, meta) = crate::data::tensors::read(path)?;
         let Some(info) = meta.get(META_KEY) else {
             return Err(bad(format!(
@@ -166,20 +165,19 @@ impl MemoryBank {
 
     /// Refuses a bank whose features were made otherwise than `features` (what this run's
     /// image pass would give), naming each setting that differs.
-    pub fn check_matches(&self, features: &Value, origin: &str) -> Result<()> {
-        let diffs = crate::batch::run_record::described_differences(
-            &self.info.features,
-            features,
-            "bank",
-            "run",
-        );
+    pub fn check_matches(&self, features: &Value, origin: &Path) -> Result<()> {
+        let diffs =
+            crate::settings::described_differences(&self.info.features, features, "bank", "run");
         if diffs.is_empty() {
             return Ok(());
         }
-        Err(Error::Usage(format!(
-            "reference bank {origin} was built with other features than this run: {}; rebuild it with `zsad reference build` for this model and adapter",
-            diffs.join("; ")
-        )))
+        Err(Error::Mismatch(MismatchError {
+            what: "reference bank",
+            file: origin.to_path_buf(),
+            verb: "was built",
+            differences: diffs,
+            remedy: "rebuild it with `zsad reference build` for this model and adapter".into(),
+        }))
     }
 }
 
@@ -461,9 +459,9 @@ mod tests {
                 coreset_seed: 0,
             },
         };
-        assert!(bank.check_matches(&a, "b.safetensors").is_ok());
+        assert!(bank.check_matches(&a, Path::new("b.safetensors")).is_ok());
         let e = bank
-            .check_matches(&b, "b.safetensors")
+            .check_matches(&b, Path::new("b.safetensors"))
             .unwrap_err()
             .to_string();
         assert!(

@@ -92,8 +92,8 @@ impl TextSide {
                 abnormal_suffix,
             } => {
                 let TextPrompts::Learned { context_length: n } = cfg.text else {
-                    return Err(crate::Error::Adapter(
-                        "learned text inputs need learned text prompts in the config".into(),
+                    return Err(crate::Error::adapter(
+                        "learned text inputs need learned text prompts in the config",
                     ));
                 };
                 let mut ids = Vec::new();
@@ -105,7 +105,7 @@ impl TextSide {
                     seq.extend(suffix);
                     seq.push(EOT);
                     if seq.len() > ctx_len {
-                        return Err(crate::Error::Adapter(format!(
+                        return Err(crate::Error::adapter(format!(
                             "{n} context tokens + the class words exceed {ctx_len} tokens"
                         )));
                     }
@@ -154,7 +154,7 @@ impl TextSide {
             }
             TextInputs::Learned { .. } => {
                 let (cn, ca) = ctx.ok_or_else(|| {
-                    crate::Error::Adapter("learned text prompts need their context tensors".into())
+                    crate::Error::adapter("learned text prompts need their context tensors")
                 })?;
                 let n = self.context_length;
                 let rows = [(0usize, cn), (1, ca)]

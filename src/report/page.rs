@@ -6,8 +6,9 @@ use std::fmt::Write;
 use serde_json::{json, Value};
 
 use super::html::{escape, script_json};
-use super::{Eval, ReportSummary, Row};
-use crate::batch::run_record::{flatten, RunRecord};
+use super::model::{Eval, ReportSummary, Row};
+use crate::data::run_record::RunRecord;
+use crate::settings::flatten;
 
 const CSS: &str = include_str!("page.css");
 const SCRIPT: &str = include_str!("page.js");
@@ -212,7 +213,7 @@ mod tests {
     use super::*;
 
     fn row(path: &str, score: Option<f32>, anomalous: Option<bool>) -> Row {
-        Row::of(&crate::data::outputs::Record {
+        Row::of(&crate::data::records::Record {
             path: path.into(),
             score,
             global_score: score,

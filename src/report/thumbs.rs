@@ -2,12 +2,13 @@
 //! at once and shows formats a browser cannot (TIFF). They live in `DIR/thumbs/`, named by a
 //! hash of the record's path, and are made again only when missing or older than their source.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use image::{DynamicImage, GrayImage, RgbImage};
 use sha2::{Digest, Sha256};
 
 use crate::data::image::DecodeLimits;
+use crate::fsio::OutDir;
 
 /// The folder of thumbnails inside a run's folder.
 pub const FOLDER: &str = "thumbs";
@@ -119,7 +120,7 @@ fn encode(img: &DynamicImage, kind: Kind) -> Result<Vec<u8>, String> {
 /// relative to `dir`, in the order of `kinds`, or why there are none. `kinds` are all of the
 /// input ([`Kind::Image`], [`Kind::Preview`]) or all of the run's own files.
 pub fn make(
-    dir: &Path,
+    dir: &OutDir,
     record_path: &str,
     source: &Path,
     kinds: &[Kind],
@@ -130,7 +131,7 @@ pub fn make(
     let stale: Vec<(Kind, &String)> = kinds
         .iter()
         .zip(&rels)
-        .filter(|(_, rel)| !fresh(&dir.join(rel), source))
+        .filter(|(_, rel)| !fresh(&dir.root().join(rel), source))
         .map(|(&k, rel)| (k, rel))
         .collect();
     let Some(&(first, _)) = stale.first() else {
@@ -138,7 +139,7 @@ pub fn make(
     };
     let img: DynamicImage = match first {
         Kind::Image | Kind::Preview => {
-            crate::batch::pipeline::decode_rgb(source, limits).map(DynamicImage::ImageRgb8)?
+            crate::data::image::decode_rgb(source, limits).map(DynamicImage::ImageRgb8)?
         }
         // The run's own files: PNGs at most as large as the images.
         Kind::Heatmap | Kind::Mask => {
@@ -151,8 +152,7 @@ pub fn make(
             _ => sizes.thumbnail,
         };
         let bytes = encode(&shrink(&img, side), kind)?;
-        let thumb: PathBuf = dir.join(rel);
-        crate::data::outputs::write_atomic(&thumb, &bytes).map_err(|e| e.to_string())?;
+        dir.write(rel, &bytes).map_err(|e| e.to_string())?;
     }
     Ok(rels)
 }
@@ -207,8 +207,9 @@ mod tests {
             preview: 300,
         };
         let limits = DecodeLimits::default();
+        let out = OutDir::create(&dir).unwrap();
         let rels = make(
-            &dir,
+            &out,
             "in.png",
             &src,
             &[Kind::Image, Kind::Preview],
@@ -227,7 +228,7 @@ mod tests {
         assert!(px[0] > 180 && px[1] < 40, "{px:?}");
         // Kept while fresh: a thumbnail replaced by hand stays.
         std::fs::write(dir.join(&rel), b"kept").unwrap();
-        make(&dir, "in.png", &src, &[Kind::Image], sizes, &limits).unwrap();
+        make(&out, "in.png", &src, &[Kind::Image], sizes, &limits).unwrap();
         assert_eq!(std::fs::read(dir.join(&rel)).unwrap(), b"kept");
         // Remade once the source is newer.
         let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
@@ -237,12 +238,12 @@ mod tests {
             .unwrap()
             .set_modified(later)
             .unwrap();
-        make(&dir, "in.png", &src, &[Kind::Image], sizes, &limits).unwrap();
+        make(&out, "in.png", &src, &[Kind::Image], sizes, &limits).unwrap();
         assert!(image::open(dir.join(&rel)).is_ok());
         // A source that is not an image says why.
         std::fs::write(dir.join("bad.png"), b"not a png").unwrap();
         let e = make(
-            &dir,
+            &out,
             "bad.png",
             &dir.join("bad.png"),
             &[Kind::Image],

@@ -3,6 +3,7 @@
 //! (frozen) tensors; the losses are the references'.
 
 pub mod augment;
+pub mod fit;
 pub mod losses;
 pub mod optim;
 
@@ -207,7 +208,7 @@ impl Trainer {
             })
             .collect::<Result<Vec<_>>>()?;
         if vars.is_empty() {
-            return Err(Error::Training(format!(
+            return Err(Error::training(format!(
                 "the {} preset has no learned tensors to train; train one of: {}",
                 adapter.config.preset.name(),
                 trainable_presets()
@@ -329,8 +330,8 @@ impl Trainer {
         let loss = self.loss(model, vision, inputs, batch)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
-            return Err(Error::Training(format!(
-                "the loss is {value} at step {}: lower --lr",
+            return Err(Error::training(format!(
+                "the loss is {value} at step {}: lower `lr`",
                 self.progress.steps + 1
             )));
         }
@@ -350,10 +351,10 @@ impl Trainer {
             return Ok(());
         }
         let fix = match self.dtype {
-            DType::F16 => "f16 keeps 5 exponent bits: train with --dtype bf16 or f32",
-            _ => "lower --lr",
+            DType::F16 => "f16 keeps 5 exponent bits: train with `dtype` bf16 or f32",
+            _ => "lower `lr`",
         };
-        Err(Error::Training(format!(
+        Err(Error::training(format!(
             "the gradients of {} are not finite (NaN or infinity) at step {}; the step was not applied: {fix}",
             bad.join(", "),
             self.progress.steps + 1
@@ -382,10 +383,7 @@ impl Trainer {
     /// Restores a checkpoint written by [`Self::checkpoint_bytes`] for the same configuration.
     pub fn restore(&mut self, path: &Path) -> Result<()> {
         let (tensors, meta) = crate::data::tensors::read(path)?;
-        let bad = |m: String| Error::Weights {
-            file: path.display().to_string(),
-            message: m,
-        };
+        let bad = |m: String| Error::weights(path.display().to_string(), m);
         let cfg = crate::method::DetectorConfig::from_json(
             meta.get("zsad.config")
                 .ok_or_else(|| bad("no zsad.config".into()))?,

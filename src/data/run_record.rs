@@ -2,14 +2,13 @@
 //! the first record; `--resume` compares it with the new run's settings and refuses to add a
 //! single line made with other settings, naming each one that differs.
 
-use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::Path;
 
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
+use crate::fsio::{FileKind, OutDir};
+use crate::settings::{leaf_differences, show};
 
 pub const FILE_NAME: &str = "run.json";
 
@@ -20,37 +19,20 @@ pub const RECORD_FORMAT_VERSION: u32 = 2;
 /// (a model folder moved to another disk is the same model when its files hash the same).
 const NOT_COMPARED: &[&str] = &["model.spec", "adapter.path", "tokenizer.path"];
 
-/// SHA-256 of a file, hex (the digest the Hugging Face hub shows for LFS files).
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", h.finalize()))
-}
-
-/// `{name, bytes, sha256}` of a file.
-pub fn file_entry(path: &Path) -> Result<Value> {
-    let bytes = std::fs::metadata(path)
-        .map_err(|e| Error::io(path, e))?
-        .len();
+/// `{name, bytes, sha256}` of a model file, as `run.json` records it.
+pub fn file_entry(path: &Path, kind: FileKind) -> Result<Value> {
+    let bytes = crate::fsio::check_regular(path, kind)?;
     Ok(json!({
         "name": path.file_name().map(|n| n.to_string_lossy().into_owned()),
         "bytes": bytes,
-        "sha256": sha256_file(path)?,
+        "sha256": crate::fsio::sha256(path, kind)?,
     }))
 }
 
 /// Sets `info.KEY` in `DIR/run.json` (what a run learns at its end, such as the range of
 /// `--heatmap-scale run`); nothing when the folder has no `run.json`.
-pub fn note_info(dir: &Path, key: &str, value: Value) -> Result<()> {
-    let Some(mut r) = RunRecord::read(dir)? else {
+pub fn note_info(dir: &OutDir, key: &str, value: Value) -> Result<()> {
+    let Some(mut r) = RunRecord::read(dir.root())? else {
         return Ok(());
     };
     match &mut r.info {
@@ -87,23 +69,21 @@ impl RunRecord {
         })
     }
 
-    pub fn write(&self, dir: &Path) -> Result<()> {
+    pub fn write(&self, dir: &OutDir) -> Result<()> {
         let mut bytes = serde_json::to_vec_pretty(&self.to_json())
-            .map_err(|e| Error::Output(format!("run.json: {e}")))?;
+            .map_err(|e| Error::output(format!("run.json: {e}")))?;
         bytes.push(b'\n');
-        crate::data::outputs::write_atomic(&dir.join(FILE_NAME), &bytes)
+        dir.write(FILE_NAME, &bytes)
     }
 
     /// Reads `DIR/run.json`; `Ok(None)` when there is none.
     pub fn read(dir: &Path) -> Result<Option<Self>> {
         let path = dir.join(FILE_NAME);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(&path, e)),
+        let Some(text) = crate::fsio::read_text_if_exists(&path, FileKind::Settings)? else {
+            return Ok(None);
         };
         let v: Value = serde_json::from_str(&text).map_err(|e| {
-            Error::Output(format!(
+            Error::output(format!(
                 "{}: not readable ({e}); it records what made this folder: restore it, or start again with --overwrite",
                 path.display()
             ))
@@ -139,73 +119,6 @@ impl RunRecord {
             .map(|(k, x, y)| format!("{k}: {} then, {} now", show(x), show(y)))
             .collect()
     }
-}
-
-/// The leaves (`a.b[0]`) where two JSON values differ, with each side's value (`None`:
-/// absent), in key order.
-pub fn leaf_differences(a: &Value, b: &Value) -> Vec<(String, Option<Value>, Option<Value>)> {
-    let (a, b) = (flatten(a), flatten(b));
-    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    keys.into_iter()
-        .filter_map(|k| {
-            let (x, y) = (a.get(k), b.get(k));
-            (x != y).then(|| (k.clone(), x.cloned(), y.cloned()))
-        })
-        .collect()
-}
-
-/// [`leaf_differences`] as message lines: `key: {a_word} X, {b_word} Y`.
-pub fn described_differences(a: &Value, b: &Value, a_word: &str, b_word: &str) -> Vec<String> {
-    leaf_differences(a, b)
-        .into_iter()
-        .map(|(k, x, y)| format!("{k}: {a_word} {}, {b_word} {}", show(x), show(y)))
-        .collect()
-}
-
-/// A value in a message: cut when long, `(absent)` when missing.
-pub fn show(v: Option<Value>) -> String {
-    v.as_ref().map(short).unwrap_or_else(|| "(absent)".into())
-}
-
-/// Long values (hashes, sentences) cut for messages.
-fn short(v: &Value) -> String {
-    let s = v.to_string();
-    if s.chars().count() > 40 {
-        format!("{}…", s.chars().take(40).collect::<String>())
-    } else {
-        s
-    }
-}
-
-/// `{"a": {"b": [1, 2]}}` as `a.b[0] = 1, a.b[1] = 2`.
-pub fn flatten(v: &Value) -> BTreeMap<String, Value> {
-    fn go(prefix: String, v: &Value, out: &mut BTreeMap<String, Value>) {
-        match v {
-            Value::Object(m) if !m.is_empty() => {
-                for (k, x) in m {
-                    let p = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
-                    go(p, x, out);
-                }
-            }
-            Value::Array(a) if !a.is_empty() => {
-                for (i, x) in a.iter().enumerate() {
-                    go(format!("{prefix}[{i}]"), x, out);
-                }
-            }
-            other => {
-                out.insert(prefix, other.clone());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    go(String::new(), v, &mut out);
-    out
 }
 
 #[cfg(test)]
@@ -245,7 +158,7 @@ mod tests {
         std::fs::create_dir_all(&d).unwrap();
         assert!(RunRecord::read(&d).unwrap().is_none());
         let r = RunRecord::new(json!({"x": [1, {"y": "z"}]}), json!({"n": 1}));
-        r.write(&d).unwrap();
+        r.write(&OutDir::create(&d).unwrap()).unwrap();
         let back = RunRecord::read(&d).unwrap().unwrap();
         assert!(back.differences(&r).is_empty());
         // An older record format is a difference.
@@ -260,9 +173,7 @@ mod tests {
         let e = RunRecord::read(&d).unwrap_err().to_string();
         assert!(e.contains("run.json") && e.contains("--overwrite"), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
-        assert_eq!(
-            sha256_file(Path::new("/dev/null")).unwrap(),
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
+        // Only regular files are hashed.
+        assert!(file_entry(Path::new("/dev/null"), FileKind::Weights).is_err());
     }
 }

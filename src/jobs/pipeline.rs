@@ -5,7 +5,6 @@
 //! does not decode, a model that gives NaN) become [`Outcome::Failed`] for that input; every
 //! other input goes on.
 
-use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::Instant;
@@ -15,9 +14,10 @@ use rayon::prelude::*;
 use candle_core::{Device, Tensor};
 use image::RgbImage;
 
-use crate::data::image::DecodeLimits;
+use crate::data::image::{decode_rgb, panic_text, strip_path, DecodeLimits};
+use crate::error::{DeviceError, Error, Result};
 use crate::method::{Detection, Detector, StageTimes};
-use crate::{Error, Result};
+use crate::progress::Console;
 
 /// The largest `--batch-size`: far past the point where batching pays on any device (8 images
 /// already amortise the weight reads on a CPU), and small enough that a mistyped flag cannot
@@ -100,12 +100,6 @@ struct Prepared<T> {
     resize: f64,
 }
 
-fn strip_path(msg: String, path: &Path) -> String {
-    // Image errors name the file; the record's path already says which input it was.
-    let prefix = format!("{}: ", path.display());
-    msg.strip_prefix(&prefix).map(str::to_string).unwrap_or(msg)
-}
-
 fn prepare<T>(
     item: T,
     path: &Path,
@@ -143,34 +137,6 @@ pub(crate) fn decode_for_model(
     (result, decode, t1.elapsed().as_secs_f64())
 }
 
-/// Decodes `path` within `limits` to 8-bit RGB (EXIF orientation applied), or says why not
-/// (the path left out). A decoder bug must cost one input, not the run: a panic inside it is
-/// that input's error.
-pub(crate) fn decode_rgb(
-    path: &Path,
-    limits: &DecodeLimits,
-) -> std::result::Result<RgbImage, String> {
-    let decoded = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        crate::data::image::decode_limited(path, limits)
-            .map(|img| crate::data::image::to_rgb8(&img))
-    }));
-    match decoded {
-        Err(panic) => Err(format!(
-            "the image decoder failed on this file ({}); the file is probably malformed",
-            panic_text(&panic)
-        )),
-        Ok(Err(e)) => Err(strip_path(e.to_string(), path)),
-        Ok(Ok(rgb)) => Ok(rgb),
-    }
-}
-
-fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic".into())
-}
-
 /// A detection is only a result if every number in it is: NaN or infinity (from NaN weights,
 /// an adapter trained into overflow) is that input's error, never a `null` score.
 pub fn check_finite(d: &Detection) -> std::result::Result<(), String> {
@@ -189,12 +155,15 @@ pub fn check_finite(d: &Detection) -> std::result::Result<(), String> {
 
 /// Runs `detector` over `items` and hands each item, in order, with its [`Outcome`] to
 /// `consume`. An error from `consume` (an output that cannot be written) stops the run and is
-/// returned; per-input problems never do.
+/// returned; per-input problems never do. A stop request (`progress::stop_requested`)
+/// ends the feeding of new items: the items in flight are finished and handed on, the rest are
+/// not.
 pub fn run<T, P, C>(
     items: Vec<T>,
     path_of: P,
     detector: &Detector,
     opts: &PipelineOptions,
+    console: &Console,
     consume: C,
 ) -> Result<StageSeconds>
 where
@@ -202,7 +171,64 @@ where
     P: Fn(&T) -> &Path + Sync,
     C: FnMut(T, Outcome) -> Result<()> + Send,
 {
-    run_with(items, path_of, detector, opts, |_, o| o, consume)
+    run_with(items, path_of, detector, opts, console, |_, o| o, consume)
+}
+
+/// The stages of one run: what they share, and each stage over a pass of items.
+struct Stages<'a, P, R> {
+    detector: &'a Detector,
+    console: &'a Console,
+    path_of: P,
+    render: R,
+    batch: usize,
+    size: usize,
+    dev: Device,
+    /// Decode and render a pass's worth on all cores (a GPU runs the model).
+    parallel: bool,
+    limits: DecodeLimits,
+}
+
+impl<P, R> Stages<'_, P, R> {
+    fn prepare_all<T: Send>(&self, chunk: Vec<T>) -> Vec<Prepared<T>>
+    where
+        P: Fn(&T) -> &Path + Sync,
+        R: Sync,
+    {
+        let one = |item: T| {
+            let p = (self.path_of)(&item).to_path_buf();
+            prepare(item, &p, self.size, &self.dev, &self.limits)
+        };
+        if self.parallel {
+            chunk.into_par_iter().map(one).collect()
+        } else {
+            chunk.into_iter().map(one).collect()
+        }
+    }
+
+    fn render_all<T: Send, U: Send>(&self, scored: Vec<(T, Outcome)>) -> Vec<(T, U)>
+    where
+        P: Sync,
+        R: Fn(&T, Outcome) -> U + Sync,
+    {
+        let one = |(item, outcome): (T, Outcome)| {
+            let u = (self.render)(&item, outcome);
+            (item, u)
+        };
+        if self.parallel {
+            scored.into_par_iter().map(one).collect()
+        } else {
+            scored.into_iter().map(one).collect()
+        }
+    }
+
+    fn score<T>(
+        &self,
+        prepared: Vec<Prepared<T>>,
+        secs: &mut StageSeconds,
+        limit: &mut usize,
+    ) -> Result<Vec<(T, Outcome)>> {
+        score_batch(self.detector, self.console, prepared, secs, limit)
+    }
 }
 
 /// [`run`] with a `render` step between the model and `consume`: `render` turns an item's
@@ -215,8 +241,9 @@ pub fn run_with<T, U, P, R, C>(
     path_of: P,
     detector: &Detector,
     opts: &PipelineOptions,
+    console: &Console,
     render: R,
-    mut consume: C,
+    consume: C,
 ) -> Result<StageSeconds>
 where
     T: Send,
@@ -228,69 +255,88 @@ where
     if items.is_empty() {
         return Ok(StageSeconds::default());
     }
-    let batch = pass_size(detector, opts.batch_size).min(items.len()).max(1);
-    // Lowered for the rest of the run when a GPU runs out of memory.
-    let mut limit = batch;
-    let size = detector.image_size();
     let dev = detector.device().clone();
-    let parallel = !dev.is_cpu();
-    let limits = opts.limits;
-    let mut secs = StageSeconds::default();
-    let prepare_all = |chunk: Vec<T>| -> Vec<Prepared<T>> {
-        let one = |item: T| {
-            let p = path_of(&item).to_path_buf();
-            prepare(item, &p, size, &dev, &limits)
-        };
-        if parallel {
-            chunk.into_par_iter().map(one).collect()
-        } else {
-            chunk.into_iter().map(one).collect()
-        }
+    let stages = Stages {
+        detector,
+        console,
+        path_of,
+        render,
+        batch: pass_size(detector, opts.batch_size).min(items.len()).max(1),
+        size: detector.image_size(),
+        parallel: !dev.is_cpu(),
+        dev,
+        limits: opts.limits,
     };
-    let render_all = |scored: Vec<(T, Outcome)>| -> Vec<(T, U)> {
-        let one = |(item, outcome): (T, Outcome)| {
-            let u = render(&item, outcome);
-            (item, u)
-        };
-        if parallel {
-            scored.into_par_iter().map(one).collect()
-        } else {
-            scored.into_iter().map(one).collect()
-        }
-    };
-
-    if !opts.overlap {
-        let mut pending = items.into_iter().peekable();
-        while pending.peek().is_some() {
-            let prepared = prepare_all(pending.by_ref().take(batch).collect());
-            let scored = score_batch(detector, prepared, &mut secs, &mut limit)?;
-            let t = Instant::now();
-            for (item, u) in render_all(scored) {
-                consume(item, u)?;
-            }
-            secs.consume += t.elapsed().as_secs_f64();
-        }
-        return Ok(secs);
+    if opts.overlap {
+        overlapped(&stages, items, consume)
+    } else {
+        sequential(&stages, items, consume)
     }
+}
 
+/// The stages one after another on the calling thread, a pass at a time (so that per-stage
+/// times add up to the total, as `zsad bench` reports them).
+fn sequential<T, U, P, R, C>(
+    stages: &Stages<P, R>,
+    items: Vec<T>,
+    mut consume: C,
+) -> Result<StageSeconds>
+where
+    T: Send,
+    U: Send,
+    P: Fn(&T) -> &Path + Sync,
+    R: Fn(&T, Outcome) -> U + Sync,
+    C: FnMut(T, U) -> Result<()>,
+{
+    let mut secs = StageSeconds::default();
+    // Lowered for the rest of the run when a GPU runs out of memory.
+    let mut limit = stages.batch;
+    let mut pending = items.into_iter().peekable();
+    while pending.peek().is_some() && !crate::progress::stop_requested() {
+        let prepared = stages.prepare_all(pending.by_ref().take(stages.batch).collect());
+        let scored = stages.score(prepared, &mut secs, &mut limit)?;
+        let t = Instant::now();
+        for (item, u) in stages.render_all(scored) {
+            consume(item, u)?;
+        }
+        secs.consume += t.elapsed().as_secs_f64();
+    }
+    Ok(secs)
+}
+
+/// Decoding, the model and the consumer on three threads with two passes in flight between
+/// each, so that memory stays flat however many items there are.
+fn overlapped<T, U, P, R, C>(
+    stages: &Stages<P, R>,
+    items: Vec<T>,
+    mut consume: C,
+) -> Result<StageSeconds>
+where
+    T: Send,
+    U: Send,
+    P: Fn(&T) -> &Path + Sync,
+    R: Fn(&T, Outcome) -> U + Sync,
+    C: FnMut(T, U) -> Result<()> + Send,
+{
+    let batch = stages.batch;
+    let mut secs = StageSeconds::default();
+    let mut limit = batch;
     let (tx, rx) = mpsc::sync_channel::<Prepared<T>>(2 * batch);
     let (out_tx, out_rx) = mpsc::sync_channel::<(T, Outcome)>(2 * batch);
     std::thread::scope(|scope| -> Result<StageSeconds> {
-        let prepare_all = &prepare_all;
         scope.spawn(move || {
             let mut items = items.into_iter().peekable();
-            while items.peek().is_some() {
+            while items.peek().is_some() && !crate::progress::stop_requested() {
                 // One item at a time on the CPU (its thread beside the model), a pass's worth
                 // at once on all cores for a GPU.
-                let n = if parallel { batch } else { 1 };
-                for p in prepare_all(items.by_ref().take(n).collect()) {
+                let n = if stages.parallel { batch } else { 1 };
+                for p in stages.prepare_all(items.by_ref().take(n).collect()) {
                     if tx.send(p).is_err() {
                         return; // the model stage stopped
                     }
                 }
             }
         });
-        let render_all = &render_all;
         let consumer = scope.spawn(move || -> Result<f64> {
             let mut spent = 0.0;
             while let Ok(first) = out_rx.recv() {
@@ -303,7 +349,7 @@ where
                     }
                 }
                 let t = Instant::now();
-                for (item, u) in render_all(ready) {
+                for (item, u) in stages.render_all(ready) {
                     consume(item, u)?;
                 }
                 spent += t.elapsed().as_secs_f64();
@@ -313,7 +359,7 @@ where
         let mut pending = rx.into_iter().peekable();
         'batches: while pending.peek().is_some() {
             let prepared: Vec<_> = pending.by_ref().take(batch).collect();
-            for scored in score_batch(detector, prepared, &mut secs, &mut limit)? {
+            for scored in stages.score(prepared, &mut secs, &mut limit)? {
                 if out_tx.send(scored).is_err() {
                     break 'batches; // the consumer stopped on an error, returned below
                 }
@@ -323,7 +369,7 @@ where
         drop(pending);
         secs.consume = consumer
             .join()
-            .map_err(|p| Error::Output(format!("the output stage failed: {}", panic_text(&p))))??;
+            .map_err(|p| Error::output(format!("the output stage failed: {}", panic_text(&p))))??;
         Ok(secs.clone())
     })
 }
@@ -347,12 +393,11 @@ pub(crate) fn in_parts<D>(
                 out.extend(v);
                 start += len;
             }
-            Err(e) if crate::device::is_out_of_memory(&e.to_string()) => {
+            Err(e) if e.is_out_of_memory() => {
                 if len == 1 {
-                    return Err(Error::Device(format!(
-                        "the GPU ran out of memory with one image per pass ({}): this model at this --image-size does not fit; use --dtype f16 or bf16, a smaller --image-size, or a GPU with more memory",
-                        e.to_string().lines().next().unwrap_or("")
-                    )));
+                    return Err(Error::Device(DeviceError::OneImageTooLarge {
+                        detail: e.to_string().lines().next().unwrap_or("").to_string(),
+                    }));
                 }
                 *limit = len / 2;
                 shrunk(len, *limit);
@@ -368,6 +413,7 @@ pub(crate) fn in_parts<D>(
 /// image is an error for the run.
 fn score_batch<T>(
     detector: &Detector,
+    console: &Console,
     prepared: Vec<Prepared<T>>,
     secs: &mut StageSeconds,
     limit: &mut usize,
@@ -386,7 +432,8 @@ fn score_batch<T>(
         |part| {
             let d = Tensor::stack(&ok[part.clone()], 0)
                 .map_err(Error::from)
-                .and_then(|px| detector.detect_timed(&px, Some(&mut secs.model)))?;
+                .and_then(|px| detector.detect_timed(&px, Some(&mut secs.model)))
+                .map_err(crate::device::classify)?;
             if d.len() == part.len() {
                 Ok(d)
             } else {
@@ -398,13 +445,13 @@ fn score_batch<T>(
             }
         },
         |from, to| {
-            eprintln!(
-                "zsad: warning: the GPU ran out of memory with {from} images per pass; going on with {to} (--batch-size {to} starts there)"
-            )
+            console.warn(&format!(
+                "the GPU ran out of memory with {from} images per pass; going on with {to} (`batch_size` {to} starts there)"
+            ))
         },
     );
     let mut dets = match dets {
-        Err(e @ Error::Device(_)) => return Err(e),
+        Err(e @ Error::Device(DeviceError::OneImageTooLarge { .. })) => return Err(e),
         other => other.map(|d| d.into_iter()),
     };
     Ok(prepared
@@ -447,9 +494,9 @@ mod tests {
     ) -> Result<Vec<usize>> {
         calls.push(part.len());
         if part.len() > fits {
-            Err(Error::Candle(candle_core::Error::Msg(
-                "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
-            )))
+            Err(Error::Device(DeviceError::OutOfMemory {
+                detail: "CUDA_ERROR_OUT_OF_MEMORY".into(),
+            }))
         } else {
             Ok(part.collect())
         }
@@ -480,7 +527,10 @@ mod tests {
     fn out_of_memory_with_one_image_is_an_error_and_other_errors_pass_through() {
         let mut limit = 4;
         let e = in_parts(5, &mut limit, |p| pretend(0, &mut Vec::new(), p), |_, _| {}).unwrap_err();
-        assert!(matches!(e, Error::Device(_)), "{e}");
+        assert!(
+            matches!(e, Error::Device(DeviceError::OneImageTooLarge { .. })),
+            "{e}"
+        );
         assert!(e.to_string().contains("one image per pass"), "{e}");
         let e = in_parts(
             5,

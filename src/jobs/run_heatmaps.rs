@@ -4,7 +4,7 @@
 //! after the last record. A run stopped before then draws them when resumed; `zsad merge`
 //! draws a merged folder's on the range of all its shards.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use image::RgbImage;
 use rayon::prelude::*;
@@ -13,8 +13,10 @@ use super::render::{self, OutputOptions};
 use crate::choice::Choice;
 use crate::data::heatmap::{HeatmapKind, HeatmapScale, ValueRange};
 use crate::data::image::DecodeLimits;
-use crate::data::outputs::{self, Record};
-use crate::progress::{Lines, Progress};
+use crate::data::outputs;
+use crate::data::records::Record;
+use crate::fsio::OutDir;
+use crate::progress::{Console, Lines};
 use crate::{Error, Result};
 
 /// What the second pass did.
@@ -27,14 +29,16 @@ pub struct RunHeatmaps {
     pub failed: Vec<(String, String)>,
 }
 
-/// A record's file path inside `out`, or why not ([`outputs::inside`]).
-fn inside(out: &Path, rel: &str) -> std::result::Result<std::path::PathBuf, String> {
-    outputs::inside(out, rel).ok_or_else(|| format!("{rel}: not a path inside the output folder"))
+/// A record's file path inside `out`, or why not (records are data: a hand-edited
+/// `../../x` must never be read or written).
+fn inside(out: &OutDir, rel: &str) -> std::result::Result<PathBuf, String> {
+    out.path(rel)
+        .ok_or_else(|| format!("{rel}: not a path inside the output folder"))
 }
 
 /// The map values' range over the records that have a heatmap, from their `map_min` and
 /// `map_max` (a record without them has its map read).
-fn run_range(out: &Path, records: &[&Record]) -> Option<ValueRange> {
+fn run_range(out: &OutDir, records: &[&Record]) -> Option<ValueRange> {
     records
         .iter()
         .filter_map(|r| match (r.map_min, r.map_max) {
@@ -50,7 +54,7 @@ fn run_range(out: &Path, records: &[&Record]) -> Option<ValueRange> {
 
 /// Draws the heatmap of one record on `range`.
 fn draw_one(
-    out: &Path,
+    out: &OutDir,
     r: &Record,
     opts: &OutputOptions,
     inputs_from: &Path,
@@ -66,7 +70,7 @@ fn draw_one(
     let (map, w, h) = outputs::read_map(&map_path).map_err(|e| e.to_string())?;
     let image: Option<RgbImage> = if opts.heatmaps == HeatmapKind::Overlay {
         let p = inputs_from.join(&r.path);
-        let rgb = super::pipeline::decode_rgb(&p, limits)
+        let rgb = crate::data::image::decode_rgb(&p, limits)
             .map_err(|e| format!("cannot read the image again for its overlay: {e}"))?;
         if rgb.dimensions() != (w, h) {
             return Err(format!(
@@ -83,7 +87,7 @@ fn draw_one(
         None => None,
         Some(rel) => {
             let p = inside(out, rel)?;
-            let m = crate::data::image::decode(&p)
+            let m = crate::data::image::decode_limited(&p, limits)
                 .map_err(|e| e.to_string())?
                 .to_luma8();
             if m.dimensions() != (w, h) {
@@ -98,7 +102,8 @@ fn draw_one(
     };
     let img = render::draw_heatmap(opts, &map, (w, h), image.as_ref(), mask.as_deref(), range);
     let bytes = outputs::png_bytes_rgb(&img).map_err(|e| e.to_string())?;
-    outputs::write_atomic(&inside(out, heat)?, &bytes).map_err(|e| e.to_string())
+    inside(out, heat)?;
+    out.write(heat, &bytes).map_err(|e| e.to_string())
 }
 
 /// The heatmap options of a run whose `run.json` settings ask for the run scale (`None` for
@@ -129,12 +134,12 @@ pub fn options_from_settings(settings: &serde_json::Value) -> Option<OutputOptio
 /// be drawn is named in the result and the others are drawn; an error is returned only when
 /// nothing can be done at all.
 pub fn draw(
-    out: &Path,
+    out: &OutDir,
     records: &[Record],
     opts: &OutputOptions,
     inputs_from: &Path,
     limits: &DecodeLimits,
-    quiet: bool,
+    console: &Console,
 ) -> Result<RunHeatmaps> {
     if opts.heatmaps == HeatmapKind::None {
         return Ok(RunHeatmaps::default());
@@ -151,9 +156,8 @@ pub fn draw(
         ..Default::default()
     };
     let total = todo.len() as u64;
-    let mut progress = Progress::new(
+    let mut progress = console.progress(
         total,
-        quiet,
         "{elapsed_precise} [{bar:30}] {pos}/{len} heatmaps (run scale)  ETA {eta}",
         Lines {
             command: "detect: run-scale heatmaps",
@@ -173,9 +177,7 @@ pub fn draw(
             match res {
                 Ok(()) => done.drawn += 1,
                 Err(e) => {
-                    if !quiet {
-                        progress.println(&format!("zsad: {}: heatmap not drawn: {e}", r.path));
-                    }
+                    console.note(&format!("{}: heatmap not drawn: {e}", r.path));
                     done.failed.push((r.path.clone(), e));
                 }
             }
@@ -184,7 +186,7 @@ pub fn draw(
     }
     progress.finish();
     if done.drawn == 0 && !done.failed.is_empty() {
-        return Err(Error::Output(format!(
+        return Err(Error::output(format!(
             "no heatmap could be drawn on the run's scale ({} failed; the first: {}: {})",
             done.failed.len(),
             done.failed[0].0,
@@ -200,14 +202,16 @@ mod tests {
 
     #[test]
     fn paths_must_stay_inside_the_output_folder() {
-        let out = Path::new("/o");
+        let dir = std::env::temp_dir().join(format!("zsad-inside-{}", std::process::id()));
+        let out = OutDir::create(&dir).unwrap();
         assert_eq!(
-            inside(out, "maps/a/b.png").unwrap(),
-            Path::new("/o/maps/a/b.png")
+            inside(&out, "maps/a/b.png").unwrap(),
+            dir.join("maps/a/b.png")
         );
         for bad in ["../x.png", "/etc/passwd", "maps/../../x", "./x", ""] {
-            assert!(inside(out, bad).is_err(), "{bad}");
+            assert!(inside(&out, bad).is_err(), "{bad}");
         }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -221,10 +225,13 @@ mod tests {
             ..Default::default()
         };
         let (a, b) = (rec(0.2, 0.5), rec(0.1, 0.3));
+        let dir = std::env::temp_dir().join(format!("zsad-range-{}", std::process::id()));
+        let out = OutDir::create(&dir).unwrap();
         assert_eq!(
-            run_range(Path::new("/nowhere"), &[&a, &b]),
+            run_range(&out, &[&a, &b]),
             Some(ValueRange { lo: 0.1, hi: 0.5 })
         );
-        assert_eq!(run_range(Path::new("/nowhere"), &[]), None);
+        assert_eq!(run_range(&out, &[]), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

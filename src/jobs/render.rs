@@ -2,16 +2,16 @@
 //! and, with a pixel threshold, the defect mask and its regions, encoded to bytes and then
 //! written atomically.
 
-use std::path::Path;
-
 use image::RgbImage;
 
 use crate::choice::Choice;
 use crate::data::heatmap::{self, HeatmapKind, HeatmapScale, ValueRange};
 use crate::data::outputs::{self, MapFormat};
-use crate::decision::regions::{defect_regions, Regions};
+use crate::data::records::Regions;
+use crate::decision::regions::defect_regions;
+use crate::error::{OptionError, Result};
+use crate::fsio::OutDir;
 use crate::method::Detection;
-use crate::{Error, Result};
 
 /// The files written per input.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -45,43 +45,55 @@ impl Default for OutputOptions {
 }
 
 impl OutputOptions {
+    /// No files at all: records only (a run without an output folder).
+    pub fn records_only() -> Self {
+        Self {
+            maps: MapFormat::None,
+            heatmaps: HeatmapKind::None,
+            ..Default::default()
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         if !(0.0..=1.0).contains(&self.heatmap_alpha) {
-            return Err(Error::Usage(format!(
-                "--heatmap-alpha {}: must be in [0, 1] (0 shows only the image, 1 only the colour)",
-                self.heatmap_alpha
-            )));
+            return Err(OptionError::value(
+                "heatmap_alpha",
+                self.heatmap_alpha,
+                "must be in [0, 1] (0 shows only the image, 1 only the colour)",
+            ));
         }
         if let Some(p) = self.pixel_threshold {
             if !(0.0..=1.0).contains(&p) {
-                return Err(Error::Usage(format!(
-                    "--pixel-threshold {p}: map values are in [0, 1], so the threshold must be too"
-                )));
+                return Err(OptionError::value(
+                    "pixel_threshold",
+                    p,
+                    "map values are in [0, 1], so the threshold must be too",
+                ));
             }
         }
         if self.heatmaps == HeatmapKind::None {
             if self.colorbar {
-                return Err(Error::Usage(
-                    "--colorbar draws beside the heatmaps: drop --heatmaps none".into(),
+                return Err(OptionError::rule(
+                    "`colorbar` draws beside the heatmaps: drop `heatmaps` none",
                 ));
             }
             if self.heatmap_scale != HeatmapScale::Fixed {
-                return Err(Error::Usage(format!(
-                    "--heatmap-scale {} colours the heatmaps: drop --heatmaps none",
+                return Err(OptionError::rule(format!(
+                    "`heatmap_scale` {} colours the heatmaps: drop `heatmaps` none",
                     self.heatmap_scale.name()
                 )));
             }
         }
         if self.heatmap_scale == HeatmapScale::Run && self.maps == MapFormat::None {
-            return Err(Error::Usage(
-                "--heatmap-scale run colours the heatmaps from the written maps once every input is scored: use --maps png or npy (or --heatmap-scale image)".into(),
+            return Err(OptionError::rule(
+                "`heatmap_scale` run colours the heatmaps from the written maps once every input is scored: use `maps` png or npy (or `heatmap_scale` image)",
             ));
         }
         Ok(())
     }
 
     /// Whether heatmaps are drawn per input as it is scored (every scale but `run`, whose range
-    /// is known only at the run's end: see [`super::run_heatmaps`]).
+    /// is known only at the run's end: see `run_heatmaps`).
     pub fn heatmaps_per_input(&self) -> bool {
         self.heatmaps != HeatmapKind::None && self.heatmap_scale != HeatmapScale::Run
     }
@@ -192,9 +204,9 @@ pub fn render(
 }
 
 /// Writes every file atomically under `out`.
-pub fn write(out: &Path, rendered: &Rendered) -> Result<()> {
+pub fn write(out: &OutDir, rendered: &Rendered) -> Result<()> {
     for (rel, bytes) in &rendered.files {
-        outputs::write_atomic(&out.join(rel), bytes)?;
+        out.write(rel, bytes)?;
     }
     Ok(())
 }
