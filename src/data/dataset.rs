@@ -42,7 +42,9 @@ pub enum Layout {
     /// A CSV or JSON Lines file with `image`, `mask`, `label`, `class` (paths relative to it).
     Manifest,
     /// `<root>/<class>/.../<stem>.<jpg|...>` with the mask `<stem>.png` or `<stem>_mask.png`
-    /// beside it (MTD); the label comes from the mask.
+    /// beside it; the label comes from the mask. When the top folders are defect types of one
+    /// product (each all normal or all anomalous: Magnetic Tile Defect), the class is the
+    /// root's name.
     SideBySide,
 }
 
@@ -621,7 +623,40 @@ pub fn read_side_by_side(root: &Path) -> Result<Vec<Sample>> {
         }
     }
     out.retain(|s| !masks.contains(&s.image) && is_image_name(&s.image));
+    one_product_by_defect_type(root, &mut out);
     Ok(out)
+}
+
+/// Magnetic Tile Defect's layout: one product, one folder per defect type and one of normal
+/// images (`MT_Blowhole/`, ..., `MT_Free/`). When every top folder's images are all normal or
+/// all anomalous (read from their masks), and both kinds occur, the folders are defect types,
+/// not classes: every sample gets the root's name as its class (image metrics need both labels
+/// in one class). The labels read from the masks are kept.
+fn one_product_by_defect_type(root: &Path, samples: &mut [Sample]) {
+    let mut by_folder: std::collections::BTreeMap<String, Vec<bool>> = Default::default();
+    let mut labels = Vec::with_capacity(samples.len());
+    for s in samples.iter() {
+        let Some(mask) = &s.mask else { return };
+        let Ok(m) = crate::data::image::decode_mask(mask) else {
+            return; // the file checks report it
+        };
+        let anomalous = m.as_raw().iter().any(|&v| v > 127);
+        labels.push(anomalous);
+        by_folder
+            .entry(s.class.clone())
+            .or_default()
+            .push(anomalous);
+    }
+    let uniform = by_folder.values().all(|v| v.iter().all(|&a| a == v[0]));
+    let kinds: BTreeSet<bool> = by_folder.values().map(|v| v[0]).collect();
+    if by_folder.len() < 2 || !uniform || kinds.len() < 2 {
+        return;
+    }
+    let product = name_of(root);
+    for (s, anomalous) in samples.iter_mut().zip(labels) {
+        s.class = product.clone();
+        s.label = Some(anomalous);
+    }
 }
 
 /// Reads and combines several datasets, then checks their files; the error lists every
@@ -814,13 +849,22 @@ mod tests {
             .iter()
             .map(|s| (s.class.clone(), name_of(&s.image)))
             .collect();
+        // Magnetic Tile Defect: the folders are defect types of one product, named after the
+        // root, with the labels read from the masks.
+        let root = name_of(&d);
         assert_eq!(
             names,
-            vec![
-                ("MT_Crack".to_string(), "b.png".to_string()),
-                ("MT_Free".into(), "a.jpg".into())
-            ]
+            vec![(root.clone(), "b.png".to_string()), (root, "a.jpg".into())]
         );
+        assert_eq!((s[0].label, s[1].label), (Some(true), Some(false)));
+        // Folders that each hold normal and anomalous images are classes.
+        touch_png(&d.join("MT_Crack/Imgs/c.png"), 4, 4, 9);
+        touch_png(&d.join("MT_Crack/Imgs/c_mask.png"), 4, 4, 0);
+        let (_, s) = read(&d).unwrap();
+        let classes: BTreeSet<&str> = s.iter().map(|s| s.class.as_str()).collect();
+        assert_eq!(classes, BTreeSet::from(["MT_Crack", "MT_Free"]));
+        std::fs::remove_file(d.join("MT_Crack/Imgs/c.png")).unwrap();
+        std::fs::remove_file(d.join("MT_Crack/Imgs/c_mask.png")).unwrap();
         let m = d.join("m.jsonl");
         std::fs::write(
             &m,

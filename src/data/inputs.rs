@@ -244,25 +244,7 @@ pub fn walk_with(dir: &Path, opts: &WalkOptions) -> Result<Walk> {
                             .push((p, format!("{kind}: only regular files are read")));
                     }
                 }
-                Err(e) => {
-                    let link = std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_symlink());
-                    if e.raw_os_error() == Some(libc::ELOOP) && !is_image_name(&p) {
-                        walk.links_skipped += 1;
-                    } else if e.raw_os_error() == Some(libc::ELOOP) {
-                        walk.problems.push((
-                            p,
-                            "a symbolic link that never ends (it points to itself or a cycle)"
-                                .into(),
-                        ));
-                    } else if is_image_name(&p) {
-                        let what = if link {
-                            "broken symbolic link".to_string()
-                        } else {
-                            format!("cannot read: {e}")
-                        };
-                        walk.problems.push((p, what));
-                    }
-                }
+                Err(e) => unreadable_entry(p, e, &mut walk),
             }
         }
         if !opts.include_masks {
@@ -282,6 +264,24 @@ pub fn walk_with(dir: &Path, opts: &WalkOptions) -> Result<Walk> {
     walk.files.sort();
     walk.problems.sort();
     Ok(walk)
+}
+
+/// A folder entry whose metadata cannot be read: a link loop (a problem when it is named as an
+/// image, else a link walked once), a broken link, or another error, named.
+fn unreadable_entry(p: PathBuf, e: std::io::Error, walk: &mut Walk) {
+    let looped = e.raw_os_error() == Some(libc::ELOOP);
+    if !is_image_name(&p) {
+        walk.links_skipped += looped as usize;
+        return;
+    }
+    let what = if looped {
+        "a symbolic link that never ends (it points to itself or a cycle)".to_string()
+    } else if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_symlink()) {
+        "broken symbolic link".to_string()
+    } else {
+        format!("cannot read: {e}")
+    };
+    walk.problems.push((p, what));
 }
 
 /// A relative path safe to put under the output folder: no root, no `.`, `..` spelled `__`.

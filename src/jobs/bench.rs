@@ -41,8 +41,10 @@ pub struct Stages {
     pub backbone: f64,
     pub text: f64,
     pub maps: f64,
-    /// Nearest-patch search in the reference bank and its map (`reference`).
+    /// Nearest-patch search in the reference bank, its map and the fusion (`reference`).
     pub reference: f64,
+    /// The batch's maps copied to the host.
+    pub transfer: f64,
     pub smoothing: f64,
     /// Map resized to the image, map and heatmap encoded (what `maps`/`heatmaps` ask for).
     pub png_encode: f64,
@@ -51,7 +53,7 @@ pub struct Stages {
 
 impl Stages {
     /// The stages in pipeline order with their names, as reports print them.
-    pub fn named(&self) -> [(&'static str, f64); 9] {
+    pub fn named(&self) -> [(&'static str, f64); 10] {
         [
             ("decode", self.decode),
             ("resize", self.resize),
@@ -59,6 +61,7 @@ impl Stages {
             ("text", self.text),
             ("maps", self.maps),
             ("reference", self.reference),
+            ("transfer", self.transfer),
             ("smoothing", self.smoothing),
             ("png encode", self.png_encode),
             ("write", self.write),
@@ -75,6 +78,7 @@ impl Stages {
             text: m.text / n,
             maps: m.maps / n,
             reference: m.reference / n,
+            transfer: m.transfer / n,
             smoothing: m.smoothing / n,
             png_encode: png_encode / n,
             write: write / n,

@@ -32,6 +32,7 @@ use crate::fsio::{DirLock, OutDir};
 use crate::method::Detector;
 use crate::progress::{Console, Lines};
 use crate::report::{ReportOptions, ReportSummary};
+use crate::settings::f32_value;
 
 /// The largest `max_pixels`: 4 gigapixels, past any camera; its decoded frame (12 GB) is
 /// already more than most machines can hold twice.
@@ -194,15 +195,15 @@ impl DetectOptions {
             "records": self.format.file_name(),
             "maps": self.output.maps.name(),
             "heatmaps": self.output.heatmaps.name(),
-            "heatmap_alpha": self.output.heatmap_alpha,
-            "threshold": self.threshold,
+            "heatmap_alpha": f32_value(self.output.heatmap_alpha),
+            "threshold": self.threshold.map(f32_value),
             "max_pixels": self.pipeline.limits.max_pixels,
             "include_masks": self.walk.include_masks,
             "shard": self.shard.map(|s| format!("{}/{}", s.k, s.n)),
         });
         // Only when set, so that the folders of earlier versions still resume.
         if let Some(p) = self.output.pixel_threshold {
-            v["pixel_threshold"] = json!(p);
+            v["pixel_threshold"] = f32_value(p);
             v["min_region_area"] = json!(self.output.min_region_area);
         }
         if self.output.heatmap_scale != HeatmapScale::Fixed {
@@ -252,6 +253,10 @@ pub struct DetectJob {
     opts: DetectOptions,
     expanded: Expanded,
     thresholds: Option<ThresholdFile>,
+    /// Where the inputs are: the canonical paths of the arguments (and of the folders of the
+    /// files listed on stdin), recorded in `run.json` so that `report` reads input images from
+    /// there only, never from wherever a record points.
+    input_roots: Vec<String>,
 }
 
 impl DetectJob {
@@ -300,10 +305,12 @@ impl DetectJob {
                 inputs::IMAGE_EXTENSIONS.join("/")
             )));
         }
+        let input_roots = input_roots(&opts.inputs, &expanded);
         Ok(Self {
             opts,
             expanded,
             thresholds,
+            input_roots,
         })
     }
 
@@ -398,6 +405,30 @@ impl DetectJob {
         (todo, missing)
     }
 
+    /// The detector for what is left to do (`None` when nothing is), with its bank attached and
+    /// recorded in `settings`, and the GEMM it runs on.
+    fn build(
+        &self,
+        plan: DetectorPlan,
+        bank_file: Option<Attached>,
+        settings: &mut Value,
+        console: &Console,
+    ) -> Result<(Detector, String)> {
+        let opts = &self.opts;
+        let built = plan.build()?;
+        let gemm = built.loaded.model.gemm();
+        let bank = BankOptions {
+            limits: opts.pipeline.limits,
+            batch_size: opts.pipeline.batch_size,
+            ..Default::default()
+        };
+        let (detector, _) =
+            opts.reference
+                .attach(built.detector, settings, bank_file, &bank, console)?;
+        self.check_thresholds(settings, console)?;
+        Ok((detector, gemm))
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn score(
         &self,
@@ -414,28 +445,29 @@ impl DetectJob {
         let here = std::env::current_dir().map_err(|e| Error::io(Path::new("."), e))?;
         let kept_from = folder.as_ref().and_then(|f| f.cwd.clone()).unwrap_or(here);
         let (todo, missing) = self.todo(kept, &kept_from);
-        let mut summary = DetectSummary {
-            already_done: kept.len(),
-            prior_failed: kept.iter().filter(|r| r.is_failure()).count(),
-            masks_skipped: self.expanded.masks_skipped,
-            links_skipped: self.expanded.links_skipped,
-            runs_skipped: self.expanded.runs_skipped.clone(),
-            records: folder
-                .as_ref()
-                .map(|f| f.dir.root().join(opts.format.file_name())),
-            temporaries_removed: folder.as_ref().map_or(0, |f| f.temporaries_removed),
-            ..Default::default()
-        };
+        let mut summary = self.summary(kept, folder.as_ref());
         let started = std::time::Instant::now();
-        let mut sink = match &folder {
-            Some(f) => Some(RecordLog::create(
-                &f.dir,
-                opts.format.file_name(),
-                opts.format,
-                kept,
-            )?),
-            None => None,
+        // The model is read only when something is left to score; run.json is written (or
+        // compared, on `resume`) before the first record.
+        let model = match todo.is_empty() {
+            true => None,
+            false => Some(self.build(plan, bank_file, &mut settings, console)?),
         };
+        let mut sink = None;
+        if let Some(f) = &folder {
+            let info = match &model {
+                Some((_, gemm)) => super::prelude::run_info(
+                    command,
+                    opts.pipeline.batch_size,
+                    opts.detector.model.device,
+                    gemm,
+                ),
+                None => json!({ "command": command }),
+            };
+            f.record_run(&settings, info, &self.input_roots, opts)?;
+            let name = opts.format.file_name();
+            sink = Some(RecordLog::create(&f.dir, name, opts.format, kept)?);
+        }
         let mut emit = |r: &Record| -> Result<()> {
             if let Some(log) = &mut sink {
                 log.append(r)?;
@@ -447,59 +479,36 @@ impl DetectJob {
             emit(&Record::failed(&m.given, console.render(&m.error)))?;
             summary.failed += 1;
         }
-        if !todo.is_empty() {
-            let built = plan.build()?;
-            let gemm = built.loaded.model.gemm();
-            let bank = BankOptions {
-                limits: opts.pipeline.limits,
-                batch_size: opts.pipeline.batch_size,
-                ..Default::default()
-            };
-            let (detector, _) =
-                opts.reference
-                    .attach(built.detector, &mut settings, bank_file, &bank, console)?;
-            if let Some(f) = &folder {
-                let info = super::prelude::run_info(
-                    command,
-                    opts.pipeline.batch_size,
-                    opts.detector.model.device,
-                    &gemm,
-                );
-                f.record_run(&settings, info, opts)?;
-            }
-            self.check_thresholds(&settings, console)?;
-            let (scored, failed) = score_inputs(
-                todo,
-                &detector,
-                opts,
-                folder.as_ref().map(|f| &f.dir),
-                console,
-                &mut emit,
-            )?;
+        if let Some((detector, _)) = &model {
+            let dir = folder.as_ref().map(|f| &f.dir);
+            let (scored, failed) = score_inputs(todo, detector, opts, dir, console, &mut emit)?;
             summary.scored = scored;
             summary.failed += failed;
-        } else if let Some(f) = &folder {
-            f.record_run(&settings, json!({"command": command}), opts)?;
         }
         drop(sink);
         summary.seconds = started.elapsed().as_secs_f64();
         if crate::progress::stop_requested() {
-            return Err(Error::Interrupted {
-                kept: match &summary.records {
-                    Some(p) => format!(
-                        "{} records in {} (each input's files are written before its record); the same command with `resume` continues",
-                        summary.already_done + summary.scored + summary.failed,
-                        p.display()
-                    ),
-                    None => format!("{} records written", summary.scored + summary.failed),
-                },
-            });
+            return Err(interrupted(&summary));
         }
         if let Some(f) = &folder {
             f.finished()?;
             self.finish_folder(f, &mut summary, console)?;
         }
         Ok(summary)
+    }
+
+    /// What is known before scoring: the earlier run's records, the walk's counts.
+    fn summary(&self, kept: &[Record], folder: Option<&Folder>) -> DetectSummary {
+        DetectSummary {
+            already_done: kept.len(),
+            prior_failed: kept.iter().filter(|r| r.is_failure()).count(),
+            masks_skipped: self.expanded.masks_skipped,
+            links_skipped: self.expanded.links_skipped,
+            runs_skipped: self.expanded.runs_skipped.clone(),
+            records: folder.map(|f| f.dir.root().join(self.opts.format.file_name())),
+            temporaries_removed: folder.map_or(0, |f| f.temporaries_removed),
+            ..Default::default()
+        }
     }
 
     /// After the last record: run-scale heatmaps and the report.
@@ -534,6 +543,44 @@ impl DetectJob {
             summary.report = Some(crate::report::build(f.dir.root(), r, console)?);
         }
         Ok(())
+    }
+}
+
+/// The canonical paths of the input arguments (folders and files), and the canonical folders
+/// of the inputs that lie under none of them (files listed on stdin), as text.
+fn input_roots(args: &[String], expanded: &Expanded) -> Vec<String> {
+    let mut roots: Vec<PathBuf> = args
+        .iter()
+        .filter(|a| *a != "-")
+        .filter_map(|a| Path::new(a).canonicalize().ok())
+        .collect();
+    for input in &expanded.inputs {
+        let Ok(c) = input.path.canonicalize() else {
+            continue;
+        };
+        if !roots.iter().any(|r| c.starts_with(r)) {
+            if let Some(parent) = c.parent() {
+                roots.push(parent.to_path_buf());
+            }
+        }
+    }
+    let mut text: Vec<String> = roots.iter().map(|r| inputs::path_text(r)).collect();
+    text.sort();
+    text.dedup();
+    text
+}
+
+/// A stop request's error: what was kept, and that `resume` goes on.
+fn interrupted(summary: &DetectSummary) -> Error {
+    Error::Interrupted {
+        kept: match &summary.records {
+            Some(p) => format!(
+                "{} records in {} (each input's files are written before its record); the same command with `resume` continues",
+                summary.already_done + summary.scored + summary.failed,
+                p.display()
+            ),
+            None => format!("{} records written", summary.scored + summary.failed),
+        },
     }
 }
 
@@ -756,14 +803,36 @@ impl Folder {
 
     /// `run.json` for this run: written when the folder holds no run (or after
     /// `overwrite`); on `resume`, compared once more (with the bank now built) and kept.
-    fn record_run(&self, settings: &Value, info: Value, opts: &DetectOptions) -> Result<()> {
+    fn record_run(
+        &self,
+        settings: &Value,
+        mut info: Value,
+        roots: &[String],
+        opts: &DetectOptions,
+    ) -> Result<()> {
         let then = match opts.resume {
             true => RunRecord::read(self.dir.root())?,
             false => None,
         };
         match then {
-            Some(then) => compare_settings(self.dir.root(), &then, settings)?,
-            None => RunRecord::new(settings.clone(), info).write(&self.dir)?,
+            Some(then) => {
+                compare_settings(self.dir.root(), &then, settings)?;
+                // A resumed run may name its inputs otherwise: the roots of both.
+                let mut all: Vec<String> = then.info["input_roots"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .chain(roots.iter().cloned())
+                    .collect();
+                all.sort();
+                all.dedup();
+                run_record::note_info(&self.dir, "input_roots", json!(all))?;
+            }
+            None => {
+                info["input_roots"] = json!(roots);
+                RunRecord::new(settings.clone(), info).write(&self.dir)?
+            }
         }
         // Until the last input is recorded, the folder holds an unfinished run (`merge`
         // refuses it).

@@ -150,7 +150,19 @@ fn check_shards(shards: &[Shard], partial: bool, console: &Console) -> Result<Op
         // Where the first shard ran: relative input paths are read from there again to draw
         // run-scale overlays.
         let cwd = r.info.get("cwd").cloned();
-        r.info = serde_json::json!({ "merged_from": from, "complete": problems.is_empty() });
+        let mut roots: Vec<&str> = shards
+            .iter()
+            .filter_map(|s| s.run.as_ref()?.info.get("input_roots")?.as_array())
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        roots.sort();
+        roots.dedup();
+        r.info = serde_json::json!({
+            "merged_from": from,
+            "complete": problems.is_empty(),
+            "input_roots": roots,
+        });
         if let Some(cwd) = cwd {
             r.info["cwd"] = cwd;
         }

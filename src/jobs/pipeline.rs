@@ -93,6 +93,71 @@ pub struct StageSeconds {
     pub consume: f64,
 }
 
+/// What the images in flight may take, in bytes of image-sized buffers: a run's memory is
+/// bounded by this (and the model), not by how many large images a folder holds.
+pub const IN_FLIGHT_BYTES: u64 = 1 << 30;
+
+/// Bytes per pixel an image holds from decoding to its record: the RGB frame (3), its map at
+/// full size (4), the heatmap (3), the mask (1) and encoding buffers (1).
+const BYTES_PER_PIXEL: u64 = 12;
+
+/// A counting budget of bytes in flight between the stages. One item is always let through,
+/// so an image larger than the whole budget still runs, alone.
+struct Budget {
+    max: u64,
+    used: std::sync::Mutex<u64>,
+    freed: std::sync::Condvar,
+    /// Whether the producer waits for room: the model stage then runs the items it has
+    /// instead of waiting for a full pass.
+    waiting: std::sync::atomic::AtomicBool,
+}
+
+/// An item's share of the [`Budget`], given back when dropped (its record written).
+struct Ticket<'a> {
+    budget: &'a Budget,
+    bytes: u64,
+}
+
+impl Budget {
+    fn new(max: u64) -> Self {
+        Self {
+            max,
+            used: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+            waiting: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn is_waiting(&self) -> bool {
+        self.waiting.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until `bytes` fit (or nothing else is in flight) and takes them.
+    fn take(&self, bytes: u64) -> Ticket<'_> {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        while *used > 0 && *used + bytes > self.max {
+            self.waiting
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        self.waiting
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        *used += bytes;
+        Ticket {
+            budget: self,
+            bytes,
+        }
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        let mut used = self.budget.used.lock().unwrap_or_else(|e| e.into_inner());
+        *used -= self.bytes;
+        self.budget.freed.notify_all();
+    }
+}
+
 struct Prepared<T> {
     item: T,
     result: std::result::Result<(RgbImage, Tensor), String>,
@@ -321,8 +386,10 @@ where
     let batch = stages.batch;
     let mut secs = StageSeconds::default();
     let mut limit = batch;
-    let (tx, rx) = mpsc::sync_channel::<Prepared<T>>(2 * batch);
-    let (out_tx, out_rx) = mpsc::sync_channel::<(T, Outcome)>(2 * batch);
+    let budget = Budget::new(IN_FLIGHT_BYTES);
+    let budget = &budget;
+    let (tx, rx) = mpsc::sync_channel::<Prepared<(T, Ticket)>>(2 * batch);
+    let (out_tx, out_rx) = mpsc::sync_channel::<((T, Ticket), Outcome)>(2 * batch);
     std::thread::scope(|scope| -> Result<StageSeconds> {
         scope.spawn(move || {
             let mut items = items.into_iter().peekable();
@@ -331,6 +398,19 @@ where
                 // at once on all cores for a GPU.
                 let n = if stages.parallel { batch } else { 1 };
                 for p in stages.prepare_all(items.by_ref().take(n).collect()) {
+                    let bytes = match &p.result {
+                        Ok((image, _)) => {
+                            image.width() as u64 * image.height() as u64 * BYTES_PER_PIXEL
+                        }
+                        Err(_) => 0,
+                    };
+                    let ticket = budget.take(bytes);
+                    let p = Prepared {
+                        item: (p.item, ticket),
+                        result: p.result,
+                        decode: p.decode,
+                        resize: p.resize,
+                    };
                     if tx.send(p).is_err() {
                         return; // the model stage stopped
                     }
@@ -349,16 +429,21 @@ where
                     }
                 }
                 let t = Instant::now();
+                // The tickets are given back once their records are written.
+                let (ready, tickets): (Vec<_>, Vec<_>) = ready
+                    .into_iter()
+                    .map(|((item, ticket), o)| ((item, o), ticket))
+                    .unzip();
                 for (item, u) in stages.render_all(ready) {
                     consume(item, u)?;
                 }
+                drop(tickets);
                 spent += t.elapsed().as_secs_f64();
             }
             Ok(spent)
         });
-        let mut pending = rx.into_iter().peekable();
-        'batches: while pending.peek().is_some() {
-            let prepared: Vec<_> = pending.by_ref().take(batch).collect();
+        'batches: while let Ok(first) = rx.recv() {
+            let prepared = fill_pass(first, &rx, batch, budget);
             for scored in stages.score(prepared, &mut secs, &mut limit)? {
                 if out_tx.send(scored).is_err() {
                     break 'batches; // the consumer stopped on an error, returned below
@@ -366,12 +451,27 @@ where
             }
         }
         drop(out_tx);
-        drop(pending);
+        drop(rx);
         secs.consume = consumer
             .join()
             .map_err(|p| Error::output(format!("the output stage failed: {}", panic_text(&p))))??;
         Ok(secs.clone())
     })
+}
+
+/// A pass of up to `batch` items, starting with `first`: waits for more until the pass is full,
+/// the inputs end, or the producer waits for memory (the items in flight must move on first).
+fn fill_pass<P>(first: P, rx: &mpsc::Receiver<P>, batch: usize, budget: &Budget) -> Vec<P> {
+    let mut pass = vec![first];
+    while pass.len() < batch {
+        match rx.recv_timeout(std::time::Duration::from_millis(5)) {
+            Ok(p) => pass.push(p),
+            Err(mpsc::RecvTimeoutError::Timeout) if budget.is_waiting() => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    pass
 }
 
 /// Runs `run` over `0..n` in consecutive parts of at most `*limit` items. When a part runs
@@ -554,6 +654,33 @@ mod tests {
         assert!(e.contains("NaN") && e.contains("score NaN"), "{e}");
         let e = check_finite(&det(0.3, vec![0.0, f32::INFINITY, f32::NAN, 0.0])).unwrap_err();
         assert!(e.contains("2 of 4 map values"), "{e}");
+    }
+
+    /// The budget lets one oversized item through alone, holds back what does not fit until
+    /// an item in flight is given back, and says the producer waits meanwhile.
+    #[test]
+    fn the_memory_budget_bounds_what_is_in_flight() {
+        let b = Budget::new(100);
+        let big = b.take(250);
+        assert_eq!(*b.used.lock().unwrap(), 250);
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                let ticket = b.take(60);
+                let used = *b.used.lock().unwrap();
+                drop(ticket);
+                used
+            });
+            while !b.is_waiting() {
+                std::thread::yield_now();
+            }
+            drop(big);
+            assert_eq!(waiter.join().unwrap(), 60);
+        });
+        assert!(!b.is_waiting());
+        assert_eq!(*b.used.lock().unwrap(), 0);
+        let (x, y) = (b.take(50), b.take(50));
+        assert_eq!(*b.used.lock().unwrap(), 100);
+        drop((x, y));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use super::adapter::Adapter;
 use super::config::{DetectorConfig, HeadWeights, ImageScore, JointScore, PatchFeatures};
 use super::params::AdapterParams;
 use super::reference::{self, MemoryBank, ReferenceUse};
-use super::scoring;
+use super::scoring::{self, ScoreRule};
 use super::text::{normalize, TextInputs, TextSide};
 use crate::clip::{ClipModel, Hooks, TextTransformer, VisionOutput, VisionTransformer};
 use crate::Result;
@@ -45,9 +45,11 @@ pub struct StageTimes {
     pub text: f64,
     /// Similarities, upsampling, fusion, image score.
     pub maps: f64,
-    /// Nearest-patch search in the reference bank and its map (`--reference`).
+    /// Nearest-patch search in the reference bank, its map and the fusion with the method's.
     pub reference: f64,
-    /// Gaussian smoothing and the joint score.
+    /// The batch's maps copied to the host (a device synchronisation on a GPU).
+    pub transfer: f64,
+    /// Gaussian smoothing and the image scores.
     pub smoothing: f64,
 }
 
@@ -88,7 +90,7 @@ pub struct Detection {
 
 impl Detection {
     pub fn map_max(&self) -> f32 {
-        map_peak(&self.map)
+        scoring::map_peak(&self.map)
     }
 }
 
@@ -379,8 +381,12 @@ impl Detector {
         Ok(text.transpose(1, 2)?.contiguous()?)
     }
 
-    /// Stage E2: the image-level {normal, abnormal} probabilities `[B, 2]`, from the class
-    /// token or AdaCLIP's hybrid semantic fusion.
+    /// Stage E2: the image-level {normal, abnormal} probabilities, from the class token or
+    /// AdaCLIP's hybrid semantic fusion.
+    ///
+    /// # Shapes
+    /// patches per layer `[B, P, E]`, `logits` per layer `[B, P, 2]`, `text_t: [B, E, 2]` ->
+    /// `[B, 2]`.
     fn image_probs(
         &self,
         image: &ImageFeatures,
@@ -417,7 +423,9 @@ impl Detector {
         self.detect_timed(pixels, None)
     }
 
-    /// [`Self::detect`], adding each stage's wall time to `times`.
+    /// [`Self::detect`], adding each stage's wall time to `times`: the method's evidence
+    /// ([`Self::forward_timed`]: backbone, text, maps), the reference map, the fusion of the
+    /// two, the one copy to the host, and the post-processing ([`scoring::postprocess`]).
     ///
     /// With a reference bank the raw map is `(1 − w) · method + w · reference` before the
     /// smoothing; the image score is the configuration's joint score on the fused map, or,
@@ -426,100 +434,170 @@ impl Detector {
     /// `forward`: the zero-shot and few-shot image scores averaged, `w = 0.5`). With
     /// `--reference-only` the text is never used: the map is the reference map and the score
     /// its peak (PatchCore's image score).
+    ///
+    /// # Shapes
+    /// `pixels: [B, 3, S, S]` -> `B` detections with `S·S` maps.
     pub fn detect_timed(
         &self,
         pixels: &Tensor,
-        mut times: Option<&mut StageTimes>,
+        times: Option<&mut StageTimes>,
     ) -> Result<Vec<Detection>> {
-        let size = self.cfg.image_size;
-        let fusion = self.cfg.map_fusion;
-        let (globals, method_maps, patches) = match &self.reference {
-            Some((_, how)) if how.only => {
-                let t = std::time::Instant::now();
-                let patches = self.patch_features(pixels)?;
-                if let Some(times) = times.as_deref_mut() {
-                    pixels.device().synchronize()?; // as Lap::mark
-                    times.backbone += t.elapsed().as_secs_f64();
-                }
-                (None, None, patches)
-            }
-            _ => {
-                let fwd = self.forward_timed(pixels, false, times.as_deref_mut())?;
-                let probs = fwd.image_probs.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-                let globals: Vec<f32> = probs.iter().map(|p| p[1]).collect();
-                (Some(globals), Some(fwd.map), fwd.patches)
-            }
+        let mut lap = Lap {
+            times,
+            last: std::time::Instant::now(),
+            device: pixels.device(),
         };
-        let reference_maps = match &self.reference {
-            Some((bank, _)) => {
-                let t = std::time::Instant::now();
-                let m = reference::reference_map(&patches, &bank.layers, fusion, size)?;
-                if let Some(times) = times.as_deref_mut() {
-                    m.device().synchronize()?; // as Lap::mark
-                    times.reference += t.elapsed().as_secs_f64();
-                }
-                Some(m)
-            }
-            None => None,
+        let evidence = self.method_evidence(pixels, &mut lap)?;
+        let reference = self.reference_evidence(&evidence.patches)?;
+        let fused = self.fuse(evidence.map.as_ref(), reference.as_ref())?;
+        lap.mark(|t| &mut t.reference)?;
+        let host = self.to_host(&fused, reference.as_ref(), evidence.globals.is_some())?;
+        lap.mark(|t| &mut t.transfer)?;
+        let detections = self.postprocess(&host, evidence.globals.as_deref());
+        lap.mark(|t| &mut t.smoothing)?;
+        Ok(detections)
+    }
+
+    /// The method's evidence: the image-level global scores and the fused map from the text
+    /// (none with `--reference-only`), and the unit patch features.
+    ///
+    /// # Shapes
+    /// `pixels: [B, 3, S, S]` -> globals `B`, map `[B, S, S]`, patches per layer `[B, P, E]`.
+    fn method_evidence(&self, pixels: &Tensor, lap: &mut Lap) -> Result<Evidence> {
+        if self.reference.as_ref().is_some_and(|(_, how)| how.only) {
+            let patches = self.patch_features(pixels)?;
+            lap.mark(|t| &mut t.backbone)?;
+            return Ok(Evidence {
+                globals: None,
+                map: None,
+                patches,
+            });
+        }
+        let fwd = self.forward_timed(pixels, false, lap.times.as_deref_mut())?;
+        lap.last = std::time::Instant::now();
+        let probs = fwd.image_probs.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        Ok(Evidence {
+            globals: Some(probs.iter().map(|p| p[1]).collect()),
+            map: Some(fwd.map),
+            patches: fwd.patches,
+        })
+    }
+
+    /// The reference map of the patches against the bank, `None` without a bank.
+    ///
+    /// # Shapes
+    /// per layer `[B, P, E]` -> `[B, S, S]`.
+    fn reference_evidence(&self, patches: &[Tensor]) -> Result<Option<Tensor>> {
+        let Some((bank, _)) = &self.reference else {
+            return Ok(None);
         };
-        let started = std::time::Instant::now();
-        let how = self.reference.as_ref().map(|(_, h)| *h);
-        let fused = match (&method_maps, &reference_maps, how) {
-            (Some(m), Some(r), Some(h)) => reference::fuse_reference(m, r, h.weight)?,
+        let (fusion, size) = (self.cfg.map_fusion, self.cfg.image_size);
+        Ok(Some(reference::reference_map(
+            patches,
+            &bank.layers,
+            fusion,
+            size,
+        )?))
+    }
+
+    /// The raw map of each image: the method's, the reference's, or `(1 − w) · method +
+    /// w · reference`, in f32 on the device.
+    ///
+    /// # Shapes
+    /// `method, reference: [B, S, S]` -> `[B, S, S]`.
+    fn fuse(&self, method: Option<&Tensor>, reference: Option<&Tensor>) -> Result<Tensor> {
+        let weight = self.reference.as_ref().map(|(_, h)| h.weight);
+        Ok(match (method, reference, weight) {
+            (Some(m), Some(r), Some(w)) => reference::fuse_reference(m, r, w)?,
             (Some(m), None, _) => m.to_dtype(DType::F32)?,
             (None, Some(r), _) => r.clone(),
             _ => unreachable!("a method map, a reference map or both"),
-        };
-        let sigma = self.cfg.sigma;
-        // One copy of the batch's maps to the host (not one per image, each a device sync),
-        // then the images smoothed on all cores: on a GPU this CPU step is what the pass waits
-        // for (at 518 px, 60 ms an image on one core).
+        })
+    }
+
+    /// One copy of the batch's maps to the host (not one per image, each a device sync), and
+    /// of the raw reference maps where the score needs their peak (methods without a joint
+    /// score).
+    ///
+    /// # Shapes
+    /// `fused, reference: [B, S, S]` -> `B·S·S` values each, row-major per image.
+    fn to_host(
+        &self,
+        fused: &Tensor,
+        reference: Option<&Tensor>,
+        with_method: bool,
+    ) -> Result<HostMaps> {
         let host = |t: &Tensor| -> Result<Vec<f32>> {
             Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
         };
-        let fused = host(&fused)?;
-        let reference_raw = match (&globals, &reference_maps) {
-            (Some(_), Some(r)) if self.cfg.joint == JointScore::None => Some(host(r)?),
+        let reference = match reference {
+            Some(r) if with_method && self.cfg.joint == JointScore::None => Some(host(r)?),
             _ => None,
         };
+        Ok(HostMaps {
+            fused: host(fused)?,
+            reference,
+        })
+    }
+
+    /// Smoothing and the image score of every image, on all cores ([`scoring::postprocess`]):
+    /// on a GPU this CPU step is what the pass waits for (at 518 px, 60 ms an image on one
+    /// core).
+    ///
+    /// # Shapes
+    /// `B·S·S` host values, `globals: B` -> `B` detections.
+    fn postprocess(&self, host: &HostMaps, globals: Option<&[f32]>) -> Vec<Detection> {
+        let (size, sigma) = (self.cfg.image_size, self.cfg.sigma);
         let area = size * size;
-        let detections = fused
+        let weight = self.reference.as_ref().map(|(_, h)| h.weight);
+        host.fused
             .par_chunks(area)
             .enumerate()
             .map(|(i, raw)| {
-                let map = smooth(raw, size, sigma);
-                let peak = map_peak(&map);
-                let (global, score) = match (&globals, how, &reference_raw) {
-                    (None, _, _) => (peak, peak),
-                    (Some(g), Some(h), Some(r)) => {
-                        let r_peak = map_peak(&smooth(&r[i * area..(i + 1) * area], size, sigma));
-                        let s = (1.0 - h.weight) * g[i] as f64 + h.weight * r_peak as f64;
-                        (g[i], s as f32)
+                let rule = match (globals, &host.reference, weight) {
+                    (None, _, _) => ScoreRule::Peak,
+                    (Some(g), Some(r), Some(weight)) => {
+                        let r = &r[i * area..(i + 1) * area];
+                        let (_, reference_peak, _) =
+                            scoring::postprocess(r, size, sigma, ScoreRule::Peak);
+                        ScoreRule::Reference {
+                            global: g[i],
+                            weight,
+                            reference_peak,
+                        }
                     }
-                    (Some(g), _, _) => (g[i], self.cfg.joint.combine(g[i], peak)),
+                    (Some(g), _, _) => ScoreRule::Joint {
+                        global: g[i],
+                        joint: self.cfg.joint,
+                    },
                 };
-                Ok(Detection {
+                let (map, score, global) = scoring::postprocess(raw, size, sigma, rule);
+                Detection {
                     global,
                     score,
                     map,
                     size,
-                })
+                }
             })
-            .collect::<Result<Vec<_>>>();
-        if let Some(t) = times {
-            t.smoothing += started.elapsed().as_secs_f64();
-        }
-        detections
+            .collect()
     }
 }
 
-/// The references' Gaussian smoothing of one `size × size` map (`sigma` 0: none).
-fn smooth(raw: &[f32], size: usize, sigma: f64) -> Vec<f32> {
-    scoring::postprocess(raw, size, sigma, 0.0, JointScore::None).0
+/// What the method gives a batch before post-processing.
+struct Evidence {
+    /// The image-level abnormal probability of each image (`None`: `--reference-only`).
+    globals: Option<Vec<f32>>,
+    /// `[B, S, S]` fused map from the text (`None`: `--reference-only`).
+    map: Option<Tensor>,
+    /// Per tapped layer `[B, P, E]`, unit rows.
+    patches: Vec<Tensor>,
 }
 
-fn map_peak(map: &[f32]) -> f32 {
-    map.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+/// A batch's maps on the host.
+struct HostMaps {
+    fused: Vec<f32>,
+    /// The raw reference maps, where the score needs their peak.
+    reference: Option<Vec<f32>>,
 }
 
 #[cfg(test)]
@@ -653,7 +731,7 @@ mod tests {
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap();
-            let r_peak = map_peak(&r);
+            let r_peak = scoring::map_peak(&r);
             assert!(r_peak > 0.0 && r_peak <= 1.0, "{r_peak}");
             assert_eq!(zero[i].map, plain[i].map);
             assert_eq!(zero[i].score, plain[i].score);
@@ -705,5 +783,59 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("64 px"), "{e}");
+    }
+
+    /// The inference stages on `random:tiny`: the host copy holds `B·S·S` values, the
+    /// post-processing of each image is `scoring::postprocess` of its raw map, and every stage
+    /// of a timed pass is timed.
+    #[test]
+    fn inference_stages_compose_and_are_timed() {
+        use crate::method::adapter::Adapter;
+        use crate::method::config::Preset;
+        let m = crate::clip::load_model("random:tiny", &Default::default())
+            .unwrap()
+            .model;
+        let tok = crate::clip::ClipTokenizer::embedded().unwrap();
+        let cfg = DetectorConfig::preset(Preset::ZeroShot, &m.config, "random:tiny");
+        let adapter = Adapter::init(cfg, &m.config, 0).unwrap();
+        let inputs = TextInputs::build(&adapter.config, &tok).unwrap();
+        let det = Detector::new(&m, &adapter, inputs).unwrap();
+        let px = pixels(2, 32, 0.25);
+        let mut lap = Lap {
+            times: None,
+            last: std::time::Instant::now(),
+            device: px.device(),
+        };
+        let ev = det.method_evidence(&px, &mut lap).unwrap();
+        assert_eq!(ev.map.as_ref().unwrap().dims(), &[2, 32, 32]);
+        assert_eq!(ev.globals.as_ref().unwrap().len(), 2);
+        assert!(det.reference_evidence(&ev.patches).unwrap().is_none());
+        let fused = det.fuse(ev.map.as_ref(), None).unwrap();
+        let host = det.to_host(&fused, None, true).unwrap();
+        assert_eq!(host.fused.len(), 2 * 32 * 32);
+        assert!(host.reference.is_none());
+        let dets = det.postprocess(&host, ev.globals.as_deref());
+        for (i, d) in dets.iter().enumerate() {
+            let rule = ScoreRule::Joint {
+                global: ev.globals.as_ref().unwrap()[i],
+                joint: det.cfg.joint,
+            };
+            let raw = &host.fused[i * 1024..(i + 1) * 1024];
+            let (map, score, _) = scoring::postprocess(raw, 32, det.cfg.sigma, rule);
+            assert_eq!((d.map.clone(), d.score), (map, score));
+        }
+        let mut times = StageTimes::default();
+        let timed = det.detect_timed(&px, Some(&mut times)).unwrap();
+        assert_eq!(timed[0].map, dets[0].map, "timing changes nothing");
+        for (name, v) in [
+            ("backbone", times.backbone),
+            ("text", times.text),
+            ("maps", times.maps),
+            ("reference", times.reference),
+            ("transfer", times.transfer),
+            ("smoothing", times.smoothing),
+        ] {
+            assert!(v > 0.0, "{name} was not timed");
+        }
     }
 }

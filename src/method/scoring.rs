@@ -201,23 +201,50 @@ pub fn hsf_fuse(h: &Tensor, c: &Tensor, cls_weight: f64) -> Result<Tensor> {
     normalize(&((h * (1.0 - cls_weight))? + (c * cls_weight)?)?)
 }
 
+/// How an image's score is made from its smoothed map.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ScoreRule {
+    /// The method's global score with the map's peak fused per `joint` (the configuration's).
+    Joint { global: f32, joint: JointScore },
+    /// WinCLIP+'s few-shot score for methods without a joint score:
+    /// `(1 − weight) · global + weight · reference_peak` (anomalib `winclip/torch_model.py`,
+    /// `forward`), the reference map's peak after smoothing.
+    Reference {
+        global: f32,
+        weight: f64,
+        reference_peak: f32,
+    },
+    /// The map's peak alone (`--reference-only`: PatchCore's image score).
+    Peak,
+}
+
 /// The post-processing of one image's map: the references' Gaussian smoothing (`sigma` 0:
-/// none) and the image score with the smoothed map's evidence per `joint`. Returns the
-/// smoothed map and the score.
+/// none) and the image score per `rule`. Returns the smoothed map, the image score and the
+/// global score (the peak itself where there is no method score).
 ///
 /// # Shapes
-/// `raw: [S·S]` row-major -> `([S·S], score)`.
-pub fn postprocess(
-    raw: &[f32],
-    size: usize,
-    sigma: f64,
-    global: f32,
-    joint: JointScore,
-) -> (Vec<f32>, f32) {
+/// `raw: [S·S]` row-major -> `([S·S], score, global)`.
+pub fn postprocess(raw: &[f32], size: usize, sigma: f64, rule: ScoreRule) -> (Vec<f32>, f32, f32) {
     let map = gaussian_filter(raw, size, size, sigma);
-    let peak = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let score = joint.combine(global, peak);
-    (map, score)
+    let peak = map_peak(&map);
+    let (score, global) = match rule {
+        ScoreRule::Joint { global, joint } => (joint.combine(global, peak), global),
+        ScoreRule::Reference {
+            global,
+            weight,
+            reference_peak,
+        } => (
+            ((1.0 - weight) * global as f64 + weight * reference_peak as f64) as f32,
+            global,
+        ),
+        ScoreRule::Peak => (peak, peak),
+    };
+    (map, score, global)
+}
+
+/// The highest value of a map (`-inf` for an empty one).
+pub fn map_peak(map: &[f32]) -> f32 {
+    map.iter().copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
 #[cfg(test)]
@@ -419,12 +446,38 @@ mod tests {
     }
 
     #[test]
-    fn postprocess_without_smoothing_is_the_joint_score() {
+    fn postprocess_without_smoothing_is_the_rule_on_the_raw_map() {
         let raw = [0.1f32, 0.9, 0.3, 0.2];
-        let (map, score) = postprocess(&raw, 2, 0.0, 0.5, JointScore::Mean { alpha: 0.5 });
+        let joint = |j| ScoreRule::Joint {
+            global: 0.5,
+            joint: j,
+        };
+        let (map, score, global) =
+            postprocess(&raw, 2, 0.0, joint(JointScore::Mean { alpha: 0.5 }));
         assert_eq!(map, raw);
         assert!((score - 0.7).abs() < 1e-7);
-        let (_, score) = postprocess(&raw, 2, 0.0, 0.5, JointScore::None);
-        assert_eq!(score, 0.5);
+        assert_eq!(global, 0.5);
+        assert_eq!(postprocess(&raw, 2, 0.0, joint(JointScore::None)).1, 0.5);
+        assert_eq!(
+            postprocess(&raw, 2, 0.0, joint(JointScore::Product)).1,
+            0.45
+        );
+        // (1 − 0.25) · 0.5 + 0.25 · 0.3
+        let mixed = ScoreRule::Reference {
+            global: 0.5,
+            weight: 0.25,
+            reference_peak: 0.3,
+        };
+        assert!((postprocess(&raw, 2, 0.0, mixed).1 - 0.45).abs() < 1e-7);
+        assert_eq!(
+            postprocess(&raw, 2, 0.0, ScoreRule::Peak),
+            (raw.to_vec(), 0.9, 0.9)
+        );
+        // Smoothing keeps the mass where it was: a symmetric blur of a centred spike.
+        let mut spike = vec![0f32; 25];
+        spike[12] = 1.0;
+        let (m, peak, _) = postprocess(&spike, 5, 1.0, ScoreRule::Peak);
+        assert_eq!(map_peak(&m), peak);
+        assert!(m[12] < 1.0 && m[12] == peak && (m[11] - m[13]).abs() < 1e-7);
     }
 }
