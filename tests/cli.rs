@@ -28,13 +28,7 @@ fn stderr(o: &Output) -> String {
 /// CLI, against transformers (tolerance 1e-4).
 #[test]
 fn features_match_the_reference_end_to_end() {
-    let Some(tokenizer) = shared()
-        .map(|s| s.join("clip-tokenizer/tokenizer.json"))
-        .filter(|t| t.exists())
-    else {
-        eprintln!("skipping: ../shared/clip-tokenizer is absent");
-        return;
-    };
+    let tokenizer = std::path::PathBuf::from(tokenizer_file());
     let exp = load_expected("tiny-quickgelu.expected.safetensors");
     let meta = {
         let bytes = std::fs::read(fixtures().join("tiny-quickgelu.expected.safetensors")).unwrap();
@@ -313,7 +307,10 @@ fn help_documents_models_and_exit_status() {
 #[test]
 fn cuda_without_cuda_support_is_one_clear_line() {
     if candle_core::utils::cuda_is_available() {
-        eprintln!("skipping: this build has CUDA");
+        skip(
+            "cli::cuda_without_cuda_support_is_one_clear_line",
+            "this build has CUDA",
+        );
         return;
     }
     let dir = tmp("nocuda");

@@ -12,20 +12,13 @@ use common::*;
 use serde_json::Value;
 
 fn tokenizer() -> Option<String> {
-    let p = shared()?.join("clip-tokenizer/tokenizer.json");
-    p.exists().then(|| p.display().to_string())
+    Some(tokenizer_file())
 }
 
-/// The tokenizer path, or return from the test (skipped) when ../shared is absent.
+/// The tokenizer path (../shared's, or the embedded vocabulary written to a file).
 macro_rules! tokenizer_or_skip {
     () => {
-        match tokenizer() {
-            Some(t) => t,
-            None => {
-                eprintln!("skipping: ../shared/clip-tokenizer is absent");
-                return;
-            }
-        }
+        tokenizer_file()
     };
 }
 
@@ -579,7 +572,10 @@ fn detect_without_a_tokenizer_uses_the_embedded_vocabulary() {
         let recs = records(&out);
         assert_eq!(recs.len(), 1, "{model}");
         let Some(tok) = tokenizer() else {
-            eprintln!("skipping the comparison: ../shared/clip-tokenizer is absent");
+            skip(
+                "detect_cli::detect_without_a_tokenizer_uses_the_embedded_vocabulary",
+                "../shared/clip-tokenizer is absent",
+            );
             continue;
         };
         let out2 = tmp("embedded-tok-file");
@@ -608,13 +604,19 @@ fn detect_without_a_tokenizer_uses_the_embedded_vocabulary() {
 #[test]
 fn real_images_get_maps_of_their_own_size() {
     let (Some(tok), Some(shared)) = (tokenizer(), shared()) else {
-        eprintln!("skipping: ../shared is absent");
+        skip(
+            "detect_cli::real_images_get_maps_of_their_own_size",
+            "../shared is absent",
+        );
         return;
     };
     let bottle = shared.join("data/mvtec_ad/bottle/test/broken_large");
     let mtd = shared.join("data/mtd/MT_Blowhole/Imgs");
     if !bottle.exists() || !mtd.exists() {
-        eprintln!("skipping: sample data is absent");
+        skip(
+            "detect_cli::real_images_get_maps_of_their_own_size",
+            "sample data is absent",
+        );
         return;
     }
     let out = tmp("real");

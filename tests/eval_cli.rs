@@ -94,12 +94,18 @@ fn eval_predictions(data: &str, predictions: &str, out: &str) -> std::process::O
 #[test]
 fn predictions_and_model_runs_agree_and_reports_parse() {
     let Some(shared) = shared() else {
-        eprintln!("skipping: ../shared is absent");
+        skip(
+            "eval_cli::predictions_and_model_runs_agree_and_reports_parse",
+            "../shared is absent",
+        );
         return;
     };
     let dir = tmp("agree");
     let Some(man) = manifest(&shared, &dir) else {
-        eprintln!("skipping: sample data is absent");
+        skip(
+            "eval_cli::predictions_and_model_runs_agree_and_reports_parse",
+            "sample data is absent",
+        );
         return;
     };
     let tok = shared
@@ -261,7 +267,10 @@ fn predictions_and_model_runs_agree_and_reports_parse() {
 #[test]
 fn an_mvtec_root_is_read_and_problems_are_named() {
     let Some(shared) = shared() else {
-        eprintln!("skipping: ../shared is absent");
+        skip(
+            "eval_cli::an_mvtec_root_is_read_and_problems_are_named",
+            "../shared is absent",
+        );
         return;
     };
     let root = shared.join("data/mvtec_ad");
@@ -370,12 +379,18 @@ fn an_mvtec_root_is_read_and_problems_are_named() {
 #[test]
 fn predictions_match_by_file_then_by_path_inside_the_dataset() {
     let Some(shared) = shared() else {
-        eprintln!("skipping: ../shared is absent");
+        skip(
+            "eval_cli::predictions_match_by_file_then_by_path_inside_the_dataset",
+            "../shared is absent",
+        );
         return;
     };
     let bottle = shared.join("data/mvtec_ad/bottle");
     if !bottle.exists() {
-        eprintln!("skipping: sample data is absent");
+        skip(
+            "eval_cli::predictions_match_by_file_then_by_path_inside_the_dataset",
+            "sample data is absent",
+        );
         return;
     }
     let tok = shared

@@ -51,7 +51,10 @@ fn mask_resize_matches_pil() {
 #[test]
 fn real_image_matches_pil() {
     let Some(shared) = shared() else {
-        eprintln!("skipping: ../shared is absent");
+        skip(
+            "preprocess_parity::real_image_matches_pil",
+            "../shared is absent",
+        );
         return;
     };
     let exp = load_expected("preprocess.expected.safetensors");
@@ -60,7 +63,10 @@ fn real_image_matches_pil() {
     };
     let path = shared.join("data/mvtec_ad/bottle/test/broken_large/000.png");
     if !path.exists() {
-        eprintln!("skipping: {} is absent", path.display());
+        skip(
+            "preprocess_parity::real_image_matches_pil",
+            &format!("{} is absent", path.display()),
+        );
         return;
     }
     let img = to_rgb8(&decode(&path).unwrap());

@@ -93,12 +93,18 @@ fn four_normal_references_raise_pixel_auroc_on_textures() {
 #[test]
 fn four_normal_references_raise_auroc_on_mvtec_bottle() {
     let Some(shared) = shared() else {
-        eprintln!("skipped: ../shared not found");
+        skip(
+            "reference_cli::four_normal_references_raise_auroc_on_mvtec_bottle",
+            "../shared is absent",
+        );
         return;
     };
     let bottle = shared.join("data/mvtec_ad/bottle");
     if !bottle.exists() {
-        eprintln!("skipped: {} not found", bottle.display());
+        skip(
+            "reference_cli::four_normal_references_raise_auroc_on_mvtec_bottle",
+            &format!("{} is absent", bottle.display()),
+        );
         return;
     }
     let dir = tmp("bottle");

@@ -22,6 +22,16 @@ pub struct ClipTokenizer {
 /// converted by Hugging Face), gzip-compressed: 0.6 MB instead of 3.9 MB. See `assets/README.md`.
 const EMBEDDED_GZ: &[u8] = include_bytes!("../../assets/clip-tokenizer.json.gz");
 
+/// The `tokenizer.json` compiled into the binary, inflated: byte for byte
+/// `openai/clip-vit-base-patch32`'s (see `assets/README.md`).
+pub fn embedded_json() -> Result<Vec<u8>> {
+    let mut json = Vec::new();
+    flate2::read::GzDecoder::new(EMBEDDED_GZ)
+        .read_to_end(&mut json)
+        .map_err(|e| Error::tokenizer(format!("the embedded CLIP vocabulary: {e}")))?;
+    Ok(json)
+}
+
 impl ClipTokenizer {
     /// Reads `tokenizer.json` through the guarded reader (a regular file of at most 64 MB: a
     /// FIFO, `/dev/zero` or a runaway file is refused before it is read).
@@ -36,10 +46,7 @@ impl ClipTokenizer {
     /// `tokenizer.json` lies beside the model).
     pub fn embedded() -> Result<Self> {
         let origin = "the embedded CLIP vocabulary";
-        let mut json = Vec::new();
-        flate2::read::GzDecoder::new(EMBEDDED_GZ)
-            .read_to_end(&mut json)
-            .map_err(|e| Error::tokenizer(format!("{origin}: {e}")))?;
+        let json = embedded_json()?;
         let inner = tokenizers::Tokenizer::from_bytes(&json)
             .map_err(|e| Error::tokenizer(format!("{origin}: {e}")))?;
         Self::checked(inner, origin)

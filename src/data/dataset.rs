@@ -181,7 +181,12 @@ fn read_mvtec_class(class_dir: &Path, parsed: &mut Parsed) -> Result<()> {
     // From the class folder's parent: the class name is part of the path.
     let base = class_dir.parent().unwrap_or(Path::new(""));
     let before = parsed.samples.len();
-    for defect in sorted_dirs(&class_dir.join("test"))? {
+    // A zsad output folder made inside test/ (`cd class/test && zsad detect good bad --out o`)
+    // is not a defect type.
+    let defects = sorted_dirs(&class_dir.join("test"))?
+        .into_iter()
+        .filter(|d| !crate::data::inputs::is_run_folder(d));
+    for defect in defects {
         let kind = name_of(&defect);
         let normal = kind == "good";
         for img in walk(&defect)? {

@@ -841,7 +841,12 @@ impl Folder {
 
     /// Marks the run finished: every input of the run (or shard) has its record.
     fn finished(&self) -> Result<()> {
-        run_record::note_info(&self.dir, "complete", json!(true))
+        run_record::note_info(&self.dir, "complete", json!(true))?;
+        // What the run cost: its peak memory (`VmHWM`), for capacity planning.
+        if let Some(mb) = crate::fsio::peak_rss_mb() {
+            run_record::note_info(&self.dir, "peak_rss_mb", json!(mb.round()))?;
+        }
+        Ok(())
     }
 }
 

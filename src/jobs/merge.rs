@@ -368,8 +368,8 @@ pub fn merge(opts: &MergeOptions, console: &Console) -> Result<MergeSummary> {
         .map(|p| open_shard(p))
         .collect::<Result<Vec<_>>>()?;
     // Checked before anything is written.
-    let run = check_shards(&shards, opts.partial, console)?;
     check_out(opts, &shards)?;
+    let run = check_shards(&shards, opts.partial, console)?;
     let out = OutDir::create(&opts.out)?;
     let _lock = out.lock()?;
     if opts.overwrite && !shards.iter().any(|s| same_dir(s.dir.root(), out.root())) {

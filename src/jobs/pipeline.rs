@@ -95,7 +95,7 @@ pub struct StageSeconds {
 
 /// What the images in flight may take, in bytes of image-sized buffers: a run's memory is
 /// bounded by this (and the model), not by how many large images a folder holds.
-pub const IN_FLIGHT_BYTES: u64 = 1 << 30;
+pub const IN_FLIGHT_BYTES: u64 = 768 << 20;
 
 /// Bytes per pixel an image holds from decoding to its record: the RGB frame (3), its map at
 /// full size (4), the heatmap (3), the mask (1) and encoding buffers (1).
