@@ -575,7 +575,15 @@ fn two_thousand_inputs_with_hostile_files_survive_kill_and_resume() {
         let jpg = image_bytes(image::ImageFormat::Jpeg, 32, 32);
         std::fs::write(data.join(format!("bad/cut{i}.jpg")), &jpg[..jpg.len() / 2]).unwrap();
     }
-    let total = 300 + 1690 + 9;
+    // The side doors' kinds: a strip past 100:1, a link to itself, a name that needs hashing.
+    image::RgbImage::new(5000, 2)
+        .save(data.join("bad/strip.png"))
+        .unwrap();
+    std::os::unix::fs::symlink("self.png", data.join("bad/self.png")).unwrap();
+    let long = data.join(format!("good/{}.png", "%".repeat(120)));
+    write_png(&long, 20, 20, 7);
+    expected_good.insert(long.display().to_string());
+    let total = 300 + 1690 + 9 + 3;
 
     let out = d.join("out");
     let m = model();
@@ -648,6 +656,8 @@ fn two_thousand_inputs_with_hostile_files_survive_kill_and_resume() {
         "/pbomb.png",
         "/bomb.jpg",
         "/cut0.jpg",
+        "/strip.png",
+        "/self.png",
     ] {
         error_of(&by, bad);
     }

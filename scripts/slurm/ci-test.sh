@@ -22,7 +22,7 @@
 #   ZSAD_SLURM_COUNT        images taken from it, spread over its files (default 48)
 #   ZSAD_SLURM_BATCH        --batch-size of every run (default 1: see below)
 #   ZSAD_SLURM_TIMEOUT      seconds for the whole test (default 900)
-#   ZSAD_SLURM_EXPECT_MERGE_COVERAGE  1: fail unless `zsad merge` itself refuses an incomplete
+#   ZSAD_SLURM_EXPECT_MERGE_COVERAGE  1 (default): fail unless `zsad merge` itself refuses an incomplete
 #                           shard set; 0: do not try; unset: try, and report either way
 #   ZSAD_SLURM_KEEP=1       keep the temporary folder (logs, outputs) at the end
 #
@@ -352,7 +352,7 @@ check_zsad_merge_refuses_incomplete_shards() {
     timeout 120 "$ZSAD" merge "$@" --out "$T/raw-merge" >"$T/raw-merge.out" 2>&1 || rc=$?
     if [ "$rc" != 0 ] && grep -Eq "$shard" "$T/raw-merge.out"; then
         log "  zsad merge refuses $what by itself (exit $rc): $(grep -E "$shard" "$T/raw-merge.out" | head -n 1)"
-    elif [ "${ZSAD_SLURM_EXPECT_MERGE_COVERAGE:-}" = 1 ]; then
+    elif [ "${ZSAD_SLURM_EXPECT_MERGE_COVERAGE:-1}" = 1 ]; then
         fail "zsad merge over $what: exit $rc, expected a refusal naming $shard: $(tail -n 2 "$T/raw-merge.out")"
     else
         log "  NOTE: zsad merge by itself accepts $what (exit $rc; $(tail -n 1 "$T/raw-merge.out")): only merge.sbatch's check refuses it"

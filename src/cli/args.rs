@@ -74,7 +74,7 @@ pub struct ModelArgs {
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: GemmPrecision,
     /// Where to run the model
-    #[arg(long, value_enum, default_value = "cpu")]
+    #[arg(long, value_enum, default_value = "cpu", hide_short_help = true)]
     pub device: ComputeDevice,
 }
 

@@ -31,7 +31,7 @@ pub struct DetectArgs {
     #[arg(long, short = 'o', value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Record format: DIR/scores.jsonl or DIR/scores.csv (on stdout: JSON Lines or CSV)
-    #[arg(long, value_enum, default_value = "jsonl")]
+    #[arg(long, value_enum, default_value = "jsonl", hide_short_help = true)]
     pub format: RecordFormat,
     #[command(flatten)]
     pub output: OutputArgs,

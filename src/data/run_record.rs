@@ -113,10 +113,15 @@ impl RunRecord {
     /// The settings that differ between `self` (the earlier run) and `now`, one line each:
     /// `detector.preset: "zero-shot" then, "adaclip" now`.
     pub fn differences(&self, now: &RunRecord) -> Vec<String> {
-        leaf_differences(&self.comparable(), &now.comparable())
+        self.differences_named(now, "then", "now")
+    }
+
+    /// [`Self::differences`] with each side named (`"bottle" in shard-0, "object" in shard-1`).
+    pub fn differences_named(&self, other: &RunRecord, mine: &str, theirs: &str) -> Vec<String> {
+        leaf_differences(&self.comparable(), &other.comparable())
             .into_iter()
             .filter(|(k, _, _)| !NOT_COMPARED.contains(&k.as_str()))
-            .map(|(k, x, y)| format!("{k}: {} then, {} now", show(x), show(y)))
+            .map(|(k, x, y)| format!("{k}: {} {mine}, {} {theirs}", show(x), show(y)))
             .collect()
     }
 }

@@ -119,7 +119,7 @@ fn labelled(
     let samples = dataset::read_all(data)?;
     let (eval, settings) = match predictions {
         Some(dir) => {
-            let eval = read_predictions(dir, &samples, console)?;
+            let eval = read_predictions(dir, &samples, "calibrate", console)?;
             let record = RunRecord::read(dir)?.ok_or_else(|| {
                 Error::output(format!(
                     "{}: no run.json, so the model that made these predictions is unknown",
@@ -140,6 +140,7 @@ fn labelled(
                 resolution: Resolution::Model,
                 // The scores `zsad detect` gives with these options.
                 class_words: false,
+                command: "calibrate",
             };
             score_dataset(&scoring, &samples, console)?
         }

@@ -75,6 +75,8 @@ pub struct Scoring<'a> {
     /// Name the object in hand-made prompts by each class's word (eval, as the papers do);
     /// off, the adapter's word or `class_name` is used, as `zsad detect` does.
     pub class_words: bool,
+    /// The command named in plain progress lines (`eval`, `calibrate`).
+    pub command: &'static str,
 }
 
 fn by_class(samples: &[Sample]) -> BTreeMap<String, Vec<&Sample>> {
@@ -85,12 +87,12 @@ fn by_class(samples: &[Sample]) -> BTreeMap<String, Vec<&Sample>> {
     m
 }
 
-fn progress(n: usize, console: &Console) -> Progress {
+fn progress(n: usize, command: &'static str, console: &Console) -> Progress {
     console.progress(
         n as u64,
         "{elapsed_precise} [{bar:30}] {pos}/{len} images  {per_sec}  ETA {eta}  {msg}",
         Lines {
-            command: "eval",
+            command,
             unit: "image",
             every: 50,
         },
@@ -168,7 +170,7 @@ pub fn score_dataset(
         settings["reference"] = r.settings()?;
         warn_about_references(samples, r, console);
     }
-    let mut bar = progress(samples.len(), console);
+    let mut bar = progress(samples.len(), scoring.command, console);
     let mut done = 0u64;
     let mut eval = Evaluation::default();
     for (class, group) in by_class(samples) {
@@ -409,7 +411,12 @@ fn add_prediction(
 }
 
 /// The evidence of the records and maps that `zsad detect` wrote to `dir` for `samples`.
-pub fn read_predictions(dir: &Path, samples: &[Sample], console: &Console) -> Result<Evaluation> {
+pub fn read_predictions(
+    dir: &Path,
+    samples: &[Sample],
+    command: &'static str,
+    console: &Console,
+) -> Result<Evaluation> {
     let file = [dir.join("scores.jsonl"), dir.join("scores.csv")]
         .into_iter()
         .find(|p| crate::fsio::is_file(p))
@@ -439,7 +446,7 @@ pub fn read_predictions(dir: &Path, samples: &[Sample], console: &Console) -> Re
         .zip(&matched)
         .filter_map(|(s, m)| Some((s.image.as_path(), *m.as_ref().ok()?)))
         .collect();
-    let mut bar = progress(samples.len(), console);
+    let mut bar = progress(samples.len(), command, console);
     let mut done = 0u64;
     let mut eval = Evaluation::default();
     // Maps that cannot be read or do not fit are all named at the end, not one per run.
@@ -488,7 +495,7 @@ pub fn evaluate(
     let started = std::time::Instant::now();
     let (eval, mut settings) = match &opts.predictions {
         Some(dir) => (
-            read_predictions(dir, &samples, console)?,
+            read_predictions(dir, &samples, "eval", console)?,
             json!({"predictions": dir.display().to_string()}),
         ),
         None => score_dataset(
@@ -497,6 +504,7 @@ pub fn evaluate(
                 reference: &opts.reference,
                 resolution: opts.resolution,
                 class_words: true,
+                command: "eval",
             },
             &samples,
             console,

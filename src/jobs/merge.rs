@@ -120,7 +120,11 @@ fn check_shards(shards: &[Shard], partial: bool, console: &Console) -> Result<Op
         match &first {
             None => first = Some((dir, r)),
             Some((d0, r0)) => {
-                let diff = r0.differences(&r);
+                let diff = r0.differences_named(
+                    &r,
+                    &format!("in {}", d0.display()),
+                    &format!("in {}", dir.display()),
+                );
                 if !diff.is_empty() {
                     return Err(OptionError::rule(format!(
                         "{} and {} were made with other settings; their records would be mixed:\n  {}",
