@@ -100,6 +100,17 @@ pub struct Lines {
     pub every: u64,
 }
 
+impl Lines {
+    /// A line at every twentieth of `total` units (5%), and at least every [`LINE_INTERVAL`].
+    pub fn at_every_5_percent(command: &'static str, unit: &'static str, total: u64) -> Self {
+        Self {
+            command,
+            unit,
+            every: (total / 20).max(1),
+        }
+    }
+}
+
 struct Plain {
     lines: Lines,
     started: Instant,

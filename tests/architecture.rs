@@ -215,6 +215,20 @@ fn is_ident(c: char) -> bool {
     c.is_alphanumeric() || c == '_'
 }
 
+/// The modules a file declares in files of their own (`mod name;`).
+fn child_modules(code: &str) -> Vec<String> {
+    code.split("mod ")
+        .skip(1)
+        .filter_map(|s| {
+            let name: String = s.chars().take_while(|&c| is_ident(c)).collect();
+            s[name.len()..]
+                .trim_start()
+                .starts_with(';')
+                .then_some(name)
+        })
+        .collect()
+}
+
 /// The module paths a file's code names: `use` items, and `crate::`/`super::`/`self::` paths
 /// and declared child modules anywhere in the code.
 fn named_paths(code: &str) -> Vec<Vec<String>> {
@@ -229,21 +243,10 @@ fn named_paths(code: &str) -> Vec<Vec<String>> {
         }
         rest = &after[end.min(after.len())..];
     }
-    let children: Vec<String> = code
-        .split("mod ")
-        .skip(1)
-        .filter_map(|s| {
-            let name: String = s.chars().take_while(|&c| is_ident(c)).collect();
-            s[name.len()..]
-                .trim_start()
-                .starts_with(';')
-                .then_some(name)
-        })
-        .collect();
     let heads: Vec<String> = ["crate", "super", "self"]
         .iter()
         .map(|s| s.to_string())
-        .chain(children)
+        .chain(child_modules(code))
         .collect();
     for head in &heads {
         let pat = format!("{head}::");
@@ -277,17 +280,7 @@ fn file_graph(files: &BTreeMap<String, String>) -> BTreeMap<String, BTreeSet<Str
     for (rel, text) in files {
         let code = code(text);
         let here = module_of(rel);
-        let children: BTreeSet<String> = code
-            .split("mod ")
-            .skip(1)
-            .filter_map(|s| {
-                let name: String = s.chars().take_while(|&c| is_ident(c)).collect();
-                s[name.len()..]
-                    .trim_start()
-                    .starts_with(';')
-                    .then_some(name)
-            })
-            .collect();
+        let children: BTreeSet<String> = child_modules(&code).into_iter().collect();
         for p in named_paths(&code) {
             let Some(first) = p.first() else { continue };
             let target: Vec<String> = match first.as_str() {

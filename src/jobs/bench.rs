@@ -16,6 +16,7 @@ use crate::data::heatmap::HeatmapScale;
 use crate::data::inputs::WalkOptions;
 use crate::error::{Error, OptionError, Result};
 use crate::fsio::TempDir;
+use crate::method::StageTimes;
 use crate::progress::Console;
 
 /// Everything `zsad bench` is asked to do.
@@ -33,19 +34,14 @@ pub struct BenchOptions {
     pub batch_size: usize,
 }
 
-/// Seconds per image for every stage of `zsad detect`.
+/// Seconds per image for every stage of `zsad detect`: decoding and resizing, the model's
+/// stages ([`StageTimes`]), encoding and writing the files.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Stages {
     pub decode: f64,
     pub resize: f64,
-    pub backbone: f64,
-    pub text: f64,
-    pub maps: f64,
-    /// Nearest-patch search in the reference bank, its map and the fusion (`reference`).
-    pub reference: f64,
-    /// The batch's maps copied to the host.
-    pub transfer: f64,
-    pub smoothing: f64,
+    #[serde(flatten)]
+    pub model: StageTimes,
     /// Map resized to the image, map and heatmap encoded (what `maps`/`heatmaps` ask for).
     pub png_encode: f64,
     pub write: f64,
@@ -54,15 +50,16 @@ pub struct Stages {
 impl Stages {
     /// The stages in pipeline order with their names, as reports print them.
     pub fn named(&self) -> [(&'static str, f64); 10] {
+        let m = &self.model;
         [
             ("decode", self.decode),
             ("resize", self.resize),
-            ("backbone", self.backbone),
-            ("text", self.text),
-            ("maps", self.maps),
-            ("reference", self.reference),
-            ("transfer", self.transfer),
-            ("smoothing", self.smoothing),
+            ("backbone", m.backbone),
+            ("text", m.text),
+            ("maps", m.maps),
+            ("reference", m.reference),
+            ("transfer", m.transfer),
+            ("smoothing", m.smoothing),
             ("png encode", self.png_encode),
             ("write", self.write),
         ]
@@ -74,12 +71,14 @@ impl Stages {
         Self {
             decode: s.decode / n,
             resize: s.resize / n,
-            backbone: m.backbone / n,
-            text: m.text / n,
-            maps: m.maps / n,
-            reference: m.reference / n,
-            transfer: m.transfer / n,
-            smoothing: m.smoothing / n,
+            model: StageTimes {
+                backbone: m.backbone / n,
+                text: m.text / n,
+                maps: m.maps / n,
+                reference: m.reference / n,
+                transfer: m.transfer / n,
+                smoothing: m.smoothing / n,
+            },
             png_encode: png_encode / n,
             write: write / n,
         }

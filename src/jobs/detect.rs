@@ -598,12 +598,7 @@ fn score_inputs(
     let mut progress = console.progress(
         total,
         "{elapsed_precise} [{bar:30}] {pos}/{len} images  {per_sec}  ETA {eta}",
-        Lines {
-            command: "detect",
-            unit: "image",
-            // A line at every 5% (and at least every 30 s).
-            every: (total / 20).max(1),
-        },
+        Lines::at_every_5_percent("detect", "image", total),
     );
     let (mut scored, mut failed) = (0usize, 0usize);
     // Rendering (map resize, PNG encoding) is the step a GPU outruns: it may run for

@@ -432,11 +432,7 @@ fn collect(
     let mut progress = console.progress(
         total,
         "{elapsed_precise} [{bar:30}] {pos}/{len} reference images  ETA {eta}",
-        Lines {
-            command: "reference",
-            unit: "image",
-            every: (total / 10).max(1),
-        },
+        Lines::at_every_5_percent("reference", "image", total),
     );
     let mut done = 0;
     for chunk in inputs.inputs.chunks(batch) {

@@ -159,11 +159,7 @@ pub fn draw(
     let mut progress = console.progress(
         total,
         "{elapsed_precise} [{bar:30}] {pos}/{len} heatmaps (run scale)  ETA {eta}",
-        Lines {
-            command: "detect: run-scale heatmaps",
-            unit: "image",
-            every: (total / 20).max(1),
-        },
+        Lines::at_every_5_percent("detect: run-scale heatmaps", "image", total),
     );
     // Chunks keep memory bounded (each item holds one image and its map) and let the
     // progress advance between them.

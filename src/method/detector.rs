@@ -37,7 +37,7 @@ pub struct Forward {
 
 /// Wall time per stage of [`Detector::forward`] / [`Detector::detect`], accumulated (CPU ops
 /// are synchronous, so wall time between stages is the stage's time).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct StageTimes {
     /// Image tower passes and patch features.
     pub backbone: f64,

@@ -185,11 +185,7 @@ pub fn build(dir: &Path, opts: &ReportOptions, console: &Console) -> Result<Repo
     let mut progress = console.progress(
         total,
         "{elapsed_precise} [{bar:30}] {pos}/{len} thumbnails  ETA {eta}",
-        Lines {
-            command: "report",
-            unit: "image",
-            every: (total / 20).max(1),
-        },
+        Lines::at_every_5_percent("report", "image", total),
     );
     let mut rows = Vec::with_capacity(records.len());
     // Chunks bound memory (each item decodes one image) and let the progress advance.
