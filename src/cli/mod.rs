@@ -112,7 +112,19 @@ pub fn main() -> ExitCode {
         stack.extend(cmd.get_subcommands().cloned());
     }
     output::set_flags(longs);
-    stop_on_signals();
+    // The commands whose jobs stop cleanly on request; the others end at Ctrl-C as any program
+    // does (what they write is written atomically).
+    if matches!(
+        cli.command,
+        Command::Detect(_)
+            | Command::Eval(_)
+            | Command::Calibrate(_)
+            | Command::Train(_)
+            | Command::Bench(_)
+            | Command::Reference(_)
+    ) {
+        stop_on_signals();
+    }
     let result = match cli.command {
         Command::Detect(a) => detect::run(a),
         Command::Eval(a) => eval::run(a),

@@ -217,6 +217,11 @@ pub fn bench(opts: &BenchOptions, console: &Console) -> Result<BenchReport> {
     let start = Instant::now();
     let secs = pipeline::run(all, |p| p.as_path(), &det, &pipe, console, consume)?;
     let total = start.elapsed().as_secs_f64();
+    if crate::progress::stop_requested() {
+        return Err(Error::Interrupted {
+            kept: String::new(),
+        });
+    }
     let consumed = *spent.lock().unwrap_or_else(|e| e.into_inner());
     Ok(BenchReport {
         model: opts.detector.model.model.clone(),

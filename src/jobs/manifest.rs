@@ -1,7 +1,7 @@
 //! `zsad manifest` as a library job: a manifest (image, mask, label, class) from any dataset
 //! layout, to edit, split or combine; labels from the masks where the layout has none.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::data::dataset::{self, Layout};
 use crate::error::{Error, OptionError, Result};
@@ -34,7 +34,7 @@ fn csv_row(fields: [&str; 4]) -> Result<String> {
 
 /// Writes the manifest of the dataset at `root` to `out` (`.csv`, else JSON Lines); paths in
 /// it are relative to its folder where possible.
-pub fn write_manifest(root: &Path, out: &PathBuf) -> Result<ManifestSummary> {
+pub fn write_manifest(root: &Path, out: &Path) -> Result<ManifestSummary> {
     let (layout, samples) =
         dataset::read(root).map_err(|e| e.context(format!("cannot read {}", root.display())))?;
     if samples.is_empty() {

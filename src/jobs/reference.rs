@@ -436,6 +436,11 @@ fn collect(
     );
     let mut done = 0;
     for chunk in inputs.inputs.chunks(batch) {
+        if crate::progress::stop_requested() {
+            return Err(crate::Error::Interrupted {
+                kept: "no bank was written".into(),
+            });
+        }
         let (mut ok, mut pixels) = (Vec::new(), Vec::new());
         for input in chunk {
             match decode_for_model(&input.path, size, &dev, &opts.limits).0 {

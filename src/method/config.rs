@@ -281,7 +281,7 @@ pub fn image_size_problem(size: usize, patch: usize, max: usize) -> Option<Strin
             "is outside {patch}..={max} (one {patch} px patch to the largest input this backbone takes)"
         ));
     }
-    if patch > 0 && size % patch != 0 {
+    if patch > 0 && !size.is_multiple_of(patch) {
         let below = size / patch * patch;
         return Some(format!(
             "is not a multiple of the model's {patch} px patch (the last partial patch would be dropped and the map shifted); use {}",
@@ -472,7 +472,7 @@ impl DetectorConfig {
         if let ImageScore::Hsf { clusters, .. } = self.image_score {
             within("image_score.clusters", clusters, 1, MAX_CLUSTERS, "");
         }
-        if p > 0 && self.image_size % p != 0 {
+        if p > 0 && !self.image_size.is_multiple_of(p) {
             if let Some(why) = image_size_problem(self.image_size, p, max_size) {
                 problems.push(format!("image_size = {} {why}", self.image_size));
             }
