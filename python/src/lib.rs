@@ -6,11 +6,13 @@
 
 use std::path::PathBuf;
 
-use numpy::{PyReadonlyArray3, PyUntypedArray, PyUntypedArrayMethods};
+use numpy::ndarray::Array3;
+use numpy::{IntoPyArray, PyArray3, PyReadonlyArray3, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
 
+use zsad::data::image::DecodeLimits;
 use zsad::data::records::Record;
 use zsad::jobs::detect::{DetectJob, DetectSummary};
 use zsad::jobs::pipeline::MAX_BATCH_SIZE;
@@ -112,33 +114,22 @@ impl NativeDetector {
     }
 
     /// Scores `images` (paths and arrays), `batch_size` per model pass (None: the detector's;
-    /// 0: as the CLI picks). `single`: the inputs are named `image`, else `images[i]`.
-    #[pyo3(signature = (images, batch_size=None, single=false))]
+    /// 0: as the CLI picks). `single`: the inputs are named `image`, else `images[first + i]`.
+    #[pyo3(signature = (images, batch_size=None, single=false, first=0))]
     fn detect<'py>(
         &self,
         py: Python<'py>,
         images: Bound<'py, PyList>,
         batch_size: Option<i64>,
         single: bool,
+        first: usize,
     ) -> PyResult<Bound<'py, PyList>> {
-        let requested = match batch_size {
-            None => None,
-            Some(b) if (0..=MAX_BATCH_SIZE as i64).contains(&b) => Some(b as usize),
-            Some(b) => {
-                return Err(errors::option_value(
-                    py,
-                    "batch_size",
-                    b.to_string(),
-                    &format!("at most {MAX_BATCH_SIZE} (0 picks about 1024 tokens per pass)"),
-                ))
-            }
-        };
-        let pass = self.inner.pass_size(requested);
+        let pass = self.pass_size(py, batch_size)?;
         let name = |i: usize| {
             if single {
                 "image".to_string()
             } else {
-                format!("images[{i}]")
+                format!("images[{}]", first + i)
             }
         };
         let out = PyList::empty(py);
@@ -212,10 +203,28 @@ impl NativeDetector {
         self.inner.thresholds()
     }
 
-    /// The images per model pass for `batch_size` (None: the detector's own).
+    /// The images per model pass for `batch_size` (None: the detector's own; 0: as the CLI
+    /// picks), refused as `zsad detect` refuses it.
     #[pyo3(signature = (batch_size=None))]
-    fn pass_size(&self, batch_size: Option<usize>) -> usize {
-        self.inner.pass_size(batch_size)
+    fn pass_size(&self, py: Python<'_>, batch_size: Option<i64>) -> PyResult<usize> {
+        let requested = match batch_size {
+            None => None,
+            Some(b) if (0..=MAX_BATCH_SIZE as i64).contains(&b) => Some(b as usize),
+            Some(b) => {
+                let problem = if b < 0 {
+                    "must be an integer >= 0".to_string()
+                } else {
+                    format!("at most {MAX_BATCH_SIZE} (0 picks about 1024 tokens per pass)")
+                };
+                return Err(errors::option_value(
+                    py,
+                    "batch_size",
+                    b.to_string(),
+                    &problem,
+                ));
+            }
+        };
+        Ok(self.inner.pass_size(requested))
     }
 }
 
@@ -349,6 +358,38 @@ fn calibrate<'py>(
     ))
 }
 
+/// An image file decoded as `zsad detect` decodes its inputs (the guarded reader, within
+/// `max_pixels`, EXIF orientation applied, 8-bit RGB), as a `uint8` array `(height, width, 3)`.
+#[pyfunction]
+#[pyo3(signature = (path, max_pixels=None))]
+fn read_image<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    max_pixels: Option<u64>,
+) -> PyResult<Bound<'py, PyArray3<u8>>> {
+    use zsad::jobs::detect::MAX_MAX_PIXELS;
+    let limits = match max_pixels {
+        None => DecodeLimits::default(),
+        Some(p) if (1..=MAX_MAX_PIXELS).contains(&p) => DecodeLimits::with_max_pixels(p),
+        Some(p) => {
+            return Err(errors::option_value(
+                py,
+                "max_pixels",
+                p.to_string(),
+                &format!("must be in 1..={MAX_MAX_PIXELS}"),
+            ))
+        }
+    };
+    let rgb = interruptible(py, move || {
+        zsad::data::image::decode_limited(&path, &limits)
+            .map(|img| zsad::data::image::to_rgb8(&img))
+    })?;
+    let (w, h) = rgb.dimensions();
+    let array = Array3::from_shape_vec((h as usize, w as usize, 3), rgb.into_raw())
+        .map_err(|e| errors::exception(py, "ZsadError", format!("image of {w}x{h}: {e}"), None))?;
+    Ok(array.into_pyarray(py))
+}
+
 /// `text` with option fields as keyword arguments (as the package's messages read).
 #[pyfunction]
 fn render_options(text: &str) -> String {
@@ -373,5 +414,6 @@ fn _zsad(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(evaluate, m)?)?;
     m.add_function(wrap_pyfunction!(calibrate, m)?)?;
     m.add_function(wrap_pyfunction!(render_options, m)?)?;
+    m.add_function(wrap_pyfunction!(read_image, m)?)?;
     Ok(())
 }

@@ -115,10 +115,25 @@ def test_batch_errors_name_the_input(detector, images, tmp_path):
         detector.detect_batch([good, np.zeros((20, 30, 3))])
     with pytest.raises(zsad.MissingFileError, match="gone.png"):
         detector.detect_batch([images[0], tmp_path / "gone.png"])
+    # Counted across passes.
+    with pytest.raises(zsad.InputError, match=r"^images\[9\]: an array of shape \(20, 30\)"):
+        detector.detect_batch([good] * 9 + [good[..., 0]], batch_size=4)
+    with pytest.raises(zsad.OptionError, match=r"^batch_size=-1: must be an integer >= 0"):
+        detector.detect_batch([good], batch_size=-1)
     assert detector.detect_batch([]) == []
     # Any iterable, mixed kinds.
     out = detector.detect_batch(iter([images[1], good, Image.fromarray(good)]))
     assert [o.source for o in out] == [str(images[1]), None, None]
+    # A generator is consumed a pass at a time.
+    seen = []
+
+    def frames():
+        for i in range(10):
+            seen.append(i)
+            yield good
+
+    out = detector.detect_batch(frames(), batch_size=3)
+    assert len(out) == 10 and seen == list(range(10))
 
 
 def test_the_gil_is_released_while_the_model_runs(detector):

@@ -95,3 +95,23 @@ def test_a_16_bit_file_is_read_as_the_cli_reads_it(cli, detector, tmp_path):
     scaled = np.round(a16[..., 0] / 257).astype(np.uint8)
     same = detector.detect(np.stack([scaled] * 3, axis=-1))
     assert same.score == got.score
+
+
+def test_read_image_decodes_as_the_cli(cli, detector, images, tmp_path):
+    # PNG: the same pixels as PIL's; JPEG: zsad's decoder, which may differ from PIL's by one
+    # level in a few samples, is what the CLI scores, so read_image gives the CLI's numbers.
+    for p in images:
+        assert np.array_equal(zsad.read_image(p), np.asarray(Image.open(p).convert("RGB")))
+    jpg = tmp_path / "photo.jpg"
+    Image.fromarray(rgb(120, 90, seed=5)).save(jpg, quality=90)
+    want = cli_run(cli, [str(jpg)], tmp_path / "run")[str(jpg)]
+    a = zsad.read_image(jpg)
+    assert a.dtype == np.uint8 and a.shape == (120, 90, 3) and a.flags.c_contiguous
+    assert detector.detect(a).score == detector.detect(jpg).score == want["score"]
+    with pytest.raises(zsad.MissingFileError):
+        zsad.read_image(tmp_path / "gone.png")
+    with pytest.raises(zsad.OptionError, match="^max_pixels=0: must be in 1..="):
+        zsad.read_image(jpg, max_pixels=0)
+    with pytest.raises(zsad.InputError, match="over the budget of 100"):
+        zsad.read_image(jpg, max_pixels=100)
+

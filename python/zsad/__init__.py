@@ -13,7 +13,8 @@ same defaults, the same checks and the same numbers::
 - :func:`detect_folder` is ``zsad detect`` (records, and with ``out=`` the CLI's files);
 - :func:`evaluate` is ``zsad eval`` (the papers' metrics on annotated data);
 - :func:`calibrate` is ``zsad calibrate`` (image and pixel thresholds);
-- :func:`info` is ``zsad info`` (the model, and the GEMM in use).
+- :func:`info` is ``zsad info`` (the model, and the GEMM in use);
+- :func:`read_image` decodes a file exactly as zsad does, to a numpy array.
 
 Options are the CLI's flags as keyword arguments (``--batch-size 4`` is ``batch_size=4``), with
 the CLI's defaults; they are checked as the CLI checks them, and errors are the exceptions of
@@ -22,6 +23,7 @@ and stop on Ctrl-C (``KeyboardInterrupt``). Nothing needs the network when the m
 local folder or file, or ``random:ARCH`` (random weights, for tests).
 """
 
+import itertools
 import os
 import sys
 import tempfile
@@ -55,6 +57,7 @@ __all__ = [
     "evaluate",
     "calibrate",
     "info",
+    "read_image",
     "ZsadError",
     "OptionError",
     "InputError",
@@ -316,10 +319,20 @@ class Detector:
             returned then (use :func:`detect_folder` for runs that record failed inputs and go
             on).
         """
-        items = [_as_input(im, f"images[{i}]") for i, im in enumerate(images)]
-        out = self._native.detect(items, batch_size, False)
-        return [Detection(source=i if isinstance(i, str) else None, **o)
-                for i, o in zip(items, out)]
+        # A pass's worth at a time: PIL images and generators are converted as they are
+        # scored, so memory stays at one pass however many images there are.
+        per_pass = self._native.pass_size(batch_size)
+        results: List[Detection] = []
+        it = iter(images)
+        while True:
+            chunk = list(itertools.islice(it, per_pass))
+            if not chunk:
+                return results
+            first = len(results)
+            items = [_as_input(im, f"images[{first + k}]") for k, im in enumerate(chunk)]
+            out = self._native.detect(items, batch_size, False, first)
+            results += [Detection(source=i if isinstance(i, str) else None, **o)
+                        for i, o in zip(items, out)]
 
     def info(self) -> Dict[str, Any]:
         """The model, as ``zsad info --json`` describes it: ``source``, ``naming``,
@@ -499,3 +512,20 @@ def info(
     return _zsad.info(os.fsdecode(os.fspath(model)),
                       _options(device=device, precision=precision, dtype=dtype,
                                activation=activation))
+
+
+def read_image(path: PathLike, *, max_pixels: Optional[int] = None) -> np.ndarray:
+    """An image file decoded exactly as ``zsad detect`` decodes its inputs: regular files only,
+    within ``max_pixels`` (default 40 megapixels), EXIF orientation applied, 16-bit samples
+    scaled (``v / 257``, rounded), grey replicated and alpha dropped.
+
+    Returns:
+        A ``uint8`` array of shape ``(height, width, 3)`` (RGB): ``detector.detect(array)``
+        gives the numbers of ``detector.detect(path)``. An array decoded by another library
+        can differ slightly (JPEG decoders in particular do not agree to the last bit), and so
+        can its scores.
+
+    Raises:
+        InputError, MissingFileError, FileError: as :meth:`Detector.detect` for a path.
+    """
+    return _zsad.read_image(os.fspath(path), max_pixels)

@@ -49,9 +49,11 @@ class Detector:
         images: List[Union[str, np.ndarray]],
         batch_size: Optional[int] = None,
         single: bool = False,
+        first: int = 0,
     ) -> List[Dict[str, Any]]:
         """Scores paths and C-ordered ``uint8`` arrays of shape ``(height, width, 3)``,
-        ``batch_size`` per model pass, with the GIL released while the model runs. Each result
+        ``batch_size`` per model pass, with the GIL released while the model runs (inputs are
+        named ``images[first + i]`` in errors, or ``image`` when ``single``). Each result
         has ``score``, ``global_score``, ``width``, ``height``, ``map`` (float32,
         ``(height, width)``), ``map_max``, ``map_mean``, ``map_min``, ``anomalous``, ``mask``
         (bool, ``(height, width)``) and ``regions``."""
@@ -75,7 +77,8 @@ class Detector:
         """``(image threshold, pixel threshold)``."""
 
     def pass_size(self, batch_size: Optional[int] = None) -> int:
-        """Images per model pass for ``batch_size`` (``None``: the detector's own)."""
+        """Images per model pass for ``batch_size`` (``None``: the detector's own; 0: as the
+        CLI picks); ``OptionError`` past 256 or below 0."""
 
 def info(model: str, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """``zsad info --json``."""
@@ -107,6 +110,10 @@ def calibrate(
 ) -> Tuple[Dict[str, Any], Optional[str]]:
     """``zsad calibrate`` writing ``out``: the thresholds file as a dict, and why no pixel
     threshold was chosen when none was."""
+
+def read_image(path: Any, max_pixels: Optional[int] = None) -> np.ndarray:
+    """An image file decoded as ``zsad detect`` decodes its inputs, as ``uint8``
+    ``(height, width, 3)``."""
 
 def render_options(text: str) -> str:
     """``text`` with backticked option fields as keyword arguments (`` `batch_size` `` as
