@@ -39,3 +39,7 @@ pub mod settings;
 pub mod train;
 
 pub use error::{Error, Result};
+
+/// This zsad's version (the `zsad --version` of the same build, and the Python package's
+/// `zsad.__version__`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -173,6 +173,32 @@ pub fn decode_bytes_limited(
         .into_decoder()
         .map_err(|e| image_error(path, format!("cannot decode: {e}")))?;
     let (w, h) = decoder.dimensions();
+    check_dimensions(path, w, h, limits)?;
+    // The decoder's own allocations (the frame, a decoder's scratch rows) stay within what the
+    // budget implies for the worst sample type (16-bit RGBA, 8 bytes a pixel), doubled.
+    let mut dec_limits = image::Limits::default();
+    dec_limits.max_image_width = Some(w);
+    dec_limits.max_image_height = Some(h);
+    dec_limits.max_alloc = Some(limits.max_pixels.saturating_mul(16).max(64 << 20));
+    decoder
+        .set_limits(dec_limits)
+        .map_err(|e| image_error(path, format!("cannot decode: {e}")))?;
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder)
+        .map_err(|e| image_error(path, format!("cannot decode: {e}")))?;
+    img.apply_orientation(orientation);
+    if img.width() == 0 || img.height() == 0 {
+        return Err(image_error(path, "image has no pixels"));
+    }
+    Ok(img)
+}
+
+/// Whether a `w` x `h` image is within `limits` (its shape and its pixel budget), checked before
+/// any pixel buffer is allocated; `path` names the image in the error. Decoded files and images
+/// handed over in memory (the Python package's arrays) are held to the same limits.
+pub fn check_dimensions(path: &Path, w: u32, h: u32, limits: &DecodeLimits) -> Result<()> {
     let pixels = w as u64 * h as u64;
     let (long, short) = (w.max(h) as u64, w.min(h).max(1) as u64);
     if short > 0 && long > limits.max_aspect as u64 * short {
@@ -193,25 +219,7 @@ pub fn decode_bytes_limited(
             ),
         ));
     }
-    // The decoder's own allocations (the frame, a decoder's scratch rows) stay within what the
-    // budget implies for the worst sample type (16-bit RGBA, 8 bytes a pixel), doubled.
-    let mut dec_limits = image::Limits::default();
-    dec_limits.max_image_width = Some(w);
-    dec_limits.max_image_height = Some(h);
-    dec_limits.max_alloc = Some(limits.max_pixels.saturating_mul(16).max(64 << 20));
-    decoder
-        .set_limits(dec_limits)
-        .map_err(|e| image_error(path, format!("cannot decode: {e}")))?;
-    let orientation = decoder
-        .orientation()
-        .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder)
-        .map_err(|e| image_error(path, format!("cannot decode: {e}")))?;
-    img.apply_orientation(orientation);
-    if img.width() == 0 || img.height() == 0 {
-        return Err(image_error(path, "image has no pixels"));
-    }
-    Ok(img)
+    Ok(())
 }
 
 /// 8-bit RGB as PIL's `convert("RGB")` gives it, but with 16-bit samples scaled (see module docs).

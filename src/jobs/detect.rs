@@ -96,6 +96,14 @@ impl DetectOptions {
 
     /// Range checks of every option and the rules between them, each option named.
     pub fn validate(&self) -> Result<()> {
+        self.validate_settings()?;
+        self.validate_without_folder()
+    }
+
+    /// [`Self::validate`] without the rules about where results go: what a caller that keeps
+    /// results in memory (`jobs::single`, the Python package's `Detector`) checks, so that its
+    /// options are refused exactly as `zsad detect` refuses them.
+    pub fn validate_settings(&self) -> Result<()> {
         self.output.validate()?;
         self.detector.check()?;
         self.reference.check()?;
@@ -160,7 +168,7 @@ impl DetectOptions {
         if let Some(r) = &self.report {
             r.validate()?;
         }
-        self.validate_without_folder()
+        Ok(())
     }
 
     /// What a run without an output folder cannot do: its records go to the caller, no file is

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use super::prelude::ModelOptions;
-use crate::clip::{ClipConfig, ModelSource};
+use crate::clip::{ClipConfig, LoadedModel, ModelSource};
 use crate::error::Result;
 
 /// A model described.
@@ -43,7 +43,11 @@ pub fn parameter_count(c: &ClipConfig) -> (usize, usize) {
 
 /// `zsad info` as a job.
 pub fn info(opts: &ModelOptions) -> Result<ModelInfo> {
-    let loaded = opts.load()?;
+    Ok(describe(&opts.load()?))
+}
+
+/// What a loaded model is (for a model already loaded, as the Python package's `Detector` holds).
+pub fn describe(loaded: &LoadedModel) -> ModelInfo {
     let c = loaded.model.config.clone();
     let (vision_parameters, text_parameters) = parameter_count(&c);
     let source = match &loaded.source {
@@ -54,7 +58,7 @@ pub fn info(opts: &ModelOptions) -> Result<ModelInfo> {
             .collect::<Vec<_>>()
             .join(", "),
     };
-    Ok(ModelInfo {
+    ModelInfo {
         source,
         naming: match loaded.naming {
             Some(crate::clip::weights::Naming::HuggingFace) => "hugging_face",
@@ -67,7 +71,7 @@ pub fn info(opts: &ModelOptions) -> Result<ModelInfo> {
         text_parameters,
         tokenizer: loaded.tokenizer.as_ref().map(|p| p.display().to_string()),
         gemm: loaded.model.gemm(),
-    })
+    }
 }
 
 #[cfg(test)]

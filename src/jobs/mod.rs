@@ -6,7 +6,8 @@
 //!
 //! Scoring jobs share the staged [`pipeline`] (decoding, the model and writing overlapped) and,
 //! for detect, [`render`] (the files of one scored input) and [`run_heatmaps`] (heatmaps on
-//! the run's scale).
+//! the run's scale). [`single`] runs a built detector on images held in memory (the Python
+//! package's `Detector`), with detect's numbers.
 
 pub mod bench;
 pub mod calibrate;
@@ -22,4 +23,5 @@ pub mod prelude;
 pub mod reference;
 pub mod render;
 pub mod run_heatmaps;
+pub mod single;
 pub mod train;

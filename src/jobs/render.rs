@@ -113,6 +113,32 @@ pub struct Rendered {
     pub map_min: f32,
 }
 
+/// The statistics of a map at its image's size that a record carries (`map_max`, `map_mean`,
+/// `map_min`): the extremes over the finite values, the mean summed in f64.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MapStats {
+    pub max: f32,
+    pub mean: f32,
+    pub min: f32,
+}
+
+impl MapStats {
+    pub fn of(map: &[f32]) -> Self {
+        let observed = ValueRange::of(map.iter().copied()).unwrap_or(ValueRange::UNIT);
+        Self {
+            max: observed.hi,
+            mean: (map.iter().map(|&v| v as f64).sum::<f64>() / map.len() as f64) as f32,
+            min: observed.lo,
+        }
+    }
+}
+
+/// The map of a detection at its image's size (`w` x `h`, row-major): what every file and
+/// record of `zsad detect` is made from.
+pub fn map_at_image_size(det: &Detection, w: u32, h: u32) -> Vec<f32> {
+    crate::method::maps::resize_map(&det.map, det.size, det.size, h as usize, w as usize)
+}
+
 /// `DIR/KEY.EXT` as a `/`-separated path relative to the output folder.
 pub fn output_path(dir: &str, key: &str, ext: &str) -> String {
     format!("{dir}/{key}.{ext}")
@@ -150,7 +176,7 @@ pub fn render(
     det: &Detection,
 ) -> Result<Rendered> {
     let (w, h) = rgb.dimensions();
-    let map = crate::method::maps::resize_map(&det.map, det.size, det.size, h as usize, w as usize);
+    let map = map_at_image_size(det, w, h);
     let mut files = Vec::new();
     let map_rel = match opts.maps {
         MapFormat::Png => Some((
@@ -170,7 +196,11 @@ pub fn render(
     let defects = opts
         .pixel_threshold
         .map(|t| defect_regions(&map, w as usize, h as usize, t, opts.min_region_area));
-    let observed = ValueRange::of(map.iter().copied()).unwrap_or(ValueRange::UNIT);
+    let stats = MapStats::of(&map);
+    let observed = ValueRange {
+        lo: stats.min,
+        hi: stats.max,
+    };
     let heat_rel =
         (opts.heatmaps != HeatmapKind::None).then(|| output_path("heatmaps", key, "png"));
     if let (Some(r), true) = (&heat_rel, opts.heatmaps_per_input()) {
@@ -197,9 +227,9 @@ pub fn render(
         heatmap: heat_rel,
         mask: mask_rel,
         regions,
-        map_max: observed.hi,
-        map_mean: (map.iter().map(|&v| v as f64).sum::<f64>() / map.len() as f64) as f32,
-        map_min: observed.lo,
+        map_max: stats.max,
+        map_mean: stats.mean,
+        map_min: stats.min,
     })
 }
 
