@@ -66,9 +66,10 @@ fn synthetic_run(root: &Path, n: usize) -> PathBuf {
         lines += &format!("{rec}\n");
     }
     std::fs::write(out.join("scores.jsonl"), lines).unwrap();
+    let roots = [inputs.canonicalize().unwrap().to_str().unwrap().to_string()];
     let run = json!({"record_format_version": 2,
                      "settings": {"threshold": 0.7, "model": {"spec": "synthetic"}},
-                     "info": {}});
+                     "info": {"input_roots": roots}});
     std::fs::write(out.join("run.json"), run.to_string()).unwrap();
     out
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 fn zsad(args: &[&str], stdin: &str) -> Output {
     run_zsad(args, stdin)
@@ -234,14 +234,34 @@ fn predictions_and_model_runs_agree_and_reports_parse() {
     let md = std::fs::read_to_string(from_pred.join("metrics.md")).unwrap();
     assert!(md.contains("| MT_Free | n/a |"), "{md}");
     for plot in [
-        "roc_image.png",
-        "pr_image.png",
-        "roc_pixel.png",
-        "pr_pixel.png",
+        "roc_image.svg",
+        "pr_image.svg",
+        "roc_pixel.svg",
+        "pr_pixel.svg",
     ] {
-        let img = image::open(from_pred.join(plot)).unwrap();
-        assert!(img.width() > 100);
+        let svg = std::fs::read_to_string(from_pred.join(plot)).unwrap();
+        assert!(
+            svg.starts_with("<svg xmlns=") && svg.ends_with("</svg>"),
+            "{plot}"
+        );
+        assert!(svg.contains("<path class=\"curve\""), "{plot}: a curve");
+        assert!(!from_pred.join(plot.replace(".svg", ".png")).exists());
     }
+    // The curves' numbers, for the report: one class with a defined image AUROC per curve.
+    let curves: Value =
+        serde_json::from_slice(&std::fs::read(from_pred.join("curves.json")).unwrap()).unwrap();
+    for series in curves["image"]["roc"].as_array().unwrap() {
+        let class = series["class"].as_str().unwrap();
+        assert_eq!(
+            series["value"], a["classes"][class]["image_auroc"],
+            "{class}"
+        );
+        let pts = series["points"].as_array().unwrap();
+        assert!(pts.len() >= 2 && pts[0] == json!([0.0, 0.0]), "{series}");
+        assert_eq!(*pts.last().unwrap(), json!([1.0, 1.0]));
+    }
+    assert!(!curves["image"]["roc"].as_array().unwrap().is_empty());
+    assert!(curves["pixel"]["pr"].is_array());
 
     // AdaCLIP's rule counts single-label classes as 0.
     let zero = dir.join("zero");

@@ -230,11 +230,45 @@ fn report_refuses_what_is_not_a_run() {
     assert!(stderr_of(&o).contains("not the metrics.json of `zsad eval`"));
 }
 
+/// The curves of every `.plots` figure as the browser lays them out: each plot's width, its
+/// curves (class, length on screen, points), texts, and whether every text lies inside it.
+const PLOTS_DRAWN: &str = r#"(() => [...document.querySelectorAll('.plots figure.svg')].map(f => {
+  const svg = f.querySelector('svg');
+  const box = svg.getBoundingClientRect();
+  const inside = t => { const r = t.getBoundingClientRect();
+    return r.width > 0 && r.left >= box.left - 1 && r.right <= box.right + 1 && r.top >= box.top - 1 && r.bottom <= box.bottom + 1; };
+  const texts = [...svg.querySelectorAll('text')];
+  return {
+    level: f.dataset.level, kind: f.dataset.kind, width: box.width,
+    title: svg.querySelector('.title').textContent,
+    labels: [...svg.querySelectorAll('.labels text')].map(t => t.textContent),
+    ticks: [...svg.querySelectorAll('.ticks text')].map(t => t.textContent),
+    tick_height: Math.min(...[...svg.querySelectorAll('.ticks text')].map(t => t.getBoundingClientRect().height)),
+    curves: [...svg.querySelectorAll('path.curve')].map(p => ({ class: p.dataset.class,
+      length: p.getTotalLength(), points: p.getAttribute('d').split(/[ML]/).length - 1,
+      width: p.getBoundingClientRect().width })),
+    legend: [...svg.querySelectorAll('.legend .entry text')].map(t => t.textContent),
+    all_inside: texts.every(inside),
+  };
+}))()"#;
+
+/// An eval folder as an older zsad wrote it: metrics.json and four PNG plots, no curves.json.
+fn old_eval_folder(eval: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    std::fs::copy(eval.join("metrics.json"), to.join("metrics.json")).unwrap();
+    for name in ["roc_image", "pr_image", "roc_pixel", "pr_pixel"] {
+        image::RgbImage::from_pixel(720, 560, image::Rgb([250, 250, 250]))
+            .save(to.join(format!("{name}.png")))
+            .unwrap();
+    }
+}
+
 #[test]
-fn report_embeds_eval_metrics_and_curves() {
+fn report_draws_eval_curves_from_their_numbers() {
     let dir = fresh_dir("report", "eval");
-    common::textures::make_class(&dir.join("data"), 4, 8, 3);
     let data = dir.join("data");
+    common::textures::make_class(&data, 4, 8, 3);
+    common::textures::make_class(&data, 5, 8, 4);
     let out = dir.join("out");
     let o = detect(&data, &out, &[]);
     assert!(o.status.success(), "{}", stderr_of(&o));
@@ -250,24 +284,135 @@ fn report_embeds_eval_metrics_and_curves() {
         "-q",
     ]);
     assert!(o.status.success(), "{}", stderr_of(&o));
+    // A plot file with a script in it: never inlined (the page draws from curves.json).
+    std::fs::write(
+        eval.join("roc_image.svg"),
+        "<svg><script>window.pwned = 1</script>PWNED</svg>",
+    )
+    .unwrap();
     let o = zsad(&["report", s(&out), "--eval", s(&eval), "-q"]);
     assert!(o.status.success(), "{}", stderr_of(&o));
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     let metrics: Value =
         serde_json::from_slice(&std::fs::read(eval.join("metrics.json")).unwrap()).unwrap();
-    let auroc = metrics["classes"]["class4"]["image_auroc"]
-        .as_f64()
-        .unwrap();
+    let auroc = |class: &str| metrics["classes"][class]["image_auroc"].as_f64().unwrap();
     assert!(
-        html.contains(&format!("<th>class4</th><td>{:.1}</td>", 100.0 * auroc)),
+        html.contains(&format!(
+            "<th>class4</th><td>{:.1}</td>",
+            100.0 * auroc("class4")
+        )),
         "the metrics table"
     );
     assert_eq!(
-        html.matches("data:image/png;base64,").count(),
+        html.matches(r#"<figure class="plot svg""#).count(),
         4,
-        "four curves"
+        "four plots"
     );
+    assert!(!html.contains("data:image/png") && !html.contains("PWNED"));
     assert!(!html.contains("src=\"http"), "nothing from the network");
+
+    // Older eval folders: their PNG plots, as before.
+    let old = dir.join("eval-old");
+    old_eval_folder(&eval, &old);
+    let o = zsad(&["report", s(&out), "--eval", s(&old), "-q"]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let old_html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert_eq!(old_html.matches("data:image/png;base64,").count(), 4);
+    assert!(!old_html.contains("<svg xmlns"));
+
+    // A crafted curves.json: its class names are text, not markup.
+    let crafted = dir.join("eval-crafted");
+    std::fs::create_dir_all(&crafted).unwrap();
+    std::fs::copy(eval.join("metrics.json"), crafted.join("metrics.json")).unwrap();
+    let evil = "<img src=x onerror=\"window.pwned=1\">";
+    let c = json!({"image": {"roc": [{"class": evil, "value": 0.5, "points": [[0, 0], [0.5, 0.9], [1, 1]]}], "pr": []},
+                   "pixel": {"roc": [], "pr": []}});
+    std::fs::write(crafted.join("curves.json"), c.to_string()).unwrap();
+    let o = zsad(&["report", s(&out), "--eval", s(&crafted), "-q"]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let crafted_html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(!crafted_html.contains("<img src=x"));
+    assert_eq!(
+        crafted_html.matches(r#"<figure class="plot svg""#).count(),
+        1
+    );
+    // One that is not eval's is refused, naming it.
+    std::fs::write(crafted.join("curves.json"), "{\"image\": 3}").unwrap();
+    let o = zsad(&["report", s(&out), "--eval", s(&crafted), "-q"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr_of(&o).contains("not the curves.json of `zsad eval`"),
+        "{}",
+        stderr_of(&o)
+    );
+
+    let Some(mut b) = browser() else { return };
+    let o = zsad(&["report", s(&out), "--eval", s(&eval), "-q"]);
+    assert!(o.status.success());
+    b.open(&out.join("report.html"), "", 1280, 900);
+    let plots: Vec<Value> = serde_json::from_value(b.eval(PLOTS_DRAWN)).unwrap();
+    assert_eq!(plots.len(), 4, "{plots:?}");
+    for p in &plots {
+        let roc = p["kind"] == "roc";
+        let what = format!("{} {}", p["level"], p["kind"]);
+        // Readable at the page's width: half of it at least, ticks as tall as text.
+        assert!(p["width"].as_f64().unwrap() >= 480.0, "{what}: {p}");
+        assert!(p["tick_height"].as_f64().unwrap() >= 10.0, "{what}: {p}");
+        assert!(
+            p["all_inside"] == json!(true),
+            "{what}: text outside the plot: {p}"
+        );
+        let labels = if roc {
+            json!(["false positive rate", "true positive rate"])
+        } else {
+            json!(["recall", "precision"])
+        };
+        assert_eq!(p["labels"], labels, "{what}");
+        assert_eq!(p["ticks"][0], "0.0");
+        assert_eq!(p["ticks"][11], "1.0");
+        let curves = p["curves"].as_array().unwrap();
+        assert_eq!(curves.len(), 2, "{what}: a curve per class");
+        for c in curves {
+            assert!(c["points"].as_u64().unwrap() >= 2, "{what}: {c}");
+            assert!(c["length"].as_f64().unwrap() > 100.0, "{what}: drawn: {c}");
+        }
+        if p["level"] == "image" && roc {
+            assert_eq!(p["title"], "Image ROC");
+            assert_eq!(
+                p["legend"],
+                json!([
+                    format!("class4 {:.1}", 100.0 * auroc("class4")),
+                    format!("class5 {:.1}", 100.0 * auroc("class5"))
+                ])
+            );
+        }
+    }
+    assert_eq!(b.eval("window.pwned === undefined"), json!(true));
+    b.eval("document.querySelector('#metrics .plots').scrollIntoView()");
+    b.screenshot(Path::new("target/test-screenshots/report-curves.png"));
+
+    // The crafted names, in the browser: text in the legend, no element made from them.
+    std::fs::write(crafted.join("curves.json"), c.to_string()).unwrap();
+    let o = zsad(&["report", s(&out), "--eval", s(&crafted), "-q"]);
+    assert!(o.status.success());
+    b.open(&out.join("report.html"), "", 1280, 900);
+    let plots: Vec<Value> = serde_json::from_value(b.eval(PLOTS_DRAWN)).unwrap();
+    assert_eq!(plots[0]["curves"][0]["class"], evil);
+    let cut: String = evil.chars().take(19).collect();
+    assert_eq!(plots[0]["legend"][0], format!("{cut}… 50.0"));
+    assert_eq!(
+        b.eval("document.querySelectorAll('.plots img').length"),
+        json!(0)
+    );
+    assert_eq!(b.eval("window.pwned === undefined"), json!(true));
+
+    // The PNG plots of an older eval folder load.
+    let o = zsad(&["report", s(&out), "--eval", s(&old), "-q"]);
+    assert!(o.status.success());
+    b.open(&out.join("report.html"), "", 1280, 900);
+    let pngs =
+        b.eval("[...document.querySelectorAll('.plots figure.png img')].map(i => i.naturalWidth)");
+    assert_eq!(pngs, json!([720, 720, 720, 720]));
 }
 
 /// The browser to test with, or a visible skip.
@@ -280,6 +425,16 @@ fn browser() -> Option<Browser> {
         }
     }
 }
+
+/// The texts of the histogram that reach outside it (none should).
+const HISTOGRAM_TEXT_OUTSIDE: &str = r#"(() => {
+  const svg = document.querySelector('svg.histogram');
+  const box = svg.getBoundingClientRect();
+  return [...svg.querySelectorAll('text')].filter(t => {
+    const r = t.getBoundingClientRect();
+    return r.left < box.left - 0.5 || r.right > box.right + 0.5 || r.bottom > box.bottom + 0.5;
+  }).map(t => t.textContent);
+})()"#;
 
 /// Every picture in the table (and the enlarged view) has loaded with a size: lazy pictures are
 /// made eager and awaited first.
@@ -332,6 +487,13 @@ fn report_page_works_in_a_browser() {
 
     b.open(&out.join("report.html"), "", 1280, 900);
     assert_eq!(b.eval("zsadReport.total()"), json!(16));
+    // The histogram's tick labels all lie inside it (the last one was cut off), and the
+    // heatmaps' scale has its legend.
+    assert_eq!(b.eval(HISTOGRAM_TEXT_OUTSIDE), json!([]));
+    assert_eq!(
+        b.eval("document.querySelector('#heatmap-scale .caption').textContent"),
+        json!("Heatmap colours: each image's own range (colours do not compare across images)")
+    );
     // Page 1 then page 2 (→), in score order; every picture shown loads.
     assert_eq!(shown(&mut b), order[..10]);
     assert_eq!(
@@ -564,4 +726,315 @@ fn report_of_2000_images_in_a_browser() {
     assert!(kinds[..50].iter().all(|k| k != "failed") && kinds[50..].iter().all(|k| k == "failed"));
     assert_pictures_load(&mut b, 150);
     b.screenshot(Path::new("target/test-screenshots/report-2000.png"));
+}
+
+/// A run written by hand (no model): three 600x400 inputs with heatmaps that carry a colour bar
+/// (750 pixels wide) and masks of a 1-pixel line, regions with boxes (25 on the first), the
+/// second normal by the image threshold with 3 regions; `heatmap_scale` run with its range,
+/// and a pixel threshold stored as an older version did (0.7 widened from f32).
+fn regions_run(dir: &Path) -> PathBuf {
+    let inputs = dir.join("in");
+    let out = dir.join("run");
+    std::fs::create_dir_all(out.join("heatmaps")).unwrap();
+    std::fs::create_dir_all(out.join("masks")).unwrap();
+    let boxes = |n: u32| -> Vec<Value> {
+        (0..n)
+            .map(|i| json!({"area": (i + 1) * 700, "peak": 0.9,
+                             "bbox": {"x": 10 * i, "y": 10 * i, "width": 50 + 5 * i, "height": 40 + 5 * i}}))
+            .collect()
+    };
+    let mut lines = String::new();
+    for (i, (name, score, regions)) in [("a", 0.9, 25), ("b", 0.3, 3), ("c", 0.1, 0)]
+        .into_iter()
+        .enumerate()
+    {
+        let path = inputs.join(format!("{name}.png"));
+        common::write_png(&path, 600, 400, i as u32);
+        image::RgbImage::from_fn(750, 400, |x, _| {
+            image::Rgb(if x < 600 {
+                [70, 12, 100]
+            } else {
+                [255, 255, 255]
+            })
+        })
+        .save(out.join(format!("heatmaps/{name}.png")))
+        .unwrap();
+        image::GrayImage::from_fn(600, 400, |x, y| {
+            image::Luma([if regions > 0 && x == 300 && (100..300).contains(&y) {
+                255
+            } else {
+                0
+            }])
+        })
+        .save(out.join(format!("masks/{name}.png")))
+        .unwrap();
+        let rec = json!({"path": s(&path), "score": score, "global_score": score, "map_max": score,
+            "map_mean": 0.1, "map_min": 0.0, "anomalous": score >= 0.5, "width": 600, "height": 400,
+            "heatmap": format!("heatmaps/{name}.png"), "mask": format!("masks/{name}.png"),
+            "regions": {"count": regions, "items": boxes(regions)}});
+        lines += &format!("{rec}\n");
+    }
+    std::fs::write(out.join("scores.jsonl"), lines).unwrap();
+    let run = json!({"zsad_version": "test", "record_format_version": 2,
+        "settings": {"threshold": 0.5, "pixel_threshold": 0.7f32 as f64, "heatmap_scale": "run",
+                     "model": {"spec": "synthetic"}},
+        "info": {"command": ["synthetic"], "input_roots": [s(&inputs.canonicalize().unwrap())],
+                 "heatmap_range": [0.1f32 as f64, 0.9f32 as f64]}});
+    std::fs::write(out.join("run.json"), run.to_string()).unwrap();
+    out
+}
+
+/// The enlarged view's figures: what each shows, where its picture is drawn (the picture's
+/// content box, object-fit: contain), and the boxes over it, once they are fitted.
+const ENLARGED: &str = r#"(async () => {
+  const figs = [...document.querySelectorAll('#lightbox figure')];
+  await Promise.all(figs.map(f => { const i = f.querySelector('img');
+    return i.complete ? null : new Promise(r => { i.onload = i.onerror = r; }); }));
+  await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+  return figs.map(f => {
+    const img = f.querySelector('img');
+    const svg = f.querySelector('svg.boxes');
+    const b = img.getBoundingClientRect();
+    const scale = Math.min(b.width / img.naturalWidth, b.height / img.naturalHeight);
+    return {
+      what: img.dataset.what, natural: [img.naturalWidth, img.naturalHeight], scale,
+      left: b.left + (b.width - img.naturalWidth * scale) / 2,
+      top: b.top + (b.height - img.naturalHeight * scale) / 2,
+      ready: !!svg && svg.dataset.ready === 'true',
+      boxes: svg ? [...svg.querySelectorAll('rect')].map(r => { const c = r.getBoundingClientRect();
+        return [c.left, c.top, c.width, c.height]; }) : null,
+      caption: f.querySelector('figcaption').textContent,
+    };
+  });
+})()"#;
+
+#[test]
+fn report_shows_regions_legend_and_notes_in_a_browser() {
+    let dir = fresh_dir("report", "regions");
+    let out = regions_run(&dir);
+    let o = zsad(&["report", s(&out)]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(!stderr_of(&o).contains("warning"), "{}", stderr_of(&o));
+    let d = page_data(&out.join("report.html"));
+    let rows = d["rows"].as_array().unwrap();
+    // The 20 largest boxes, largest first.
+    assert_eq!(rows[0]["boxes"].as_array().unwrap().len(), 20);
+    assert_eq!(rows[0]["boxes"][0], json!([240, 240, 170, 160]));
+    assert_eq!(rows[0]["boxes"][19], json!([50, 50, 75, 65]));
+    assert_eq!(rows[1]["boxes"].as_array().unwrap().len(), 3);
+    assert!(rows[2].get("boxes").is_none(), "no regions, no boxes: {}", rows[2]);
+    // Heatmap thumbnails of rows with a mask show its outline (cyan) where the 1-pixel line
+    // was: x = 300 of 750 is column 64 of 160.
+    let thumb = rows[0]["heatmap"].as_str().unwrap();
+    assert!(thumb.ends_with("-outlined.jpg"), "{thumb}");
+    let t = image::open(out.join(thumb)).unwrap().to_rgb8();
+    assert_eq!(t.dimensions(), (160, 85));
+    let cyan = |x: u32, y: u32| {
+        let p = t.get_pixel(x, y).0;
+        p[0] < 110 && p[1] > 150 && p[2] > 150
+    };
+    assert!(
+        (30..50).all(|y| (63..=65).any(|x| cyan(x, y))),
+        "the outline"
+    );
+    assert!(!(0..85).any(|y| cyan(20, y) || cyan(110, y)), "only there");
+    // The full-size heatmap is the run's own file, unchanged.
+    assert_eq!(rows[0]["heatmap_full"], "heatmaps/a.png");
+
+    let Some(mut b) = browser() else { return };
+    b.open(&out.join("report.html"), "", 1280, 900);
+    assert_eq!(b.eval(HISTOGRAM_TEXT_OUTSIDE), json!([]));
+    // The heatmaps' legend: the run's range, numbers as typed.
+    let legend = b.eval(
+        "(() => { const l = document.querySelector('#heatmap-scale'); return [l.dataset.lo, l.dataset.hi, l.querySelector('.lo').textContent, l.querySelector('.hi').textContent, l.querySelector('svg rect').getBoundingClientRect().width]; })()",
+    );
+    assert_eq!(
+        legend.as_array().unwrap()[0..4],
+        [json!("0.1"), json!("0.9"), json!("0.1"), json!("0.9")]
+    );
+    assert!(legend[4].as_f64().unwrap() >= 200.0, "{legend}");
+    // The settings as typed: 0.7, not 0.699999988079071.
+    let typed = b.eval(
+        "[...document.querySelectorAll('#settings tr')].find(tr => tr.querySelector('th').textContent === 'settings.pixel_threshold').querySelector('td').textContent",
+    );
+    assert_eq!(typed, json!("0.7"));
+    assert!(b
+        .eval("document.querySelector('header .model').textContent")
+        .as_str()
+        .unwrap()
+        .contains("pixel threshold 0.7"));
+    assert!(!b
+        .eval("document.body.innerHTML")
+        .as_str()
+        .unwrap()
+        .contains("0.699999988"));
+    // The note on the row that is normal by the image threshold but has regions.
+    let notes = b.eval(
+        "[...document.querySelectorAll('#rows tbody tr')].map(t => { const n = t.querySelector('.threshold-note'); return n && n.textContent; })",
+    );
+    assert_eq!(
+        notes,
+        json!([
+            null,
+            "normal by the image threshold; 3 regions above the pixel threshold",
+            null
+        ])
+    );
+    b.screenshot(Path::new("target/test-screenshots/report-regions.png"));
+
+    // The enlarged view: the boxes over the image and the heatmap (not the mask), scaled with
+    // the picture as shown; the heatmap's colour bar widens it, the boxes stay on the image.
+    b.key("Enter");
+    let figs: Vec<Value> = serde_json::from_value(b.eval(ENLARGED)).unwrap();
+    assert_eq!(figs.len(), 3);
+    for f in &figs {
+        let what = f["what"].as_str().unwrap();
+        if what == "mask" {
+            assert!(f["boxes"].is_null(), "{f}");
+            continue;
+        }
+        assert!(f["ready"] == json!(true), "{f}");
+        assert_eq!(
+            f["caption"],
+            format!("{what} · the 20 largest of 25 regions boxed")
+        );
+        let boxes = f["boxes"].as_array().unwrap();
+        assert_eq!(boxes.len(), 20);
+        let k = f["scale"].as_f64().unwrap() * f["natural"][1].as_f64().unwrap() / 400.0;
+        assert!((k - 1.0).abs() > 0.05, "the picture is shown scaled: {f}");
+        let (left, top) = (f["left"].as_f64().unwrap(), f["top"].as_f64().unwrap());
+        for (got, want) in boxes[0].as_array().unwrap().iter().zip([
+            left + 240.0 * k,
+            top + 240.0 * k,
+            170.0 * k,
+            160.0 * k,
+        ]) {
+            assert!(
+                (got.as_f64().unwrap() - want).abs() < 1.5,
+                "{what}: {got} vs {want}: {f}"
+            );
+        }
+    }
+    assert_eq!(figs[1]["natural"], json!([750, 400]));
+    assert_eq!(
+        b.eval("document.querySelector('#lightbox .note').hidden"),
+        json!(true)
+    );
+    b.screenshot(Path::new("target/test-screenshots/report-boxes.png"));
+    b.key("ArrowRight");
+    let figs: Vec<Value> = serde_json::from_value(b.eval(ENLARGED)).unwrap();
+    assert_eq!(figs[0]["boxes"].as_array().unwrap().len(), 3);
+    assert_eq!(figs[0]["caption"], "image · 3 regions boxed");
+    assert_eq!(
+        b.eval("(() => { const n = document.querySelector('#lightbox .note'); return n.hidden ? null : n.textContent; })()"),
+        json!("normal by the image threshold; 3 regions above the pixel threshold")
+    );
+    b.key("ArrowRight");
+    let figs: Vec<Value> = serde_json::from_value(b.eval(ENLARGED)).unwrap();
+    assert!(
+        figs.iter().all(|f| f["boxes"].is_null()),
+        "no regions, no boxes"
+    );
+}
+
+/// Inputs are read only from the run's input folders: a name that is not UTF-8 gets its
+/// thumbnail; a record crafted to name a file elsewhere is not read (its row says why, exit
+/// 1); a run that does not list its input folders (older versions) is read as before, with a
+/// warning.
+#[test]
+fn report_reads_inputs_only_from_the_run_s_folders() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = fresh_dir("report", "roots");
+    let inputs = dir.join("in");
+    common::write_png(&inputs.join("a.png"), 48, 40, 1);
+    let odd = inputs.join(std::ffi::OsStr::from_bytes(b"\xff\xfe odd.png"));
+    common::write_png(&odd, 48, 40, 2);
+    let secret = dir.join("secret.png");
+    common::write_png(&secret, 48, 40, 3);
+    let out = dir.join("out");
+    let o = detect(&inputs, &out, &["--report"]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let run: Value = serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(
+        run["info"]["input_roots"],
+        json!([s(&inputs.canonicalize().unwrap())])
+    );
+    let odd_text = format!("{}/\\xFF\\xFE odd.png", s(&inputs));
+    let o = zsad(&["report", s(&out)]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+    assert!(!stderr_of(&o).contains("warning"), "{}", stderr_of(&o));
+    let d = page_data(&out.join("report.html"));
+    let row = |d: &Value, p: &str| -> Value {
+        d["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["path"] == p)
+            .unwrap_or_else(|| panic!("no row {p}: {d}"))
+            .clone()
+    };
+    let r = row(&d, &odd_text);
+    assert!(r["image"].as_str().unwrap().ends_with("-image.jpg"), "{r}");
+    assert_eq!(r["image_full"], "../in/%FF%FE%20odd.png");
+    assert_eq!(r["problems"], json!([]));
+
+    // A record crafted to name a file outside the input folders.
+    let mut recs = std::fs::read_to_string(out.join("scores.jsonl")).unwrap();
+    let a = recs
+        .lines()
+        .find(|l| l.contains("a.png"))
+        .unwrap()
+        .to_string();
+    let mut rec: Value = serde_json::from_str(&a).unwrap();
+    rec["path"] = json!(s(&secret));
+    rec["score"] = json!(2.0);
+    recs += &format!("{rec}\n");
+    std::fs::write(out.join("scores.jsonl"), &recs).unwrap();
+    let o = zsad(&["report", s(&out)]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    let d = page_data(&out.join("report.html"));
+    let crafted = row(&d, s(&secret));
+    assert!(crafted["image"].is_null() && crafted["image_full"].is_null());
+    let why = crafted["problems"][0].as_str().unwrap();
+    assert!(
+        why.starts_with("image: not read: ") && why.contains("outside the run's input folders"),
+        "{why}"
+    );
+    let secret_thumb = zsad::report::thumbs::name(s(&secret), zsad::report::thumbs::Kind::Image);
+    assert!(!out.join(&secret_thumb).exists(), "no thumbnail of it");
+
+    if let Some(mut b) = browser() {
+        b.open(&out.join("report.html"), "", 1280, 900);
+        assert_pictures_load(&mut b, 5);
+        let problem = b.eval(&format!(
+            "[...document.querySelectorAll('#rows tbody tr')].find(t => t.dataset.path === {}).querySelector('.problem').textContent",
+            json!(s(&secret))
+        ));
+        assert!(problem
+            .as_str()
+            .unwrap()
+            .contains("outside the run's input folders"));
+        let odd_img = b.eval(&format!(
+            "[...document.querySelectorAll('#rows tbody tr')].find(t => t.dataset.path === {}).querySelector('img').naturalWidth",
+            json!(odd_text)
+        ));
+        assert!(odd_img.as_u64().unwrap() > 0);
+    }
+
+    // A run of an older version lists no input folders: read as before, with one warning.
+    let mut run = run;
+    run["info"].as_object_mut().unwrap().remove("input_roots");
+    std::fs::write(out.join("run.json"), run.to_string()).unwrap();
+    let o = zsad(&["report", s(&out)]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+    assert_eq!(
+        stderr_of(&o)
+            .matches("does not list the run's input folders")
+            .count(),
+        1,
+        "{}",
+        stderr_of(&o)
+    );
+    let d = page_data(&out.join("report.html"));
+    assert!(row(&d, s(&secret))["image"].is_string());
 }

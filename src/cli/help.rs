@@ -72,8 +72,8 @@ stopped by Ctrl-C or SIGTERM (what was scored is kept; the same command with --r
 );
 
 pub const EVAL: &str = concat!(
-    "Writes metrics.json, metrics.csv, metrics.md, the ROC and PR curves (roc_image.png, ...) and
-run.json to --out; the table goes to stdout.
+    "Writes metrics.json, metrics.csv, metrics.md, the ROC and PR curves (roc_image.svg, ... and
+their numbers in curves.json) and run.json to --out; the table goes to stdout.
 
 Examples:
   zsad eval --data mvtec_ad --model openai/clip-vit-large-patch14-336 --adapter a.safetensors --out ev

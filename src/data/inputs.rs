@@ -105,6 +105,34 @@ pub fn path_text(p: &Path) -> String {
     escape_bytes(p.as_os_str().as_bytes(), |_| false)
 }
 
+/// The path that [`path_text`] wrote as `text`: each `\xNN` of a byte that cannot start or
+/// continue UTF-8 on its own (`NN` at least `80`, as `path_text` writes them) turned back into
+/// that byte. A name that holds the characters `\xFF` itself reads the same text: try the
+/// literal path first.
+pub fn path_of_text(text: &str) -> PathBuf {
+    let b = text.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let byte = (b[i] == b'\\' && b.get(i + 1) == Some(&b'x'))
+            .then(|| text.get(i + 2..i + 4))
+            .flatten()
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .filter(|&v| v >= 0x80);
+        match byte {
+            Some(v) => {
+                out.push(v);
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(OsStr::from_bytes(&out))
+}
+
 /// `bytes` as UTF-8 text; invalid bytes become `\xNN`, and characters for which `escape` says
 /// so become `%XX` per byte.
 fn escape_bytes(bytes: &[u8], escape: impl Fn(char) -> bool) -> String {
@@ -633,6 +661,19 @@ mod tests {
             "a\\xFF\\xFE.png"
         );
         assert_eq!(path_text(Path::new("plain/ü.png")), "plain/ü.png");
+        for bytes in [
+            &b"a\xff\xfe.png"[..],
+            b"d/\xc3(x\\xZZ\\x4.png",
+            "ü\\x41".as_bytes(),
+        ] {
+            let p = Path::new(OsStr::from_bytes(bytes));
+            assert_eq!(path_of_text(&path_text(p)), p, "{bytes:?}");
+        }
+        // Only bytes path_text escapes are read back: `\x41` stays text.
+        assert_eq!(
+            path_of_text("a\\x41\\xff"),
+            Path::new(OsStr::from_bytes(b"a\\x41\xff"))
+        );
     }
 
     #[test]

@@ -531,44 +531,39 @@ pub fn evaluate(
     })
 }
 
-/// The ROC and PR curves of every class with a defined metric, image and pixel level.
+/// The ROC and PR curves of every class with a defined metric, image and pixel level: their
+/// numbers (thinned) in `curves.json`, each plot as SVG.
 fn write_plots(out: &OutDir, report: &Report) -> Result<()> {
     type Pick = fn(&(Curve, Curve)) -> &Curve;
     type Metric = fn(&ClassMetrics) -> Option<f64>;
-    let levels: [(&str, Pick, Metric, Metric); 2] = [
-        ("image", |c| &c.0, |m| m.image_auroc, |m| m.image_ap),
-        ("pixel", |c| &c.1, |m| m.pixel_auroc, |m| m.pixel_ap),
-    ];
-    for (level, pick, auroc, ap) in levels {
+    let level = |pick: Pick, auroc: Metric, ap: Metric| {
         let series = |points: fn(&Curve) -> Vec<(f64, f64)>, value: Metric| -> Vec<_> {
             report
                 .curves
                 .iter()
                 // Classes where the metric is undefined (one label) have no curve to show.
                 .filter(|(n, _)| value(&report.classes[*n]).is_some())
-                .map(|(n, c)| {
-                    (
-                        n.clone(),
-                        plot::thin(points(pick(c)), 2000),
-                        value(&report.classes[n]),
-                    )
+                .map(|(n, c)| plot::Series {
+                    class: n.clone(),
+                    value: value(&report.classes[n]),
+                    points: plot::thin(&points(pick(c))),
                 })
                 .collect()
         };
-        let roc = plot::plot(
-            &format!("{level} ROC (AUROC %)"),
-            "false positive rate",
-            "true positive rate",
-            &series(Curve::roc_points, auroc),
-        );
-        let pr = plot::plot(
-            &format!("{level} PR (AP %)"),
-            "recall",
-            "precision",
-            &series(Curve::pr_points, ap),
-        );
-        out.write(&format!("roc_{level}.png"), &outputs::png_bytes_rgb(&roc)?)?;
-        out.write(&format!("pr_{level}.png"), &outputs::png_bytes_rgb(&pr)?)?;
+        plot::LevelCurves {
+            roc: series(Curve::roc_points, auroc),
+            pr: series(Curve::pr_points, ap),
+        }
+    };
+    let curves = plot::Curves {
+        image: level(|c| &c.0, |m| m.image_auroc, |m| m.image_ap),
+        pixel: level(|c| &c.1, |m| m.pixel_auroc, |m| m.pixel_ap),
+    };
+    for (level, kind, series) in curves.plots() {
+        let svg = plot::svg(&kind.title(level), kind, series);
+        out.write(&format!("{}_{level}.svg", kind.name()), svg.as_bytes())?;
     }
-    Ok(())
+    let json = serde_json::to_vec(&curves)
+        .map_err(|e| Error::output(format!("{}: {e}", plot::CURVES_FILE)))?;
+    out.write(plot::CURVES_FILE, &json)
 }

@@ -7,12 +7,15 @@ use rayon::prelude::*;
 use serde_json::Value;
 
 use super::html;
+use super::inputs::InputPolicy;
 use super::model::{Eval, ReportOptions, ReportSummary, Row, FILE_NAME, PREVIEW_SIZE};
 use super::page;
-use super::thumbs;
+use super::thumbs::{self, Kind};
+use crate::data::image::DecodeLimits;
 use crate::data::records::{self, Record, RecordFormat};
 use crate::data::run_record::RunRecord;
 use crate::error::{Error, OptionError, Result};
+use crate::eval::plot::{Curves, CURVES_FILE};
 use crate::fsio::OutDir;
 use crate::progress::{Console, Lines};
 
@@ -43,69 +46,100 @@ fn sort_records(records: &mut [Record]) {
     });
 }
 
+/// What every row's pictures are made with.
+struct Making<'a> {
+    dir: &'a OutDir,
+    /// The run's folder, canonical (links to inputs are relative to it).
+    dir_abs: &'a Path,
+    inputs: &'a InputPolicy,
+    sizes: thumbs::Sizes,
+    limits: &'a DecodeLimits,
+}
+
+/// The thumbnail (and the enlarged view's URL) of a record's input image, read only where the
+/// run's inputs are; or why there is none, in `problems`.
+fn input_pictures(
+    m: &Making,
+    r: &Record,
+    problems: &mut Vec<String>,
+) -> (Option<String>, Option<String>) {
+    let input = match m.inputs.locate(&r.path) {
+        Ok(p) => p,
+        Err(e) => {
+            problems.push(format!("image: {e}"));
+            return (None, None);
+        }
+    };
+    let mut make = |kinds: &[Kind]| -> Vec<Option<String>> {
+        match thumbs::make(m.dir, &r.path, &input, kinds, m.sizes, m.limits) {
+            Ok(rels) => rels.iter().map(|rel| Some(html::url_path(rel))).collect(),
+            Err(e) => {
+                problems.push(format!("image: {e}"));
+                vec![None; kinds.len()]
+            }
+        }
+    };
+    if thumbs::browser_shows(&input) {
+        let image = make(&[Kind::Image]).remove(0);
+        let full = image
+            .as_ref()
+            .map(|_| html::url_of_path(&html::relative(m.dir_abs, &input)));
+        (image, full)
+    } else {
+        // Formats browsers cannot show get a preview for the enlarged view.
+        let mut v = make(&[Kind::Image, Kind::Preview]);
+        let preview = v.pop().flatten();
+        (v.pop().flatten(), preview)
+    }
+}
+
+/// The thumbnails of the run's own heatmap (with the mask's outline when there is a mask) and
+/// mask, with the URLs of the files themselves.
+fn own_pictures(m: &Making, r: &Record, row: &mut Row) {
+    // The run's own files, checked to stay inside the folder (records are data).
+    let own = |rel: &Option<String>| -> Option<(PathBuf, String)> {
+        let rel = rel.as_deref()?;
+        Some((m.dir.path(rel)?, html::url_path(rel)))
+    };
+    let mask = own(&r.mask);
+    let mut thumb = |what: &str, made: std::result::Result<String, String>| match made {
+        Ok(rel) => Some(html::url_path(&rel)),
+        Err(e) => {
+            row.problems.push(format!("{what}: {e}"));
+            None
+        }
+    };
+    let heatmap = own(&r.heatmap).and_then(|(p, url)| {
+        let made = match &mask {
+            Some((mp, _)) => thumbs::make_outlined(m.dir, &r.path, &p, mp, m.sizes, m.limits),
+            None => thumbs::make(m.dir, &r.path, &p, &[Kind::Heatmap], m.sizes, m.limits)
+                .map(|mut v| v.remove(0)),
+        };
+        Some((thumb("heatmap", made)?, url))
+    });
+    let mask = mask.and_then(|(p, url)| {
+        let made = thumbs::make(m.dir, &r.path, &p, &[Kind::Mask], m.sizes, m.limits);
+        Some((thumb("mask", made.map(|mut v| v.remove(0)))?, url))
+    });
+    (row.heatmap, row.heatmap_full) = heatmap.unzip();
+    (row.mask, row.mask_full) = mask.unzip();
+}
+
 /// The row of one record: its thumbnails made (or kept), its files linked.
-fn row(dir: &OutDir, dir_abs: &Path, inputs_from: &Path, r: &Record, opts: &ReportOptions) -> Row {
+fn row(m: &Making, r: &Record) -> Row {
     let mut row = Row::of(r);
     if r.is_failure() {
         return row;
     }
-    let sizes = thumbs::Sizes {
-        thumbnail: opts.thumbnail_size,
-        preview: PREVIEW_SIZE,
-    };
-    // The pictures of one source (decoded once), or why there are none.
-    let mut thumbs_of =
-        |source: &Path, kinds: &[thumbs::Kind], what: &str| -> Vec<Option<String>> {
-            match thumbs::make(dir, &r.path, source, kinds, sizes, &opts.limits) {
-                Ok(rels) => rels.iter().map(|rel| Some(html::url_path(rel))).collect(),
-                Err(e) => {
-                    row.problems.push(format!("{what}: {e}"));
-                    vec![None; kinds.len()]
-                }
-            }
-        };
-    let input = inputs_from.join(&r.path);
-    let (image, full) = if thumbs::browser_shows(&input) {
-        let image = thumbs_of(&input, &[thumbs::Kind::Image], "image").remove(0);
-        let full = image.as_ref().and_then(|_| {
-            let p = input.canonicalize().ok()?;
-            Some(html::url_of_path(&html::relative(dir_abs, &p)))
-        });
-        (image, full)
-    } else {
-        // Formats browsers cannot show get a preview for the enlarged view.
-        let mut v = thumbs_of(
-            &input,
-            &[thumbs::Kind::Image, thumbs::Kind::Preview],
-            "image",
-        );
-        let preview = v.pop().flatten();
-        (v.pop().flatten(), preview)
-    };
-    // The run's own files, checked to stay inside the folder (records are data).
-    let own = |rel: &Option<String>| -> Option<(PathBuf, String)> {
-        let rel = rel.as_deref()?;
-        Some((dir.path(rel)?, html::url_path(rel)))
-    };
-    let heatmap = own(&r.heatmap).and_then(|(p, url)| {
-        thumbs_of(&p, &[thumbs::Kind::Heatmap], "heatmap")
-            .remove(0)
-            .map(|t| (t, url))
-    });
-    let mask = own(&r.mask).and_then(|(p, url)| {
-        thumbs_of(&p, &[thumbs::Kind::Mask], "mask")
-            .remove(0)
-            .map(|t| (t, url))
-    });
-    row.image = image;
-    row.image_full = full;
-    (row.heatmap, row.heatmap_full) = heatmap.unzip();
-    (row.mask, row.mask_full) = mask.unzip();
+    let mut problems = Vec::new();
+    (row.image, row.image_full) = input_pictures(m, r, &mut problems);
+    row.problems = problems;
+    own_pictures(m, r, &mut row);
     row
 }
 
-fn load_eval(dir: &Path) -> Result<Eval> {
-    use base64::Engine;
+/// `metrics.json` of an eval folder, checked to be eval's.
+fn read_metrics(dir: &Path) -> Result<Value> {
     let path = dir.join("metrics.json");
     let bytes = crate::fsio::read(&path, crate::fsio::FileKind::Settings)?;
     let metrics: Value = serde_json::from_slice(&bytes).map_err(|e| {
@@ -120,13 +154,34 @@ fn load_eval(dir: &Path) -> Result<Eval> {
             path.display()
         )));
     }
+    Ok(metrics)
+}
+
+/// An eval folder: its metrics, and its curves' numbers (`curves.json`) or, from versions that
+/// wrote none, its PNG plots embedded as data URLs.
+fn load_eval(dir: &Path) -> Result<Eval> {
+    use base64::Engine;
+    let metrics = read_metrics(dir)?;
+    let curves_path = dir.join(CURVES_FILE);
+    let curves = if crate::fsio::is_file(&curves_path) {
+        let bytes = crate::fsio::read(&curves_path, crate::fsio::FileKind::Settings)?;
+        Some(serde_json::from_slice::<Curves>(&bytes).map_err(|e| {
+            Error::output(format!(
+                "{}: not the curves.json of `zsad eval` ({e})",
+                curves_path.display()
+            ))
+        })?)
+    } else {
+        None
+    };
     let mut plots = Vec::new();
-    for (file, title) in [
+    let pngs = [
         ("roc_image.png", "Image ROC"),
         ("pr_image.png", "Image precision-recall"),
         ("roc_pixel.png", "Pixel ROC"),
         ("pr_pixel.png", "Pixel precision-recall"),
-    ] {
+    ];
+    for (file, title) in pngs.into_iter().filter(|_| curves.is_none()) {
         if let Ok(png) = crate::fsio::read(&dir.join(file), crate::fsio::FileKind::RunPicture) {
             let b64 = base64::engine::general_purpose::STANDARD.encode(png);
             plots.push((title.to_string(), format!("data:image/png;base64,{b64}")));
@@ -135,8 +190,38 @@ fn load_eval(dir: &Path) -> Result<Eval> {
     Ok(Eval {
         source: dir.to_path_buf(),
         metrics,
+        curves,
         plots,
     })
+}
+
+/// The run's records, sorted, with a warning for lines that could not be read.
+fn sorted_records(dir: &Path, console: &Console) -> Result<Vec<Record>> {
+    let file = record_file(dir)?;
+    let (mut records, torn) = records::read_records(&file)?;
+    if !torn.is_empty() {
+        console.warn(&format!(
+            "{}: {} unreadable line(s) {:?} left out of the report",
+            file.display(),
+            torn.len(),
+            torn
+        ));
+    }
+    sort_records(&mut records);
+    Ok(records)
+}
+
+/// Where the run's inputs are read from; a warning for runs that do not record their input
+/// folders (older versions), whose records are then trusted as before.
+fn input_policy(run: Option<&RunRecord>, console: &Console) -> Result<InputPolicy> {
+    let here = std::env::current_dir().map_err(|e| Error::io(Path::new("."), e))?;
+    let policy = InputPolicy::of(run, here);
+    if policy.roots.is_none() {
+        console.warn(
+            "run.json does not list the run's input folders (info.input_roots; a run of an older zsad): input images are read wherever the records name them",
+        );
+    }
+    Ok(policy)
 }
 
 /// Writes `DIR/report.html` (and the thumbnails it needs) for the run in `dir`.
@@ -156,30 +241,24 @@ pub fn build(dir: &Path, opts: &ReportOptions, console: &Console) -> Result<Repo
             .then(|| dir.to_path_buf()),
     };
     let eval = eval_dir.as_deref().map(load_eval).transpose()?;
-    let file = record_file(dir)?;
-    let (mut records, torn) = records::read_records(&file)?;
-    if !torn.is_empty() {
-        console.warn(&format!(
-            "{}: {} unreadable line(s) {:?} left out of the report",
-            file.display(),
-            torn.len(),
-            torn
-        ));
-    }
+    let records = sorted_records(dir, console)?;
     let run = RunRecord::read(dir).unwrap_or_else(|e| {
         console.warn(&format!("{e}; the report shows no settings"));
         None
     });
-    // Records name inputs as given to detect: relative ones are read from where it ran.
-    let here = std::env::current_dir().map_err(|e| Error::io(Path::new("."), e))?;
-    let inputs_from = run
-        .as_ref()
-        .and_then(|r| r.info.get("cwd")?.as_str().map(PathBuf::from))
-        .filter(|d| d.is_dir())
-        .unwrap_or(here);
+    let inputs = input_policy(run.as_ref(), console)?;
     let dir_abs = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
     let out = OutDir::create(dir)?;
-    sort_records(&mut records);
+    let making = Making {
+        dir: &out,
+        dir_abs: &dir_abs,
+        inputs: &inputs,
+        sizes: thumbs::Sizes {
+            thumbnail: opts.thumbnail_size,
+            preview: PREVIEW_SIZE,
+        },
+        limits: &opts.limits,
+    };
 
     let total = records.len() as u64;
     let mut progress = console.progress(
@@ -190,11 +269,7 @@ pub fn build(dir: &Path, opts: &ReportOptions, console: &Console) -> Result<Repo
     let mut rows = Vec::with_capacity(records.len());
     // Chunks bound memory (each item decodes one image) and let the progress advance.
     for part in records.chunks(4 * rayon::current_num_threads().max(1)) {
-        rows.extend(
-            part.par_iter()
-                .map(|r| row(&out, &dir_abs, &inputs_from, r, opts))
-                .collect::<Vec<_>>(),
-        );
+        rows.extend(part.par_iter().map(|r| row(&making, r)).collect::<Vec<_>>());
         progress.advance(rows.len() as u64, String::new);
     }
     progress.finish();

@@ -49,7 +49,8 @@ fn decimals(step: f64) -> usize {
 const W: f64 = 640.0;
 const H: f64 = 190.0;
 const LEFT: f64 = 44.0;
-const RIGHT: f64 = 12.0;
+/// Room for half the last tick's label (`0.123456` with 6 decimals), centred on the axis' end.
+const RIGHT: f64 = 30.0;
 const TOP: f64 = 14.0;
 const BOTTOM: f64 = 30.0;
 

@@ -5,15 +5,20 @@
 //! `zsad eval` results are at hand, the metrics and their curves.
 //!
 //! The page needs no network and no file but the run's own: its data is one JSON element, its
-//! style and script are inline, the eval plots are embedded, and pictures are the thumbnails
-//! made in `DIR/thumbs/` ([`thumbs`]), the run's own maps and masks, and the input images (by
-//! relative URL, for the enlarged view). Pages of rows are drawn from the data on demand and
-//! thumbnails load lazily, so a run of 10,000 images opens as fast as one of 100.
+//! style and script are inline, the eval curves are drawn from their numbers (`curves.json`;
+//! the PNG plots of older versions are embedded), and pictures are the thumbnails made in
+//! `DIR/thumbs/` ([`thumbs`]), the run's own maps and masks, and the input images (by relative
+//! URL, for the enlarged view), read only from the run's input folders. Pages of rows are
+//! drawn from the data on demand and thumbnails load lazily, so a run of 10,000 images opens
+//! as fast as one of 100.
 
 mod build;
 pub mod histogram;
 pub mod html;
+mod inputs;
+mod legend;
 mod model;
+mod numbers;
 mod page;
 pub mod thumbs;
 

@@ -9,6 +9,7 @@ use serde_json::Value;
 use crate::data::image::DecodeLimits;
 use crate::data::records::Record;
 use crate::error::{OptionError, Result};
+use crate::eval::plot::Curves;
 
 /// Flags for a headless Chromium on a machine with a closed network (the tests and
 /// `benches/report.rs` open the page with them): no sandbox (root in CI), no GPU, and none of
@@ -122,6 +123,10 @@ pub struct Row {
     pub height: Option<u32>,
     pub map_max: Option<f32>,
     pub regions: Option<usize>,
+    /// `[x, y, width, height]` in image pixels of the largest regions (at most
+    /// [`MAX_BOXES`]), drawn on the enlarged view; left out of the page's data when none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub boxes: Vec<[u32; 4]>,
     pub image: Option<String>,
     pub image_full: Option<String>,
     pub heatmap: Option<String>,
@@ -145,6 +150,7 @@ impl Row {
             height: r.height,
             map_max: r.map_max,
             regions: r.regions.as_ref().map(|g| g.count),
+            boxes: largest_boxes(r),
             image: None,
             image_full: None,
             heatmap: None,
@@ -156,10 +162,30 @@ impl Row {
     }
 }
 
-/// A `zsad eval` result: `metrics.json` and the plots beside it.
+/// Region boxes a row carries at most: a page of 10,000 rows stays small, and more boxes
+/// than this would hide the picture.
+pub const MAX_BOXES: usize = 20;
+
+/// The boxes of a record's [`MAX_BOXES`] largest regions (by area, then as listed).
+fn largest_boxes(r: &Record) -> Vec<[u32; 4]> {
+    let Some(g) = &r.regions else {
+        return Vec::new();
+    };
+    let mut items: Vec<_> = g.items.iter().collect();
+    items.sort_by_key(|i| std::cmp::Reverse(i.area));
+    items
+        .iter()
+        .take(MAX_BOXES)
+        .map(|i| [i.bbox.x, i.bbox.y, i.bbox.width, i.bbox.height])
+        .collect()
+}
+
+/// A `zsad eval` result: `metrics.json` and the curves beside it.
 pub struct Eval {
     pub source: PathBuf,
     pub metrics: Value,
-    /// `(title, data URL)` of the ROC and PR plots found.
+    /// The curves' numbers (`curves.json`), drawn by the page itself.
+    pub curves: Option<Curves>,
+    /// `(title, data URL)` of the PNG plots of older versions, when there is no `curves.json`.
     pub plots: Vec<(String, String)>,
 }

@@ -88,6 +88,15 @@
     return td;
   }
 
+  function regionsText(n) { return n + (n === 1 ? ' region' : ' regions'); }
+
+  // A row normal by the image threshold with regions over the pixel threshold: the two
+  // thresholds are set apart, so both can hold.
+  function thresholdNote(r) {
+    if (r.anomalous !== false || !(r.regions > 0)) return null;
+    return 'normal by the image threshold; ' + regionsText(r.regions) + ' above the pixel threshold';
+  }
+
   function badge(r) {
     var text = r.kind === 'undecided' ? 'no threshold' : r.kind;
     return el('span', 'badge ' + r.kind, text);
@@ -112,9 +121,11 @@
     info.appendChild(line);
     if (!none) {
       var d = ['global ' + fmt(r.global_score, 4), 'map max ' + fmt(r.map_max, 4)];
-      if (r.regions != null) d.push(r.regions + (r.regions === 1 ? ' region' : ' regions'));
+      if (r.regions != null) d.push(regionsText(r.regions));
       if (r.width != null) d.push(r.width + '×' + r.height);
       info.appendChild(el('div', 'details', d.join(' · ')));
+      var note = thresholdNote(r);
+      if (note) info.appendChild(el('div', 'threshold-note', note));
     }
     if (r.error) info.appendChild(el('div', 'error', r.error));
     (r.problems || []).forEach(function (p) { info.appendChild(el('div', 'problem', p)); });
@@ -184,15 +195,53 @@
     select(i);
   }
 
-  function figure(url, what) {
+  var SVG = 'http://www.w3.org/2000/svg';
+
+  // The region boxes over a picture, in the image's pixels: the overlay's viewBox is the
+  // picture's natural size in those pixels (a heatmap with a colour bar is wider than the image,
+  // a preview smaller), and it scales with the picture as object-fit: contain does.
+  function boxes(r, img) {
+    var svg = document.createElementNS(SVG, 'svg');
+    svg.setAttribute('class', 'boxes');
+    svg.setAttribute('preserveAspectRatio', 'xMidYMid meet');
+    (r.boxes || []).forEach(function (b) {
+      var rect = document.createElementNS(SVG, 'rect');
+      rect.setAttribute('x', b[0]);
+      rect.setAttribute('y', b[1]);
+      rect.setAttribute('width', Math.max(b[2], 1));
+      rect.setAttribute('height', Math.max(b[3], 1));
+      rect.setAttribute('vector-effect', 'non-scaling-stroke');
+      svg.appendChild(rect);
+    });
+    function fit() {
+      var k = r.height ? img.naturalHeight / r.height : 1;
+      if (!img.naturalWidth || !k) return;
+      svg.setAttribute('viewBox', '0 0 ' + img.naturalWidth / k + ' ' + img.naturalHeight / k);
+      svg.dataset.ready = 'true';
+    }
+    img.addEventListener('load', fit);
+    if (img.complete) fit();
+    return svg;
+  }
+
+  function figure(url, what, r) {
     var f = el('figure');
+    var frame = el('div', 'frame');
     var img = el('img');
     img.alt = what;
     img.dataset.what = what;
     img.addEventListener('error', function () { img.classList.add('broken'); });
     img.src = url;
-    f.appendChild(img);
-    f.appendChild(el('figcaption', null, what));
+    frame.appendChild(img);
+    var n = (r.boxes || []).length;
+    if (n && what !== 'mask') frame.appendChild(boxes(r, img));
+    f.appendChild(frame);
+    var cap = what;
+    if (n && what !== 'mask') {
+      cap += n < r.regions ? ' · the ' + n + ' largest of ' + r.regions + ' regions boxed'
+        : ' · ' + regionsText(n) + ' boxed';
+    }
+    f.appendChild(el('figcaption', null, cap));
     return f;
   }
 
@@ -209,8 +258,11 @@
     if (failed(r)) pics.appendChild(el('p', 'error', r.error || 'failed'));
     [[r.image_full || r.image, 'image'], [r.heatmap_full || r.heatmap, 'heatmap'],
      [r.mask_full || r.mask, 'mask']].forEach(function (p) {
-      if (p[0] && !failed(r)) pics.appendChild(figure(p[0], p[1]));
+      if (p[0] && !failed(r)) pics.appendChild(figure(p[0], p[1], r));
     });
+    var note = failed(r) ? null : thresholdNote(r);
+    $('#lightbox .note').textContent = note || '';
+    $('#lightbox .note').hidden = !note;
     $('#lightbox .prev').disabled = box <= 0;
     $('#lightbox .next').disabled = box >= view.length - 1;
   }

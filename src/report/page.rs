@@ -7,6 +7,8 @@ use serde_json::{json, Value};
 
 use super::html::{escape, script_json};
 use super::model::{Eval, ReportSummary, Row};
+use super::legend;
+use super::numbers;
 use crate::data::run_record::RunRecord;
 use crate::settings::flatten;
 
@@ -32,7 +34,8 @@ fn percent(v: Option<&Value>) -> String {
     }
 }
 
-/// The metrics table (classes, then the mean) and the embedded plots.
+/// The metrics table (classes, then the mean) and the curves: drawn here from `curves.json`'s
+/// numbers, or the PNG plots of older versions.
 fn metrics_section(eval: &Eval) -> String {
     let names = crate::eval::report::METRICS;
     let mut s = String::new();
@@ -66,38 +69,55 @@ fn metrics_section(eval: &Eval) -> String {
         line("mean", mean, "mean");
     }
     s.push_str("</tbody></table>");
-    if !eval.plots.is_empty() {
-        s.push_str(r#"<div class="plots">"#);
-        for (title, url) in &eval.plots {
-            let _ = write!(
-                s,
-                r#"<figure><img src="{url}" alt="{t}"><figcaption>{t}</figcaption></figure>"#,
-                t = escape(title)
-            );
-        }
-        s.push_str("</div>");
-    }
+    s.push_str(&plots(eval));
     s.push_str("</section>");
     s
 }
 
-/// The run's settings and information, one line per leaf (`detector.preset`).
+/// The ROC and PR plots: inline SVG drawn from the curves' numbers (plots without a class are
+/// left out), or the embedded PNGs of an eval folder of an older version.
+fn plots(eval: &Eval) -> String {
+    let mut s = String::new();
+    if let Some(curves) = &eval.curves {
+        for (level, kind, series) in curves.plots() {
+            if !series.is_empty() {
+                let _ = write!(
+                    s,
+                    r#"<figure class="plot svg" data-level="{level}" data-kind="{}">{}</figure>"#,
+                    kind.name(),
+                    crate::eval::plot::svg(&kind.title(level), kind, series)
+                );
+            }
+        }
+    } else {
+        for (title, url) in &eval.plots {
+            let _ = write!(
+                s,
+                r#"<figure class="plot png"><img src="{url}" alt="{t}"><figcaption>{t}</figcaption></figure>"#,
+                t = escape(title)
+            );
+        }
+    }
+    if s.is_empty() {
+        return s;
+    }
+    format!(r#"<div class="plots">{s}</div>"#)
+}
+
+/// The run's settings and information, one line per leaf (`detector.preset`), numbers as
+/// typed ([`numbers::shown`]).
 fn settings_section(run: &RunRecord) -> String {
     let mut s = String::from(
         r#"<details id="settings"><summary>Run settings (run.json)</summary><table class="settings">"#,
     );
     for (part, v) in [("settings", &run.settings), ("info", &run.info)] {
         for (k, x) in flatten(v) {
-            let shown = match &x {
-                Value::String(t) => t.clone(),
-                other => other.to_string(),
-            };
             let _ = write!(
                 s,
                 r#"<tr><th>{}.{}</th><td>{}</td></tr>"#,
                 part,
                 escape(&k),
-                escape(&shown)
+                escape(&numbers::shown(&x))
             );
         }
     }
@@ -105,22 +125,12 @@ fn settings_section(run: &RunRecord) -> String {
     s
 }
 
-/// The whole page.
-pub(super) fn render(p: &Page) -> String {
-    let scores: Vec<(f32, bool)> = p
-        .rows
-        .iter()
-        .filter(|r| r.error.is_none())
-        .filter_map(|r| Some((r.score?, r.anomalous == Some(true))))
-        .collect();
+/// The header's two lines: what the run holds, and the model with its main settings.
+fn header_lines(p: &Page) -> (String, String) {
     let s = p.summary;
     let setting = |k: &str| -> Option<String> {
         let v = p.run?.settings.pointer(k)?;
-        Some(match v {
-            Value::String(t) => t.clone(),
-            Value::Null => return None,
-            other => other.to_string(),
-        })
+        (!v.is_null()).then(|| numbers::shown(v))
     };
     let mut head = format!("{} scored, {} failed", s.scored, s.failed);
     if let Some(n) = s.anomalous {
@@ -140,43 +150,37 @@ pub(super) fn render(p: &Page) -> String {
     .flatten()
     .collect::<Vec<_>>()
     .join(" · ");
-    let data = json!({
-        "page_size": p.page_size,
-        "threshold": p.threshold,
-        "rows": p.rows,
-    });
-    let mut out = String::with_capacity(4096 + 400 * p.rows.len());
-    let _ = write!(
-        out,
-        r#"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="generator" content="zsad {version}">
-<title>zsad report: {title}</title><style>{CSS}</style></head>
-<body>
-<header><h1>zsad report: <span class="dir">{title}</span></h1><p class="summary">{head}</p><p class="model">{model}</p></header>
-<section id="overview"><h2>Scores</h2>{hist}"#,
-        version = env!("CARGO_PKG_VERSION"),
-        title = escape(&p.title),
-        head = escape(&head),
-        model = escape(&model),
-        hist = super::histogram::svg(&scores, p.threshold, 50),
+    (head, model)
+}
+
+/// The scores' histogram, the heatmaps' colour legend and a warning when pictures are missing.
+fn overview(p: &Page) -> String {
+    let scores: Vec<(f32, bool)> = p
+        .rows
+        .iter()
+        .filter(|r| r.error.is_none())
+        .filter_map(|r| Some((r.score?, r.anomalous == Some(true))))
+        .collect();
+    let mut out = format!(
+        r#"<section id="overview"><h2>Scores</h2>{}"#,
+        super::histogram::svg(&scores, p.threshold, 50)
     );
-    if s.unavailable > 0 {
+    if let Some(scale) = p.run.and_then(legend::scale) {
+        out.push_str(&legend::html(&scale));
+    }
+    if p.summary.unavailable > 0 {
         let _ = write!(
             out,
             r#"<p class="warning">{} picture(s) could not be shown; each row says why.</p>"#,
-            s.unavailable
+            p.summary.unavailable
         );
     }
     out.push_str("</section>");
-    if let Some(e) = p.eval {
-        out.push_str(&metrics_section(e));
-    }
-    if let Some(run) = p.run {
-        out.push_str(&settings_section(run));
-    }
-    out.push_str(
-        r#"
+    out
+}
+
+/// The controls, the rows' table and the enlarged view, filled by the script.
+const BODY: &str = r#"
 <nav id="controls" aria-label="Filters and pages">
 <div class="filters" role="group" aria-label="Filter">
 <button type="button" data-filter="all">All <span class="count"></span></button>
@@ -193,10 +197,42 @@ pub(super) fn render(p: &Page) -> String {
 <p id="empty" hidden>No image matches this filter.</p>
 <div id="lightbox" hidden role="dialog" aria-modal="true" aria-label="Enlarged view">
 <div class="bar"><button type="button" class="prev" aria-label="Previous image">‹</button><span class="caption"></span><button type="button" class="next" aria-label="Next image">›</button><button type="button" class="close" aria-label="Close">✕</button></div>
+<p class="note" hidden></p>
 <div class="pictures"></div>
 </div>
-"#,
+"#;
+
+/// The whole page.
+pub(super) fn render(p: &Page) -> String {
+    let (head, model) = header_lines(p);
+    let data = json!({
+        "page_size": p.page_size,
+        "threshold": p.threshold,
+        "rows": p.rows,
+    });
+    let mut out = String::with_capacity(4096 + 400 * p.rows.len());
+    let _ = write!(
+        out,
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="generator" content="zsad {version}">
+<title>zsad report: {title}</title><style>{CSS}</style></head>
+<body>
+<header><h1>zsad report: <span class="dir">{title}</span></h1><p class="summary">{head}</p><p class="model">{model}</p></header>
+{overview}"#,
+        version = env!("CARGO_PKG_VERSION"),
+        title = escape(&p.title),
+        head = escape(&head),
+        model = escape(&model),
+        overview = overview(p),
     );
+    if let Some(e) = p.eval {
+        out.push_str(&metrics_section(e));
+    }
+    if let Some(run) = p.run {
+        out.push_str(&settings_section(run));
+    }
+    out.push_str(BODY);
     let _ = write!(
         out,
         r#"<script type="application/json" id="zsad-data">{}</script>
@@ -274,6 +310,7 @@ mod tests {
             source: "eval".into(),
             metrics: json!({"classes": {"bottle": {"image_auroc": 0.9876, "pixel_aupro": null, "images": 83}},
                             "mean": {"image_auroc": 0.9876, "images": 83}}),
+            curves: None,
             plots: vec![("Image ROC".into(), "data:image/png;base64,AA==".into())],
         };
         let s = metrics_section(&eval);
@@ -281,5 +318,76 @@ mod tests {
         assert!(s.contains("<td>–</td>"));
         assert!(s.contains(r#"<tr class="mean"><th>mean</th>"#));
         assert!(s.contains(r#"<img src="data:image/png;base64,AA==" alt="Image ROC">"#));
+    }
+
+    #[test]
+    fn curves_are_drawn_from_their_numbers_with_names_escaped() {
+        use crate::eval::plot::{Curves, LevelCurves, Series};
+        let series = |class: &str| Series {
+            class: class.into(),
+            value: Some(0.5),
+            points: vec![[0.0, 0.0], [0.2, 0.9], [1.0, 1.0]],
+        };
+        let eval = Eval {
+            source: "eval".into(),
+            metrics: json!({"classes": {}}),
+            curves: Some(Curves {
+                image: LevelCurves {
+                    roc: vec![series("<img src=x onerror=alert(1)>"), series("b")],
+                    pr: vec![series("b")],
+                },
+                pixel: LevelCurves::default(),
+            }),
+            // Ignored when there are curves.
+            plots: vec![("Image ROC".into(), "data:image/png;base64,AA==".into())],
+        };
+        let s = metrics_section(&eval);
+        assert_eq!(
+            s.matches("<svg ").count(),
+            2,
+            "the pixel level has no class: no plot"
+        );
+        assert_eq!(s.matches(r#"<path class="curve""#).count(), 3);
+        assert!(!s.contains("<img") && s.contains("&lt;img src=x onerror=alert(1)&gt;"));
+        assert!(s.contains(r#"data-level="image" data-kind="roc""#));
+        assert!(s.contains(">Image precision-recall</text>"));
+    }
+
+    #[test]
+    fn settings_show_numbers_as_typed_and_the_heatmap_legend() {
+        let run = RunRecord::new(
+            json!({"pixel_threshold": 0.7f32 as f64, "threshold": 0.35, "heatmap_scale": "run", "max_pixels": 100}),
+            json!({"heatmap_range": [0.1f32 as f64, 0.9f32 as f64]}),
+        );
+        let s = settings_section(&run);
+        assert!(
+            s.contains("<th>settings.pixel_threshold</th><td>0.7</td>"),
+            "{s}"
+        );
+        assert!(s.contains("<td>0.35</td>") && s.contains("<td>100</td>"));
+        assert!(
+            s.contains("<th>info.heatmap_range[1]</th><td>0.9</td>"),
+            "{s}"
+        );
+        let summary = ReportSummary::default();
+        let page = Page {
+            title: "t".into(),
+            rows: &[],
+            run: Some(&run),
+            threshold: None,
+            eval: None,
+            page_size: 100,
+            summary: &summary,
+        };
+        let (_, model) = header_lines(&page);
+        assert!(
+            model.contains("pixel threshold 0.7 · heatmap scale run"),
+            "{model}"
+        );
+        let o = overview(&page);
+        assert!(
+            o.contains(r#"id="heatmap-scale" class="legend" data-lo="0.1" data-hi="0.9""#),
+            "{o}"
+        );
     }
 }
