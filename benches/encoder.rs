@@ -3,8 +3,10 @@
 //! `cargo bench --bench encoder [-- FILTER]` prints, per configuration, ms per image and the
 //! achieved GFLOP/s (matmul FLOPs of the forward pass, counted analytically). Configurations:
 //! ViT-B/16 at 224 px and ViT-L/14 at 518 px (the AdaCLIP/AnomalyCLIP resolution, 37x37 grid),
-//! f32 (or `ZSAD_BENCH_PRECISION=bf16`), all threads of the machine, one image per pass; each
-//! also with the V-V path (`+vv`, whose extra attention FLOPs are not counted).
+//! f32 (or `ZSAD_BENCH_PRECISION=bf16`), all threads of the machine, one image per pass
+//! (`ZSAD_BENCH_BATCH=N`: N per pass, times per image); each also with the V-V path (`+vv`,
+//! whose extra attention FLOPs are not counted) unless `ZSAD_BENCH_VV=0`. The header line
+//! says `threads: T, precision: P, batch: B`.
 
 use std::time::Instant;
 
@@ -41,8 +43,10 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
+    // ZSAD_BENCH_VV=0: skip the +vv configurations.
+    let vv_too = std::env::var("ZSAD_BENCH_VV").map_or(true, |v| v != "0");
     println!(
-        "threads: {}, precision: {}",
+        "threads: {}, precision: {}, batch: {batch}",
         rayon::current_num_threads(),
         if bf16 { "bf16" } else { "f32" }
     );
@@ -52,6 +56,9 @@ fn main() {
         ("ViT-L-14-336", 518, false),
         ("ViT-L-14-336", 518, true),
     ] {
+        if vv && !vv_too {
+            continue;
+        }
         let name = format!("{arch}@{size}{}", if vv { "+vv" } else { "" });
         if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
             continue;

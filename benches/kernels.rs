@@ -1,8 +1,10 @@
 //! GEMM and attention kernel speed: `cargo bench --bench kernels [--features onednn]`.
 //!
-//! Prints GFLOP/s of the backbone GEMM backend (`zsad::clip::kernels::gemm_backend()`) on the
-//! shapes of a ViT-L/14 at 518 px (1370 tokens x 1024 -> 4096, as in the 1024 x 1024 @
-//! 1024 x 4096), candle's own matmul on the same shapes, and the fused attention.
+//! Prints GFLOP/s of the backbone's f32 GEMM (`zsad::clip::kernels::gemm_backend()`, each f32
+//! kernel this CPU has) on the shapes of a ViT-B/16 at 224 px and a ViT-L/14 at 518 px (1370
+//! tokens x 1024 -> 4096, as in the 1024 x 1024 @ 1024 x 4096), the `gemm` crate (or
+//! oneDNN with `--features onednn`) and candle's own matmul on the same shapes, the bf16 units,
+//! and the fused attention.
 
 use std::time::Instant;
 
@@ -27,12 +29,16 @@ fn main() {
         .unwrap_or_default();
     let dev = Device::Cpu;
     println!(
-        "threads: {}, backend: {}",
+        "threads: {}, f32 kernel: {}, reference GEMM: {}",
         rayon::current_num_threads(),
-        kernels::gemm_backend()
+        kernels::gemm_backend(),
+        kernels::reference_backend()
     );
     let shapes = [
-        (1024usize, 1024usize, 4096usize),
+        (197usize, 768usize, 2304usize),
+        (197, 768, 3072),
+        (197, 3072, 768),
+        (1024, 1024, 4096),
         (1370, 1024, 4096),
         (1370, 4096, 1024),
         (1370, 1024, 3072),
@@ -45,23 +51,62 @@ fn main() {
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
         let flop = 2.0 * (m * n * k) as f64;
-        let ours = best_of(5, || {
-            kernels::linear(
-                &x,
-                kernels::Weight::F32(&w),
-                Some(&b),
-                kernels::Epilogue::None,
+        let ws = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut line = format!("linear {m}x{k} -> {n}:");
+        for &kernel in zsad::clip::gemm_f32::available() {
+            let packed = kernels::PackedW::pack(
+                kernels::MatRef {
+                    data: &ws,
+                    rs: 1,
+                    cs: k,
+                },
+                k,
+                n,
+                kernel,
+            );
+            let ours = best_of(5, || {
+                kernels::linear(
+                    &x,
+                    kernels::Weight::F32(&packed),
+                    Some(&b),
+                    kernels::Epilogue::None,
+                )
+                .unwrap();
+            });
+            line += &format!(" {} {:>6.1},", kernel.name(), flop / ours / 1e9);
+        }
+        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut c = vec![0f32; m * n];
+        let reference = best_of(5, || {
+            kernels::gemm(
+                m,
+                n,
+                k,
+                kernels::MatRef {
+                    data: &xs,
+                    rs: k,
+                    cs: 1,
+                },
+                kernels::MatRef {
+                    data: &ws,
+                    rs: 1,
+                    cs: k,
+                },
+                &mut c,
+                n,
+                1.0,
+                false,
+                true,
             )
-            .unwrap();
         });
         let wt = w.t().unwrap();
         let candle = best_of(5, || {
             x.matmul(&wt).unwrap().broadcast_add(&b).unwrap();
         });
         println!(
-            "linear {m}x{k} -> {n}: {:>6.1} GFLOP/s ({}), candle matmul + bias {:>6.1} GFLOP/s",
-            flop / ours / 1e9,
-            kernels::gemm_backend(),
+            "{line} {} {:>6.1}, candle matmul + bias {:>6.1} GFLOP/s",
+            kernels::reference_backend(),
+            flop / reference / 1e9,
             flop / candle / 1e9
         );
     }
@@ -139,7 +184,12 @@ fn main() {
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
         let flop = 2.0 * (m * n * k) as f64;
-        let rounded = kernels::round_bf16(&w).unwrap();
+        let mut rounded = kernels::PackedW::from_weight(
+            &w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            n,
+            k,
+        );
+        rounded.round_bf16();
         let emulated = best_of(5, || {
             kernels::linear(
                 &x,
