@@ -22,6 +22,30 @@ fn best_of<F: FnMut()>(runs: usize, mut f: F) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
+/// CPU seconds this process has used (all threads).
+fn cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// The smallest CPU time (all threads) of `runs` calls: on a host shared with other work this
+/// says what the kernel costs better than wall time does.
+fn best_cpu_of<F: FnMut()>(runs: usize, mut f: F) -> f64 {
+    f();
+    (0..runs)
+        .map(|_| {
+            let t = cpu_seconds();
+            f();
+            cpu_seconds() - t
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
 fn main() {
     let filter = std::env::args()
         .skip(1)
@@ -108,6 +132,34 @@ fn main() {
             kernels::reference_backend(),
             flop / reference / 1e9,
             flop / candle / 1e9
+        );
+    }
+    // "f32": the selected f32 kernel alone, per shape (quick comparisons).
+    for (m, k, n) in shapes.into_iter().filter(|_| filter.as_str() == "f32") {
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let w: Vec<f32> = Tensor::randn(0f32, 1.0, (n, k), &dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+        let packed = kernels::PackedW::from_weight(&w, n, k);
+        let run = || {
+            kernels::linear(
+                &x,
+                kernels::Weight::F32(&packed),
+                Some(&b),
+                kernels::Epilogue::None,
+            )
+            .unwrap();
+        };
+        let (t, cpu) = (best_of(7, run), best_cpu_of(7, run));
+        let flop = 2.0 * (m * n * k) as f64;
+        println!(
+            "f32 {m}x{k} -> {n}: {:>6.1} GFLOP/s, {:>6.1} GFLOP per CPU-second",
+            flop / t / 1e9,
+            flop / cpu / 1e9
         );
     }
     // Weight layout: [out, in] as stored (read transposed) vs pre-transposed [in, out].

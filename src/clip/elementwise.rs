@@ -104,10 +104,23 @@ fn exp_shifted_generic(row: &mut [f32]) -> f32 {
     sum + acc.iter().sum::<f32>()
 }
 
+/// `1 / d` for `d >= 1` without a division (a vector division costs 10-16 cycles per 16
+/// lanes): a bit-level first guess, then three Newton steps (error 12% → 1.5% → 2e-4 → 5e-8,
+/// then f32 rounding).
+#[inline(always)]
+fn recip_at_least_one(d: f32) -> f32 {
+    let d = d.min(1e30);
+    let mut r = f32::from_bits(0x7EF3_11C3u32.wrapping_sub(d.to_bits()));
+    for _ in 0..3 {
+        r = r * (2.0 - d * r);
+    }
+    r
+}
+
 #[inline(always)]
 pub(crate) fn quick_gelu_generic(xs: &mut [f32]) {
     xs.iter_mut()
-        .for_each(|x| *x /= 1.0 + exp_approx(-1.702 * *x));
+        .for_each(|x| *x *= recip_at_least_one(1.0 + exp_approx(-1.702 * *x)));
 }
 
 /// `erf(x)` as a rational function on [-4, 4] (saturating outside): within 1e-7 of the exact
@@ -253,6 +266,16 @@ mod tests {
         assert_eq!(exp_approx(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_approx(-100.0), 0.0);
         assert_eq!(exp_approx(0.0), 1.0);
+    }
+
+    #[test]
+    fn reciprocal_is_within_an_ulp_or_two() {
+        for i in 0..100_000 {
+            let d = 1.0 + (i as f32) * 0.37 + (i as f32).powi(3) * 1e-3;
+            let (got, want) = (recip_at_least_one(d), 1.0 / d);
+            assert!(((got - want) / want).abs() < 3e-7, "1/{d}: {got} vs {want}");
+        }
+        assert!(recip_at_least_one(f32::INFINITY) <= 1e-30);
     }
 
     #[test]

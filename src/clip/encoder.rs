@@ -540,8 +540,14 @@ impl Encoder {
         let plain = |t: &Tensor| kernels::applies(t);
         plain(xs)
             && mask.is_none_or(plain)
-            && hooks.head_weights.is_none_or(|w| !w.track_op() && w.device().is_cpu())
-            && hooks.prompts.iter().flatten().all(|p| !p.track_op() && p.device().is_cpu())
+            && hooks
+                .head_weights
+                .is_none_or(|w| !w.track_op() && w.device().is_cpu())
+            && hooks
+                .prompts
+                .iter()
+                .flatten()
+                .all(|p| !p.track_op() && p.device().is_cpu())
             && self.layers.iter().all(ResidualBlock::fused)
     }
 
@@ -614,7 +620,9 @@ impl Encoder {
                     .rows_only(hooks, layer, with_vv)
                     .map_or(stream.len, |r| r.min(stream.len)),
                 mask: mask.as_deref(),
-                head_weights: head_weights.as_ref().map(|w| &w[i * heads..(i + 1) * heads]),
+                head_weights: head_weights
+                    .as_ref()
+                    .map(|w| &w[i * heads..(i + 1) * heads]),
             };
             let vv = if with_vv { stream.vv.as_mut() } else { None };
             block.forward_fused(&mut stream.x, vv, &ctx, &mut ws)?;

@@ -237,9 +237,118 @@ impl PackedB {
         w
     }
 
+    /// Borrowed, as the kernels read it.
+    fn view(&self) -> BView<'_> {
+        BView {
+            k: self.k,
+            n: self.n,
+            kp: self.kp,
+            np: self.np,
+            lines: &self.lines,
+        }
+    }
+}
+
+/// A packed `B[k, n]` ([`PackedB`]'s layout) in borrowed lines: a weight, or keys and values
+/// packed per attention head into a scratch buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct BView<'a> {
+    k: usize,
+    n: usize,
+    kp: usize,
+    np: usize,
+    lines: &'a [Line],
+}
+
+impl BView<'_> {
     /// The lines of column block `jb` (16 columns, `kp / 2` k-pairs).
     fn block(&self, jb: usize) -> &[Line] {
         &self.lines[jb * (self.kp / 2)..(jb + 1) * (self.kp / 2)]
+    }
+
+    /// f32s of scratch that packing `B[k, n]` takes.
+    pub(crate) fn scratch_len(k: usize, n: usize) -> usize {
+        k.div_ceil(32) * 32 * n.div_ceil(32) * 32 / 2
+    }
+}
+
+/// The lines of an f32 scratch buffer (64-byte aligned, a multiple of 16 f32s).
+fn as_lines(buf: &mut [f32]) -> &mut [Line] {
+    assert!(buf.len() % 16 == 0 && buf.as_ptr() as usize % 64 == 0);
+    // SAFETY: `Line` is 64 bytes of plain data with 64-byte alignment, checked above.
+    unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut Line, buf.len() / 16) }
+}
+
+/// Packs `B[k, n]` with `B(kk, j) = rows[j · rs + kk]` (rows of a row-major matrix read as
+/// columns: attention's `kᵀ`), rounded to bf16, into `buf` ([`BView::scratch_len`] f32s).
+pub(crate) fn pack_columns<'a>(
+    rows: &[f32],
+    rs: usize,
+    k: usize,
+    n: usize,
+    buf: &'a mut [f32],
+) -> BView<'a> {
+    let (kp, np) = (k.div_ceil(32) * 32, n.div_ceil(32) * 32);
+    let lines = as_lines(&mut buf[..BView::scratch_len(k, n)]);
+    lines.fill(ZERO_LINE);
+    let mut bits = vec![0u16; kp];
+    for j in 0..n {
+        let row = &rows[j * rs..j * rs + k];
+        for (b, &x) in bits.iter_mut().zip(row) {
+            *b = to_bf16_bits(x);
+        }
+        let block = &mut lines[(j / 16) * (kp / 2)..(j / 16 + 1) * (kp / 2)];
+        let slot = (j % 16) * 2;
+        for (line, pair) in block.iter_mut().zip(bits.chunks_exact(2)) {
+            line.0[slot] = pair[0];
+            line.0[slot + 1] = pair[1];
+        }
+    }
+    BView {
+        k,
+        n,
+        kp,
+        np,
+        lines,
+    }
+}
+
+/// Packs `B[k, n]` with `B(t, c) = rows[t · rs + c]` (a row-major matrix: attention's `v`),
+/// rounded to bf16, into `buf` ([`BView::scratch_len`] f32s).
+pub(crate) fn pack_rows<'a>(
+    rows: &[f32],
+    rs: usize,
+    k: usize,
+    n: usize,
+    buf: &'a mut [f32],
+) -> BView<'a> {
+    let (kp, np) = (k.div_ceil(32) * 32, n.div_ceil(32) * 32);
+    let lines = as_lines(&mut buf[..BView::scratch_len(k, n)]);
+    lines.fill(ZERO_LINE);
+    let mut r = vec![0u16; 2 * n];
+    for p in 0..k.div_ceil(2) {
+        for h in 0..2 {
+            let t = 2 * p + h;
+            for (c, b) in r[h * n..(h + 1) * n].iter_mut().enumerate() {
+                *b = if t < k {
+                    to_bf16_bits(rows[t * rs + c])
+                } else {
+                    0
+                };
+            }
+        }
+        for c in 0..n {
+            let line = &mut lines[(c / 16) * (kp / 2) + p].0;
+            line[(c % 16) * 2] = r[c];
+            line[(c % 16) * 2 + 1] = r[n + c];
+        }
+    }
+    BView {
+        k,
+        n,
+        kp,
+        np,
+        lines,
     }
 }
 
@@ -282,9 +391,15 @@ fn pack_a(a: &ASrc, m: usize, k: usize, kp: usize, parallel: bool, lines: &mut [
 /// rows past `m` and columns past `k` are zero.
 fn fill_group(a: &ASrc, m: usize, k: usize, g: usize, group: &mut [Line]) {
     #[inline(always)]
-    fn generic(a: &ASrc, m: usize, k: usize, g: usize, group: &mut [Line]) {
+    fn generic(
+        a: &ASrc,
+        m: usize,
+        k: usize,
+        g: usize,
+        group: &mut [Line],
+        convert: impl Fn(&[f32; 32], &mut [u16; 32]),
+    ) {
         let valid = 16.min(m.saturating_sub(16 * g));
-        let mut row = [0f32; 32];
         for r in 0..16 {
             for (kl, chunk) in (0..k).step_by(32).enumerate() {
                 let line = &mut group[kl * 16 + r].0;
@@ -293,26 +408,61 @@ fn fill_group(a: &ASrc, m: usize, k: usize, g: usize, group: &mut [Line]) {
                     continue;
                 }
                 let len = 32.min(k - chunk);
-                a.row(16 * g + r, chunk, &mut row[..len]);
-                row[len..].fill(0.0);
-                for (d, &x) in line.iter_mut().zip(&row) {
-                    *d = to_bf16_bits(x);
+                let i = 16 * g + r;
+                let mut row = [0f32; 32];
+                match *a {
+                    // The common case read in place (no copy through `ASrc::row`).
+                    ASrc::View(v) if v.cs == 1 && len == 32 => {
+                        row.copy_from_slice(&v.data[i * v.rs + chunk..i * v.rs + chunk + 32])
+                    }
+                    _ => a.row(i, chunk, &mut row[..len]),
                 }
+                convert(&row, line);
             }
         }
     }
+    let scalar = |row: &[f32; 32], line: &mut [u16; 32]| {
+        for (d, &x) in line.iter_mut().zip(row) {
+            *d = to_bf16_bits(x);
+        }
+    };
     #[cfg(target_arch = "x86_64")]
     {
+        /// `vcvtne2ps2bf16`: round to nearest even, as `to_bf16_bits` (bf16 units treat
+        /// subnormals as zero anyway).
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+        unsafe fn bf16(a: &ASrc, m: usize, k: usize, g: usize, group: &mut [Line]) {
+            use std::arch::x86_64::*;
+            let convert = |row: &[f32; 32], line: &mut [u16; 32]| {
+                let lo = _mm512_loadu_ps(row.as_ptr());
+                let hi = _mm512_loadu_ps(row.as_ptr().add(16));
+                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(line.as_mut_ptr() as *mut _, v);
+            };
+            generic(a, m, k, g, group, convert)
+        }
         #[target_feature(enable = "avx512f,avx512bw")]
-        unsafe fn avx512(a: &ASrc, m: usize, k: usize, g: usize, group: &mut [Line]) {
-            generic(a, m, k, g, group)
+        unsafe fn avx512(
+            a: &ASrc,
+            m: usize,
+            k: usize,
+            g: usize,
+            group: &mut [Line],
+            convert: impl Fn(&[f32; 32], &mut [u16; 32]),
+        ) {
+            generic(a, m, k, g, group, convert)
+        }
+        if std::is_x86_feature_detected!("avx512bf16") && std::is_x86_feature_detected!("avx512bw")
+        {
+            // SAFETY: the features it was compiled for were just detected.
+            return unsafe { bf16(a, m, k, g, group) };
         }
         if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
-            // SAFETY: the features it was compiled for were just detected.
-            return unsafe { avx512(a, m, k, g, group) };
+            // SAFETY: as above.
+            return unsafe { avx512(a, m, k, g, group, scalar) };
         }
     }
-    generic(a, m, k, g, group)
+    generic(a, m, k, g, group, scalar)
 }
 
 /// Rows and columns of `C` per parallel task: 64 × 128 keeps the task's A rows (128 KB at
@@ -365,6 +515,21 @@ pub fn gemm_epi(
     epi: &Epi,
     parallel: bool,
 ) {
+    gemm_view(kernel, m, a, b.view(), dst, ld, epi, parallel)
+}
+
+/// [`gemm_epi`] on a borrowed packed `B`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_view(
+    kernel: Kernel,
+    m: usize,
+    a: ASrc,
+    b: BView,
+    dst: &mut [f32],
+    ld: usize,
+    epi: &Epi,
+    parallel: bool,
+) {
     assert!(
         available().contains(&kernel),
         "bf16 kernel {} is not available on this CPU",
@@ -380,8 +545,7 @@ pub fn gemm_epi(
     let lines = PackedA::len(m, b.kp);
     with_scratch(lines * 16, |buf| {
         // SAFETY: `Line` is 64 bytes of plain data, the scratch is 64-byte aligned f32s.
-        let lines: &mut [Line] =
-            unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut Line, lines) };
+        let lines: &mut [Line] = &mut as_lines(buf)[..lines];
         pack_a(&a, m, k, b.kp, parallel, lines);
         let pa = PackedA { kp: b.kp, lines };
         let out = SendPtr(dst.as_mut_ptr());
@@ -396,7 +560,7 @@ pub fn gemm_epi(
             // SAFETY: the task's block of `dst`, rows `rows` ∩ [0, m) and columns `cols` ∩
             // [0, n), is disjoint from every other task's and inside `dst` (checked above);
             // `kernel` is available.
-            unsafe { task(kernel, &pa, b, rows, cols, (m, n), out.0, ld, epi) }
+            unsafe { task(kernel, &pa, &b, rows, cols, (m, n), out.0, ld, epi) }
         };
         if parallel {
             (0..tasks_m * tasks_n).into_par_iter().for_each(run);
@@ -422,7 +586,7 @@ const KC_STEPS: usize = 32;
 unsafe fn task(
     kernel: Kernel,
     a: &PackedA,
-    b: &PackedB,
+    b: &BView,
     rows: (usize, usize),
     cols: (usize, usize),
     valid: (usize, usize),
@@ -431,7 +595,33 @@ unsafe fn task(
     epi: &Epi,
 ) {
     const MAX_BLOCKS: usize = (TASK_ROWS / 32) * (TASK_COLS / 32);
-    let mut acc = [const { Block([0.0; 32 * 32]) }; MAX_BLOCKS];
+    // A reused per-thread buffer, not zeroed (32 KB per task): the first pass overwrites every
+    // block it stores.
+    with_scratch(MAX_BLOCKS * 32 * 32, |buf| {
+        // SAFETY: `Block` is 1024 plain f32s, 64-byte aligned like the scratch buffer.
+        let acc =
+            unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut Block, MAX_BLOCKS) };
+        task_blocks(kernel, a, b, rows, cols, valid, c, ldc, epi, acc)
+    })
+}
+
+/// [`task`] with its accumulators.
+///
+/// # Safety
+/// As [`task`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn task_blocks(
+    kernel: Kernel,
+    a: &PackedA,
+    b: &BView,
+    rows: (usize, usize),
+    cols: (usize, usize),
+    valid: (usize, usize),
+    c: *mut f32,
+    ldc: usize,
+    epi: &Epi,
+    acc: &mut [Block],
+) {
     let (bi, bj) = ((rows.1 - rows.0) / 32, (cols.1 - cols.0) / 32);
     let steps = a.kp / 32;
     #[cfg(target_arch = "x86_64")]
@@ -477,7 +667,7 @@ unsafe fn task(
     if steps == 0 {
         acc.iter_mut().for_each(|b| b.0.fill(0.0));
     }
-    store_blocks(&acc, bi, bj, rows, cols, valid, c, ldc, epi);
+    store_blocks(acc, bi, bj, rows, cols, valid, c, ldc, epi);
 }
 
 /// The epilogue of a task's blocks, compiled for AVX-512 where the CPU has it.

@@ -31,8 +31,32 @@ use super::matrix::{with_scratch, ASrc, Aligned, Epi, MatRef, SendPtr};
 /// `k` per pass over a block: a `KC × 32` panel of `B` is 32 KB (L1 holds 32-48 KB).
 pub const KC: usize = 256;
 /// Rows and columns of `C` per task.
-const MC: usize = 96;
-const NC: usize = 256;
+fn mc() -> usize {
+    static V: OnceLock<usize> = OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("ZSAD_MC")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(192)
+    })
+}
+fn nc() -> usize {
+    static V: OnceLock<usize> = OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("ZSAD_NC")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(128)
+    })
+}
+fn col_major() -> bool {
+    static V: OnceLock<bool> = OnceLock::new();
+    *V.get_or_init(|| std::env::var("ZSAD_COLMAJOR").map_or(true, |v| v == "1"))
+}
+fn prefetch() -> bool {
+    static V: OnceLock<bool> = OnceLock::new();
+    *V.get_or_init(|| std::env::var("ZSAD_PREFETCH").is_ok_and(|v| v == "1"))
+}
 
 /// An f32 micro-kernel this CPU can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,22 +318,29 @@ pub fn gemm(
     let (mp, np) = (m.div_ceil(mr), n.div_ceil(nr));
     with_scratch(mp * mr * k, |pa| {
         if k > 0 {
-            let pack = |(p, panel): (usize, &mut [f32])| {
-                pack_a_panel(&a, m, k, mr, round_a, p, panel)
-            };
+            let pack =
+                |(p, panel): (usize, &mut [f32])| pack_a_panel(&a, m, k, mr, round_a, p, panel);
             if parallel {
                 pa.par_chunks_mut(k * mr).enumerate().for_each(pack);
             } else {
                 pa.chunks_mut(k * mr).enumerate().for_each(pack);
             }
         }
-        let (mcp, ncp) = ((MC / mr).max(1), (NC / nr).max(1));
-        let (tm, tn) = (mp.div_ceil(mcp), np.div_ceil(ncp));
+        // Row blocks of at most `mc()` rows, as even as the panels allow.
+        let tm = mp.div_ceil((mc() / mr).max(1));
+        let mcp = mp.div_ceil(tm);
+        let ncp = (nc() / nr).max(1);
+        let tn = np.div_ceil(ncp);
+        let cm = col_major();
         let out = SendPtr(dst.as_mut_ptr());
         let pa = &*pa;
         let pb = b.data.as_slice();
         let run = |t: usize| {
-            let (ti, tj) = (t / tn, t % tn);
+            let (ti, tj) = if cm {
+                (t % tm, t / tm)
+            } else {
+                (t / tn, t % tn)
+            };
             let rows = ti * mcp..((ti + 1) * mcp).min(mp);
             let cols = tj * ncp..((tj + 1) * ncp).min(np);
             let out = out;
@@ -462,9 +493,29 @@ unsafe fn block_generic<K: Micro>(args: BlockArgs) {
     while k0 < k {
         let kc = KC.min(k - k0);
         let last = k0 + kc == k;
+        let pf = prefetch();
         for (jj, jp) in cols.clone().enumerate() {
             let b = pb.as_ptr().add(jp * k * nr + k0 * nr);
+            // The next B slice, spread over this one's row panels, into L2.
+            let next = if jj + 1 < cols.len() {
+                Some(pb.as_ptr().add((jp + 1) * k * nr + k0 * nr))
+            } else if last {
+                None
+            } else {
+                Some(pb.as_ptr().add(cols.start * k * nr + (k0 + kc) * nr))
+            };
+            let next_kc = KC.min(k - (k0 + kc).min(k)).max(kc);
+            let lines = next_kc * nr / 16;
+            let per = lines.div_ceil(rows.len());
             for (ii, ip) in rows.clone().enumerate() {
+                #[cfg(target_arch = "x86_64")]
+                if let (Some(next), true) = (next, pf) {
+                    for l in ii * per..((ii + 1) * per).min(lines) {
+                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                            next.add(l * 16) as *const i8,
+                        );
+                    }
+                }
                 let a = pa.as_ptr().add(ip * k * mr + k0 * mr);
                 let t = if single {
                     0
@@ -724,7 +775,16 @@ mod tests {
                     rs: k,
                     cs: 1,
                 };
-                gemm(m, ASrc::View(view), false, &b, &mut c, n, &Epi::default(), true);
+                gemm(
+                    m,
+                    ASrc::View(view),
+                    false,
+                    &b,
+                    &mut c,
+                    n,
+                    &Epi::default(),
+                    true,
+                );
                 c
             };
             let all = run(&a, 300);

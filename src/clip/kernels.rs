@@ -22,16 +22,15 @@ use candle_core::{CpuStorage, Device, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::elementwise::{exp_approx, round_bf16_generic, simd, Simd};
-use super::gemm_bf16;
-use super::gemm_f32::{self, F32Kernel};
 pub use super::elementwise::{
-    exp_shifted_in_place, gelu_in_place, layer_norm_stats, quick_gelu_in_place,
-    round_bf16_in_place,
+    exp_shifted_in_place, gelu_in_place, layer_norm_stats, quick_gelu_in_place, round_bf16_in_place,
 };
+use super::gemm_bf16;
 pub use super::gemm_bf16::{Kernel, PackedB};
 pub use super::gemm_f32::PackedW;
-pub use super::matrix::{ASrc, Act, Epi, MatRef};
+use super::gemm_f32::{self, F32Kernel};
 use super::matrix::{with_scratch, SendPtr};
+pub use super::matrix::{ASrc, Act, Epi, MatRef};
 
 /// `C[m, n] = (C if accumulate else 0) + alpha · A[m, k] · B[k, n]`, `C` row-major with row
 /// stride `ldc` starting at `c[0]`. `parallel = false` keeps the call on the current thread (for
@@ -708,11 +707,17 @@ fn softmax_columns(
 unsafe fn head_bf16(job: &HeadJob, kernel: Kernel) {
     let (l, hd, d3) = (job.l, job.hd, job.d3);
     let (qcol, kcol, vcol) = job.cols;
-    // kᵀ as B[hd, L]: element (kk, j) = k[j, kk].
-    let kt = PackedB::from_f32(job.view(kcol, 1, d3), hd, l, false);
-    let v = PackedB::from_f32(job.view(vcol, d3, 1), l, hd, false);
-    let qc = QUERY_CHUNK;
-    with_scratch(qc.min(job.lq) * l, |scores| {
+    let qc = QUERY_CHUNK.min(job.lq);
+    let (kt_len, v_len) = (
+        gemm_bf16::BView::scratch_len(hd, l),
+        gemm_bf16::BView::scratch_len(l, hd),
+    );
+    with_scratch(kt_len + v_len + qc * l, |buf| {
+        let (kt, rest) = buf.split_at_mut(kt_len);
+        let (v, scores) = rest.split_at_mut(v_len);
+        // kᵀ as B[hd, L] and v as B[L, hd], packed once for all the query chunks.
+        let kt = gemm_bf16::pack_columns(&job.xs[kcol..], d3, hd, l, kt);
+        let v = gemm_bf16::pack_rows(&job.xs[vcol..], d3, l, hd, v);
         for row0 in (0..job.lq).step_by(qc) {
             let rows = qc.min(job.lq - row0);
             let s = &mut scores[..rows * l];
@@ -721,7 +726,7 @@ unsafe fn head_bf16(job: &HeadJob, kernel: Kernel) {
                 ..Default::default()
             };
             let q = job.view(qcol + row0 * d3, d3, 1);
-            gemm_bf16::gemm_epi(kernel, rows, ASrc::View(q), &kt, s, l, &epi, false);
+            gemm_bf16::gemm_view(kernel, rows, ASrc::View(q), kt, s, l, &epi, false);
             // Packing the probabilities for P v rounds them.
             let mut inv_sums = exp_scores(s, l, job.mask, row0, false);
             inv_sums.iter_mut().for_each(|x| *x *= job.weight);
@@ -738,7 +743,7 @@ unsafe fn head_bf16(job: &HeadJob, kernel: Kernel) {
                 rs: l,
                 cs: 1,
             });
-            gemm_bf16::gemm_epi(kernel, rows, p, &v, o, job.ld, &epi, false);
+            gemm_bf16::gemm_view(kernel, rows, p, v, o, job.ld, &epi, false);
         }
     })
 }
@@ -878,7 +883,8 @@ mod tests {
             for epilogue in [Epilogue::None, Epilogue::QuickGelu, Epilogue::Gelu] {
                 let emulated =
                     linear(&x, Weight::RoundedF32(&rounded), Some(&b), epilogue).unwrap();
-                let got = linear(&x, Weight::Packed(&packed_bf16, kernel), Some(&b), epilogue).unwrap();
+                let got =
+                    linear(&x, Weight::Packed(&packed_bf16, kernel), Some(&b), epilogue).unwrap();
                 let d = max_diff(&got, &emulated);
                 assert!(d < 1e-5, "{} {epilogue:?}: {d}", kernel.name());
             }

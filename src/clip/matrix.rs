@@ -135,8 +135,14 @@ impl Default for Epi<'_> {
 impl Epi<'_> {
     /// Panics unless the vectors cover an `m × n` result.
     pub(crate) fn check(&self, m: usize, n: usize) {
-        assert!(self.row_scale.is_none_or(|r| r.len() >= m), "epilogue: row scale");
-        assert!(self.col_scale.is_none_or(|c| c.len() >= n), "epilogue: col scale");
+        assert!(
+            self.row_scale.is_none_or(|r| r.len() >= m),
+            "epilogue: row scale"
+        );
+        assert!(
+            self.col_scale.is_none_or(|c| c.len() >= n),
+            "epilogue: col scale"
+        );
         assert!(self.bias.is_none_or(|b| b.len() >= n), "epilogue: bias");
     }
 
@@ -159,8 +165,27 @@ impl Epi<'_> {
     /// `dst` with row stride `ld` (column stride, transposed) holds the block, and no other
     /// thread touches it meanwhile; the vectors cover it ([`Self::check`]).
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn store_tile(
+        &self,
+        tile: &[f32],
+        ts: usize,
+        rows: (usize, usize),
+        cols: (usize, usize),
+        dst: *mut f32,
+        ld: usize,
+    ) {
+        debug_assert!(cols.1 <= 32);
+        if cols.1 <= 16 {
+            self.store_rows::<16>(tile, ts, rows, cols, dst, ld)
+        } else {
+            self.store_rows::<32>(tile, ts, rows, cols, dst, ld)
+        }
+    }
+
+    /// [`Self::store_tile`] on `N`-wide rows held in registers (a row of `tile` has at least
+    /// `cols` values; the lanes past `cols` are computed on copies and not stored).
+    #[inline(always)]
+    unsafe fn store_rows<const N: usize>(
         &self,
         tile: &[f32],
         ts: usize,
@@ -169,39 +194,56 @@ impl Epi<'_> {
         dst: *mut f32,
         ld: usize,
     ) {
-        debug_assert!(cols <= 32);
-        let mut v = [0f32; 32];
+        let lanes = |v: Option<&[f32]>, fill: f32| -> [f32; N] {
+            let mut out = [fill; N];
+            if let Some(v) = v {
+                out[..cols].copy_from_slice(&v[j0..j0 + cols]);
+            }
+            out
+        };
+        let bias = lanes(self.bias, 0.0);
+        let col_scale = lanes(self.col_scale, 1.0);
+        let full = cols == N;
         for r in 0..rows {
             let i = i0 + r;
             let s = self.alpha * self.row_scale.map_or(1.0, |rs| rs[i]);
-            let v = &mut v[..cols];
-            v.copy_from_slice(&tile[r * ts..r * ts + cols]);
-            v.iter_mut().for_each(|x| *x *= s);
-            if let Some(cs) = self.col_scale {
-                v.iter_mut().zip(&cs[j0..j0 + cols]).for_each(|(x, c)| *x *= c);
+            let mut v = [0f32; N];
+            if full {
+                v.copy_from_slice(&tile[r * ts..r * ts + N]);
+            } else {
+                v[..cols].copy_from_slice(&tile[r * ts..r * ts + cols]);
             }
-            if let Some(b) = self.bias {
-                v.iter_mut().zip(&b[j0..j0 + cols]).for_each(|(x, b)| *x += b);
+            for c in 0..N {
+                v[c] = v[c] * s * col_scale[c] + bias[c];
             }
             match self.act {
                 Act::None => {}
-                Act::QuickGelu => quick_gelu_generic(v),
-                Act::Gelu => gelu_generic(v),
+                Act::QuickGelu => quick_gelu_generic(&mut v),
+                Act::Gelu => gelu_generic(&mut v),
             }
             if self.round_bf16 {
-                round_bf16_generic(v);
+                round_bf16_generic(&mut v);
             }
             if self.transposed {
-                for (c, &x) in v.iter().enumerate() {
+                for (c, &x) in v.iter().enumerate().take(cols) {
                     let d = dst.add((j0 + c) * ld + i);
                     *d = if self.accumulate { *d + x } else { x };
+                }
+            } else if full {
+                let d = &mut *(dst.add(i * ld + j0) as *mut [f32; N]);
+                if self.accumulate {
+                    for c in 0..N {
+                        d[c] += v[c];
+                    }
+                } else {
+                    *d = v;
                 }
             } else {
                 let d = std::slice::from_raw_parts_mut(dst.add(i * ld + j0), cols);
                 if self.accumulate {
-                    d.iter_mut().zip(v.iter()).for_each(|(d, &x)| *d += x);
+                    d.iter_mut().zip(v).for_each(|(d, x)| *d += x);
                 } else {
-                    d.copy_from_slice(v);
+                    d.copy_from_slice(&v[..cols]);
                 }
             }
         }

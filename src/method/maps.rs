@@ -23,6 +23,11 @@ pub fn upsample_bilinear(
     align_corners: bool,
 ) -> Result<Tensor> {
     let (c, h, w) = x.dims3()?;
+    if !x.track_op() && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        let v = x.flatten_all()?.to_vec1::<f32>()?;
+        let out = upsample_channels(&v, (c, h, w), out_h, out_w, align_corners);
+        return Ok(Tensor::from_vec(out, (c, out_h, out_w), &Device::Cpu)?);
+    }
     let dev = x.device();
     let wh = Tensor::from_vec(bilinear_matrix(h, out_h, align_corners), (out_h, h), dev)?
         .to_dtype(x.dtype())?;
@@ -39,6 +44,59 @@ pub fn upsample_bilinear(
         .contiguous()?
         .matmul(&cols)?;
     Ok(rows)
+}
+
+/// The non-zero `(index, weight)` entries of each row of an interpolation matrix `[n_out, n_in]`
+/// (two per row for bilinear), in increasing index order.
+fn sparse_rows(dense: &[f32], n_in: usize) -> Vec<Vec<(usize, f32)>> {
+    dense
+        .chunks(n_in.max(1))
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .filter(|(_, &w)| w != 0.0)
+                .map(|(i, &w)| (i, w))
+                .collect()
+        })
+        .collect()
+}
+
+/// [`upsample_bilinear`] for inference on the CPU: the same two products over the non-zero
+/// weights only, each channel on its own, so a channel's result does not depend on how many
+/// channels (images) are upsampled together, and an output pixel costs four multiply-adds.
+fn upsample_channels(
+    x: &[f32],
+    (c, h, w): (usize, usize, usize),
+    out_h: usize,
+    out_w: usize,
+    align_corners: bool,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let wh = sparse_rows(&bilinear_matrix(h, out_h, align_corners), h);
+    let ww = sparse_rows(&bilinear_matrix(w, out_w, align_corners), w);
+    let mut out = vec![0f32; c * out_h * out_w];
+    if c * h * w == 0 {
+        return out;
+    }
+    out.par_chunks_mut(out_h * out_w)
+        .zip(x.par_chunks(h * w))
+        .for_each(|(out, x)| {
+            // [h, w] @ Wwᵀ -> [h, W], then Wh @ that -> [H, W].
+            let mut cols = vec![0f32; h * out_w];
+            for (src, dst) in x.chunks(w).zip(cols.chunks_mut(out_w)) {
+                for (d, taps) in dst.iter_mut().zip(&ww) {
+                    *d = taps.iter().fold(0.0, |acc, &(j, wt)| acc + wt * src[j]);
+                }
+            }
+            for (dst, taps) in out.chunks_mut(out_w).zip(&wh) {
+                dst.fill(0.0);
+                for &(i, wt) in taps {
+                    let src = &cols[i * out_w..(i + 1) * out_w];
+                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d += wt * s);
+                }
+            }
+        });
+    out
 }
 
 /// scipy's `_gaussian_kernel1d(sigma, 0, radius)` with `radius = int(truncate * sigma + 0.5)`.
