@@ -128,21 +128,65 @@ fn correlate_pass(
     step: usize,
     k: &[f64],
 ) {
-    let r = (k.len() / 2) as i64;
-    let mut buf = vec![0f64; len];
-    for l in 0..lines {
-        let base = l * line_stride;
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = src[base + i * step] as f64;
-        }
-        for i in 0..len as i64 {
-            let mut acc = buf[i as usize] * k[r as usize];
-            for j in 1..=r {
-                let a = buf[reflect(i - j, len as i64)];
-                let b = buf[reflect(i + j, len as i64)];
-                acc += (a + b) * k[(r + j) as usize];
+    let r = k.len() / 2;
+    if step == 1 {
+        // Along rows: each line padded with its reflection, then the taps outer and the
+        // positions inner (vectorised), every output summed in the same order as below.
+        let mut pad = vec![0f64; len + 2 * r];
+        let mut acc = vec![0f64; len];
+        for l in 0..lines {
+            let base = l * line_stride;
+            for (p, v) in pad.iter_mut().enumerate() {
+                *v = src[base + reflect(p as i64 - r as i64, len as i64)] as f64;
             }
-            dst[base + i as usize * step] = acc as f32;
+            taps_along(&pad, &mut acc, k);
+            for (d, &a) in dst[base..base + len].iter_mut().zip(&acc) {
+                *d = a as f32;
+            }
+        }
+        return;
+    }
+    // Along columns (`step` = row stride, `lines` columns side by side): whole rows at a time,
+    // the columns in vector lanes.
+    debug_assert_eq!(line_stride, 1);
+    let rows: Vec<Vec<f64>> = (0..len)
+        .map(|i| {
+            src[i * step..i * step + lines]
+                .iter()
+                .map(|&v| v as f64)
+                .collect()
+        })
+        .collect();
+    let mut acc = vec![0f64; lines];
+    for i in 0..len as i64 {
+        let centre = &rows[i as usize];
+        acc.iter_mut().zip(centre).for_each(|(a, &c)| *a = c * k[r]);
+        for j in 1..=r as i64 {
+            let a = &rows[reflect(i - j, len as i64)];
+            let b = &rows[reflect(i + j, len as i64)];
+            let kj = k[r + j as usize];
+            for ((acc, &a), &b) in acc.iter_mut().zip(a).zip(b) {
+                *acc += (a + b) * kj;
+            }
+        }
+        let out = &mut dst[i as usize * step..i as usize * step + lines];
+        out.iter_mut().zip(&acc).for_each(|(d, &a)| *d = a as f32);
+    }
+}
+
+/// `acc[i] = pad[i + r] k[r] + Σ_{j=1..r} (pad[i + r − j] + pad[i + r + j]) k[r + j]`, in that
+/// order for every `i`.
+fn taps_along(pad: &[f64], acc: &mut [f64], k: &[f64]) {
+    let r = k.len() / 2;
+    let n = acc.len();
+    acc.iter_mut()
+        .zip(&pad[r..r + n])
+        .for_each(|(a, &c)| *a = c * k[r]);
+    for j in 1..=r {
+        let (lo, hi) = (&pad[r - j..r - j + n], &pad[r + j..r + j + n]);
+        let kj = k[r + j];
+        for ((acc, &a), &b) in acc.iter_mut().zip(lo).zip(hi) {
+            *acc += (a + b) * kj;
         }
     }
 }
