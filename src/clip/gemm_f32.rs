@@ -30,33 +30,12 @@ use super::matrix::{with_scratch, ASrc, Aligned, Epi, MatRef, SendPtr};
 
 /// `k` per pass over a block: a `KC × 32` panel of `B` is 32 KB (L1 holds 32-48 KB).
 pub const KC: usize = 256;
-/// Rows and columns of `C` per task.
-fn mc() -> usize {
-    static V: OnceLock<usize> = OnceLock::new();
-    *V.get_or_init(|| {
-        std::env::var("ZSAD_MC")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(192)
-    })
-}
-fn nc() -> usize {
-    static V: OnceLock<usize> = OnceLock::new();
-    *V.get_or_init(|| {
-        std::env::var("ZSAD_NC")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(128)
-    })
-}
-fn col_major() -> bool {
-    static V: OnceLock<bool> = OnceLock::new();
-    *V.get_or_init(|| std::env::var("ZSAD_COLMAJOR").map_or(true, |v| v == "1"))
-}
-fn prefetch() -> bool {
-    static V: OnceLock<bool> = OnceLock::new();
-    *V.get_or_init(|| std::env::var("ZSAD_PREFETCH").is_ok_and(|v| v == "1"))
-}
+/// Rows and columns of `C` per task: a task's `A` rows (192 × `KC` floats, 192 KB) and `B`
+/// columns (128 × `KC`, 128 KB) stay in L2 while its blocks run. Tasks run down the columns
+/// (every row block of one column block, then the next), so a column block of `B`, a weight
+/// read from memory, is used by all the rows while it is in cache.
+const MC: usize = 192;
+const NC: usize = 128;
 
 /// An f32 micro-kernel this CPU can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -327,20 +306,15 @@ pub fn gemm(
             }
         }
         // Row blocks of at most `mc()` rows, as even as the panels allow.
-        let tm = mp.div_ceil((mc() / mr).max(1));
+        let tm = mp.div_ceil((MC / mr).max(1));
         let mcp = mp.div_ceil(tm);
-        let ncp = (nc() / nr).max(1);
+        let ncp = (NC / nr).max(1);
         let tn = np.div_ceil(ncp);
-        let cm = col_major();
         let out = SendPtr(dst.as_mut_ptr());
         let pa = &*pa;
         let pb = b.data.as_slice();
         let run = |t: usize| {
-            let (ti, tj) = if cm {
-                (t % tm, t / tm)
-            } else {
-                (t / tn, t % tn)
-            };
+            let (ti, tj) = (t % tm, t / tm);
             let rows = ti * mcp..((ti + 1) * mcp).min(mp);
             let cols = tj * ncp..((tj + 1) * ncp).min(np);
             let out = out;
@@ -493,10 +467,11 @@ unsafe fn block_generic<K: Micro>(args: BlockArgs) {
     while k0 < k {
         let kc = KC.min(k - k0);
         let last = k0 + kc == k;
-        let pf = prefetch();
         for (jj, jp) in cols.clone().enumerate() {
             let b = pb.as_ptr().add(jp * k * nr + k0 * nr);
-            // The next B slice, spread over this one's row panels, into L2.
+            // The next B slice (the next column panel, or the first one of the next k slice),
+            // prefetched into L2 a part per row panel of this one: a weight read from memory
+            // arrives while this slice computes.
             let next = if jj + 1 < cols.len() {
                 Some(pb.as_ptr().add((jp + 1) * k * nr + k0 * nr))
             } else if last {
@@ -504,12 +479,16 @@ unsafe fn block_generic<K: Micro>(args: BlockArgs) {
             } else {
                 Some(pb.as_ptr().add(cols.start * k * nr + (k0 + kc) * nr))
             };
-            let next_kc = KC.min(k - (k0 + kc).min(k)).max(kc);
+            let next_kc = if jj + 1 < cols.len() {
+                kc
+            } else {
+                KC.min(k.saturating_sub(k0 + kc))
+            };
             let lines = next_kc * nr / 16;
             let per = lines.div_ceil(rows.len());
             for (ii, ip) in rows.clone().enumerate() {
                 #[cfg(target_arch = "x86_64")]
-                if let (Some(next), true) = (next, pf) {
+                if let Some(next) = next {
                     for l in ii * per..((ii + 1) * per).min(lines) {
                         std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
                             next.add(l * 16) as *const i8,
