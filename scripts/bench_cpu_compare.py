@@ -290,7 +290,6 @@ def worker(args):
 ZSAD_LINE = re.compile(
     r"^(?P<name>\S+)\s+(?P<ms>[\d.]+) ms/image \(median of (?P<runs>\d+), min (?P<min>[\d.]+)\)"
     r"\s+(?P<gflops>[\d.]+) GFLOP/s")
-# "batch: B" is not printed by the bench today; it is checked when it is.
 ZSAD_HEADER = re.compile(r"^threads: (?P<threads>\d+), precision: (?P<precision>\w+)"
                          r"(?:, batch: (?P<batch>\d+))?")
 

@@ -117,7 +117,7 @@ impl Attention {
     ) -> Result<AttentionOutput> {
         let (b, l, _) = xs.dims3()?;
         let rows = request.rows.unwrap_or(l).min(l);
-        let (ori, vv) = if kernels::applies(xs) {
+        let (ori, vv) = if kernels::applies(xs) && self.fused() {
             self.forward_fused(xs, mask, rows, request.with_vv)?
         } else {
             let (ori, vv) = self.forward_plain(xs, mask, request.with_vv)?;
@@ -137,6 +137,65 @@ impl Attention {
             ori: out(ori)?,
             vv: vv.map(out).transpose()?,
         })
+    }
+
+    /// Whether the fused CPU kernels can run this layer (its weights packed for them).
+    pub fn fused(&self) -> bool {
+        self.qkv.fused() && self.out_proj.fused()
+    }
+
+    /// `dst [m, 3D] ⟵ qkv(A)` for the fused path, `A` read from `a` (LayerNorm applied to rows);
+    /// rounded to bf16 when bf16 is emulated (as [`Self::forward`] does).
+    pub fn qkv_into(&self, m: usize, a: kernels::ASrc, dst: &mut [f32]) -> Result<()> {
+        let d3 = 3 * self.num_heads * self.head_dim;
+        let round = self.precision == kernels::Precision::Bf16Emulated;
+        Ok(self
+            .qkv
+            .gemm_into(m, a, dst, d3, kernels::Act::None, false, round)?)
+    }
+
+    /// The heads merged, `out [B, queries, D]`, from `qkv [B, L, 3D]` (`tokens = (B, L)`), each
+    /// head scaled by its weight: the fused path's attention.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_into(
+        &self,
+        qkv: &[f32],
+        (batch, tokens): (usize, usize),
+        roles: kernels::QkvRoles,
+        queries: usize,
+        mask: Option<&[f32]>,
+        head_weights: Option<&[f32]>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let spec = kernels::AttentionSpec {
+            batch,
+            tokens,
+            heads: self.num_heads,
+            scale: self.scale as f32,
+            roles,
+            queries,
+            precision: self.precision,
+        };
+        Ok(kernels::attention_into(
+            qkv,
+            &spec,
+            mask,
+            head_weights,
+            out,
+        )?)
+    }
+
+    /// `residual [m, D] += out_proj(merged [m, D])`: the fused path's output projection.
+    pub fn out_proj_into(&self, m: usize, merged: &[f32], residual: &mut [f32]) -> Result<()> {
+        let d = self.num_heads * self.head_dim;
+        let a = kernels::ASrc::View(kernels::MatRef {
+            data: merged,
+            rs: d,
+            cs: 1,
+        });
+        Ok(self
+            .out_proj
+            .gemm_into(m, a, residual, d, kernels::Act::None, true, false)?)
     }
 
     /// Both paths on the fused kernel, heads merged but not yet weighted: `[B, rows, D]` and
@@ -362,7 +421,7 @@ mod tests {
     /// Naive single-sequence attention, one head at a time, from the fused weights:
     /// `out_proj(concat_h w_h · softmax(a_h b_hᵀ / sqrt(hd)) v_h)`, a/b = q/k or v/v.
     fn naive(att: &Attention, x: &[Vec<f32>], hw: &[f32], vv: bool) -> Vec<Vec<f32>> {
-        let w = to2(att.qkv.weight().unwrap());
+        let w = to2(&att.qkv.weight().unwrap());
         let b = att.qkv.bias().unwrap().to_vec1::<f32>().unwrap();
         let (l, d) = (x.len(), x[0].len());
         let proj = |r: usize| -> Vec<Vec<f32>> {
@@ -399,7 +458,7 @@ mod tests {
                 }
             }
         }
-        let ow = to2(att.out_proj.weight().unwrap());
+        let ow = to2(&att.out_proj.weight().unwrap());
         let ob = att.out_proj.bias().unwrap().to_vec1::<f32>().unwrap();
         (0..l)
             .map(|i| {

@@ -2,8 +2,9 @@
 //! the encoder with the anomaly-detection hooks (taps, per-head weights, deep prompts, the V-V
 //! path). Attention and linear layers live in `attention` and `linear`.
 
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 use super::attention::{Attention, AttentionRequest};
 use super::config::{Activation, TextConfig, VisionConfig};
@@ -57,15 +58,49 @@ pub(crate) struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
+    /// `(gamma, beta)` for the fused kernels (f32 weights on the CPU), else empty.
+    host: std::sync::Arc<(Vec<f32>, Vec<f32>)>,
 }
 
 impl LayerNorm {
     pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let (weight, bias) = (vb.get(dim, "weight")?, vb.get(dim, "bias")?);
+        let host = if weight.device().is_cpu() && weight.dtype() == DType::F32 {
+            (weight.to_vec1::<f32>()?, bias.to_vec1::<f32>()?)
+        } else {
+            Default::default()
+        };
         Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            bias: vb.get(dim, "bias")?,
+            weight,
+            bias,
             eps,
+            host: std::sync::Arc::new(host),
         })
+    }
+
+    /// Whether the fused kernels can apply it.
+    fn fused(&self) -> bool {
+        !self.host.0.is_empty()
+    }
+
+    /// `stats[i] = [mean, rstd]` of each `d`-wide row of `x` (`stats.len()` rows).
+    fn stats(&self, x: &[f32], d: usize, stats: &mut [[f32; 2]]) {
+        let eps = self.eps as f32;
+        x[..stats.len() * d]
+            .par_chunks(64 * d)
+            .zip(stats.par_chunks_mut(64))
+            .for_each(|(x, s)| kernels::layer_norm_stats(x, d, eps, s));
+    }
+
+    /// The rows of `x` (`ld` apart) normalised, as a GEMM's left operand.
+    fn source<'a>(&'a self, x: &'a [f32], ld: usize, stats: &'a [[f32; 2]]) -> kernels::ASrc<'a> {
+        kernels::ASrc::Norm {
+            x,
+            ld,
+            stats,
+            gamma: &self.host.0,
+            beta: &self.host.1,
+        }
     }
 }
 
@@ -87,6 +122,7 @@ pub(crate) struct Mlp {
     fc1: Linear,
     fc2: Linear,
     act: Activation,
+    width: usize,
 }
 
 impl Mlp {
@@ -102,18 +138,33 @@ impl Mlp {
             fc1: Linear::load(vb.pp("fc1"), dim, hidden, true)?,
             fc2: Linear::load(vb.pp("fc2"), hidden, dim, true)?,
             act,
+            width: hidden,
         })
+    }
+}
+
+impl Mlp {
+    /// The MLP's hidden width (fc1's outputs).
+    fn fc2_width(&self) -> usize {
+        self.width
+    }
+
+    fn fused(&self) -> bool {
+        self.fc1.fused() && self.fc2.fused()
+    }
+
+    fn act(&self) -> kernels::Act {
+        match self.act {
+            Activation::QuickGelu => kernels::Act::QuickGelu,
+            Activation::Gelu => kernels::Act::Gelu,
+        }
     }
 }
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if kernels::applies(xs) {
-            let epilogue = match self.act {
-                Activation::QuickGelu => kernels::Epilogue::QuickGelu,
-                Activation::Gelu => kernels::Epilogue::Gelu,
-            };
-            let h = self.fc1.forward_with(xs, epilogue)?;
+        if kernels::applies(xs) && self.fused() {
+            let h = self.fc1.forward_with(xs, self.act())?;
             return self.fc2.forward(&h);
         }
         let xs = self.fc1.forward(xs)?;
@@ -180,6 +231,103 @@ impl ResidualBlock {
         let x = (residual + attn.ori)?;
         let x = (&x + self.mlp.forward(&self.layer_norm2.forward(&x)?)?)?;
         Ok((x, attn.vv))
+    }
+}
+
+/// The buffers of the fused inference path, reused by every block of a pass (and by the next
+/// pass on the same thread).
+#[derive(Default)]
+struct Workspace {
+    stats: Vec<[f32; 2]>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    attn_vv: Vec<f32>,
+    hidden: Vec<f32>,
+}
+
+thread_local! {
+    static WORKSPACE: std::cell::Cell<Option<Workspace>> = const { std::cell::Cell::new(None) };
+}
+
+/// The first `n` elements of `v`, grown (zero-filled) if it is shorter.
+fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+    &mut v[..n]
+}
+
+/// Where the fused path's attention reads its options, per block.
+struct BlockCtx<'a> {
+    /// Images and tokens per image of the stream entering the block.
+    batch: usize,
+    len: usize,
+    /// Ordinary queries wanted (the stream leaves with `rows` tokens per image).
+    rows: usize,
+    mask: Option<&'a [f32]>,
+    head_weights: Option<&'a [f32]>,
+}
+
+impl ResidualBlock {
+    /// Whether [`Self::forward_fused`] can run this block.
+    fn fused(&self) -> bool {
+        self.self_attn.fused()
+            && self.mlp.fused()
+            && self.layer_norm1.fused()
+            && self.layer_norm2.fused()
+    }
+
+    /// The block on the fused CPU kernels, in place on the row-major stream `x` `[B, L, D]`,
+    /// which leaves as `[B, rows, D]`: LayerNorm applied while the qkv and fc1 operands are
+    /// packed, attention per head, the residual adds in the epilogues of out_proj and fc2, the
+    /// activation in fc1's. With `vv` (the V-V stream, `[B, L, D]`), the V-V attention's
+    /// projection is added to it (AnomalyCLIP's DPAM). No tensor is allocated.
+    fn forward_fused(
+        &self,
+        x: &mut Vec<f32>,
+        vv: Option<&mut Vec<f32>>,
+        ctx: &BlockCtx,
+        ws: &mut Workspace,
+    ) -> Result<()> {
+        let (b, l, rows) = (ctx.batch, ctx.len, ctx.rows);
+        let d = self.layer_norm1.host.0.len();
+        let m = b * l;
+        let attn = &self.self_attn;
+        let stats = grow(&mut ws.stats, m);
+        self.layer_norm1.stats(x, d, stats);
+        let qkv = grow(&mut ws.qkv, m * 3 * d);
+        attn.qkv_into(m, self.layer_norm1.source(x, d, stats), qkv)?;
+        let merged = grow(&mut ws.attn, b * rows * d);
+        let (mask, hw) = (ctx.mask, ctx.head_weights);
+        attn.attend_into(qkv, (b, l), kernels::ORDINARY, rows, mask, hw, merged)?;
+        if let Some(vv) = vv {
+            let merged_vv = grow(&mut ws.attn_vv, m * d);
+            attn.attend_into(qkv, (b, l), kernels::VALUE_VALUE, l, mask, hw, merged_vv)?;
+            attn.out_proj_into(m, merged_vv, &mut vv[..m * d])?;
+        }
+        if rows < l {
+            for bi in 1..b {
+                x.copy_within(bi * l * d..(bi * l + rows) * d, bi * rows * d);
+            }
+            x.truncate(b * rows * d);
+        }
+        let m = b * rows;
+        attn.out_proj_into(m, merged, &mut x[..m * d])?;
+        let stats = &mut ws.stats[..m];
+        self.layer_norm2.stats(x, d, stats);
+        let width = self.mlp.fc2_width();
+        let hidden = grow(&mut ws.hidden, m * width);
+        let a = self.layer_norm2.source(x, d, stats);
+        self.mlp
+            .fc1
+            .gemm_into(m, a, hidden, width, self.mlp.act(), false, false)?;
+        let a = kernels::ASrc::View(kernels::MatRef {
+            data: hidden,
+            rs: width,
+            cs: 1,
+        });
+        let none = kernels::Act::None;
+        Ok(self.mlp.fc2.gemm_into(m, a, x, d, none, true, false)?)
     }
 }
 
@@ -307,6 +455,9 @@ impl Encoder {
     ) -> Result<EncoderOutput> {
         let (batch, base_len, dim) = xs.dims3()?;
         self.check_hooks(hooks, dim)?;
+        if self.can_fuse(xs, mask, hooks) {
+            return self.forward_fused(xs, mask, hooks, placement);
+        }
         let mut x = xs.clone();
         let mut x_vv: Option<Tensor> = None;
         let mut n_prompt = 0usize; // prompt tokens currently appended (Append placement)
@@ -331,46 +482,18 @@ impl Encoder {
         record(0, &x, None)?;
         for (i, block) in self.layers.iter().enumerate() {
             if let Some(Some(p)) = hooks.prompts.get(i) {
-                let p = if p.rank() == 2 {
-                    p.unsqueeze(0)?
-                } else {
-                    p.clone()
+                let at = PromptAt {
+                    layer: i,
+                    present: n_prompt,
+                    base_len,
+                    placement,
                 };
-                let p = p
-                    .to_dtype(x.dtype())?
-                    .broadcast_as((batch, p.dim(1)?, dim))?;
-                let n = p.dim(1)?;
-                let insert = |x: &Tensor| -> Result<Tensor> {
-                    Ok(match placement {
-                        PromptPlacement::Append if n_prompt == 0 => Tensor::cat(&[x, &p], 1)?,
-                        PromptPlacement::Append => {
-                            if n != n_prompt {
-                                return Err(crate::error::invalid!(
-                                    "layer {i} substitutes {n} prompt tokens but {n_prompt} are present"
-                                ));
-                            }
-                            Tensor::cat(&[&x.narrow(1, 0, base_len)?, &p], 1)?
-                        }
-                        PromptPlacement::AfterStart => {
-                            let len = x.dim(1)?;
-                            if 1 + n > len {
-                                return Err(crate::error::invalid!(
-                                    "{n} prompt tokens do not fit after SOT in {len} positions"
-                                ));
-                            }
-                            Tensor::cat(
-                                &[&x.narrow(1, 0, 1)?, &p, &x.narrow(1, 1 + n, len - 1 - n)?],
-                                1,
-                            )?
-                        }
-                    })
-                };
-                x = insert(&x)?;
+                x = insert_prompts(&x, p, &at)?;
                 if let Some(v) = &x_vv {
-                    x_vv = Some(insert(v)?);
+                    x_vv = Some(insert_prompts(v, p, &at)?);
                 }
                 if placement == PromptPlacement::Append {
-                    n_prompt = n;
+                    n_prompt = prompt_rows(p)?;
                 }
             }
             let layer = i + 1;
@@ -379,11 +502,8 @@ impl Encoder {
                 Some(w) => Some(w.get(i)?),
                 None => None,
             };
-            let rows_only = hooks.last_rows.filter(|_| {
-                layer == self.layers.len() && (with_vv || !hooks.taps.contains(&layer))
-            });
             let request = AttentionRequest {
-                rows: rows_only,
+                rows: self.rows_only(hooks, layer, with_vv),
                 with_vv,
             };
             let (next, vv) = block.forward(&x, mask, hw.as_ref(), request)?;
@@ -395,21 +515,243 @@ impl Encoder {
             x = next;
             record(layer, &x, x_vv.as_ref())?;
         }
-        let collect = |v: Vec<Option<Tensor>>| {
-            v.into_iter()
-                .map(|t| t.expect("every tap recorded"))
-                .collect()
-        };
+        let _ = batch;
         Ok(EncoderOutput {
             last: strip(&x)?,
-            taps: collect(taps),
+            taps: collect_taps(taps),
             vv_taps: if hooks.vv_from.is_some() {
-                collect(vv_taps)
+                collect_taps(vv_taps)
             } else {
                 Vec::new()
             },
         })
     }
+
+    /// `Hooks::last_rows` where it applies to `layer`.
+    fn rows_only(&self, hooks: &Hooks, layer: usize, with_vv: bool) -> Option<usize> {
+        hooks
+            .last_rows
+            .filter(|_| layer == self.layers.len() && (with_vv || !hooks.taps.contains(&layer)))
+    }
+
+    /// Whether the whole pass can run on the fused CPU kernels: f32 on the CPU, nothing
+    /// learnable in the input or the hooks, every block's weights packed for the kernels.
+    fn can_fuse(&self, xs: &Tensor, mask: Option<&Tensor>, hooks: &Hooks) -> bool {
+        let plain = |t: &Tensor| kernels::applies(t);
+        plain(xs)
+            && mask.is_none_or(plain)
+            && hooks
+                .head_weights
+                .is_none_or(|w| !w.track_op() && w.device().is_cpu())
+            && hooks
+                .prompts
+                .iter()
+                .flatten()
+                .all(|p| !p.track_op() && p.device().is_cpu())
+            && self.layers.iter().all(ResidualBlock::fused)
+    }
+
+    /// [`Self::forward`] on the fused kernels: the residual stream (and the V-V stream) kept as
+    /// row-major buffers updated in place by each block ([`ResidualBlock::forward_fused`]);
+    /// tensors are made only for the taps, the output, and where prompts enter.
+    fn forward_fused(
+        &self,
+        xs: &Tensor,
+        mask: Option<&Tensor>,
+        hooks: &Hooks,
+        placement: PromptPlacement,
+    ) -> Result<EncoderOutput> {
+        let (batch, base_len, dim) = xs.dims3()?;
+        let mask = match mask {
+            Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let heads = self.layers.first().map_or(1, |l| l.num_heads());
+        let head_weights = match hooks.head_weights {
+            Some(w) => Some(w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let mut stream = Stream {
+            x: xs.flatten_all()?.to_vec1::<f32>()?,
+            vv: None,
+            batch,
+            len: base_len,
+            dim,
+            base_len,
+        };
+        let mut taps: Vec<Option<Tensor>> = vec![None; hooks.taps.len()];
+        let mut vv_taps: Vec<Option<Tensor>> = vec![None; hooks.taps.len()];
+        let mut record = |layer: usize, s: &Stream| -> Result<()> {
+            for (slot, &t) in hooks.taps.iter().enumerate() {
+                if t == layer {
+                    taps[slot] = Some(s.tensor(&s.x, s.len)?);
+                    let vv = s.vv.as_ref().unwrap_or(&s.x);
+                    vv_taps[slot] = Some(s.tensor(vv, s.len.max(s.vv_len()))?);
+                }
+            }
+            Ok(())
+        };
+        record(0, &stream)?;
+        let mut ws = WORKSPACE.with(|w| w.take()).unwrap_or_default();
+        let mut n_prompt = 0usize;
+        for (i, block) in self.layers.iter().enumerate() {
+            if let Some(Some(p)) = hooks.prompts.get(i) {
+                let at = PromptAt {
+                    layer: i,
+                    present: n_prompt,
+                    base_len,
+                    placement,
+                };
+                stream.insert_prompts(p, &at)?;
+                if placement == PromptPlacement::Append {
+                    n_prompt = prompt_rows(p)?;
+                }
+            }
+            let layer = i + 1;
+            let with_vv = hooks.vv_from.is_some_and(|v| layer >= v);
+            if with_vv && stream.vv.is_none() {
+                // DPAM: the V-V stream starts from the ordinary stream entering its first layer.
+                stream.vv = Some(stream.x.clone());
+            }
+            let ctx = BlockCtx {
+                batch,
+                len: stream.len,
+                rows: self
+                    .rows_only(hooks, layer, with_vv)
+                    .map_or(stream.len, |r| r.min(stream.len)),
+                mask: mask.as_deref(),
+                head_weights: head_weights
+                    .as_ref()
+                    .map(|w| &w[i * heads..(i + 1) * heads]),
+            };
+            let vv = if with_vv { stream.vv.as_mut() } else { None };
+            block.forward_fused(&mut stream.x, vv, &ctx, &mut ws)?;
+            stream.len = ctx.rows;
+            record(layer, &stream)?;
+        }
+        WORKSPACE.with(|w| w.set(Some(ws)));
+        Ok(EncoderOutput {
+            last: stream.tensor(&stream.x, stream.len)?,
+            taps: collect_taps(taps),
+            vv_taps: if hooks.vv_from.is_some() {
+                collect_taps(vv_taps)
+            } else {
+                Vec::new()
+            },
+        })
+    }
+}
+
+fn collect_taps(v: Vec<Option<Tensor>>) -> Vec<Tensor> {
+    v.into_iter()
+        .map(|t| t.expect("every tap recorded"))
+        .collect()
+}
+
+/// The fused path's residual streams, row-major `[batch, len, dim]` (the V-V stream, once it
+/// exists, keeps every token).
+struct Stream {
+    x: Vec<f32>,
+    vv: Option<Vec<f32>>,
+    batch: usize,
+    len: usize,
+    dim: usize,
+    base_len: usize,
+}
+
+impl Stream {
+    fn vv_len(&self) -> usize {
+        self.vv
+            .as_ref()
+            .map_or(0, |v| v.len() / (self.batch * self.dim).max(1))
+    }
+
+    /// `data` (`[batch, len, dim]`) as a tensor of its first `base_len` tokens at most (prompt
+    /// tokens dropped).
+    fn tensor(&self, data: &[f32], len: usize) -> Result<Tensor> {
+        let keep = len.min(self.base_len);
+        let (b, d) = (self.batch, self.dim);
+        let v: Vec<f32> = if keep == len {
+            data[..b * len * d].to_vec()
+        } else {
+            (0..b)
+                .flat_map(|i| &data[i * len * d..(i * len + keep) * d])
+                .copied()
+                .collect()
+        };
+        Ok(Tensor::from_vec(v, (b, keep, d), &Device::Cpu)?)
+    }
+
+    /// Prompts enter as in the tensor path ([`insert_prompts`]), on both streams.
+    fn insert_prompts(&mut self, p: &Tensor, at: &PromptAt) -> Result<()> {
+        let (b, d) = (self.batch, self.dim);
+        let apply = |data: &[f32], len: usize| -> Result<(Vec<f32>, usize)> {
+            let t = Tensor::from_slice(&data[..b * len * d], (b, len, d), &Device::Cpu)?;
+            let t = insert_prompts(&t, p, at)?;
+            let len = t.dim(1)?;
+            Ok((t.flatten_all()?.to_vec1::<f32>()?, len))
+        };
+        let (x, len) = apply(&self.x, self.len)?;
+        if let Some(vv) = &self.vv {
+            let vv_len = self.vv_len();
+            self.vv = Some(apply(vv, vv_len)?.0);
+        }
+        self.x = x;
+        self.len = len;
+        Ok(())
+    }
+}
+
+/// Where prompts enter: before block `layer`, `present` prompt tokens already appended.
+struct PromptAt {
+    layer: usize,
+    present: usize,
+    base_len: usize,
+    placement: PromptPlacement,
+}
+
+/// Prompt tokens per image (`[n, D]` or `[B, n, D]`).
+fn prompt_rows(p: &Tensor) -> Result<usize> {
+    Ok(if p.rank() == 2 { p.dim(0)? } else { p.dim(1)? })
+}
+
+/// `x` with the prompts `p` entered per [`PromptPlacement`].
+fn insert_prompts(x: &Tensor, p: &Tensor, at: &PromptAt) -> Result<Tensor> {
+    let (batch, _, dim) = x.dims3()?;
+    let p = if p.rank() == 2 {
+        p.unsqueeze(0)?
+    } else {
+        p.clone()
+    };
+    let p = p
+        .to_dtype(x.dtype())?
+        .broadcast_as((batch, p.dim(1)?, dim))?;
+    let n = p.dim(1)?;
+    Ok(match at.placement {
+        PromptPlacement::Append if at.present == 0 => Tensor::cat(&[x, &p], 1)?,
+        PromptPlacement::Append => {
+            if n != at.present {
+                return Err(crate::error::invalid!(
+                    "layer {} substitutes {n} prompt tokens but {} are present",
+                    at.layer,
+                    at.present
+                ));
+            }
+            Tensor::cat(&[&x.narrow(1, 0, at.base_len)?, &p], 1)?
+        }
+        PromptPlacement::AfterStart => {
+            let len = x.dim(1)?;
+            if 1 + n > len {
+                return Err(crate::error::invalid!(
+                    "{n} prompt tokens do not fit after SOT in {len} positions"
+                ));
+            }
+            Tensor::cat(
+                &[&x.narrow(1, 0, 1)?, &p, &x.narrow(1, 1 + n, len - 1 - n)?],
+                1,
+            )?
+        }
+    })
 }
 
 #[cfg(test)]

@@ -27,7 +27,8 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::matrix::MatRef;
+use super::elementwise::{simd, Simd};
+use super::matrix::{with_scratch, ASrc, Epi, MatRef, SendPtr};
 
 /// A bf16 unit this CPU has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,39 +237,133 @@ impl PackedB {
         w
     }
 
+    /// Borrowed, as the kernels read it.
+    fn view(&self) -> BView<'_> {
+        BView {
+            k: self.k,
+            n: self.n,
+            kp: self.kp,
+            np: self.np,
+            lines: &self.lines,
+        }
+    }
+}
+
+/// A packed `B[k, n]` ([`PackedB`]'s layout) in borrowed lines: a weight, or keys and values
+/// packed per attention head into a scratch buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct BView<'a> {
+    k: usize,
+    n: usize,
+    kp: usize,
+    np: usize,
+    lines: &'a [Line],
+}
+
+impl BView<'_> {
     /// The lines of column block `jb` (16 columns, `kp / 2` k-pairs).
     fn block(&self, jb: usize) -> &[Line] {
         &self.lines[jb * (self.kp / 2)..(jb + 1) * (self.kp / 2)]
     }
+
+    /// f32s of scratch that packing `B[k, n]` takes.
+    pub(crate) fn scratch_len(k: usize, n: usize) -> usize {
+        k.div_ceil(32) * 32 * n.div_ceil(32) * 32 / 2
+    }
+}
+
+/// The lines of an f32 scratch buffer (64-byte aligned, a multiple of 16 f32s).
+fn as_lines(buf: &mut [f32]) -> &mut [Line] {
+    assert!(buf.len() % 16 == 0 && buf.as_ptr() as usize % 64 == 0);
+    // SAFETY: `Line` is 64 bytes of plain data with 64-byte alignment, checked above.
+    unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut Line, buf.len() / 16) }
+}
+
+/// Packs `B[k, n]` with `B(kk, j) = rows[j · rs + kk]` (rows of a row-major matrix read as
+/// columns: attention's `kᵀ`), rounded to bf16, into `buf` ([`BView::scratch_len`] f32s).
+pub(crate) fn pack_columns<'a>(
+    rows: &[f32],
+    rs: usize,
+    k: usize,
+    n: usize,
+    buf: &'a mut [f32],
+) -> BView<'a> {
+    let (kp, np) = (k.div_ceil(32) * 32, n.div_ceil(32) * 32);
+    let lines = as_lines(&mut buf[..BView::scratch_len(k, n)]);
+    lines.fill(ZERO_LINE);
+    let mut bits = vec![0u16; kp];
+    for j in 0..n {
+        let row = &rows[j * rs..j * rs + k];
+        for (b, &x) in bits.iter_mut().zip(row) {
+            *b = to_bf16_bits(x);
+        }
+        let block = &mut lines[(j / 16) * (kp / 2)..(j / 16 + 1) * (kp / 2)];
+        let slot = (j % 16) * 2;
+        for (line, pair) in block.iter_mut().zip(bits.chunks_exact(2)) {
+            line.0[slot] = pair[0];
+            line.0[slot + 1] = pair[1];
+        }
+    }
+    BView {
+        k,
+        n,
+        kp,
+        np,
+        lines,
+    }
+}
+
+/// Packs `B[k, n]` with `B(t, c) = rows[t · rs + c]` (a row-major matrix: attention's `v`),
+/// rounded to bf16, into `buf` ([`BView::scratch_len`] f32s).
+pub(crate) fn pack_rows<'a>(
+    rows: &[f32],
+    rs: usize,
+    k: usize,
+    n: usize,
+    buf: &'a mut [f32],
+) -> BView<'a> {
+    let (kp, np) = (k.div_ceil(32) * 32, n.div_ceil(32) * 32);
+    let lines = as_lines(&mut buf[..BView::scratch_len(k, n)]);
+    lines.fill(ZERO_LINE);
+    let mut r = vec![0u16; 2 * n];
+    for p in 0..k.div_ceil(2) {
+        for h in 0..2 {
+            let t = 2 * p + h;
+            for (c, b) in r[h * n..(h + 1) * n].iter_mut().enumerate() {
+                *b = if t < k {
+                    to_bf16_bits(rows[t * rs + c])
+                } else {
+                    0
+                };
+            }
+        }
+        for c in 0..n {
+            let line = &mut lines[(c / 16) * (kp / 2) + p].0;
+            line[(c % 16) * 2] = r[c];
+            line[(c % 16) * 2 + 1] = r[n + c];
+        }
+    }
+    BView {
+        k,
+        n,
+        kp,
+        np,
+        lines,
+    }
 }
 
 /// The left operand `A[m, k]` rounded to bf16 in tiles: rows in groups of 16, each group a run
-/// of `kp / 32` AMX A tiles (16 rows × one line, contiguous), zero-padded to `mp` rows.
-struct PackedA {
+/// of `kp / 32` AMX A tiles (16 rows × one line, contiguous), zero-padded to a multiple of 32
+/// rows. Borrowed from a per-thread scratch buffer (no allocation per product once warm).
+struct PackedA<'a> {
     kp: usize,
-    lines: Vec<Line>,
+    lines: &'a [Line],
 }
 
-impl PackedA {
-    fn pack(a: MatRef, m: usize, k: usize, kp: usize, parallel: bool) -> Self {
-        let mp = m.div_ceil(32) * 32;
-        let group_lines = kp / 32 * 16;
-        let mut lines = vec![ZERO_LINE; mp * kp / 32];
-        let fill = |g: usize, group: &mut [Line]| fill_group(a, m, k, g, group);
-        if kp == 0 {
-            // k = 0: an empty product, nothing to pack.
-        } else if parallel {
-            lines
-                .par_chunks_mut(group_lines)
-                .enumerate()
-                .for_each(|(g, group)| fill(g, group));
-        } else {
-            lines
-                .chunks_mut(group_lines)
-                .enumerate()
-                .for_each(|(g, group)| fill(g, group));
-        }
-        Self { kp, lines }
+impl PackedA<'_> {
+    /// Lines for `m` rows.
+    fn len(m: usize, kp: usize) -> usize {
+        m.div_ceil(32) * 32 * kp / 32
     }
 
     /// The lines of row group `g` (16 rows) from k-step `s` on: tile `s + t` at `16 t`.
@@ -278,50 +373,102 @@ impl PackedA {
     }
 }
 
-/// Rounds rows `16 g ..` of `A` into their group of tiles (vectorised where the CPU allows).
-fn fill_group(a: MatRef, m: usize, k: usize, g: usize, group: &mut [Line]) {
+/// Packs `A` into `lines` ([`PackedA::len`] of them), rounding to bf16.
+fn pack_a(a: &ASrc, m: usize, k: usize, kp: usize, parallel: bool, lines: &mut [Line]) {
+    let group_lines = kp / 32 * 16;
+    if kp == 0 {
+        return; // k = 0: an empty product, nothing to pack.
+    }
+    let fill = |(g, group): (usize, &mut [Line])| fill_group(a, m, k, g, group);
+    if parallel {
+        lines.par_chunks_mut(group_lines).enumerate().for_each(fill);
+    } else {
+        lines.chunks_mut(group_lines).enumerate().for_each(fill);
+    }
+}
+
+/// Rounds rows `16 g ..` of `A` into their group of tiles (vectorised where the CPU allows);
+/// rows past `m` and columns past `k` are zero.
+fn fill_group(a: &ASrc, m: usize, k: usize, g: usize, group: &mut [Line]) {
     #[inline(always)]
-    fn generic(a: MatRef, m: usize, k: usize, g: usize, group: &mut [Line]) {
-        for r in 0..16.min(m.saturating_sub(16 * g)) {
-            let src = &a.data[(16 * g + r) * a.rs..];
+    fn generic(
+        a: &ASrc,
+        m: usize,
+        k: usize,
+        g: usize,
+        group: &mut [Line],
+        convert: impl Fn(&[f32; 32], &mut [u16; 32]),
+    ) {
+        let valid = 16.min(m.saturating_sub(16 * g));
+        for r in 0..16 {
             for (kl, chunk) in (0..k).step_by(32).enumerate() {
                 let line = &mut group[kl * 16 + r].0;
-                let len = 32.min(k - chunk);
-                if a.cs == 1 {
-                    for (d, &x) in line.iter_mut().zip(&src[chunk..chunk + len]) {
-                        *d = to_bf16_bits(x);
-                    }
-                } else {
-                    for (t, d) in line.iter_mut().enumerate().take(len) {
-                        *d = to_bf16_bits(src[(chunk + t) * a.cs]);
-                    }
+                if r >= valid {
+                    *line = [0; 32];
+                    continue;
                 }
+                let len = 32.min(k - chunk);
+                let i = 16 * g + r;
+                let mut row = [0f32; 32];
+                match *a {
+                    // The common case read in place (no copy through `ASrc::row`).
+                    ASrc::View(v) if v.cs == 1 && len == 32 => {
+                        row.copy_from_slice(&v.data[i * v.rs + chunk..i * v.rs + chunk + 32])
+                    }
+                    _ => a.row(i, chunk, &mut row[..len]),
+                }
+                convert(&row, line);
             }
         }
     }
+    let scalar = |row: &[f32; 32], line: &mut [u16; 32]| {
+        for (d, &x) in line.iter_mut().zip(row) {
+            *d = to_bf16_bits(x);
+        }
+    };
     #[cfg(target_arch = "x86_64")]
     {
+        /// `vcvtne2ps2bf16`: round to nearest even, as `to_bf16_bits` (bf16 units treat
+        /// subnormals as zero anyway).
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+        unsafe fn bf16(a: &ASrc, m: usize, k: usize, g: usize, group: &mut [Line]) {
+            use std::arch::x86_64::*;
+            let convert = |row: &[f32; 32], line: &mut [u16; 32]| {
+                let lo = _mm512_loadu_ps(row.as_ptr());
+                let hi = _mm512_loadu_ps(row.as_ptr().add(16));
+                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(line.as_mut_ptr() as *mut _, v);
+            };
+            generic(a, m, k, g, group, convert)
+        }
         #[target_feature(enable = "avx512f,avx512bw")]
-        unsafe fn avx512(a: MatRef, m: usize, k: usize, g: usize, group: &mut [Line]) {
-            generic(a, m, k, g, group)
+        unsafe fn avx512(
+            a: &ASrc,
+            m: usize,
+            k: usize,
+            g: usize,
+            group: &mut [Line],
+            convert: impl Fn(&[f32; 32], &mut [u16; 32]),
+        ) {
+            generic(a, m, k, g, group, convert)
+        }
+        if std::is_x86_feature_detected!("avx512bf16") && std::is_x86_feature_detected!("avx512bw")
+        {
+            // SAFETY: the features it was compiled for were just detected.
+            return unsafe { bf16(a, m, k, g, group) };
         }
         if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
-            // SAFETY: the features it was compiled for were just detected.
-            return unsafe { avx512(a, m, k, g, group) };
+            // SAFETY: as above.
+            return unsafe { avx512(a, m, k, g, group, scalar) };
         }
     }
-    generic(a, m, k, g, group)
+    generic(a, m, k, g, group, scalar)
 }
 
 /// Rows and columns of `C` per parallel task: 64 × 128 keeps the task's A rows (128 KB at
 /// k = 1024) and B columns (256 KB) in a core's L2 while its blocks run.
 const TASK_ROWS: usize = 64;
 const TASK_COLS: usize = 128;
-
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint blocks of `C` through it (see `gemm`).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 /// `C[m, n] = (C if accumulate else 0) + alpha · A[m, k] · B[k, n]` on `kernel`, with `A` an f32
 /// view rounded to bf16 while it is packed and `C` row-major with row stride `ldc`.
@@ -342,6 +489,47 @@ pub fn gemm(
     accumulate: bool,
     parallel: bool,
 ) {
+    let epi = Epi {
+        alpha,
+        accumulate,
+        ..Default::default()
+    };
+    gemm_epi(kernel, m, ASrc::View(a), b, c, ldc, &epi, parallel)
+}
+
+/// `dst ⟵ epi(A[m, k] · B)` on `kernel`, `A` read from `a` (a view, or LayerNorm applied to
+/// rows) and rounded to bf16 while it is packed, `dst` with row stride `ld` (column stride if
+/// `epi.transposed`).
+///
+/// # Panics
+/// If `kernel` is not [`available`] or a view, vector or `dst` is too small (programming
+/// errors).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_epi(
+    kernel: Kernel,
+    m: usize,
+    a: ASrc,
+    b: &PackedB,
+    dst: &mut [f32],
+    ld: usize,
+    epi: &Epi,
+    parallel: bool,
+) {
+    gemm_view(kernel, m, a, b.view(), dst, ld, epi, parallel)
+}
+
+/// [`gemm_epi`] on a borrowed packed `B`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_view(
+    kernel: Kernel,
+    m: usize,
+    a: ASrc,
+    b: BView,
+    dst: &mut [f32],
+    ld: usize,
+    epi: &Epi,
+    parallel: bool,
+) {
     assert!(
         available().contains(&kernel),
         "bf16 kernel {} is not available on this CPU",
@@ -349,42 +537,37 @@ pub fn gemm(
     );
     let (k, n) = (b.k, b.n);
     a.check(m, k, "bf16 gemm lhs");
+    epi.check(m, n);
+    epi.check_dst(m, n, ld, dst.len());
     if m == 0 || n == 0 {
         return;
     }
-    assert!((m - 1) * ldc + n <= c.len(), "bf16 gemm: dst out of bounds");
-    let pa = PackedA::pack(a, m, k, b.kp, parallel);
-    let dst = SendPtr(c.as_mut_ptr());
-    let dst = &dst;
-    let task_rows = m.div_ceil(32) * 32;
-    let tasks_m = task_rows.div_ceil(TASK_ROWS);
-    let tasks_n = b.np.div_ceil(TASK_COLS);
-    let run = |t: usize| {
-        let (ti, tj) = (t / tasks_n, t % tasks_n);
-        let rows = (ti * TASK_ROWS, ((ti + 1) * TASK_ROWS).min(task_rows));
-        let cols = (tj * TASK_COLS, ((tj + 1) * TASK_COLS).min(b.np));
-        // SAFETY: the task's block of C, rows `rows` ∩ [0, m) and columns `cols` ∩ [0, n), is
-        // disjoint from every other task's and inside `c` (checked above); `kernel` is available.
-        unsafe {
-            task(
-                kernel,
-                &pa,
-                b,
-                rows,
-                cols,
-                (m, n),
-                dst.0,
-                ldc,
-                alpha,
-                accumulate,
-            )
+    let lines = PackedA::len(m, b.kp);
+    with_scratch(lines * 16, |buf| {
+        // SAFETY: `Line` is 64 bytes of plain data, the scratch is 64-byte aligned f32s.
+        let lines: &mut [Line] = &mut as_lines(buf)[..lines];
+        pack_a(&a, m, k, b.kp, parallel, lines);
+        let pa = PackedA { kp: b.kp, lines };
+        let out = SendPtr(dst.as_mut_ptr());
+        let task_rows = m.div_ceil(32) * 32;
+        let tasks_m = task_rows.div_ceil(TASK_ROWS);
+        let tasks_n = b.np.div_ceil(TASK_COLS);
+        let run = |t: usize| {
+            let (ti, tj) = (t / tasks_n, t % tasks_n);
+            let rows = (ti * TASK_ROWS, ((ti + 1) * TASK_ROWS).min(task_rows));
+            let cols = (tj * TASK_COLS, ((tj + 1) * TASK_COLS).min(b.np));
+            let out = out;
+            // SAFETY: the task's block of `dst`, rows `rows` ∩ [0, m) and columns `cols` ∩
+            // [0, n), is disjoint from every other task's and inside `dst` (checked above);
+            // `kernel` is available.
+            unsafe { task(kernel, &pa, &b, rows, cols, (m, n), out.0, ld, epi) }
+        };
+        if parallel {
+            (0..tasks_m * tasks_n).into_par_iter().for_each(run);
+        } else {
+            (0..tasks_m * tasks_n).for_each(run);
         }
-    };
-    if parallel {
-        (0..tasks_m * tasks_n).into_par_iter().for_each(run);
-    } else {
-        (0..tasks_m * tasks_n).for_each(run);
-    }
+    })
 }
 
 /// k-steps (of 32) per pass over a task's blocks; the accumulators go back to the task's buffer
@@ -397,23 +580,48 @@ const KC_STEPS: usize = 32;
 /// `TASK_ROWS` × `TASK_COLS`), written where it lies inside `valid = (m, n)`.
 ///
 /// # Safety
-/// `kernel` is [`available`]; `c` with row stride `ldc` holds the valid part of the block, and
+/// `kernel` is [`available`]; `c` with stride `ldc` holds the valid part of the block, and
 /// no other thread touches that part while the task runs.
 #[allow(clippy::too_many_arguments)]
 unsafe fn task(
     kernel: Kernel,
     a: &PackedA,
-    b: &PackedB,
+    b: &BView,
     rows: (usize, usize),
     cols: (usize, usize),
     valid: (usize, usize),
     c: *mut f32,
     ldc: usize,
-    alpha: f32,
-    accumulate: bool,
+    epi: &Epi,
 ) {
     const MAX_BLOCKS: usize = (TASK_ROWS / 32) * (TASK_COLS / 32);
-    let mut acc = [const { Block([0.0; 32 * 32]) }; MAX_BLOCKS];
+    // A reused per-thread buffer, not zeroed (32 KB per task): the first pass overwrites every
+    // block it stores.
+    with_scratch(MAX_BLOCKS * 32 * 32, |buf| {
+        // SAFETY: `Block` is 1024 plain f32s, 64-byte aligned like the scratch buffer.
+        let acc =
+            unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut Block, MAX_BLOCKS) };
+        task_blocks(kernel, a, b, rows, cols, valid, c, ldc, epi, acc)
+    })
+}
+
+/// [`task`] with its accumulators.
+///
+/// # Safety
+/// As [`task`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn task_blocks(
+    kernel: Kernel,
+    a: &PackedA,
+    b: &BView,
+    rows: (usize, usize),
+    cols: (usize, usize),
+    valid: (usize, usize),
+    c: *mut f32,
+    ldc: usize,
+    epi: &Epi,
+    acc: &mut [Block],
+) {
     let (bi, bj) = ((rows.1 - rows.0) / 32, (cols.1 - cols.0) / 32);
     let steps = a.kp / 32;
     #[cfg(target_arch = "x86_64")]
@@ -456,27 +664,77 @@ unsafe fn task(
     if kernel == Kernel::Amx {
         amx::release();
     }
-    for i in 0..bi {
-        let i0 = rows.0 + 32 * i;
-        for j in 0..bj {
-            let j0 = cols.0 + 32 * j;
-            let block = &acc[i * bj + j];
-            let (ri, cj) = (
-                32.min(valid.0.saturating_sub(i0)),
-                32.min(valid.1.saturating_sub(j0)),
-            );
-            for r in 0..ri {
-                // SAFETY: row i0 + r < m, columns j0..j0 + cj < n: inside the caller's block.
-                let out = std::slice::from_raw_parts_mut(c.add((i0 + r) * ldc + j0), cj);
-                let x = &block.0[r * 32..r * 32 + cj];
-                if accumulate {
-                    out.iter_mut().zip(x).for_each(|(o, &x)| *o += alpha * x);
-                } else {
-                    out.iter_mut().zip(x).for_each(|(o, &x)| *o = alpha * x);
+    if steps == 0 {
+        acc.iter_mut().for_each(|b| b.0.fill(0.0));
+    }
+    store_blocks(acc, bi, bj, rows, cols, valid, c, ldc, epi);
+}
+
+/// The epilogue of a task's blocks, compiled for AVX-512 where the CPU has it.
+///
+/// # Safety
+/// As [`task`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn store_blocks(
+    acc: &[Block],
+    bi: usize,
+    bj: usize,
+    rows: (usize, usize),
+    cols: (usize, usize),
+    valid: (usize, usize),
+    c: *mut f32,
+    ldc: usize,
+    epi: &Epi,
+) {
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn generic(
+        acc: &[Block],
+        bi: usize,
+        bj: usize,
+        rows: (usize, usize),
+        cols: (usize, usize),
+        valid: (usize, usize),
+        c: *mut f32,
+        ldc: usize,
+        epi: &Epi,
+    ) {
+        for i in 0..bi {
+            let i0 = rows.0 + 32 * i;
+            for j in 0..bj {
+                let j0 = cols.0 + 32 * j;
+                let (ri, cj) = (
+                    32.min(valid.0.saturating_sub(i0)),
+                    32.min(valid.1.saturating_sub(j0)),
+                );
+                if ri > 0 && cj > 0 {
+                    epi.store_tile(&acc[i * bj + j].0, 32, (i0, ri), (j0, cj), c, ldc);
                 }
             }
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma,avx2")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn avx512(
+            acc: &[Block],
+            bi: usize,
+            bj: usize,
+            rows: (usize, usize),
+            cols: (usize, usize),
+            valid: (usize, usize),
+            c: *mut f32,
+            ldc: usize,
+            epi: &Epi,
+        ) {
+            generic(acc, bi, bj, rows, cols, valid, c, ldc, epi)
+        }
+        if simd() == Simd::Avx512 {
+            return avx512(acc, bi, bj, rows, cols, valid, c, ldc, epi);
+        }
+    }
+    generic(acc, bi, bj, rows, cols, valid, c, ldc, epi)
 }
 
 /// A 32 × 32 f32 block of `C`, row-major.

@@ -12,13 +12,13 @@
 //!   (tested below and in `tests/gradients.rs`);
 //! - anything else (inference on other devices and dtypes): candle's plain `broadcast_matmul`.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use super::frozen_op::{self, Backward1};
-use super::kernels::{self, Kernel, PackedB, Precision, Weight};
+use super::kernels::{self, ASrc, Act, Epi, Kernel, PackedB, PackedW, Precision, Weight};
 use crate::Result;
 
 /// `x Wᵀ + b` with `W` `[out, in]` never receiving a gradient.
@@ -26,14 +26,20 @@ use crate::Result;
 pub(crate) struct Linear {
     weight: Stored,
     bias: Option<Tensor>,
+    /// The weight as a tensor for the plain ops (training, other dtypes), unpacked from a
+    /// packed form on first use and shared by clones.
+    unpacked: Arc<OnceLock<Tensor>>,
 }
 
 /// How the weight is kept, by `--precision`.
 #[derive(Debug, Clone)]
 enum Stored {
-    F32(Tensor),
-    /// bf16 emulated: f32 values rounded to bf16 once at load.
-    RoundedF32(Tensor),
+    /// As loaded (not on the CPU, or not f32).
+    Tensor(Tensor),
+    /// f32 on the CPU: packed once at load for the f32 kernel (the tensor is not kept).
+    F32(Arc<PackedW>),
+    /// bf16 emulated: f32 values rounded to bf16 once at load, packed for the f32 kernel.
+    RoundedF32(Arc<PackedW>),
     /// bf16 on a bf16 unit: packed once at load into the kernel's layout (half the memory).
     Packed(Arc<PackedB>, Kernel),
     /// bf16 for a GPU's autocast products ([`Precision::Bf16Autocast`]).
@@ -41,11 +47,27 @@ enum Stored {
 }
 
 impl Linear {
+    /// A CPU f32 weight is packed for the f32 kernel here, once.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        let weight = match Self::pack_f32(&weight) {
+            Some(p) => Stored::F32(Arc::new(p)),
+            None => Stored::Tensor(weight),
+        };
         Self {
-            weight: Stored::F32(weight),
+            weight,
             bias,
+            unpacked: Arc::default(),
         }
+    }
+
+    /// `W` packed for the f32 kernel, if it is a 2-D f32 CPU tensor.
+    fn pack_f32(w: &Tensor) -> Option<PackedW> {
+        if !w.device().is_cpu() || w.dtype() != DType::F32 || w.rank() != 2 || w.track_op() {
+            return None;
+        }
+        let (n, k) = w.dims2().ok()?;
+        let w = w.contiguous().ok()?;
+        kernels::with_f32(&w, |data| PackedW::from_weight(data, n, k)).ok()
     }
 
     /// Loads `weight` `[d_out, d_in]` and, with `bias`, `bias` `[d_out]` under `vb`.
@@ -59,27 +81,38 @@ impl Linear {
         Ok(Self::new(w, b))
     }
 
-    /// The f32 weight `[out, in]` as loaded (before [`Self::use_precision`]).
+    /// The f32 weight `[out, in]` (before [`Self::use_precision`]).
     #[cfg(test)]
-    pub fn weight(&self) -> candle_core::Result<&Tensor> {
+    pub fn weight(&self) -> candle_core::Result<Tensor> {
         match &self.weight {
-            Stored::F32(w) | Stored::RoundedF32(w) => Ok(w),
             Stored::Packed(..) | Stored::Bf16(_) => {
                 candle_core::bail!("the weight is kept in bf16")
             }
+            _ => self.weight_as(DType::F32),
         }
     }
 
     /// Converts the weight for `precision` (`--precision bf16`: packed for the CPU's bf16 unit,
     /// or rounded to bf16 values once for the emulation).
     pub fn use_precision(&mut self, precision: Precision) -> candle_core::Result<()> {
-        let Stored::F32(w) = &self.weight else {
-            candle_core::bail!("the weight was already converted");
+        let w = match &self.weight {
+            Stored::Tensor(w) => w.clone(),
+            Stored::F32(p) if precision == Precision::Bf16Emulated => {
+                let mut p = PackedW::clone(p);
+                p.round_bf16();
+                self.weight = Stored::RoundedF32(Arc::new(p));
+                self.unpacked = Arc::default();
+                return Ok(());
+            }
+            Stored::F32(_) => self.weight_as(DType::F32)?,
+            _ => candle_core::bail!("the weight was already converted"),
         };
         self.weight = match precision {
             Precision::F32 => return Ok(()),
             Precision::Bf16Autocast => Stored::Bf16(w.to_dtype(DType::BF16)?),
-            Precision::Bf16Emulated => Stored::RoundedF32(kernels::round_bf16(w)?),
+            Precision::Bf16Emulated => {
+                Stored::Tensor(kernels::round_bf16(&w)?) // not a CPU f32 weight: kept as is
+            }
             Precision::Bf16(kernel) => {
                 let (n, k) = w.dims2()?;
                 let w = w
@@ -89,6 +122,7 @@ impl Linear {
                 Stored::Packed(Arc::new(PackedB::from_weight(&w, n, k)), kernel)
             }
         };
+        self.unpacked = Arc::default();
         Ok(())
     }
 
@@ -103,22 +137,72 @@ impl Linear {
             Stored::F32(w) => Weight::F32(w),
             Stored::RoundedF32(w) => Weight::RoundedF32(w),
             Stored::Packed(p, k) => Weight::Packed(p, *k),
-            Stored::Bf16(_) => {
-                candle_core::bail!(
-                    "bf16 autocast weights are multiplied on their GPU, not by the CPU kernels"
-                )
+            Stored::Tensor(_) | Stored::Bf16(_) => {
+                candle_core::bail!("this weight is multiplied by candle's ops, not the CPU kernels")
             }
         })
     }
 
     /// The weight in `dtype` for the plain ops (training, other devices and dtypes): a packed
-    /// weight (CPU only) is unpacked and widened per call.
+    /// weight (CPU only) is unpacked once and kept.
     fn weight_as(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        let cpu = &candle_core::Device::Cpu;
+        let unpacked = |make: &dyn Fn() -> candle_core::Result<Tensor>| {
+            if let Some(t) = self.unpacked.get() {
+                return candle_core::Result::Ok(t.clone());
+            }
+            let t = make()?;
+            Ok(self.unpacked.get_or_init(|| t).clone())
+        };
         match &self.weight {
-            Stored::F32(w) | Stored::RoundedF32(w) | Stored::Bf16(w) => w.to_dtype(dtype),
+            Stored::Tensor(w) | Stored::Bf16(w) => w.to_dtype(dtype),
+            Stored::F32(p) | Stored::RoundedF32(p) => {
+                unpacked(&|| Tensor::from_vec(p.to_weight(), (p.n(), p.k()), cpu))?.to_dtype(dtype)
+            }
             Stored::Packed(p, _) => {
-                Tensor::from_vec(p.to_weight(), (p.n(), p.k()), &candle_core::Device::Cpu)?
-                    .to_dtype(dtype)
+                unpacked(&|| Tensor::from_vec(p.to_weight(), (p.n(), p.k()), cpu))?.to_dtype(dtype)
+            }
+        }
+    }
+
+    /// Whether the fused CPU kernels can multiply this weight.
+    pub fn fused(&self) -> bool {
+        matches!(
+            self.weight,
+            Stored::F32(_) | Stored::RoundedF32(_) | Stored::Packed(..)
+        )
+    }
+
+    /// `dst ⟵ act(A Wᵀ + b)` (`dst +=` with `accumulate`, rounded to bf16 with `round`) for
+    /// `A: [m, in]` read from `a` (a view, or LayerNorm applied to rows), `dst` with row stride
+    /// `ld`: the fused inference path, for callers that checked [`Self::fused`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_into(
+        &self,
+        m: usize,
+        a: ASrc,
+        dst: &mut [f32],
+        ld: usize,
+        act: Act,
+        accumulate: bool,
+        round: bool,
+    ) -> candle_core::Result<()> {
+        let weight = self.kernel_weight()?;
+        let mut run = |bias: Option<&[f32]>| {
+            let epi = Epi {
+                bias,
+                act,
+                accumulate,
+                round_bf16: round,
+                ..Default::default()
+            };
+            weight.gemm(m, a, dst, ld, &epi, true)
+        };
+        match &self.bias {
+            Some(b) => kernels::with_f32(&b.contiguous()?, |b| run(Some(b))),
+            None => {
+                run(None);
+                Ok(())
             }
         }
     }
@@ -163,7 +247,7 @@ impl Module for Linear {
                 None => Ok(y),
             };
         }
-        if kernels::applies(x) {
+        if kernels::applies(x) && self.fused() {
             return self.forward_with(x, kernels::Epilogue::None);
         }
         // Outside the fast path (training, other devices) a bf16 weight is widened per call.

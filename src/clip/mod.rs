@@ -12,9 +12,11 @@
 
 mod attention;
 pub mod config;
+mod elementwise;
 mod encoder;
 mod frozen_op;
 pub mod gemm_bf16;
+pub mod gemm_f32;
 pub mod hub;
 pub mod kernels;
 mod linear;

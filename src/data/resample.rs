@@ -94,8 +94,8 @@ fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
     Coeffs { start, weights }
 }
 
-#[inline]
-fn clip8(acc: i64) -> u8 {
+#[inline(always)]
+fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
@@ -119,7 +119,6 @@ pub fn resize(
     let need_v = dh != h;
     let cv = coeffs(h, dh, filter);
     let ch = coeffs(w, dw, filter);
-    let half: i64 = 1 << (PRECISION_BITS - 1);
 
     // Horizontal pass over the rows the vertical pass will read.
     let (tmp, tmp_w, row0, tmp_h) = if need_h {
@@ -129,14 +128,21 @@ pub fn resize(
         let mut tmp = vec![0u8; rows * dw * channels];
         for (r, out_row) in tmp.chunks_mut(dw * channels).enumerate() {
             let in_row = &src[(first + r) * w * channels..(first + r + 1) * w * channels];
-            for xx in 0..dw {
-                let (x0, k) = (ch.start[xx], &ch.weights[xx]);
-                for c in 0..channels {
-                    let mut acc = half;
-                    for (i, &kw) in k.iter().enumerate() {
-                        acc += in_row[(x0 + i) * channels + c] as i64 * kw as i64;
+            match channels {
+                3 => horizontal::<3>(in_row, out_row, &ch),
+                1 => horizontal::<1>(in_row, out_row, &ch),
+                4 => horizontal::<4>(in_row, out_row, &ch),
+                _ => {
+                    for xx in 0..dw {
+                        let (x0, k) = (ch.start[xx], &ch.weights[xx]);
+                        for c in 0..channels {
+                            let mut acc = HALF;
+                            for (i, &kw) in k.iter().enumerate() {
+                                acc += in_row[(x0 + i) * channels + c] as i32 * kw;
+                            }
+                            out_row[xx * channels + c] = clip8(acc);
+                        }
                     }
-                    out_row[xx * channels + c] = clip8(acc);
                 }
             }
         }
@@ -150,18 +156,47 @@ pub fn resize(
     }
     let mut out = vec![0u8; dw * dh * channels];
     let stride = tmp_w * channels;
+    // One output row at a time, the taps outer and the pixels inner (vectorised); the sums are
+    // exact integers, so their order does not change the result.
+    let mut acc = vec![0i32; stride];
     for yy in 0..dh {
         let (y0, k) = (cv.start[yy] - row0, &cv.weights[yy]);
-        let out_row = &mut out[yy * stride..(yy + 1) * stride];
-        for (x, o) in out_row.iter_mut().enumerate() {
-            let mut acc = half;
-            for (i, &kw) in k.iter().enumerate() {
-                acc += tmp[(y0 + i) * stride + x] as i64 * kw as i64;
-            }
-            *o = clip8(acc);
+        acc.fill(HALF);
+        for (i, &kw) in k.iter().enumerate() {
+            let row = &tmp[(y0 + i) * stride..(y0 + i + 1) * stride];
+            acc.iter_mut()
+                .zip(row)
+                .for_each(|(a, &v)| *a += v as i32 * kw);
         }
+        let out_row = &mut out[yy * stride..(yy + 1) * stride];
+        out_row
+            .iter_mut()
+            .zip(&acc)
+            .for_each(|(o, &a)| *o = clip8(a));
     }
     out
+}
+
+/// Pillow's rounding offset: half of the fixed-point unit.
+const HALF: i32 = 1 << (PRECISION_BITS - 1);
+
+/// One row's horizontal pass for `C` interleaved channels. 32-bit sums as Pillow's (`INT32
+/// ss0`): 255 times the weights' absolute sum stays far inside `i32`.
+#[inline(always)]
+fn horizontal<const C: usize>(in_row: &[u8], out_row: &mut [u8], ch: &Coeffs) {
+    for (xx, out) in out_row.chunks_exact_mut(C).enumerate() {
+        let (x0, k) = (ch.start[xx], &ch.weights[xx]);
+        let mut acc = [HALF; C];
+        let px = &in_row[x0 * C..(x0 + k.len()) * C];
+        for (p, &kw) in px.chunks_exact(C).zip(k) {
+            for c in 0..C {
+                acc[c] += p[c] as i32 * kw;
+            }
+        }
+        for c in 0..C {
+            out[c] = clip8(acc[c]);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -23,6 +23,11 @@ pub fn upsample_bilinear(
     align_corners: bool,
 ) -> Result<Tensor> {
     let (c, h, w) = x.dims3()?;
+    if !x.track_op() && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        let v = x.flatten_all()?.to_vec1::<f32>()?;
+        let out = upsample_channels(&v, (c, h, w), out_h, out_w, align_corners);
+        return Ok(Tensor::from_vec(out, (c, out_h, out_w), &Device::Cpu)?);
+    }
     let dev = x.device();
     let wh = Tensor::from_vec(bilinear_matrix(h, out_h, align_corners), (out_h, h), dev)?
         .to_dtype(x.dtype())?;
@@ -39,6 +44,59 @@ pub fn upsample_bilinear(
         .contiguous()?
         .matmul(&cols)?;
     Ok(rows)
+}
+
+/// The non-zero `(index, weight)` entries of each row of an interpolation matrix `[n_out, n_in]`
+/// (two per row for bilinear), in increasing index order.
+fn sparse_rows(dense: &[f32], n_in: usize) -> Vec<Vec<(usize, f32)>> {
+    dense
+        .chunks(n_in.max(1))
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .filter(|(_, &w)| w != 0.0)
+                .map(|(i, &w)| (i, w))
+                .collect()
+        })
+        .collect()
+}
+
+/// [`upsample_bilinear`] for inference on the CPU: the same two products over the non-zero
+/// weights only, each channel on its own, so a channel's result does not depend on how many
+/// channels (images) are upsampled together, and an output pixel costs four multiply-adds.
+fn upsample_channels(
+    x: &[f32],
+    (c, h, w): (usize, usize, usize),
+    out_h: usize,
+    out_w: usize,
+    align_corners: bool,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let wh = sparse_rows(&bilinear_matrix(h, out_h, align_corners), h);
+    let ww = sparse_rows(&bilinear_matrix(w, out_w, align_corners), w);
+    let mut out = vec![0f32; c * out_h * out_w];
+    if c * h * w == 0 {
+        return out;
+    }
+    out.par_chunks_mut(out_h * out_w)
+        .zip(x.par_chunks(h * w))
+        .for_each(|(out, x)| {
+            // [h, w] @ Wwᵀ -> [h, W], then Wh @ that -> [H, W].
+            let mut cols = vec![0f32; h * out_w];
+            for (src, dst) in x.chunks(w).zip(cols.chunks_mut(out_w)) {
+                for (d, taps) in dst.iter_mut().zip(&ww) {
+                    *d = taps.iter().fold(0.0, |acc, &(j, wt)| acc + wt * src[j]);
+                }
+            }
+            for (dst, taps) in out.chunks_mut(out_w).zip(&wh) {
+                dst.fill(0.0);
+                for &(i, wt) in taps {
+                    let src = &cols[i * out_w..(i + 1) * out_w];
+                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d += wt * s);
+                }
+            }
+        });
+    out
 }
 
 /// scipy's `_gaussian_kernel1d(sigma, 0, radius)` with `radius = int(truncate * sigma + 0.5)`.
@@ -70,21 +128,65 @@ fn correlate_pass(
     step: usize,
     k: &[f64],
 ) {
-    let r = (k.len() / 2) as i64;
-    let mut buf = vec![0f64; len];
-    for l in 0..lines {
-        let base = l * line_stride;
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = src[base + i * step] as f64;
-        }
-        for i in 0..len as i64 {
-            let mut acc = buf[i as usize] * k[r as usize];
-            for j in 1..=r {
-                let a = buf[reflect(i - j, len as i64)];
-                let b = buf[reflect(i + j, len as i64)];
-                acc += (a + b) * k[(r + j) as usize];
+    let r = k.len() / 2;
+    if step == 1 {
+        // Along rows: each line padded with its reflection, then the taps outer and the
+        // positions inner (vectorised), every output summed in the same order as below.
+        let mut pad = vec![0f64; len + 2 * r];
+        let mut acc = vec![0f64; len];
+        for l in 0..lines {
+            let base = l * line_stride;
+            for (p, v) in pad.iter_mut().enumerate() {
+                *v = src[base + reflect(p as i64 - r as i64, len as i64)] as f64;
             }
-            dst[base + i as usize * step] = acc as f32;
+            taps_along(&pad, &mut acc, k);
+            for (d, &a) in dst[base..base + len].iter_mut().zip(&acc) {
+                *d = a as f32;
+            }
+        }
+        return;
+    }
+    // Along columns (`step` = row stride, `lines` columns side by side): whole rows at a time,
+    // the columns in vector lanes.
+    debug_assert_eq!(line_stride, 1);
+    let rows: Vec<Vec<f64>> = (0..len)
+        .map(|i| {
+            src[i * step..i * step + lines]
+                .iter()
+                .map(|&v| v as f64)
+                .collect()
+        })
+        .collect();
+    let mut acc = vec![0f64; lines];
+    for i in 0..len as i64 {
+        let centre = &rows[i as usize];
+        acc.iter_mut().zip(centre).for_each(|(a, &c)| *a = c * k[r]);
+        for j in 1..=r as i64 {
+            let a = &rows[reflect(i - j, len as i64)];
+            let b = &rows[reflect(i + j, len as i64)];
+            let kj = k[r + j as usize];
+            for ((acc, &a), &b) in acc.iter_mut().zip(a).zip(b) {
+                *acc += (a + b) * kj;
+            }
+        }
+        let out = &mut dst[i as usize * step..i as usize * step + lines];
+        out.iter_mut().zip(&acc).for_each(|(d, &a)| *d = a as f32);
+    }
+}
+
+/// `acc[i] = pad[i + r] k[r] + Σ_{j=1..r} (pad[i + r − j] + pad[i + r + j]) k[r + j]`, in that
+/// order for every `i`.
+fn taps_along(pad: &[f64], acc: &mut [f64], k: &[f64]) {
+    let r = k.len() / 2;
+    let n = acc.len();
+    acc.iter_mut()
+        .zip(&pad[r..r + n])
+        .for_each(|(a, &c)| *a = c * k[r]);
+    for j in 1..=r {
+        let (lo, hi) = (&pad[r - j..r - j + n], &pad[r + j..r + j + n]);
+        let kj = k[r + j];
+        for ((acc, &a), &b) in acc.iter_mut().zip(lo).zip(hi) {
+            *acc += (a + b) * kj;
         }
     }
 }
