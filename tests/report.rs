@@ -822,7 +822,11 @@ fn report_shows_regions_legend_and_notes_in_a_browser() {
     assert_eq!(rows[0]["boxes"][0], json!([240, 240, 170, 160]));
     assert_eq!(rows[0]["boxes"][19], json!([50, 50, 75, 65]));
     assert_eq!(rows[1]["boxes"].as_array().unwrap().len(), 3);
-    assert!(rows[2].get("boxes").is_none(), "no regions, no boxes: {}", rows[2]);
+    assert!(
+        rows[2].get("boxes").is_none(),
+        "no regions, no boxes: {}",
+        rows[2]
+    );
     // Heatmap thumbnails of rows with a mask show its outline (cyan) where the 1-pixel line
     // was: x = 300 of 750 is column 64 of 160.
     let thumb = rows[0]["heatmap"].as_str().unwrap();

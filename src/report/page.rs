@@ -6,8 +6,8 @@ use std::fmt::Write;
 use serde_json::{json, Value};
 
 use super::html::{escape, script_json};
-use super::model::{Eval, ReportSummary, Row};
 use super::legend;
+use super::model::{Eval, ReportSummary, Row};
 use super::numbers;
 use crate::data::run_record::RunRecord;
 use crate::settings::flatten;
