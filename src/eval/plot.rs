@@ -136,8 +136,9 @@ pub fn thin(points: &[(f64, f64)]) -> Vec<[f64; 2]> {
         .collect()
 }
 
-/// `s` with `& < > " '` escaped, for SVG text and attribute values.
-fn escape(s: &str) -> String {
+/// `s` with `& < > " '` escaped, for SVG text and attribute values (and for the report's HTML,
+/// which draws these plots into its page: `report::html` uses this one).
+pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {

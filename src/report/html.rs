@@ -4,21 +4,9 @@
 
 use std::path::{Component, Path, PathBuf};
 
-/// `s` with `& < > " '` escaped, for text and attribute values.
-pub fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+/// `s` with `& < > " '` escaped, for text and attribute values: the escaping of the eval plots,
+/// which the page embeds, so both escape alike.
+pub use crate::eval::plot::escape;
 
 /// The unreserved bytes of RFC 3986 (letters, digits, `-._~`), which URLs carry as they are.
 fn unreserved(b: u8) -> bool {
