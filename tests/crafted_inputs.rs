@@ -455,7 +455,11 @@ fn fuzz_safetensors_weight_loader() {
     let mut i = 0usize;
     fuzz("safetensors weights", 3, &base, 0..header, 6000, |bytes| {
         i += 1;
-        let dir = if i % 2 == 0 { &bare } else { &with_config };
+        let dir = if i.is_multiple_of(2) {
+            &bare
+        } else {
+            &with_config
+        };
         std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
         load_model(dir.to_str().unwrap(), &LoadOptions::default()).is_ok()
     });

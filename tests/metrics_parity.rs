@@ -84,7 +84,7 @@ fn pixel_metrics_and_aupro_match_the_references() {
             {
                 let rows = map.as_array().unwrap();
                 let (h, w) = (rows.len(), rows[0].as_array().unwrap().len());
-                let values: Vec<f32> = rows.iter().flat_map(|r| f32s(r)).collect();
+                let values: Vec<f32> = rows.iter().flat_map(f32s).collect();
                 let bits: Vec<bool> = mask
                     .as_array()
                     .unwrap()

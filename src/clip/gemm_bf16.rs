@@ -274,7 +274,7 @@ impl BView<'_> {
 
 /// The lines of an f32 scratch buffer (64-byte aligned, a multiple of 16 f32s).
 fn as_lines(buf: &mut [f32]) -> &mut [Line] {
-    assert!(buf.len() % 16 == 0 && buf.as_ptr() as usize % 64 == 0);
+    assert!(buf.len().is_multiple_of(16) && (buf.as_ptr() as usize).is_multiple_of(64));
     // SAFETY: `Line` is 64 bytes of plain data with 64-byte alignment, checked above.
     unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut Line, buf.len() / 16) }
 }

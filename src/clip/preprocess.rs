@@ -7,6 +7,8 @@ use crate::data::image::resize_bicubic;
 use crate::Result;
 
 pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+// Written as OpenAI's CLIP writes them (clip/clip.py, `Normalize`), not in f32's shortest form.
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// `[3, H, W]` normalised planes of an RGB image, `(v / 255 - mean) / std`.

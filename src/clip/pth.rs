@@ -308,7 +308,7 @@ fn tensor_info(value: Node, dir: &str) -> std::result::Result<Option<TensorInfo>
     let (dtype, mut problem) = storage_dtype(&storage_type);
     let elems = shape
         .iter()
-        .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+        .try_fold(1u64, |n, &d| n.checked_mul(d))
         .ok_or_else(|| format!("size {shape:?} overflows"))?;
     let width = dtype.size_in_bytes() as u64;
     let (start, len) = offset
@@ -663,7 +663,7 @@ impl Machine {
     }
 
     fn extend_dict(&mut self, items: Vec<Node>) -> Step<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err("SETITEMS with an odd number of objects".into());
         }
         let top = self.top_mut()?;

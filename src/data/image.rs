@@ -404,7 +404,11 @@ mod tests {
         for i in 0..4000 {
             let mut b = bases[i % bases.len()].clone();
             for _ in 0..1 + rng.next_u64() % 4 {
-                let span = if rng.next_u64() % 2 == 0 { 64 } else { b.len() } as u64;
+                let span = if rng.next_u64().is_multiple_of(2) {
+                    64
+                } else {
+                    b.len()
+                } as u64;
                 let at = (rng.next_u64() % span.min(b.len() as u64)) as usize;
                 match rng.next_u64() % 4 {
                     0 => b[at] = rng.next_u64() as u8,

@@ -65,7 +65,7 @@ where
             img.as_bytes(),
             w,
             h,
-            <I::Pixel as PixelWithColorType>::COLOR_TYPE.into(),
+            <I::Pixel as PixelWithColorType>::COLOR_TYPE,
         )
         .map_err(|e| Error::output(format!("cannot encode PNG: {e}")))?;
     Ok(out)
