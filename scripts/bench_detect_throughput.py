@@ -102,6 +102,10 @@ def main():
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
+    for flag, value, least in (("--warm", args.warm, 1), ("--batch", args.batch, 0),
+                               ("--runs", args.runs, 1), ("--threads", args.threads or 1, 1)):
+        if value < least:
+            ap.error("%s %d: at least %d" % (flag, value, least))
     images = images_under(args.images)
     if len(images) < args.warm + 10:
         sys.exit("%s holds %d PNGs; need at least %d (--warm + 10)" %

@@ -386,6 +386,42 @@ macro_rules! invalid {
 }
 pub(crate) use invalid;
 
+/// `text` with each backticked word handed to `render` with the text after it: `Some((shown,
+/// used))` replaces the word, its backticks and the first `used` bytes after it; `None` keeps
+/// them. How the command line (flags) and the Python package (keyword arguments) spell the
+/// option fields the library names, written once.
+pub fn rewrite_backticked(
+    text: &str,
+    mut render: impl FnMut(&str, &str) -> Option<(String, usize)>,
+) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find('`') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        let Some(end) = after.find('`') else {
+            out.push('`');
+            rest = after;
+            continue;
+        };
+        let word = &after[..end];
+        rest = &after[end + 1..];
+        match render(word, rest) {
+            Some((shown, used)) => {
+                out.push_str(&shown);
+                rest = &rest[used.min(rest.len())..];
+            }
+            None => {
+                out.push('`');
+                out.push_str(word);
+                out.push('`');
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -415,5 +451,23 @@ mod tests {
             memory: String::new(),
         });
         assert!(e.to_string().contains("try `batch_size` 4 (halved)"), "{e}");
+    }
+
+    #[test]
+    fn backticked_words_are_rewritten_or_kept() {
+        let flags = |w: &str, _: &str| (w == "batch_size").then(|| ("--batch-size".into(), 0));
+        assert_eq!(
+            rewrite_backticked("`batch_size` 300 with `zsad train`, `open", flags),
+            "--batch-size 300 with `zsad train`, `open"
+        );
+        let value = |w: &str, rest: &str| {
+            let v = rest.trim_start().split(' ').next().unwrap_or("");
+            (w == "dtype").then(|| (format!("dtype='{v}'"), 1 + v.len()))
+        };
+        assert_eq!(
+            rewrite_backticked("`dtype` bf16 is slow", value),
+            "dtype='bf16' is slow"
+        );
+        assert_eq!(rewrite_backticked("", value), "");
     }
 }

@@ -118,36 +118,14 @@ fn value_after(field: &str, rest: &str) -> Option<(String, usize)> {
 /// backticked words (`zsad train`, `run.json`) stay. The Python counterpart of the CLI's flags
 /// (`--batch-size`).
 pub fn keywords(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(start) = rest.find('`') {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 1..];
-        match after.find('`') {
-            Some(end) => {
-                let word = &after[..end];
-                rest = &after[end + 1..];
-                if KEYWORDS.contains(&word) {
-                    out.push_str(word);
-                    out.push('=');
-                    if let Some((value, used)) = value_after(word, rest) {
-                        out.push_str(&value);
-                        rest = &rest[used..];
-                    }
-                } else {
-                    out.push('`');
-                    out.push_str(word);
-                    out.push('`');
-                }
-            }
-            None => {
-                out.push('`');
-                rest = after;
-            }
-        }
-    }
-    out.push_str(rest);
-    out
+    zsad::error::rewrite_backticked(text, |word, rest| {
+        KEYWORDS
+            .contains(&word)
+            .then(|| match value_after(word, rest) {
+                Some((value, used)) => (format!("{word}={value}"), used),
+                None => (format!("{word}="), 0),
+            })
+    })
 }
 
 /// The message of `e` as Python callers read it.

@@ -32,20 +32,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from . import _zsad
-from ._errors import (
-    AdapterError,
-    DatasetError,
-    DeviceError,
-    FileError,
-    InputError,
-    MismatchError,
-    MissingFileError,
-    ModelError,
-    OptionError,
-    OutputError,
-    ZsadError,
-)
+from . import _errors, _zsad
+from ._errors import *  # noqa: F401,F403  (the exception classes, listed in _errors.__all__)
 
 __version__: str = _zsad.__version__
 
@@ -58,18 +46,7 @@ __all__ = [
     "calibrate",
     "info",
     "read_image",
-    "ZsadError",
-    "OptionError",
-    "InputError",
-    "FileError",
-    "MissingFileError",
-    "ModelError",
-    "AdapterError",
-    "DatasetError",
-    "OutputError",
-    "MismatchError",
-    "DeviceError",
-]
+] + _errors.__all__
 
 PathLike = Union[str, "os.PathLike[str]"]
 #: What :meth:`Detector.detect` takes: a path, a numpy ``uint8`` array ``(height, width, 3)``

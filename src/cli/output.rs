@@ -46,37 +46,14 @@ pub fn count(n: usize, one: &str, many: &str) -> String {
 /// `text` with each backticked option field that is a flag written as the flag.
 pub fn options(text: &str) -> String {
     let fields = fields();
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(start) = rest.find('`') {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 1..];
-        match after.find('`') {
-            Some(end) => {
-                let word = &after[..end];
-                let is_field = !word.is_empty()
-                    && word
-                        .chars()
-                        .all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit())
-                    && fields.contains(word);
-                if is_field {
-                    out.push_str("--");
-                    out.push_str(&word.replace('_', "-"));
-                } else {
-                    out.push('`');
-                    out.push_str(word);
-                    out.push('`');
-                }
-                rest = &after[end + 1..];
-            }
-            None => {
-                out.push('`');
-                rest = after;
-            }
-        }
-    }
-    out.push_str(rest);
-    out
+    crate::error::rewrite_backticked(text, |word, _| {
+        let is_field = !word.is_empty()
+            && word
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit())
+            && fields.contains(word);
+        is_field.then(|| (format!("--{}", word.replace('_', "-")), 0))
+    })
 }
 
 /// Prints `zsad: error: ...` (or what an interrupted run kept) and returns the exit status.

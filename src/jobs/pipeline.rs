@@ -508,6 +508,43 @@ pub(crate) fn in_parts<D>(
     Ok(out)
 }
 
+/// The detector over preprocessed images, `*limit` to a pass at most, halving the pass on a
+/// GPU out of memory (see [`in_parts`], which says so on `console`); with `times`, each
+/// stage's wall time is added there. Shared by the pipeline and the in-memory job
+/// (`jobs::single`).
+pub(crate) fn detect_in_parts<P: AsRef<Tensor>>(
+    detector: &Detector,
+    pixels: &[P],
+    limit: &mut usize,
+    console: &Console,
+    mut times: Option<&mut StageTimes>,
+) -> Result<Vec<Detection>> {
+    in_parts(
+        pixels.len(),
+        limit,
+        |part| {
+            let d = Tensor::stack(&pixels[part.clone()], 0)
+                .map_err(Error::from)
+                .and_then(|px| detector.detect_timed(&px, times.as_deref_mut()))
+                .map_err(crate::device::classify)?;
+            if d.len() == part.len() {
+                Ok(d)
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "{} detections for {} images",
+                    d.len(),
+                    part.len()
+                )))
+            }
+        },
+        |from, to| {
+            console.warn(&format!(
+                "the GPU ran out of memory with {from} images per pass; going on with {to} (`batch_size` {to} starts there)"
+            ))
+        },
+    )
+}
+
 /// One model pass (or several of at most `*limit` images, see [`in_parts`]) over the inputs of
 /// a batch that decoded; the others pass through, in order. A GPU that cannot hold even one
 /// image is an error for the run.
@@ -526,30 +563,7 @@ fn score_batch<T>(
         .iter()
         .filter_map(|p| p.result.as_ref().ok().map(|(_, px)| px))
         .collect();
-    let dets = in_parts(
-        ok.len(),
-        limit,
-        |part| {
-            let d = Tensor::stack(&ok[part.clone()], 0)
-                .map_err(Error::from)
-                .and_then(|px| detector.detect_timed(&px, Some(&mut secs.model)))
-                .map_err(crate::device::classify)?;
-            if d.len() == part.len() {
-                Ok(d)
-            } else {
-                Err(Error::InvalidArgument(format!(
-                    "{} detections for {} images",
-                    d.len(),
-                    part.len()
-                )))
-            }
-        },
-        |from, to| {
-            console.warn(&format!(
-                "the GPU ran out of memory with {from} images per pass; going on with {to} (`batch_size` {to} starts there)"
-            ))
-        },
-    );
+    let dets = detect_in_parts(detector, &ok, limit, console, Some(&mut secs.model));
     let mut dets = match dets {
         Err(e @ Error::Device(DeviceError::OneImageTooLarge { .. })) => return Err(e),
         other => other.map(|d| d.into_iter()),

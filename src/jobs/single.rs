@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use super::detect::DetectOptions;
 use super::info::{describe, ModelInfo};
-use super::pipeline::{check_finite, in_parts, pass_size};
+use super::pipeline::{check_finite, detect_in_parts, pass_size};
 use super::reference::BankOptions;
 use super::render::{map_at_image_size, MapStats};
 use crate::data::image::{check_dimensions, decode_limited, to_rgb8, DecodeLimits};
@@ -188,30 +188,7 @@ impl ImageDetector {
                 .iter()
                 .map(|rgb| crate::clip::preprocess::preprocess(rgb, size, &dev))
                 .collect::<Result<Vec<Tensor>>>()?;
-            let dets = in_parts(
-                pixels.len(),
-                &mut limit,
-                |part| {
-                    let d = Tensor::stack(&pixels[part.clone()], 0)
-                        .map_err(Error::from)
-                        .and_then(|px| self.detector.detect(&px))
-                        .map_err(crate::device::classify)?;
-                    if d.len() == part.len() {
-                        Ok(d)
-                    } else {
-                        Err(Error::InvalidArgument(format!(
-                            "{} detections for {} images",
-                            d.len(),
-                            part.len()
-                        )))
-                    }
-                },
-                |from, to| {
-                    console.warn(&format!(
-                        "the GPU ran out of memory with {from} images per pass; going on with {to} (`batch_size` {to} starts there)"
-                    ))
-                },
-            )?;
+            let dets = detect_in_parts(&self.detector, &pixels, &mut limit, console, None)?;
             for (rgb, d) in chunk.iter().zip(dets) {
                 out.push(check_finite(&d).map(|()| self.finish(rgb, &d)));
             }
