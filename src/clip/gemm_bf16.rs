@@ -129,9 +129,9 @@ pub fn selected() -> Option<Kernel> {
 /// One cache line of bf16 values (stored as their bits).
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Line([u16; 32]);
+pub(crate) struct Line(pub(crate) [u16; 32]);
 
-const ZERO_LINE: Line = Line([0; 32]);
+pub(crate) const ZERO_LINE: Line = Line([0; 32]);
 
 /// The bf16 bits of `x`, rounded to nearest with ties to even; NaN stays NaN.
 #[inline(always)]
@@ -253,7 +253,7 @@ impl PackedB {
 /// packed per attention head into a scratch buffer.
 #[derive(Clone, Copy)]
 pub(crate) struct BView<'a> {
-    k: usize,
+    pub(crate) k: usize,
     n: usize,
     kp: usize,
     np: usize,
@@ -262,7 +262,7 @@ pub(crate) struct BView<'a> {
 
 impl BView<'_> {
     /// The lines of column block `jb` (16 columns, `kp / 2` k-pairs).
-    fn block(&self, jb: usize) -> &[Line] {
+    pub(crate) fn block(&self, jb: usize) -> &[Line] {
         &self.lines[jb * (self.kp / 2)..(jb + 1) * (self.kp / 2)]
     }
 
@@ -273,7 +273,7 @@ impl BView<'_> {
 }
 
 /// The lines of an f32 scratch buffer (64-byte aligned, a multiple of 16 f32s).
-fn as_lines(buf: &mut [f32]) -> &mut [Line] {
+pub(crate) fn as_lines(buf: &mut [f32]) -> &mut [Line] {
     assert!(buf.len().is_multiple_of(16) && (buf.as_ptr() as usize).is_multiple_of(64));
     // SAFETY: `Line` is 64 bytes of plain data with 64-byte alignment, checked above.
     unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut Line, buf.len() / 16) }
@@ -290,6 +290,20 @@ pub(crate) fn pack_columns<'a>(
 ) -> BView<'a> {
     let (kp, np) = (k.div_ceil(32) * 32, n.div_ceil(32) * 32);
     let lines = as_lines(&mut buf[..BView::scratch_len(k, n)]);
+    assert!(n == 0 || (n - 1) * rs + k <= rows.len(), "pack_columns: {n} rows of {k}");
+    #[cfg(target_arch = "x86_64")]
+    if packing_simd() {
+        // SAFETY: the features were detected; the rows lie inside `rows` (asserted above).
+        unsafe { vector::fill_columns(rows, rs, k, n, lines) };
+        return BView { k, n, kp, np, lines };
+    }
+    fill_columns(rows, rs, k, n, lines);
+    BView { k, n, kp, np, lines }
+}
+
+/// [`pack_columns`]'s lines, one element at a time.
+fn fill_columns(rows: &[f32], rs: usize, k: usize, n: usize, lines: &mut [Line]) {
+    let kp = k.div_ceil(32) * 32;
     lines.fill(ZERO_LINE);
     let mut bits = vec![0u16; kp];
     for j in 0..n {
@@ -304,13 +318,6 @@ pub(crate) fn pack_columns<'a>(
             line.0[slot + 1] = pair[1];
         }
     }
-    BView {
-        k,
-        n,
-        kp,
-        np,
-        lines,
-    }
 }
 
 /// Packs `B[k, n]` with `B(t, c) = rows[t · rs + c]` (a row-major matrix: attention's `v`),
@@ -324,6 +331,20 @@ pub(crate) fn pack_rows<'a>(
 ) -> BView<'a> {
     let (kp, np) = (k.div_ceil(32) * 32, n.div_ceil(32) * 32);
     let lines = as_lines(&mut buf[..BView::scratch_len(k, n)]);
+    assert!(k == 0 || (k - 1) * rs + n <= rows.len(), "pack_rows: {k} rows of {n}");
+    #[cfg(target_arch = "x86_64")]
+    if packing_simd() {
+        // SAFETY: the features were detected; the rows lie inside `rows` (asserted above).
+        unsafe { vector::fill_rows(rows, rs, k, n, lines) };
+        return BView { k, n, kp, np, lines };
+    }
+    fill_rows(rows, rs, k, n, lines);
+    BView { k, n, kp, np, lines }
+}
+
+/// [`pack_rows`]'s lines, one element at a time.
+fn fill_rows(rows: &[f32], rs: usize, k: usize, n: usize, lines: &mut [Line]) {
+    let kp = k.div_ceil(32) * 32;
     lines.fill(ZERO_LINE);
     let mut r = vec![0u16; 2 * n];
     for p in 0..k.div_ceil(2) {
@@ -343,38 +364,167 @@ pub(crate) fn pack_rows<'a>(
             line[(c % 16) * 2 + 1] = r[n + c];
         }
     }
-    BView {
-        k,
-        n,
-        kp,
-        np,
-        lines,
+}
+
+/// Whether the vector packing of attention's `kᵀ` and `v` runs here (AVX-512 BW and BF16).
+#[cfg(target_arch = "x86_64")]
+fn packing_simd() -> bool {
+    static SIMD: OnceLock<bool> = OnceLock::new();
+    *SIMD.get_or_init(|| {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512bf16")
+    })
+}
+
+/// The packings of attention's `kᵀ` and `v` on AVX-512: `vcvtne2ps2bf16` rounds as
+/// [`to_bf16_bits`] does (bf16 units flush subnormals anyway), a word permutation interleaves
+/// the k-pairs of `v`, and a 16 × 16 transpose of 32-bit pairs turns rows of `k` into columns.
+#[cfg(target_arch = "x86_64")]
+mod vector {
+    use super::{Line, ZERO_LINE};
+    use std::arch::x86_64::*;
+
+    /// The lanes `< n − from` of 16 (all of them from 16 on).
+    #[inline(always)]
+    fn lanes(n: usize, from: usize) -> __mmask16 {
+        let k = n.saturating_sub(from).min(16);
+        ((1u32 << k) - 1) as __mmask16
+    }
+
+    /// The bf16 bits of 32 values at `at` in lanes `k` (0 elsewhere; only those lanes are
+    /// read): word `i` of the result is value `i`.
+    #[inline(always)]
+    unsafe fn bf16_32(at: *const f32, k: [__mmask16; 2]) -> __m512i {
+        let lo = _mm512_maskz_loadu_ps(k[0], at);
+        let hi = _mm512_maskz_loadu_ps(k[1], at.wrapping_add(16));
+        std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo))
+    }
+
+    /// As [`super::fill_columns`].
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/BF16; `rows[j · rs .. j · rs + k]` in bounds for `j < n`; `lines` holds
+    /// [`super::BView::scratch_len`]`(k, n) / 16` lines.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn fill_columns(rows: &[f32], rs: usize, k: usize, n: usize, lines: &mut [Line]) {
+        let kp = k.div_ceil(32) * 32;
+        let np = n.div_ceil(32) * 32;
+        assert!(lines.len() >= np / 16 * kp / 2);
+        for jb in 0..np / 16 {
+            let block = &mut lines[jb * (kp / 2)..(jb + 1) * (kp / 2)];
+            for kc in (0..kp).step_by(32) {
+                // Row j of the block: its 16 k-pairs from `kc` as 32-bit lanes.
+                let mut r = [_mm512_setzero_si512(); 16];
+                for (c, r) in r.iter_mut().enumerate() {
+                    let j = jb * 16 + c;
+                    if j < n {
+                        let k = [lanes(k, kc), lanes(k, kc + 16)];
+                        *r = bf16_32(rows.as_ptr().wrapping_add(j * rs + kc), k);
+                    }
+                }
+                let t = transpose16(r);
+                for (q, t) in t.iter().enumerate() {
+                    _mm512_store_si512(block[kc / 2 + q].0.as_mut_ptr() as *mut _, *t);
+                }
+            }
+        }
+    }
+
+    /// The 16 × 16 transpose of 32-bit lanes: row `c` of the result is lane `c` of every input.
+    #[inline(always)]
+    unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        // Lane L of u[4 i + q] holds rows 4 i .. 4 i + 4 at column 4 L + q.
+        let mut u = [_mm512_setzero_si512(); 16];
+        for i in 0..4 {
+            u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+            u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+        }
+        // Column 4 L + q is lane L of u[q], u[4 + q], u[8 + q], u[12 + q].
+        let mut out = [_mm512_setzero_si512(); 16];
+        for q in 0..4 {
+            let even_a = _mm512_shuffle_i32x4::<0x88>(u[q], u[4 + q]);
+            let even_b = _mm512_shuffle_i32x4::<0x88>(u[8 + q], u[12 + q]);
+            let odd_a = _mm512_shuffle_i32x4::<0xDD>(u[q], u[4 + q]);
+            let odd_b = _mm512_shuffle_i32x4::<0xDD>(u[8 + q], u[12 + q]);
+            out[q] = _mm512_shuffle_i32x4::<0x88>(even_a, even_b);
+            out[8 + q] = _mm512_shuffle_i32x4::<0xDD>(even_a, even_b);
+            out[4 + q] = _mm512_shuffle_i32x4::<0x88>(odd_a, odd_b);
+            out[12 + q] = _mm512_shuffle_i32x4::<0xDD>(odd_a, odd_b);
+        }
+        out
+    }
+
+    /// As [`super::fill_rows`].
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/BF16; `rows[t · rs .. t · rs + n]` in bounds for `t < k`; `lines` holds
+    /// [`super::BView::scratch_len`]`(k, n) / 16` lines.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn fill_rows(rows: &[f32], rs: usize, k: usize, n: usize, lines: &mut [Line]) {
+        let kp = k.div_ceil(32) * 32;
+        let np = n.div_ceil(32) * 32;
+        assert!(lines.len() >= np / 16 * kp / 2);
+        // Word 2 c + h of a line is value c of row h: words c and 16 + c of the conversion.
+        let mut idx = [0u16; 32];
+        for c in 0..16 {
+            idx[2 * c] = c as u16;
+            idx[2 * c + 1] = 16 + c as u16;
+        }
+        let idx = _mm512_loadu_si512(idx.as_ptr() as *const _);
+        for p in 0..kp / 2 {
+            let (t0, t1) = (2 * p, 2 * p + 1);
+            for jb in 0..np / 16 {
+                let line = &mut lines[jb * (kp / 2) + p];
+                if t0 >= k {
+                    *line = ZERO_LINE;
+                    continue;
+                }
+                let kc = lanes(n, 16 * jb);
+                let lo = _mm512_maskz_loadu_ps(kc, rows.as_ptr().wrapping_add(t0 * rs + 16 * jb));
+                let hi = if t1 < k {
+                    _mm512_maskz_loadu_ps(kc, rows.as_ptr().wrapping_add(t1 * rs + 16 * jb))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                let bits: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                let bits = _mm512_permutexvar_epi16(idx, bits);
+                _mm512_store_si512(line.0.as_mut_ptr() as *mut _, bits);
+            }
+        }
     }
 }
 
 /// The left operand `A[m, k]` rounded to bf16 in tiles: rows in groups of 16, each group a run
 /// of `kp / 32` AMX A tiles (16 rows × one line, contiguous), zero-padded to a multiple of 32
 /// rows. Borrowed from a per-thread scratch buffer (no allocation per product once warm).
-struct PackedA<'a> {
-    kp: usize,
-    lines: &'a [Line],
+pub(crate) struct PackedA<'a> {
+    pub(crate) kp: usize,
+    pub(crate) lines: &'a [Line],
 }
 
 impl PackedA<'_> {
     /// Lines for `m` rows.
-    fn len(m: usize, kp: usize) -> usize {
+    pub(crate) fn len(m: usize, kp: usize) -> usize {
         m.div_ceil(32) * 32 * kp / 32
     }
 
     /// The lines of row group `g` (16 rows) from k-step `s` on: tile `s + t` at `16 t`.
-    fn group(&self, g: usize, s: usize) -> &[Line] {
+    pub(crate) fn group(&self, g: usize, s: usize) -> &[Line] {
         let steps = self.kp / 32;
         &self.lines[(g * steps + s) * 16..(g + 1) * steps * 16]
     }
 }
 
 /// Packs `A` into `lines` ([`PackedA::len`] of them), rounding to bf16.
-fn pack_a(a: &ASrc, m: usize, k: usize, kp: usize, parallel: bool, lines: &mut [Line]) {
+pub(crate) fn pack_a(a: &ASrc, m: usize, k: usize, kp: usize, parallel: bool, lines: &mut [Line]) {
     let group_lines = kp / 32 * 16;
     if kp == 0 {
         return; // k = 0: an empty product, nothing to pack.
@@ -624,10 +774,7 @@ unsafe fn task_blocks(
 ) {
     let (bi, bj) = ((rows.1 - rows.0) / 32, (cols.1 - cols.0) / 32);
     let steps = a.kp / 32;
-    #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Amx {
-        amx::load_config();
-    }
+    tiles_on(kernel);
     for s0 in (0..steps).step_by(KC_STEPS) {
         let pass = KC_STEPS.min(steps - s0);
         for j in 0..bj {
@@ -636,38 +783,74 @@ unsafe fn task_blocks(
             for i in 0..bi {
                 let g = (rows.0 + 32 * i) / 16;
                 let (a0, a1) = (a.group(g, s0), a.group(g + 1, s0));
-                let block = &mut acc[i * bj + j];
-                match kernel {
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Amx => amx::block(a0, a1, b0, b1, pass, block, s0 > 0),
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx512Bf16 => {
-                        for r in 0..4 {
-                            let group = if r < 2 { a0 } else { a1 };
-                            avx512::block(
-                                &group[(r % 2) * 8..],
-                                b0,
-                                b1,
-                                pass,
-                                &mut block.0[r * 8 * 32..(r + 1) * 8 * 32],
-                                s0 > 0,
-                            )
-                        }
-                    }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    _ => unreachable!("no bf16 kernels off x86-64"),
-                }
+                block32(kernel, (a0, a1), (b0, b1), pass, &mut acc[i * bj + j], s0 > 0);
             }
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Amx {
-        amx::release();
-    }
+    tiles_off(kernel);
     if steps == 0 {
         acc.iter_mut().for_each(|b| b.0.fill(0.0));
     }
     store_blocks(acc, bi, bj, rows, cols, valid, c, ldc, epi);
+}
+
+/// Prepares this thread for [`block32`] on `kernel` (the AMX tile configuration).
+///
+/// # Safety
+/// `kernel` is [`available`].
+pub(crate) unsafe fn tiles_on(kernel: Kernel) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Amx {
+        amx::load_config();
+    }
+}
+
+/// Ends a run of [`block32`] calls (releases the AMX tile state).
+///
+/// # Safety
+/// As [`tiles_on`].
+pub(crate) unsafe fn tiles_off(kernel: Kernel) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Amx {
+        amx::release();
+    }
+}
+
+/// `out (+)= A[32, 32 steps] · B[32 steps, 32]` on `kernel`: `a` the tiles of two 16-row groups
+/// (one per k-step, 16 lines each, as [`PackedA::group`]), `b` two 16-column blocks of a packed
+/// `B` from the same k-step on; `accumulate` starts from `out` instead of zero.
+///
+/// # Safety
+/// [`tiles_on`] ran on this thread for `kernel`; the slices hold `steps` tiles each.
+#[inline]
+pub(crate) unsafe fn block32(
+    kernel: Kernel,
+    (a0, a1): (&[Line], &[Line]),
+    (b0, b1): (&[Line], &[Line]),
+    steps: usize,
+    out: &mut Block,
+    accumulate: bool,
+) {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Amx => amx::block(a0, a1, b0, b1, steps, out, accumulate),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512Bf16 => {
+            for r in 0..4 {
+                let group = if r < 2 { a0 } else { a1 };
+                avx512::block(
+                    &group[(r % 2) * 8..],
+                    b0,
+                    b1,
+                    steps,
+                    &mut out.0[r * 8 * 32..(r + 1) * 8 * 32],
+                    accumulate,
+                )
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("no bf16 kernels off x86-64"),
+    }
 }
 
 /// The epilogue of a task's blocks, compiled for AVX-512 where the CPU has it.
@@ -739,7 +922,7 @@ unsafe fn store_blocks(
 
 /// A 32 × 32 f32 block of `C`, row-major.
 #[repr(C, align(64))]
-struct Block([f32; 32 * 32]);
+pub(crate) struct Block(pub(crate) [f32; 32 * 32]);
 
 #[cfg(target_arch = "x86_64")]
 mod amx {
@@ -1098,6 +1281,36 @@ mod tests {
     }
 
     /// Writes stay inside the valid block: a wider `ldc` keeps the columns beyond `n`.
+    /// The vector packings of attention's `kᵀ` and `v` write the same lines as the scalar
+    /// ones, over shapes around the 16-column blocks and 32-row k-steps.
+    #[test]
+    fn vector_packing_equals_scalar_packing() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !packing_simd() {
+                eprintln!("skipped: the vector packing needs AVX-512 BW and BF16");
+                return;
+            }
+            for (k, n) in [(1, 1), (64, 77), (40, 37), (33, 16), (64, 100), (2, 33), (31, 5)] {
+                let rs = k.max(n) + 3;
+                let rows = rand((k * 100 + n) as u64, rs * k.max(n) + 8);
+                let mut a = vec![ZERO_LINE; BView::scratch_len(k, n) / 16];
+                let mut b = vec![Line([7; 32]); BView::scratch_len(k, n) / 16];
+                let same = |a: &[Line], b: &[Line]| a.iter().zip(b).all(|(x, y)| x.0 == y.0);
+                a.fill(Line([7; 32]));
+                fill_columns(&rows, rs, k, n, &mut a);
+                // SAFETY: the features were detected; the rows are inside `rows`.
+                unsafe { vector::fill_columns(&rows, rs, k, n, &mut b) };
+                assert!(same(&a, &b), "columns k {k} n {n}");
+                b.fill(Line([7; 32]));
+                fill_rows(&rows, rs, k, n, &mut a);
+                // SAFETY: as above.
+                unsafe { vector::fill_rows(&rows, rs, k, n, &mut b) };
+                assert!(same(&a, &b), "rows k {k} n {n}");
+            }
+        }
+    }
+
     #[test]
     fn writes_only_the_valid_block() {
         for &kernel in available() {
