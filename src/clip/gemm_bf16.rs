@@ -703,7 +703,7 @@ pub(crate) fn gemm_view(
         let tasks_m = task_rows.div_ceil(TASK_ROWS);
         let tasks_n = b.np.div_ceil(TASK_COLS);
         let run = |t: usize| {
-            let (ti, tj) = (t / tasks_n, t % tasks_n);
+            let (ti, tj) = task_at(t, tasks_m, tasks_n, b.kp);
             let rows = (ti * TASK_ROWS, ((ti + 1) * TASK_ROWS).min(task_rows));
             let cols = (tj * TASK_COLS, ((tj + 1) * TASK_COLS).min(b.np));
             let out = out;
@@ -718,6 +718,23 @@ pub(crate) fn gemm_view(
             (0..tasks_m * tasks_n).for_each(run);
         }
     })
+}
+
+/// The tasks run in groups of columns whose packed B takes at most this many bytes (512
+/// columns of a 1024-deep weight, 128 of a 4096-deep one), each group's B staying in L2 while
+/// every row block of A passes over it, each A row block reused by the group's tasks. Row by
+/// row over all the columns instead, the whole of B (8 MB for ViT-L's MLP) streamed from L3
+/// once per 64 rows. Best of interleaved runs on the 2-core Xeon (AMX), 1370 × 1024 @ 1024 ×
+/// 4096: ~700 GFLOP/s row by row, ~1,400 grouped.
+const GROUP_BYTES: usize = 1 << 20;
+
+/// Task `t`'s (row block, column block) in the grouped order above, for B `kp` deep.
+fn task_at(t: usize, tasks_m: usize, tasks_n: usize, kp: usize) -> (usize, usize) {
+    let g = (GROUP_BYTES / (2 * kp * TASK_COLS).max(1)).clamp(1, tasks_n);
+    let group = t / (tasks_m * g);
+    let width = g.min(tasks_n - group * g);
+    let within = t - group * tasks_m * g;
+    (within / width, group * g + within % width)
 }
 
 /// k-steps (of 32) per pass over a task's blocks; the accumulators go back to the task's buffer
@@ -1307,6 +1324,20 @@ mod tests {
                 // SAFETY: as above.
                 unsafe { vector::fill_rows(&rows, rs, k, n, &mut b) };
                 assert!(same(&a, &b), "rows k {k} n {n}");
+            }
+        }
+    }
+
+    /// The grouped task order visits every (row block, column block) once, for any counts and
+    /// depths, including a last group narrower than the others.
+    #[test]
+    fn task_order_covers_every_task_once() {
+        for (tasks_m, tasks_n, kp) in [(1, 1, 32), (22, 32, 1024), (22, 8, 4096), (3, 7, 512), (4, 18, 768)] {
+            let mut seen = vec![false; tasks_m * tasks_n];
+            for t in 0..tasks_m * tasks_n {
+                let (ti, tj) = task_at(t, tasks_m, tasks_n, kp);
+                assert!(ti < tasks_m && tj < tasks_n && !seen[ti * tasks_n + tj], "{t}");
+                seen[ti * tasks_n + tj] = true;
             }
         }
     }
