@@ -26,7 +26,7 @@ pub use super::elementwise::{
     exp_shifted_in_place, gelu_in_place, layer_norm_stats, quick_gelu_in_place, round_bf16_in_place,
 };
 use super::gemm_bf16;
-pub use super::gemm_bf16::{Kernel, PackedB};
+pub use super::gemm_bf16::{gemm_packed, gemm_to_packed, Kernel, PackedB, PackedRows};
 pub use super::gemm_f32::PackedW;
 use super::gemm_f32::{self, F32Kernel};
 use super::head::{self, HeadJob};
