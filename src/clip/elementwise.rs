@@ -84,9 +84,7 @@ pub(crate) fn exp_approx(x: f32) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,fma")]
-pub(crate) unsafe fn exp16_nonpositive(
-    x: std::arch::x86_64::__m512,
-) -> std::arch::x86_64::__m512 {
+pub(crate) unsafe fn exp16_nonpositive(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
@@ -94,12 +92,24 @@ pub(crate) unsafe fn exp16_nonpositive(
     let floor = _mm512_set1_ps(-87.3);
     // `max(floor, x)` returns x where x is NaN (the second operand), as `clamp` does.
     let xc = _mm512_max_ps(floor, x);
-    let t = _mm512_fmadd_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E), _mm512_set1_ps(MAGIC));
+    let t = _mm512_fmadd_ps(
+        xc,
+        _mm512_set1_ps(std::f32::consts::LOG2_E),
+        _mm512_set1_ps(MAGIC),
+    );
     let n = _mm512_sub_ps(t, _mm512_set1_ps(MAGIC));
     let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_HI), xc);
     let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_LO), r);
     let mut p = _mm512_set1_ps(1.0 / 5040.0);
-    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
     }
     // Kept unless x < −87.3 (NaN compares unordered: kept, and stays NaN).
@@ -312,8 +322,18 @@ mod tests {
                 eprintln!("skipped: exp16 needs AVX-512 and FMA, which this CPU lacks");
                 return;
             }
-            let mut xs: Vec<f32> = (0..400_000).map(|i| -110.0 * i as f32 / 400_000.0).collect();
-            xs.extend([f32::NEG_INFINITY, f32::NAN, -0.0, 0.0, -87.3, -87.299_99, -f32::MIN_POSITIVE]);
+            let mut xs: Vec<f32> = (0..400_000)
+                .map(|i| -110.0 * i as f32 / 400_000.0)
+                .collect();
+            xs.extend([
+                f32::NEG_INFINITY,
+                f32::NAN,
+                -0.0,
+                0.0,
+                -87.3,
+                -87.299_99,
+                -f32::MIN_POSITIVE,
+            ]);
             xs.extend((0..16).map(|_| 0.0));
             for chunk in xs.chunks_exact(16) {
                 use std::arch::x86_64::*;

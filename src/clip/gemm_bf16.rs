@@ -290,15 +290,30 @@ pub(crate) fn pack_columns<'a>(
 ) -> BView<'a> {
     let (kp, np) = (k.div_ceil(32) * 32, n.div_ceil(32) * 32);
     let lines = as_lines(&mut buf[..BView::scratch_len(k, n)]);
-    assert!(n == 0 || (n - 1) * rs + k <= rows.len(), "pack_columns: {n} rows of {k}");
+    assert!(
+        n == 0 || (n - 1) * rs + k <= rows.len(),
+        "pack_columns: {n} rows of {k}"
+    );
     #[cfg(target_arch = "x86_64")]
     if packing_simd() {
         // SAFETY: the features were detected; the rows lie inside `rows` (asserted above).
         unsafe { vector::fill_columns(rows, rs, k, n, lines) };
-        return BView { k, n, kp, np, lines };
+        return BView {
+            k,
+            n,
+            kp,
+            np,
+            lines,
+        };
     }
     fill_columns(rows, rs, k, n, lines);
-    BView { k, n, kp, np, lines }
+    BView {
+        k,
+        n,
+        kp,
+        np,
+        lines,
+    }
 }
 
 /// [`pack_columns`]'s lines, one element at a time.
@@ -331,15 +346,30 @@ pub(crate) fn pack_rows<'a>(
 ) -> BView<'a> {
     let (kp, np) = (k.div_ceil(32) * 32, n.div_ceil(32) * 32);
     let lines = as_lines(&mut buf[..BView::scratch_len(k, n)]);
-    assert!(k == 0 || (k - 1) * rs + n <= rows.len(), "pack_rows: {k} rows of {n}");
+    assert!(
+        k == 0 || (k - 1) * rs + n <= rows.len(),
+        "pack_rows: {k} rows of {n}"
+    );
     #[cfg(target_arch = "x86_64")]
     if packing_simd() {
         // SAFETY: the features were detected; the rows lie inside `rows` (asserted above).
         unsafe { vector::fill_rows(rows, rs, k, n, lines) };
-        return BView { k, n, kp, np, lines };
+        return BView {
+            k,
+            n,
+            kp,
+            np,
+            lines,
+        };
     }
     fill_rows(rows, rs, k, n, lines);
-    BView { k, n, kp, np, lines }
+    BView {
+        k,
+        n,
+        kp,
+        np,
+        lines,
+    }
 }
 
 /// [`pack_rows`]'s lines, one element at a time.
@@ -802,8 +832,15 @@ pub fn gemm_to_packed(
     out: &mut PackedRows,
     parallel: bool,
 ) {
-    assert!(available().contains(&kernel), "bf16 kernel {} is not available", kernel.name());
-    assert!(!epi.accumulate && !epi.transposed, "gemm_to_packed: a plain epilogue");
+    assert!(
+        available().contains(&kernel),
+        "bf16 kernel {} is not available",
+        kernel.name()
+    );
+    assert!(
+        !epi.accumulate && !epi.transposed,
+        "gemm_to_packed: a plain epilogue"
+    );
     let b = b.view();
     a.check(m, b.k, "bf16 gemm lhs");
     epi.check(m, b.n);
@@ -838,7 +875,11 @@ pub fn gemm_packed(
     epi: &Epi,
     parallel: bool,
 ) {
-    assert!(available().contains(&kernel), "bf16 kernel {} is not available", kernel.name());
+    assert!(
+        available().contains(&kernel),
+        "bf16 kernel {} is not available",
+        kernel.name()
+    );
     let (m, b) = (a.m, b.view());
     assert_eq!(a.k, b.k, "gemm_packed: A is {} wide, B {} deep", a.k, b.k);
     epi.check(m, b.n);
@@ -937,7 +978,14 @@ unsafe fn task_blocks(
             for i in 0..bi {
                 let g = (rows.0 + 32 * i) / 16;
                 let (a0, a1) = (a.group(g, s0), a.group(g + 1, s0));
-                block32(kernel, (a0, a1), (b0, b1), pass, &mut acc[i * bj + j], s0 > 0);
+                block32(
+                    kernel,
+                    (a0, a1),
+                    (b0, b1),
+                    pass,
+                    &mut acc[i * bj + j],
+                    s0 > 0,
+                );
             }
         }
     }
@@ -1539,7 +1587,15 @@ mod tests {
                 eprintln!("skipped: the vector packing needs AVX-512 BW and BF16");
                 return;
             }
-            for (k, n) in [(1, 1), (64, 77), (40, 37), (33, 16), (64, 100), (2, 33), (31, 5)] {
+            for (k, n) in [
+                (1, 1),
+                (64, 77),
+                (40, 37),
+                (33, 16),
+                (64, 100),
+                (2, 33),
+                (31, 5),
+            ] {
                 let rs = k.max(n) + 3;
                 let rows = rand((k * 100 + n) as u64, rs * k.max(n) + 8);
                 let mut a = vec![ZERO_LINE; BView::scratch_len(k, n) / 16];
@@ -1563,11 +1619,20 @@ mod tests {
     /// depths, including a last group narrower than the others.
     #[test]
     fn task_order_covers_every_task_once() {
-        for (tasks_m, tasks_n, kp) in [(1, 1, 32), (22, 32, 1024), (22, 8, 4096), (3, 7, 512), (4, 18, 768)] {
+        for (tasks_m, tasks_n, kp) in [
+            (1, 1, 32),
+            (22, 32, 1024),
+            (22, 8, 4096),
+            (3, 7, 512),
+            (4, 18, 768),
+        ] {
             let mut seen = vec![false; tasks_m * tasks_n];
             for t in 0..tasks_m * tasks_n {
                 let (ti, tj) = task_at(t, tasks_m, tasks_n, kp);
-                assert!(ti < tasks_m && tj < tasks_n && !seen[ti * tasks_n + tj], "{t}");
+                assert!(
+                    ti < tasks_m && tj < tasks_n && !seen[ti * tasks_n + tj],
+                    "{t}"
+                );
                 seen[ti * tasks_n + tj] = true;
             }
         }
@@ -1580,7 +1645,11 @@ mod tests {
     fn packed_hand_over_equals_the_f32_round_trip() {
         for &kernel in available() {
             let mut hidden = PackedRows::default();
-            for &(m, k, h, n) in &[(197usize, 64usize, 96usize, 40usize), (33, 65, 70, 31), (1, 3, 1, 2)] {
+            for &(m, k, h, n) in &[
+                (197usize, 64usize, 96usize, 40usize),
+                (33, 65, 70, 31),
+                (1, 3, 1, 2),
+            ] {
                 let x = rand(m as u64 + 1, m * k);
                 let (w1, w2) = (rand(2, k * h), rand(3, h * n));
                 let (b1, b2) = (rand(4, h), rand(5, n));
@@ -1597,18 +1666,38 @@ mod tests {
                     ..Default::default()
                 };
                 let mut f32_hidden = vec![0f32; m * h];
-                gemm_epi(kernel, m, ASrc::View(rows(&x, k)), &p1, &mut f32_hidden, h, &epi1, true);
+                gemm_epi(
+                    kernel,
+                    m,
+                    ASrc::View(rows(&x, k)),
+                    &p1,
+                    &mut f32_hidden,
+                    h,
+                    &epi1,
+                    true,
+                );
                 let mut want = residual.clone();
                 let a = ASrc::View(rows(&f32_hidden, h));
                 gemm_epi(kernel, m, a, &p2, &mut want, n, &epi2, true);
                 // Stale lines from a wider product first.
                 hidden.reset(64, 256);
                 hidden.lines.fill(Line([0x7fc0; 32]));
-                gemm_to_packed(kernel, m, ASrc::View(rows(&x, k)), &p1, &epi1, &mut hidden, true);
+                gemm_to_packed(
+                    kernel,
+                    m,
+                    ASrc::View(rows(&x, k)),
+                    &p1,
+                    &epi1,
+                    &mut hidden,
+                    true,
+                );
                 assert_eq!(hidden.dims(), (m, h));
                 let mut got = residual.clone();
                 gemm_packed(kernel, &hidden, &p2, &mut got, n, &epi2, true);
-                let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "{} m {m} k {k} h {h} n {n}", kernel.name());
             }
         }

@@ -136,7 +136,14 @@ pub(crate) unsafe fn bf16_fused(job: &HeadJob, kernel: Kernel) {
             };
             for half in 0..2 {
                 let values = (v.block(2 * half), v.block(2 * half + 1));
-                block32(kernel, (pa.group(0, 0), pa.group(1, 0)), values, chunks, o, false);
+                block32(
+                    kernel,
+                    (pa.group(0, 0), pa.group(1, 0)),
+                    values,
+                    chunks,
+                    o,
+                    false,
+                );
                 let cols = 32.min(hd - 32 * half);
                 for (r, &inv) in inv.iter().enumerate().take(rows) {
                     let dst = job.out.add((row0 + r) * job.ld + 32 * half);
@@ -196,7 +203,10 @@ unsafe fn softmax_row(
     };
     // `s · scale (+ mask)` of keys `32 c + 16 h ..` in lanes `k`, `-inf` in the others.
     let x = |c: usize, h: usize, k: __mmask16| -> __m512 {
-        let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, row.add(c * S_STRIDE + 16 * h)), scale);
+        let v = _mm512_mul_ps(
+            _mm512_maskz_loadu_ps(k, row.add(c * S_STRIDE + 16 * h)),
+            scale,
+        );
         let v = match mask {
             Some(m) => _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, m.as_ptr().add(32 * c + 16 * h))),
             None => v,

@@ -553,7 +553,7 @@ pub fn attention_into(
             match spec.precision {
                 Precision::Bf16(kernel) => {
                     #[cfg(target_arch = "x86_64")]
-                    if head::fused_fits(hd, kernel) && std::env::var_os("ZSAD_ATTN_BLOCKED").is_none() {
+                    if head::fused_fits(hd, kernel) {
                         return head::bf16_fused(&job, kernel);
                     }
                     head_bf16(&job, kernel)
@@ -981,12 +981,13 @@ mod tests {
                 let m = mask.map(|m| m.flatten_all().unwrap().to_vec1::<f32>().unwrap());
                 let mut weighted = vec![0f32; b * l * d];
                 attention_into(&xs, &spec, m.as_deref(), Some(&weights), &mut weighted).unwrap();
-                let plain = attention_first_queries(&qkv, heads, 0.125, mask, roles, l, spec.precision)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap();
+                let plain =
+                    attention_first_queries(&qkv, heads, 0.125, mask, roles, l, spec.precision)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
                 for (i, (w, p)) in weighted.iter().zip(&plain).enumerate() {
                     let want = p * weights[(i % d) / hd];
                     assert!((w - want).abs() < 1e-6, "head weight at {i}: {w} vs {want}");
@@ -1009,9 +1010,20 @@ mod tests {
             for l in [1, 31, 32, 33, 77, 100] {
                 let xs = rand(l as u64, l * d3);
                 let causal: Vec<f32> = (0..l * l)
-                    .map(|i| if i % l > i / l { f32::NEG_INFINITY } else { 0.5 })
+                    .map(|i| {
+                        if i % l > i / l {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.5
+                        }
+                    })
                     .collect();
-                for (mask, lq) in [(None, l), (Some(&causal[..]), l), (None, 1), (None, l.min(33))] {
+                for (mask, lq) in [
+                    (None, l),
+                    (Some(&causal[..]), l),
+                    (None, 1),
+                    (None, l.min(33)),
+                ] {
                     for h in 0..heads {
                         let mut outs = [vec![0f32; lq * hd], vec![0f32; lq * hd]];
                         for (fused, out) in [true, false].into_iter().zip(outs.iter_mut()) {
