@@ -412,7 +412,7 @@ fn packing_simd() -> bool {
 /// the k-pairs of `v`, and a 16 × 16 transpose of 32-bit pairs turns rows of `k` into columns.
 #[cfg(target_arch = "x86_64")]
 mod vector {
-    use super::{Line, ZERO_LINE};
+    use crate::clip::gemm_bf16::{Line, ZERO_LINE};
     use std::arch::x86_64::*;
 
     /// The lanes `< n − from` of 16 (all of them from 16 on).
@@ -431,11 +431,11 @@ mod vector {
         std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo))
     }
 
-    /// As [`super::fill_columns`].
+    /// As [`fill_columns`](crate::clip::gemm_bf16::fill_columns).
     ///
     /// # Safety
     /// AVX-512 F/BW/BF16; `rows[j · rs .. j · rs + k]` in bounds for `j < n`; `lines` holds
-    /// [`super::BView::scratch_len`]`(k, n) / 16` lines.
+    /// [`BView::scratch_len`](crate::clip::gemm_bf16::BView::scratch_len)`(k, n) / 16` lines.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub unsafe fn fill_columns(rows: &[f32], rs: usize, k: usize, n: usize, lines: &mut [Line]) {
         let kp = k.div_ceil(32) * 32;
@@ -492,11 +492,11 @@ mod vector {
         out
     }
 
-    /// As [`super::fill_rows`].
+    /// As [`fill_rows`](crate::clip::gemm_bf16::fill_rows).
     ///
     /// # Safety
     /// AVX-512 F/BW/BF16; `rows[t · rs .. t · rs + n]` in bounds for `t < k`; `lines` holds
-    /// [`super::BView::scratch_len`]`(k, n) / 16` lines.
+    /// [`BView::scratch_len`](crate::clip::gemm_bf16::BView::scratch_len)`(k, n) / 16` lines.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub unsafe fn fill_rows(rows: &[f32], rs: usize, k: usize, n: usize, lines: &mut [Line]) {
         let kp = k.div_ceil(32) * 32;

@@ -1,4 +1,4 @@
-//! One (image, head) of the fused attention ([`super::kernels::attention_into`]): where its q,
+//! One (image, head) of the fused attention (`kernels::attention_into`): where its q,
 //! k, v and output lie ([`HeadJob`]), and the head fused on a bf16 unit ([`bf16_fused`]).
 //!
 //! Why a fused head: the blocked form (`S` for 256 queries stored as f32 through a GEMM

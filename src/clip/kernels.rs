@@ -13,6 +13,10 @@
 //! columns with the queries in vector lanes; `Oᵀ = Vᵀ Pᵀ` is written transposed into the merged
 //! output with `1 / Σ` (and a head weight) as a column scale. No copy of the probabilities.
 //!
+//! On a bf16 unit, heads of 33-64 features (ViT-B and ViT-L) run fused ([`super::head`]): 32
+//! queries at a time, the scores in tiles, the softmax written straight into the bf16 tiles of
+//! `P v`; other head sizes take the blocked form below (`head_bf16`).
+//!
 //! These paths have no backward: layers use them only when no learnable tensor is upstream
 //! (`!track_op()`), on the CPU, in f32. Results equal the plain composition up to float
 //! reassociation and the `exp` below (within 2 ulp of libm's); tests bound the difference.
