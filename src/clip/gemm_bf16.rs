@@ -288,30 +288,47 @@ pub(crate) fn pack_columns<'a>(
     n: usize,
     buf: &'a mut [f32],
 ) -> BView<'a> {
-    let (kp, np) = (k.div_ceil(32) * 32, n.div_ceil(32) * 32);
-    let lines = as_lines(&mut buf[..BView::scratch_len(k, n)]);
     assert!(
         n == 0 || (n - 1) * rs + k <= rows.len(),
         "pack_columns: {n} rows of {k}"
     );
+    pack_view(rows, rs, k, n, buf, true)
+}
+
+/// [`pack_columns`] (`columns`) or [`pack_rows`] into `buf`, on AVX-512 where the CPU has it.
+fn pack_view<'a>(
+    rows: &[f32],
+    rs: usize,
+    k: usize,
+    n: usize,
+    buf: &'a mut [f32],
+    columns: bool,
+) -> BView<'a> {
+    let lines = as_lines(&mut buf[..BView::scratch_len(k, n)]);
+    let fill = match columns {
+        true => fill_columns,
+        false => fill_rows,
+    };
     #[cfg(target_arch = "x86_64")]
-    if packing_simd() {
-        // SAFETY: the features were detected; the rows lie inside `rows` (asserted above).
-        unsafe { vector::fill_columns(rows, rs, k, n, lines) };
-        return BView {
-            k,
-            n,
-            kp,
-            np,
-            lines,
-        };
-    }
-    fill_columns(rows, rs, k, n, lines);
+    let fill = if packing_simd() {
+        // SAFETY: the features were detected; the callers checked the rows' bounds.
+        match columns {
+            true => |r: &[f32], rs, k, n, l: &mut [Line]| unsafe {
+                vector::fill_columns(r, rs, k, n, l)
+            },
+            false => {
+                |r: &[f32], rs, k, n, l: &mut [Line]| unsafe { vector::fill_rows(r, rs, k, n, l) }
+            }
+        }
+    } else {
+        fill
+    };
+    fill(rows, rs, k, n, lines);
     BView {
         k,
         n,
-        kp,
-        np,
+        kp: k.div_ceil(32) * 32,
+        np: n.div_ceil(32) * 32,
         lines,
     }
 }
@@ -344,32 +361,11 @@ pub(crate) fn pack_rows<'a>(
     n: usize,
     buf: &'a mut [f32],
 ) -> BView<'a> {
-    let (kp, np) = (k.div_ceil(32) * 32, n.div_ceil(32) * 32);
-    let lines = as_lines(&mut buf[..BView::scratch_len(k, n)]);
     assert!(
         k == 0 || (k - 1) * rs + n <= rows.len(),
         "pack_rows: {k} rows of {n}"
     );
-    #[cfg(target_arch = "x86_64")]
-    if packing_simd() {
-        // SAFETY: the features were detected; the rows lie inside `rows` (asserted above).
-        unsafe { vector::fill_rows(rows, rs, k, n, lines) };
-        return BView {
-            k,
-            n,
-            kp,
-            np,
-            lines,
-        };
-    }
-    fill_rows(rows, rs, k, n, lines);
-    BView {
-        k,
-        n,
-        kp,
-        np,
-        lines,
-    }
+    pack_view(rows, rs, k, n, buf, false)
 }
 
 /// [`pack_rows`]'s lines, one element at a time.
