@@ -706,11 +706,7 @@ pub(crate) fn gemm_view(
     epi: &Epi,
     parallel: bool,
 ) {
-    assert!(
-        available().contains(&kernel),
-        "bf16 kernel {} is not available on this CPU",
-        kernel.name()
-    );
+    assert_available(kernel);
     let (k, n) = (b.k, b.n);
     a.check(m, k, "bf16 gemm lhs");
     epi.check(m, n);
@@ -731,6 +727,16 @@ pub(crate) fn gemm_view(
         // SAFETY: `dst` holds the valid `m × n` result with stride `ld` (checked above).
         unsafe { run_tasks(kernel, m, &pa, &b, dst, epi, parallel) }
     })
+}
+
+/// Panics unless `kernel` runs on this CPU (a programming error: callers pick from
+/// [`available`]).
+fn assert_available(kernel: Kernel) {
+    assert!(
+        available().contains(&kernel),
+        "bf16 kernel {} is not available on this CPU",
+        kernel.name()
+    );
 }
 
 /// Where the tasks put `C`.
@@ -828,11 +834,7 @@ pub fn gemm_to_packed(
     out: &mut PackedRows,
     parallel: bool,
 ) {
-    assert!(
-        available().contains(&kernel),
-        "bf16 kernel {} is not available",
-        kernel.name()
-    );
+    assert_available(kernel);
     assert!(
         !epi.accumulate && !epi.transposed,
         "gemm_to_packed: a plain epilogue"
@@ -871,11 +873,7 @@ pub fn gemm_packed(
     epi: &Epi,
     parallel: bool,
 ) {
-    assert!(
-        available().contains(&kernel),
-        "bf16 kernel {} is not available",
-        kernel.name()
-    );
+    assert_available(kernel);
     let (m, b) = (a.m, b.view());
     assert_eq!(a.k, b.k, "gemm_packed: A is {} wide, B {} deep", a.k, b.k);
     epi.check(m, b.n);
@@ -989,11 +987,17 @@ unsafe fn task_blocks(
     if steps == 0 {
         acc.iter_mut().for_each(|b| b.0.fill(0.0));
     }
+    let t = TaskBlocks {
+        acc,
+        bi,
+        bj,
+        rows,
+        cols,
+        valid,
+    };
     match dst {
-        Dst::F32 { c, ld } => store_blocks(acc, bi, bj, rows, cols, valid, c.0, ld, epi),
-        Dst::Packed { lines, steps } => {
-            store_packed(acc, bi, bj, rows, cols, valid, lines.0, steps, epi)
-        }
+        Dst::F32 { c, ld } => store_blocks(t, c.0, ld, epi),
+        Dst::Packed { lines, steps } => store_packed(t, lines.0, steps, epi),
     }
 }
 
@@ -1056,35 +1060,35 @@ pub(crate) unsafe fn block32(
     }
 }
 
-/// The epilogue of a task's blocks, compiled for AVX-512 where the CPU has it.
-///
-/// # Safety
-/// As [`task`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn store_blocks(
-    acc: &[Block],
+/// A task's accumulated 32 × 32 blocks (`bi` × `bj` of them, row-major) and where they lie:
+/// rows `rows` and columns `cols` of `C`, of which `valid = (m, n)` is the result.
+#[derive(Clone, Copy)]
+struct TaskBlocks<'a> {
+    acc: &'a [Block],
     bi: usize,
     bj: usize,
     rows: (usize, usize),
     cols: (usize, usize),
     valid: (usize, usize),
-    c: *mut f32,
-    ldc: usize,
-    epi: &Epi,
-) {
+}
+
+/// The epilogue of a task's blocks, compiled for AVX-512 where the CPU has it.
+///
+/// # Safety
+/// As [`task`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn store_blocks(t: TaskBlocks, c: *mut f32, ldc: usize, epi: &Epi) {
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn generic(
-        acc: &[Block],
-        bi: usize,
-        bj: usize,
-        rows: (usize, usize),
-        cols: (usize, usize),
-        valid: (usize, usize),
-        c: *mut f32,
-        ldc: usize,
-        epi: &Epi,
-    ) {
+    unsafe fn generic(t: TaskBlocks, c: *mut f32, ldc: usize, epi: &Epi) {
+        let TaskBlocks {
+            acc,
+            bi,
+            bj,
+            rows,
+            cols,
+            valid,
+        } = t;
         for i in 0..bi {
             let i0 = rows.0 + 32 * i;
             for j in 0..bj {
@@ -1103,24 +1107,14 @@ unsafe fn store_blocks(
     {
         #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma,avx2")]
         #[allow(clippy::too_many_arguments)]
-        unsafe fn avx512(
-            acc: &[Block],
-            bi: usize,
-            bj: usize,
-            rows: (usize, usize),
-            cols: (usize, usize),
-            valid: (usize, usize),
-            c: *mut f32,
-            ldc: usize,
-            epi: &Epi,
-        ) {
-            generic(acc, bi, bj, rows, cols, valid, c, ldc, epi)
+        unsafe fn avx512(t: TaskBlocks, c: *mut f32, ldc: usize, epi: &Epi) {
+            generic(t, c, ldc, epi)
         }
         if simd() == Simd::Avx512 {
-            return avx512(acc, bi, bj, rows, cols, valid, c, ldc, epi);
+            return avx512(t, c, ldc, epi);
         }
     }
-    generic(acc, bi, bj, rows, cols, valid, c, ldc, epi)
+    generic(t, c, ldc, epi)
 }
 
 /// The epilogue of a task's blocks into packed bf16 rows ([`Dst::Packed`]): row `i`'s 32
@@ -1130,31 +1124,24 @@ unsafe fn store_blocks(
 /// # Safety
 /// As [`task`]; `lines` holds the row groups of `rows` for `steps` k-steps.
 #[allow(clippy::too_many_arguments)]
-unsafe fn store_packed(
-    acc: &[Block],
-    bi: usize,
-    bj: usize,
-    rows: (usize, usize),
-    cols: (usize, usize),
-    valid: (usize, usize),
-    lines: *mut Line,
-    steps: usize,
-    epi: &Epi,
-) {
+unsafe fn store_packed(t: TaskBlocks, lines: *mut Line, steps: usize, epi: &Epi) {
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     unsafe fn generic(
-        acc: &[Block],
-        bi: usize,
-        bj: usize,
-        rows: (usize, usize),
-        cols: (usize, usize),
-        valid: (usize, usize),
+        t: TaskBlocks,
         lines: *mut Line,
         steps: usize,
         epi: &Epi,
         convert: impl Fn(&[f32; 32], &mut Line),
     ) {
+        let TaskBlocks {
+            acc,
+            bi,
+            bj,
+            rows,
+            cols,
+            valid,
+        } = t;
         for j in 0..bj {
             let j0 = cols.0 + 32 * j;
             let cj = 32.min(valid.1.saturating_sub(j0));
@@ -1179,17 +1166,7 @@ unsafe fn store_packed(
     {
         #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma,avx2")]
         #[allow(clippy::too_many_arguments)]
-        unsafe fn bf16(
-            acc: &[Block],
-            bi: usize,
-            bj: usize,
-            rows: (usize, usize),
-            cols: (usize, usize),
-            valid: (usize, usize),
-            lines: *mut Line,
-            steps: usize,
-            epi: &Epi,
-        ) {
+        unsafe fn bf16(t: TaskBlocks, lines: *mut Line, steps: usize, epi: &Epi) {
             use std::arch::x86_64::*;
             // `vcvtne2ps2bf16` rounds as `to_bf16_bits` (as packing the f32 values did).
             let convert = |v: &[f32; 32], line: &mut Line| {
@@ -1198,10 +1175,10 @@ unsafe fn store_packed(
                 let bits: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
                 _mm512_store_si512(line.0.as_mut_ptr() as *mut _, bits);
             };
-            generic(acc, bi, bj, rows, cols, valid, lines, steps, epi, convert)
+            generic(t, lines, steps, epi, convert)
         }
         if packing_simd() && simd() == Simd::Avx512 {
-            return bf16(acc, bi, bj, rows, cols, valid, lines, steps, epi);
+            return bf16(t, lines, steps, epi);
         }
     }
     let scalar = |v: &[f32; 32], line: &mut Line| {
@@ -1209,7 +1186,7 @@ unsafe fn store_packed(
             *d = to_bf16_bits(x);
         }
     };
-    generic(acc, bi, bj, rows, cols, valid, lines, steps, epi, scalar)
+    generic(t, lines, steps, epi, scalar)
 }
 
 /// A 32 × 32 f32 block of `C`, row-major.
