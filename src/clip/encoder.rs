@@ -243,6 +243,8 @@ struct Workspace {
     attn: Vec<f32>,
     attn_vv: Vec<f32>,
     hidden: Vec<f32>,
+    /// The MLP's hidden layer on a bf16 unit.
+    hidden_bf16: kernels::PackedRows,
 }
 
 thread_local! {
@@ -316,11 +318,15 @@ impl ResidualBlock {
         let stats = &mut ws.stats[..m];
         self.layer_norm2.stats(x, d, stats);
         let width = self.mlp.fc2_width();
-        let hidden = grow(&mut ws.hidden, m * width);
         let a = self.layer_norm2.source(x, d, stats);
-        self.mlp
-            .fc1
-            .gemm_into(m, a, hidden, width, self.mlp.act(), false, false)?;
+        let (fc1, fc2) = (&self.mlp.fc1, &self.mlp.fc2);
+        if fc1.bf16_unit().is_some() && fc1.bf16_unit() == fc2.bf16_unit() {
+            // On a bf16 unit the hidden layer goes from fc1 to fc2 as packed bf16 rows.
+            fc1.gemm_to_packed(m, a, self.mlp.act(), &mut ws.hidden_bf16)?;
+            return Ok(fc2.gemm_from_packed(&ws.hidden_bf16, &mut x[..m * d], d, true)?);
+        }
+        let hidden = grow(&mut ws.hidden, m * width);
+        fc1.gemm_into(m, a, hidden, width, self.mlp.act(), false, false)?;
         let a = kernels::ASrc::View(kernels::MatRef {
             data: hidden,
             rs: width,

@@ -129,9 +129,9 @@ pub fn selected() -> Option<Kernel> {
 /// One cache line of bf16 values (stored as their bits).
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Line([u16; 32]);
+pub(crate) struct Line(pub(crate) [u16; 32]);
 
-const ZERO_LINE: Line = Line([0; 32]);
+pub(crate) const ZERO_LINE: Line = Line([0; 32]);
 
 /// The bf16 bits of `x`, rounded to nearest with ties to even; NaN stays NaN.
 #[inline(always)]
@@ -253,7 +253,7 @@ impl PackedB {
 /// packed per attention head into a scratch buffer.
 #[derive(Clone, Copy)]
 pub(crate) struct BView<'a> {
-    k: usize,
+    pub(crate) k: usize,
     n: usize,
     kp: usize,
     np: usize,
@@ -262,7 +262,7 @@ pub(crate) struct BView<'a> {
 
 impl BView<'_> {
     /// The lines of column block `jb` (16 columns, `kp / 2` k-pairs).
-    fn block(&self, jb: usize) -> &[Line] {
+    pub(crate) fn block(&self, jb: usize) -> &[Line] {
         &self.lines[jb * (self.kp / 2)..(jb + 1) * (self.kp / 2)]
     }
 
@@ -273,7 +273,7 @@ impl BView<'_> {
 }
 
 /// The lines of an f32 scratch buffer (64-byte aligned, a multiple of 16 f32s).
-fn as_lines(buf: &mut [f32]) -> &mut [Line] {
+pub(crate) fn as_lines(buf: &mut [f32]) -> &mut [Line] {
     assert!(buf.len().is_multiple_of(16) && (buf.as_ptr() as usize).is_multiple_of(64));
     // SAFETY: `Line` is 64 bytes of plain data with 64-byte alignment, checked above.
     unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut Line, buf.len() / 16) }
@@ -288,8 +288,54 @@ pub(crate) fn pack_columns<'a>(
     n: usize,
     buf: &'a mut [f32],
 ) -> BView<'a> {
-    let (kp, np) = (k.div_ceil(32) * 32, n.div_ceil(32) * 32);
+    assert!(
+        n == 0 || (n - 1) * rs + k <= rows.len(),
+        "pack_columns: {n} rows of {k}"
+    );
+    pack_view(rows, rs, k, n, buf, true)
+}
+
+/// [`pack_columns`] (`columns`) or [`pack_rows`] into `buf`, on AVX-512 where the CPU has it.
+fn pack_view<'a>(
+    rows: &[f32],
+    rs: usize,
+    k: usize,
+    n: usize,
+    buf: &'a mut [f32],
+    columns: bool,
+) -> BView<'a> {
     let lines = as_lines(&mut buf[..BView::scratch_len(k, n)]);
+    let fill = match columns {
+        true => fill_columns,
+        false => fill_rows,
+    };
+    #[cfg(target_arch = "x86_64")]
+    let fill = if packing_simd() {
+        // SAFETY: the features were detected; the callers checked the rows' bounds.
+        match columns {
+            true => |r: &[f32], rs, k, n, l: &mut [Line]| unsafe {
+                vector::fill_columns(r, rs, k, n, l)
+            },
+            false => {
+                |r: &[f32], rs, k, n, l: &mut [Line]| unsafe { vector::fill_rows(r, rs, k, n, l) }
+            }
+        }
+    } else {
+        fill
+    };
+    fill(rows, rs, k, n, lines);
+    BView {
+        k,
+        n,
+        kp: k.div_ceil(32) * 32,
+        np: n.div_ceil(32) * 32,
+        lines,
+    }
+}
+
+/// [`pack_columns`]'s lines, one element at a time.
+fn fill_columns(rows: &[f32], rs: usize, k: usize, n: usize, lines: &mut [Line]) {
+    let kp = k.div_ceil(32) * 32;
     lines.fill(ZERO_LINE);
     let mut bits = vec![0u16; kp];
     for j in 0..n {
@@ -304,13 +350,6 @@ pub(crate) fn pack_columns<'a>(
             line.0[slot + 1] = pair[1];
         }
     }
-    BView {
-        k,
-        n,
-        kp,
-        np,
-        lines,
-    }
 }
 
 /// Packs `B[k, n]` with `B(t, c) = rows[t · rs + c]` (a row-major matrix: attention's `v`),
@@ -322,8 +361,16 @@ pub(crate) fn pack_rows<'a>(
     n: usize,
     buf: &'a mut [f32],
 ) -> BView<'a> {
-    let (kp, np) = (k.div_ceil(32) * 32, n.div_ceil(32) * 32);
-    let lines = as_lines(&mut buf[..BView::scratch_len(k, n)]);
+    assert!(
+        k == 0 || (k - 1) * rs + n <= rows.len(),
+        "pack_rows: {k} rows of {n}"
+    );
+    pack_view(rows, rs, k, n, buf, false)
+}
+
+/// [`pack_rows`]'s lines, one element at a time.
+fn fill_rows(rows: &[f32], rs: usize, k: usize, n: usize, lines: &mut [Line]) {
+    let kp = k.div_ceil(32) * 32;
     lines.fill(ZERO_LINE);
     let mut r = vec![0u16; 2 * n];
     for p in 0..k.div_ceil(2) {
@@ -343,38 +390,167 @@ pub(crate) fn pack_rows<'a>(
             line[(c % 16) * 2 + 1] = r[n + c];
         }
     }
-    BView {
-        k,
-        n,
-        kp,
-        np,
-        lines,
+}
+
+/// Whether the vector packing of attention's `kᵀ` and `v` runs here (AVX-512 BW and BF16).
+#[cfg(target_arch = "x86_64")]
+fn packing_simd() -> bool {
+    static SIMD: OnceLock<bool> = OnceLock::new();
+    *SIMD.get_or_init(|| {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512bf16")
+    })
+}
+
+/// The packings of attention's `kᵀ` and `v` on AVX-512: `vcvtne2ps2bf16` rounds as
+/// [`to_bf16_bits`] does (bf16 units flush subnormals anyway), a word permutation interleaves
+/// the k-pairs of `v`, and a 16 × 16 transpose of 32-bit pairs turns rows of `k` into columns.
+#[cfg(target_arch = "x86_64")]
+mod vector {
+    use crate::clip::gemm_bf16::{Line, ZERO_LINE};
+    use std::arch::x86_64::*;
+
+    /// The lanes `< n − from` of 16 (all of them from 16 on).
+    #[inline(always)]
+    fn lanes(n: usize, from: usize) -> __mmask16 {
+        let k = n.saturating_sub(from).min(16);
+        ((1u32 << k) - 1) as __mmask16
+    }
+
+    /// The bf16 bits of 32 values at `at` in lanes `k` (0 elsewhere; only those lanes are
+    /// read): word `i` of the result is value `i`.
+    #[inline(always)]
+    unsafe fn bf16_32(at: *const f32, k: [__mmask16; 2]) -> __m512i {
+        let lo = _mm512_maskz_loadu_ps(k[0], at);
+        let hi = _mm512_maskz_loadu_ps(k[1], at.wrapping_add(16));
+        std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo))
+    }
+
+    /// As [`fill_columns`](crate::clip::gemm_bf16::fill_columns).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/BF16; `rows[j · rs .. j · rs + k]` in bounds for `j < n`; `lines` holds
+    /// [`BView::scratch_len`](crate::clip::gemm_bf16::BView::scratch_len)`(k, n) / 16` lines.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn fill_columns(rows: &[f32], rs: usize, k: usize, n: usize, lines: &mut [Line]) {
+        let kp = k.div_ceil(32) * 32;
+        let np = n.div_ceil(32) * 32;
+        assert!(lines.len() >= np / 16 * kp / 2);
+        for jb in 0..np / 16 {
+            let block = &mut lines[jb * (kp / 2)..(jb + 1) * (kp / 2)];
+            for kc in (0..kp).step_by(32) {
+                // Row j of the block: its 16 k-pairs from `kc` as 32-bit lanes.
+                let mut r = [_mm512_setzero_si512(); 16];
+                for (c, r) in r.iter_mut().enumerate() {
+                    let j = jb * 16 + c;
+                    if j < n {
+                        let k = [lanes(k, kc), lanes(k, kc + 16)];
+                        *r = bf16_32(rows.as_ptr().wrapping_add(j * rs + kc), k);
+                    }
+                }
+                let t = transpose16(r);
+                for (q, t) in t.iter().enumerate() {
+                    _mm512_store_si512(block[kc / 2 + q].0.as_mut_ptr() as *mut _, *t);
+                }
+            }
+        }
+    }
+
+    /// The 16 × 16 transpose of 32-bit lanes: row `c` of the result is lane `c` of every input.
+    #[inline(always)]
+    unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        // Lane L of u[4 i + q] holds rows 4 i .. 4 i + 4 at column 4 L + q.
+        let mut u = [_mm512_setzero_si512(); 16];
+        for i in 0..4 {
+            u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+            u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+        }
+        // Column 4 L + q is lane L of u[q], u[4 + q], u[8 + q], u[12 + q].
+        let mut out = [_mm512_setzero_si512(); 16];
+        for q in 0..4 {
+            let even_a = _mm512_shuffle_i32x4::<0x88>(u[q], u[4 + q]);
+            let even_b = _mm512_shuffle_i32x4::<0x88>(u[8 + q], u[12 + q]);
+            let odd_a = _mm512_shuffle_i32x4::<0xDD>(u[q], u[4 + q]);
+            let odd_b = _mm512_shuffle_i32x4::<0xDD>(u[8 + q], u[12 + q]);
+            out[q] = _mm512_shuffle_i32x4::<0x88>(even_a, even_b);
+            out[8 + q] = _mm512_shuffle_i32x4::<0xDD>(even_a, even_b);
+            out[4 + q] = _mm512_shuffle_i32x4::<0x88>(odd_a, odd_b);
+            out[12 + q] = _mm512_shuffle_i32x4::<0xDD>(odd_a, odd_b);
+        }
+        out
+    }
+
+    /// As [`fill_rows`](crate::clip::gemm_bf16::fill_rows).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/BF16; `rows[t · rs .. t · rs + n]` in bounds for `t < k`; `lines` holds
+    /// [`BView::scratch_len`](crate::clip::gemm_bf16::BView::scratch_len)`(k, n) / 16` lines.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn fill_rows(rows: &[f32], rs: usize, k: usize, n: usize, lines: &mut [Line]) {
+        let kp = k.div_ceil(32) * 32;
+        let np = n.div_ceil(32) * 32;
+        assert!(lines.len() >= np / 16 * kp / 2);
+        // Word 2 c + h of a line is value c of row h: words c and 16 + c of the conversion.
+        let mut idx = [0u16; 32];
+        for c in 0..16 {
+            idx[2 * c] = c as u16;
+            idx[2 * c + 1] = 16 + c as u16;
+        }
+        let idx = _mm512_loadu_si512(idx.as_ptr() as *const _);
+        for p in 0..kp / 2 {
+            let (t0, t1) = (2 * p, 2 * p + 1);
+            for jb in 0..np / 16 {
+                let line = &mut lines[jb * (kp / 2) + p];
+                if t0 >= k {
+                    *line = ZERO_LINE;
+                    continue;
+                }
+                let kc = lanes(n, 16 * jb);
+                let lo = _mm512_maskz_loadu_ps(kc, rows.as_ptr().wrapping_add(t0 * rs + 16 * jb));
+                let hi = if t1 < k {
+                    _mm512_maskz_loadu_ps(kc, rows.as_ptr().wrapping_add(t1 * rs + 16 * jb))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                let bits: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                let bits = _mm512_permutexvar_epi16(idx, bits);
+                _mm512_store_si512(line.0.as_mut_ptr() as *mut _, bits);
+            }
+        }
     }
 }
 
 /// The left operand `A[m, k]` rounded to bf16 in tiles: rows in groups of 16, each group a run
 /// of `kp / 32` AMX A tiles (16 rows × one line, contiguous), zero-padded to a multiple of 32
 /// rows. Borrowed from a per-thread scratch buffer (no allocation per product once warm).
-struct PackedA<'a> {
-    kp: usize,
-    lines: &'a [Line],
+pub(crate) struct PackedA<'a> {
+    pub(crate) kp: usize,
+    pub(crate) lines: &'a [Line],
 }
 
 impl PackedA<'_> {
     /// Lines for `m` rows.
-    fn len(m: usize, kp: usize) -> usize {
+    pub(crate) fn len(m: usize, kp: usize) -> usize {
         m.div_ceil(32) * 32 * kp / 32
     }
 
     /// The lines of row group `g` (16 rows) from k-step `s` on: tile `s + t` at `16 t`.
-    fn group(&self, g: usize, s: usize) -> &[Line] {
+    pub(crate) fn group(&self, g: usize, s: usize) -> &[Line] {
         let steps = self.kp / 32;
         &self.lines[(g * steps + s) * 16..(g + 1) * steps * 16]
     }
 }
 
 /// Packs `A` into `lines` ([`PackedA::len`] of them), rounding to bf16.
-fn pack_a(a: &ASrc, m: usize, k: usize, kp: usize, parallel: bool, lines: &mut [Line]) {
+pub(crate) fn pack_a(a: &ASrc, m: usize, k: usize, kp: usize, parallel: bool, lines: &mut [Line]) {
     let group_lines = kp / 32 * 16;
     if kp == 0 {
         return; // k = 0: an empty product, nothing to pack.
@@ -530,11 +706,7 @@ pub(crate) fn gemm_view(
     epi: &Epi,
     parallel: bool,
 ) {
-    assert!(
-        available().contains(&kernel),
-        "bf16 kernel {} is not available on this CPU",
-        kernel.name()
-    );
+    assert_available(kernel);
     let (k, n) = (b.k, b.n);
     a.check(m, k, "bf16 gemm lhs");
     epi.check(m, n);
@@ -548,26 +720,194 @@ pub(crate) fn gemm_view(
         let lines: &mut [Line] = &mut as_lines(buf)[..lines];
         pack_a(&a, m, k, b.kp, parallel, lines);
         let pa = PackedA { kp: b.kp, lines };
-        let out = SendPtr(dst.as_mut_ptr());
-        let task_rows = m.div_ceil(32) * 32;
-        let tasks_m = task_rows.div_ceil(TASK_ROWS);
-        let tasks_n = b.np.div_ceil(TASK_COLS);
-        let run = |t: usize| {
-            let (ti, tj) = (t / tasks_n, t % tasks_n);
-            let rows = (ti * TASK_ROWS, ((ti + 1) * TASK_ROWS).min(task_rows));
-            let cols = (tj * TASK_COLS, ((tj + 1) * TASK_COLS).min(b.np));
-            let out = out;
-            // SAFETY: the task's block of `dst`, rows `rows` ∩ [0, m) and columns `cols` ∩
-            // [0, n), is disjoint from every other task's and inside `dst` (checked above);
-            // `kernel` is available.
-            unsafe { task(kernel, &pa, &b, rows, cols, (m, n), out.0, ld, epi) }
+        let dst = Dst::F32 {
+            c: SendPtr(dst.as_mut_ptr()),
+            ld,
         };
-        if parallel {
-            (0..tasks_m * tasks_n).into_par_iter().for_each(run);
-        } else {
-            (0..tasks_m * tasks_n).for_each(run);
-        }
+        // SAFETY: `dst` holds the valid `m × n` result with stride `ld` (checked above).
+        unsafe { run_tasks(kernel, m, &pa, &b, dst, epi, parallel) }
     })
+}
+
+/// Panics unless `kernel` runs on this CPU (a programming error: callers pick from
+/// [`available`]).
+fn assert_available(kernel: Kernel) {
+    assert!(
+        available().contains(&kernel),
+        "bf16 kernel {} is not available on this CPU",
+        kernel.name()
+    );
+}
+
+/// Where the tasks put `C`.
+#[derive(Clone, Copy)]
+enum Dst {
+    /// Row-major f32 through the epilogue, row stride `ld`.
+    F32 { c: SendPtr, ld: usize },
+    /// As the next GEMM's packed, bf16 `A` ([`PackedRows`]): `steps` k-steps of 32 per row
+    /// group; padding rows and columns written as zero.
+    Packed { lines: SendLines, steps: usize },
+}
+
+/// A raw pointer to lines that tasks write disjoint parts of.
+#[derive(Clone, Copy)]
+struct SendLines(*mut Line);
+// SAFETY: as `SendPtr`: each task writes only its own block's lines, and the buffer outlives
+// the parallel loop.
+unsafe impl Send for SendLines {}
+unsafe impl Sync for SendLines {}
+
+/// Runs every task of `C[m, n] = A · B` into `dst`.
+///
+/// # Safety
+/// `kernel` is [`available`]; `dst` holds the result (f32: the valid `m × n` part with its
+/// stride; packed: [`PackedA::len`]`(m, np)` lines) and nothing else touches it meanwhile.
+unsafe fn run_tasks(
+    kernel: Kernel,
+    m: usize,
+    pa: &PackedA,
+    b: &BView,
+    dst: Dst,
+    epi: &Epi,
+    parallel: bool,
+) {
+    let task_rows = m.div_ceil(32) * 32;
+    let tasks_m = task_rows.div_ceil(TASK_ROWS);
+    let tasks_n = b.np.div_ceil(TASK_COLS);
+    let run = |t: usize| {
+        let (ti, tj) = task_at(t, tasks_m, tasks_n, b.kp);
+        let rows = (ti * TASK_ROWS, ((ti + 1) * TASK_ROWS).min(task_rows));
+        let cols = (tj * TASK_COLS, ((tj + 1) * TASK_COLS).min(b.np));
+        let dst = dst;
+        // SAFETY: the task's block of `dst` is disjoint from every other task's and inside
+        // `dst` (the caller's contract); `kernel` is available.
+        unsafe { task(kernel, pa, b, rows, cols, (m, b.n), dst, epi) }
+    };
+    if parallel {
+        (0..tasks_m * tasks_n).into_par_iter().for_each(run);
+    } else {
+        (0..tasks_m * tasks_n).for_each(run);
+    }
+}
+
+/// Activations `A[m, k]` in bf16, packed as a GEMM reads its left operand, written by the
+/// previous GEMM's epilogue ([`gemm_to_packed`]) and read by the next ([`gemm_packed`]): the
+/// MLP's hidden layer (fc1 → fc2) without its f32 copy (22 MB at ViT-L/14@518) or a packing
+/// pass. Rounded as packing the f32 values would round them, so results are unchanged.
+#[derive(Default)]
+pub struct PackedRows {
+    m: usize,
+    k: usize,
+    kp: usize,
+    lines: Vec<Line>,
+}
+
+impl PackedRows {
+    /// Rows and columns held.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.m, self.k)
+    }
+
+    /// Room for `m × k` (the buffer grows, never shrinks: it is reused per block).
+    fn reset(&mut self, m: usize, k: usize) {
+        self.kp = k.div_ceil(32) * 32;
+        let len = PackedA::len(m, self.kp);
+        if self.lines.len() < len {
+            self.lines.resize(len, ZERO_LINE);
+        }
+        (self.m, self.k) = (m, k);
+    }
+}
+
+/// `out ⟵ epi(A[m, k] · B)` as bf16 in the layout of the next GEMM's left operand: the
+/// epilogue's values (bias, activation) rounded to bf16 in place of f32 stores. `epi` must not
+/// accumulate or transpose (there is nothing to add to, and the layout is fixed).
+///
+/// # Panics
+/// As [`gemm_epi`], and on an accumulating or transposed `epi`.
+pub fn gemm_to_packed(
+    kernel: Kernel,
+    m: usize,
+    a: ASrc,
+    b: &PackedB,
+    epi: &Epi,
+    out: &mut PackedRows,
+    parallel: bool,
+) {
+    assert_available(kernel);
+    assert!(
+        !epi.accumulate && !epi.transposed,
+        "gemm_to_packed: a plain epilogue"
+    );
+    let b = b.view();
+    a.check(m, b.k, "bf16 gemm lhs");
+    epi.check(m, b.n);
+    out.reset(m, b.n);
+    if m == 0 {
+        return;
+    }
+    let lines = PackedA::len(m, b.kp);
+    with_scratch(lines * 16, |buf| {
+        let lines: &mut [Line] = &mut as_lines(buf)[..lines];
+        pack_a(&a, m, b.k, b.kp, parallel, lines);
+        let pa = PackedA { kp: b.kp, lines };
+        let dst = Dst::Packed {
+            lines: SendLines(out.lines.as_mut_ptr()),
+            steps: out.kp / 32,
+        };
+        // SAFETY: `out` holds `PackedA::len(m, np)` lines (`reset`: its `kp` is `b.np`).
+        unsafe { run_tasks(kernel, m, &pa, &b, dst, epi, parallel) }
+    })
+}
+
+/// [`gemm_epi`] with `A` given packed ([`gemm_to_packed`]'s output).
+///
+/// # Panics
+/// As [`gemm_epi`], and if `a`'s width is not `b`'s depth.
+pub fn gemm_packed(
+    kernel: Kernel,
+    a: &PackedRows,
+    b: &PackedB,
+    dst: &mut [f32],
+    ld: usize,
+    epi: &Epi,
+    parallel: bool,
+) {
+    assert_available(kernel);
+    let (m, b) = (a.m, b.view());
+    assert_eq!(a.k, b.k, "gemm_packed: A is {} wide, B {} deep", a.k, b.k);
+    epi.check(m, b.n);
+    epi.check_dst(m, b.n, ld, dst.len());
+    if m == 0 || b.n == 0 {
+        return;
+    }
+    let pa = PackedA {
+        kp: a.kp,
+        lines: &a.lines[..PackedA::len(m, a.kp)],
+    };
+    let dst = Dst::F32 {
+        c: SendPtr(dst.as_mut_ptr()),
+        ld,
+    };
+    // SAFETY: `dst` holds the valid `m × n` result with stride `ld` (checked above).
+    unsafe { run_tasks(kernel, m, &pa, &b, dst, epi, parallel) }
+}
+
+/// The tasks run in groups of columns whose packed B takes at most this many bytes (512
+/// columns of a 1024-deep weight, 128 of a 4096-deep one), each group's B staying in L2 while
+/// every row block of A passes over it, each A row block reused by the group's tasks. Row by
+/// row over all the columns instead, the whole of B (8 MB for ViT-L's MLP) streamed from L3
+/// once per 64 rows. Best of interleaved runs on the 2-core Xeon (AMX), 1370 × 1024 @ 1024 ×
+/// 4096: ~700 GFLOP/s row by row, ~1,400 grouped.
+const GROUP_BYTES: usize = 1 << 20;
+
+/// Task `t`'s (row block, column block) in the grouped order above, for B `kp` deep.
+fn task_at(t: usize, tasks_m: usize, tasks_n: usize, kp: usize) -> (usize, usize) {
+    let g = (GROUP_BYTES / (2 * kp * TASK_COLS).max(1)).clamp(1, tasks_n);
+    let group = t / (tasks_m * g);
+    let width = g.min(tasks_n - group * g);
+    let within = t - group * tasks_m * g;
+    (within / width, group * g + within % width)
 }
 
 /// k-steps (of 32) per pass over a task's blocks; the accumulators go back to the task's buffer
@@ -577,11 +917,12 @@ pub(crate) fn gemm_view(
 const KC_STEPS: usize = 32;
 
 /// One task: every 32 × 32 block of `C` in `rows` × `cols` (multiples of 32, at most
-/// `TASK_ROWS` × `TASK_COLS`), written where it lies inside `valid = (m, n)`.
+/// `TASK_ROWS` × `TASK_COLS`), written where it lies inside `valid = (m, n)` (or, packed,
+/// every block with its padding zeroed).
 ///
 /// # Safety
-/// `kernel` is [`available`]; `c` with stride `ldc` holds the valid part of the block, and
-/// no other thread touches that part while the task runs.
+/// `kernel` is [`available`]; `dst` holds the task's part of the result, and no other thread
+/// touches that part while the task runs.
 #[allow(clippy::too_many_arguments)]
 unsafe fn task(
     kernel: Kernel,
@@ -590,8 +931,7 @@ unsafe fn task(
     rows: (usize, usize),
     cols: (usize, usize),
     valid: (usize, usize),
-    c: *mut f32,
-    ldc: usize,
+    dst: Dst,
     epi: &Epi,
 ) {
     const MAX_BLOCKS: usize = (TASK_ROWS / 32) * (TASK_COLS / 32);
@@ -601,7 +941,7 @@ unsafe fn task(
         // SAFETY: `Block` is 1024 plain f32s, 64-byte aligned like the scratch buffer.
         let acc =
             unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut Block, MAX_BLOCKS) };
-        task_blocks(kernel, a, b, rows, cols, valid, c, ldc, epi, acc)
+        task_blocks(kernel, a, b, rows, cols, valid, dst, epi, acc)
     })
 }
 
@@ -617,17 +957,13 @@ unsafe fn task_blocks(
     rows: (usize, usize),
     cols: (usize, usize),
     valid: (usize, usize),
-    c: *mut f32,
-    ldc: usize,
+    dst: Dst,
     epi: &Epi,
     acc: &mut [Block],
 ) {
     let (bi, bj) = ((rows.1 - rows.0) / 32, (cols.1 - cols.0) / 32);
     let steps = a.kp / 32;
-    #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Amx {
-        amx::load_config();
-    }
+    tiles_on(kernel);
     for s0 in (0..steps).step_by(KC_STEPS) {
         let pass = KC_STEPS.min(steps - s0);
         for j in 0..bj {
@@ -636,38 +972,104 @@ unsafe fn task_blocks(
             for i in 0..bi {
                 let g = (rows.0 + 32 * i) / 16;
                 let (a0, a1) = (a.group(g, s0), a.group(g + 1, s0));
-                let block = &mut acc[i * bj + j];
-                match kernel {
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Amx => amx::block(a0, a1, b0, b1, pass, block, s0 > 0),
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx512Bf16 => {
-                        for r in 0..4 {
-                            let group = if r < 2 { a0 } else { a1 };
-                            avx512::block(
-                                &group[(r % 2) * 8..],
-                                b0,
-                                b1,
-                                pass,
-                                &mut block.0[r * 8 * 32..(r + 1) * 8 * 32],
-                                s0 > 0,
-                            )
-                        }
-                    }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    _ => unreachable!("no bf16 kernels off x86-64"),
-                }
+                block32(
+                    kernel,
+                    (a0, a1),
+                    (b0, b1),
+                    pass,
+                    &mut acc[i * bj + j],
+                    s0 > 0,
+                );
             }
         }
     }
+    tiles_off(kernel);
+    if steps == 0 {
+        acc.iter_mut().for_each(|b| b.0.fill(0.0));
+    }
+    let t = TaskBlocks {
+        acc,
+        bi,
+        bj,
+        rows,
+        cols,
+        valid,
+    };
+    match dst {
+        Dst::F32 { c, ld } => store_blocks(t, c.0, ld, epi),
+        Dst::Packed { lines, steps } => store_packed(t, lines.0, steps, epi),
+    }
+}
+
+/// Prepares this thread for [`block32`] on `kernel` (the AMX tile configuration).
+///
+/// # Safety
+/// `kernel` is [`available`].
+pub(crate) unsafe fn tiles_on(kernel: Kernel) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Amx {
+        amx::load_config();
+    }
+}
+
+/// Ends a run of [`block32`] calls (releases the AMX tile state).
+///
+/// # Safety
+/// As [`tiles_on`].
+pub(crate) unsafe fn tiles_off(kernel: Kernel) {
     #[cfg(target_arch = "x86_64")]
     if kernel == Kernel::Amx {
         amx::release();
     }
-    if steps == 0 {
-        acc.iter_mut().for_each(|b| b.0.fill(0.0));
+}
+
+/// `out (+)= A[32, 32 steps] · B[32 steps, 32]` on `kernel`: `a` the tiles of two 16-row groups
+/// (one per k-step, 16 lines each, as [`PackedA::group`]), `b` two 16-column blocks of a packed
+/// `B` from the same k-step on; `accumulate` starts from `out` instead of zero.
+///
+/// # Safety
+/// [`tiles_on`] ran on this thread for `kernel`; the slices hold `steps` tiles each.
+#[inline]
+pub(crate) unsafe fn block32(
+    kernel: Kernel,
+    (a0, a1): (&[Line], &[Line]),
+    (b0, b1): (&[Line], &[Line]),
+    steps: usize,
+    out: &mut Block,
+    accumulate: bool,
+) {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Amx => amx::block(a0, a1, b0, b1, steps, out, accumulate),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512Bf16 => {
+            for r in 0..4 {
+                let group = if r < 2 { a0 } else { a1 };
+                avx512::block(
+                    &group[(r % 2) * 8..],
+                    b0,
+                    b1,
+                    steps,
+                    &mut out.0[r * 8 * 32..(r + 1) * 8 * 32],
+                    accumulate,
+                )
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("no bf16 kernels off x86-64"),
     }
-    store_blocks(acc, bi, bj, rows, cols, valid, c, ldc, epi);
+}
+
+/// A task's accumulated 32 × 32 blocks (`bi` × `bj` of them, row-major) and where they lie:
+/// rows `rows` and columns `cols` of `C`, of which `valid = (m, n)` is the result.
+#[derive(Clone, Copy)]
+struct TaskBlocks<'a> {
+    acc: &'a [Block],
+    bi: usize,
+    bj: usize,
+    rows: (usize, usize),
+    cols: (usize, usize),
+    valid: (usize, usize),
 }
 
 /// The epilogue of a task's blocks, compiled for AVX-512 where the CPU has it.
@@ -675,30 +1077,18 @@ unsafe fn task_blocks(
 /// # Safety
 /// As [`task`].
 #[allow(clippy::too_many_arguments)]
-unsafe fn store_blocks(
-    acc: &[Block],
-    bi: usize,
-    bj: usize,
-    rows: (usize, usize),
-    cols: (usize, usize),
-    valid: (usize, usize),
-    c: *mut f32,
-    ldc: usize,
-    epi: &Epi,
-) {
+unsafe fn store_blocks(t: TaskBlocks, c: *mut f32, ldc: usize, epi: &Epi) {
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn generic(
-        acc: &[Block],
-        bi: usize,
-        bj: usize,
-        rows: (usize, usize),
-        cols: (usize, usize),
-        valid: (usize, usize),
-        c: *mut f32,
-        ldc: usize,
-        epi: &Epi,
-    ) {
+    unsafe fn generic(t: TaskBlocks, c: *mut f32, ldc: usize, epi: &Epi) {
+        let TaskBlocks {
+            acc,
+            bi,
+            bj,
+            rows,
+            cols,
+            valid,
+        } = t;
         for i in 0..bi {
             let i0 = rows.0 + 32 * i;
             for j in 0..bj {
@@ -717,29 +1107,91 @@ unsafe fn store_blocks(
     {
         #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma,avx2")]
         #[allow(clippy::too_many_arguments)]
-        unsafe fn avx512(
-            acc: &[Block],
-            bi: usize,
-            bj: usize,
-            rows: (usize, usize),
-            cols: (usize, usize),
-            valid: (usize, usize),
-            c: *mut f32,
-            ldc: usize,
-            epi: &Epi,
-        ) {
-            generic(acc, bi, bj, rows, cols, valid, c, ldc, epi)
+        unsafe fn avx512(t: TaskBlocks, c: *mut f32, ldc: usize, epi: &Epi) {
+            generic(t, c, ldc, epi)
         }
         if simd() == Simd::Avx512 {
-            return avx512(acc, bi, bj, rows, cols, valid, c, ldc, epi);
+            return avx512(t, c, ldc, epi);
         }
     }
-    generic(acc, bi, bj, rows, cols, valid, c, ldc, epi)
+    generic(t, c, ldc, epi)
+}
+
+/// The epilogue of a task's blocks into packed bf16 rows ([`Dst::Packed`]): row `i`'s 32
+/// columns from `j0` are one line, of tile `(i / 16, j0 / 32)`; rows past `m` and columns past
+/// `n` are zero (the next GEMM's padding).
+///
+/// # Safety
+/// As [`task`]; `lines` holds the row groups of `rows` for `steps` k-steps.
+#[allow(clippy::too_many_arguments)]
+unsafe fn store_packed(t: TaskBlocks, lines: *mut Line, steps: usize, epi: &Epi) {
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn generic(
+        t: TaskBlocks,
+        lines: *mut Line,
+        steps: usize,
+        epi: &Epi,
+        convert: impl Fn(&[f32; 32], &mut Line),
+    ) {
+        let TaskBlocks {
+            acc,
+            bi,
+            bj,
+            rows,
+            cols,
+            valid,
+        } = t;
+        for j in 0..bj {
+            let j0 = cols.0 + 32 * j;
+            let cj = 32.min(valid.1.saturating_sub(j0));
+            let (bias, col_scale) = epi.col_lanes::<32>(j0, cj);
+            for i in 0..bi {
+                let block = &acc[i * bj + j].0;
+                for r in 0..32 {
+                    let row = rows.0 + 32 * i + r;
+                    let line = &mut *lines.add(((row / 16) * steps + j0 / 32) * 16 + row % 16);
+                    if row >= valid.0 || cj == 0 {
+                        *line = ZERO_LINE;
+                        continue;
+                    }
+                    let mut v = epi.row_values::<32>(&block[r * 32..], row, cj, &bias, &col_scale);
+                    v[cj..].fill(0.0);
+                    convert(&v, line);
+                }
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma,avx2")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn bf16(t: TaskBlocks, lines: *mut Line, steps: usize, epi: &Epi) {
+            use std::arch::x86_64::*;
+            // `vcvtne2ps2bf16` rounds as `to_bf16_bits` (as packing the f32 values did).
+            let convert = |v: &[f32; 32], line: &mut Line| {
+                let lo = _mm512_loadu_ps(v.as_ptr());
+                let hi = _mm512_loadu_ps(v.as_ptr().add(16));
+                let bits: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_store_si512(line.0.as_mut_ptr() as *mut _, bits);
+            };
+            generic(t, lines, steps, epi, convert)
+        }
+        if packing_simd() && simd() == Simd::Avx512 {
+            return bf16(t, lines, steps, epi);
+        }
+    }
+    let scalar = |v: &[f32; 32], line: &mut Line| {
+        for (d, &x) in line.0.iter_mut().zip(v) {
+            *d = to_bf16_bits(x);
+        }
+    };
+    generic(t, lines, steps, epi, scalar)
 }
 
 /// A 32 × 32 f32 block of `C`, row-major.
 #[repr(C, align(64))]
-struct Block([f32; 32 * 32]);
+pub(crate) struct Block(pub(crate) [f32; 32 * 32]);
 
 #[cfg(target_arch = "x86_64")]
 mod amx {
@@ -1098,6 +1550,132 @@ mod tests {
     }
 
     /// Writes stay inside the valid block: a wider `ldc` keeps the columns beyond `n`.
+    /// The vector packings of attention's `kᵀ` and `v` write the same lines as the scalar
+    /// ones, over shapes around the 16-column blocks and 32-row k-steps.
+    #[test]
+    fn vector_packing_equals_scalar_packing() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !packing_simd() {
+                eprintln!("skipped: the vector packing needs AVX-512 BW and BF16");
+                return;
+            }
+            for (k, n) in [
+                (1, 1),
+                (64, 77),
+                (40, 37),
+                (33, 16),
+                (64, 100),
+                (2, 33),
+                (31, 5),
+            ] {
+                let rs = k.max(n) + 3;
+                let rows = rand((k * 100 + n) as u64, rs * k.max(n) + 8);
+                let mut a = vec![ZERO_LINE; BView::scratch_len(k, n) / 16];
+                let mut b = vec![Line([7; 32]); BView::scratch_len(k, n) / 16];
+                let same = |a: &[Line], b: &[Line]| a.iter().zip(b).all(|(x, y)| x.0 == y.0);
+                a.fill(Line([7; 32]));
+                fill_columns(&rows, rs, k, n, &mut a);
+                // SAFETY: the features were detected; the rows are inside `rows`.
+                unsafe { vector::fill_columns(&rows, rs, k, n, &mut b) };
+                assert!(same(&a, &b), "columns k {k} n {n}");
+                b.fill(Line([7; 32]));
+                fill_rows(&rows, rs, k, n, &mut a);
+                // SAFETY: as above.
+                unsafe { vector::fill_rows(&rows, rs, k, n, &mut b) };
+                assert!(same(&a, &b), "rows k {k} n {n}");
+            }
+        }
+    }
+
+    /// The grouped task order visits every (row block, column block) once, for any counts and
+    /// depths, including a last group narrower than the others.
+    #[test]
+    fn task_order_covers_every_task_once() {
+        for (tasks_m, tasks_n, kp) in [
+            (1, 1, 32),
+            (22, 32, 1024),
+            (22, 8, 4096),
+            (3, 7, 512),
+            (4, 18, 768),
+        ] {
+            let mut seen = vec![false; tasks_m * tasks_n];
+            for t in 0..tasks_m * tasks_n {
+                let (ti, tj) = task_at(t, tasks_m, tasks_n, kp);
+                assert!(
+                    ti < tasks_m && tj < tasks_n && !seen[ti * tasks_n + tj],
+                    "{t}"
+                );
+                seen[ti * tasks_n + tj] = true;
+            }
+        }
+    }
+
+    /// Two GEMMs handing over packed bf16 rows (fc1 → fc2) give the bits of the same two
+    /// GEMMs through an f32 buffer, with a bias, an activation and a residual, for shapes with
+    /// padding rows and columns; the reused buffer's stale contents do not leak in.
+    #[test]
+    fn packed_hand_over_equals_the_f32_round_trip() {
+        for &kernel in available() {
+            let mut hidden = PackedRows::default();
+            for &(m, k, h, n) in &[
+                (197usize, 64usize, 96usize, 40usize),
+                (33, 65, 70, 31),
+                (1, 3, 1, 2),
+            ] {
+                let x = rand(m as u64 + 1, m * k);
+                let (w1, w2) = (rand(2, k * h), rand(3, h * n));
+                let (b1, b2) = (rand(4, h), rand(5, n));
+                let (p1, p2) = (pack_rows(&w1, k, h), pack_rows(&w2, h, n));
+                let residual = rand(6, m * n);
+                let epi1 = Epi {
+                    bias: Some(&b1),
+                    act: crate::clip::matrix::Act::QuickGelu,
+                    ..Default::default()
+                };
+                let epi2 = Epi {
+                    bias: Some(&b2),
+                    accumulate: true,
+                    ..Default::default()
+                };
+                let mut f32_hidden = vec![0f32; m * h];
+                gemm_epi(
+                    kernel,
+                    m,
+                    ASrc::View(rows(&x, k)),
+                    &p1,
+                    &mut f32_hidden,
+                    h,
+                    &epi1,
+                    true,
+                );
+                let mut want = residual.clone();
+                let a = ASrc::View(rows(&f32_hidden, h));
+                gemm_epi(kernel, m, a, &p2, &mut want, n, &epi2, true);
+                // Stale lines from a wider product first.
+                hidden.reset(64, 256);
+                hidden.lines.fill(Line([0x7fc0; 32]));
+                gemm_to_packed(
+                    kernel,
+                    m,
+                    ASrc::View(rows(&x, k)),
+                    &p1,
+                    &epi1,
+                    &mut hidden,
+                    true,
+                );
+                assert_eq!(hidden.dims(), (m, h));
+                let mut got = residual.clone();
+                gemm_packed(kernel, &hidden, &p2, &mut got, n, &epi2, true);
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{} m {m} k {k} h {h} n {n}", kernel.name());
+            }
+        }
+    }
+
     #[test]
     fn writes_only_the_valid_block() {
         for &kernel in available() {

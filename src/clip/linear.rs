@@ -173,6 +173,65 @@ impl Linear {
         )
     }
 
+    /// The bf16 unit this layer's packed weight multiplies on, if it is packed for one.
+    pub fn bf16_unit(&self) -> Option<Kernel> {
+        match self.weight {
+            Stored::Packed(_, k) => Some(k),
+            _ => None,
+        }
+    }
+
+    /// `out ⟵ act(A Wᵀ + b)` as packed bf16 rows for the next layer ([`Self::gemm_from_packed`]),
+    /// for layers with a [`Self::bf16_unit`].
+    pub fn gemm_to_packed(
+        &self,
+        m: usize,
+        a: ASrc,
+        act: Act,
+        out: &mut kernels::PackedRows,
+    ) -> candle_core::Result<()> {
+        let Stored::Packed(w, kernel) = &self.weight else {
+            candle_core::bail!("gemm_to_packed: the weight is not packed for a bf16 unit")
+        };
+        self.with_bias(|bias| {
+            let epi = Epi {
+                bias,
+                act,
+                ..Default::default()
+            };
+            kernels::gemm_to_packed(*kernel, m, a, w, &epi, out, true)
+        })
+    }
+
+    /// `dst (+)= A Wᵀ + b` with `A` the packed rows [`Self::gemm_to_packed`] wrote.
+    pub fn gemm_from_packed(
+        &self,
+        a: &kernels::PackedRows,
+        dst: &mut [f32],
+        ld: usize,
+        accumulate: bool,
+    ) -> candle_core::Result<()> {
+        let Stored::Packed(w, kernel) = &self.weight else {
+            candle_core::bail!("gemm_from_packed: the weight is not packed for a bf16 unit")
+        };
+        self.with_bias(|bias| {
+            let epi = Epi {
+                bias,
+                accumulate,
+                ..Default::default()
+            };
+            kernels::gemm_packed(*kernel, a, w, dst, ld, &epi, true)
+        })
+    }
+
+    /// `f` with the bias as f32 values (`None` without a bias).
+    fn with_bias<R>(&self, f: impl FnOnce(Option<&[f32]>) -> R) -> candle_core::Result<R> {
+        match &self.bias {
+            Some(b) => kernels::with_f32(&b.contiguous()?, |b| f(Some(b))),
+            None => Ok(f(None)),
+        }
+    }
+
     /// `dst ⟵ act(A Wᵀ + b)` (`dst +=` with `accumulate`, rounded to bf16 with `round`) for
     /// `A: [m, in]` read from `a` (a view, or LayerNorm applied to rows), `dst` with row stride
     /// `ld`: the fused inference path, for callers that checked [`Self::fused`].
@@ -188,7 +247,7 @@ impl Linear {
         round: bool,
     ) -> candle_core::Result<()> {
         let weight = self.kernel_weight()?;
-        let mut run = |bias: Option<&[f32]>| {
+        self.with_bias(|bias| {
             let epi = Epi {
                 bias,
                 act,
@@ -197,14 +256,7 @@ impl Linear {
                 ..Default::default()
             };
             weight.gemm(m, a, dst, ld, &epi, true)
-        };
-        match &self.bias {
-            Some(b) => kernels::with_f32(&b.contiguous()?, |b| run(Some(b))),
-            None => {
-                run(None);
-                Ok(())
-            }
-        }
+        })
     }
 }
 

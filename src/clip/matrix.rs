@@ -182,6 +182,52 @@ impl Epi<'_> {
         }
     }
 
+    /// Row `i`'s values from its accumulators `acc` (the first `cols` count; the lanes past
+    /// them are computed on copies of zero): scale, `col_scale` and `bias` lanes (for the
+    /// row's columns), activation, bf16 rounding if asked.
+    #[inline(always)]
+    pub(crate) fn row_values<const N: usize>(
+        &self,
+        acc: &[f32],
+        i: usize,
+        cols: usize,
+        bias: &[f32; N],
+        col_scale: &[f32; N],
+    ) -> [f32; N] {
+        let s = self.alpha * self.row_scale.map_or(1.0, |rs| rs[i]);
+        let mut v = [0f32; N];
+        if cols == N {
+            v.copy_from_slice(&acc[..N]);
+        } else {
+            v[..cols].copy_from_slice(&acc[..cols]);
+        }
+        for c in 0..N {
+            v[c] = v[c] * s * col_scale[c] + bias[c];
+        }
+        match self.act {
+            Act::None => {}
+            Act::QuickGelu => quick_gelu_generic(&mut v),
+            Act::Gelu => gelu_generic(&mut v),
+        }
+        if self.round_bf16 {
+            round_bf16_generic(&mut v);
+        }
+        v
+    }
+
+    /// The bias and column-scale lanes of columns `j0 .. j0 + cols` (0 and 1 past them).
+    #[inline(always)]
+    pub(crate) fn col_lanes<const N: usize>(&self, j0: usize, cols: usize) -> ([f32; N], [f32; N]) {
+        let lanes = |v: Option<&[f32]>, fill: f32| -> [f32; N] {
+            let mut out = [fill; N];
+            if let Some(v) = v {
+                out[..cols].copy_from_slice(&v[j0..j0 + cols]);
+            }
+            out
+        };
+        (lanes(self.bias, 0.0), lanes(self.col_scale, 1.0))
+    }
+
     /// [`Self::store_tile`] on `N`-wide rows held in registers (a row of `tile` has at least
     /// `cols` values; the lanes past `cols` are computed on copies and not stored).
     #[inline(always)]
@@ -194,36 +240,11 @@ impl Epi<'_> {
         dst: *mut f32,
         ld: usize,
     ) {
-        let lanes = |v: Option<&[f32]>, fill: f32| -> [f32; N] {
-            let mut out = [fill; N];
-            if let Some(v) = v {
-                out[..cols].copy_from_slice(&v[j0..j0 + cols]);
-            }
-            out
-        };
-        let bias = lanes(self.bias, 0.0);
-        let col_scale = lanes(self.col_scale, 1.0);
+        let (bias, col_scale) = self.col_lanes::<N>(j0, cols);
         let full = cols == N;
         for r in 0..rows {
             let i = i0 + r;
-            let s = self.alpha * self.row_scale.map_or(1.0, |rs| rs[i]);
-            let mut v = [0f32; N];
-            if full {
-                v.copy_from_slice(&tile[r * ts..r * ts + N]);
-            } else {
-                v[..cols].copy_from_slice(&tile[r * ts..r * ts + cols]);
-            }
-            for c in 0..N {
-                v[c] = v[c] * s * col_scale[c] + bias[c];
-            }
-            match self.act {
-                Act::None => {}
-                Act::QuickGelu => quick_gelu_generic(&mut v),
-                Act::Gelu => gelu_generic(&mut v),
-            }
-            if self.round_bf16 {
-                round_bf16_generic(&mut v);
-            }
+            let v = self.row_values::<N>(&tile[r * ts..], i, cols, &bias, &col_scale);
             if self.transposed {
                 for (c, &x) in v.iter().enumerate().take(cols) {
                     let d = dst.add((j0 + c) * ld + i);

@@ -17,6 +17,7 @@ mod encoder;
 mod frozen_op;
 pub mod gemm_bf16;
 pub mod gemm_f32;
+mod head;
 pub mod hub;
 pub mod kernels;
 mod linear;
