@@ -394,7 +394,7 @@ fn fill_rows(rows: &[f32], rs: usize, k: usize, n: usize, lines: &mut [Line]) {
 
 /// Whether the vector packing of attention's `kᵀ` and `v` runs here (AVX-512 BW and BF16).
 #[cfg(target_arch = "x86_64")]
-fn packing_simd() -> bool {
+pub(crate) fn packing_simd() -> bool {
     static SIMD: OnceLock<bool> = OnceLock::new();
     *SIMD.get_or_init(|| {
         std::is_x86_feature_detected!("avx512f")
@@ -1151,7 +1151,7 @@ unsafe fn store_packed(t: TaskBlocks, lines: *mut Line, steps: usize, epi: &Epi)
                 for r in 0..32 {
                     let row = rows.0 + 32 * i + r;
                     let line = &mut *lines.add(((row / 16) * steps + j0 / 32) * 16 + row % 16);
-                    if row >= valid.0 || cj == 0 {
+                    if row >= valid.0 {
                         *line = ZERO_LINE;
                         continue;
                     }
@@ -1616,6 +1616,9 @@ mod tests {
     /// padding rows and columns; the reused buffer's stale contents do not leak in.
     #[test]
     fn packed_hand_over_equals_the_f32_round_trip() {
+        if available().is_empty() {
+            eprintln!("skipped: the packed hand-over needs a bf16 unit (AMX or AVX512-BF16)");
+        }
         for &kernel in available() {
             let mut hidden = PackedRows::default();
             for &(m, k, h, n) in &[

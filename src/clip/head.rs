@@ -59,9 +59,7 @@ pub(crate) fn fused_fits(hd: usize, kernel: Kernel) -> bool {
     {
         (33..=64).contains(&hd)
             && gemm_bf16::available().contains(&kernel)
-            && std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512bf16")
+            && gemm_bf16::packing_simd()
             && std::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]

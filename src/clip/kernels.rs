@@ -1007,7 +1007,11 @@ mod tests {
     fn fused_bf16_head_equals_the_blocked_head() {
         let (hd, heads) = (64, 2);
         let d3 = 3 * heads * hd;
-        for &kernel in crate::clip::gemm_bf16::available() {
+        let units = crate::clip::gemm_bf16::available();
+        if !units.iter().any(|&k| head::fused_fits(hd, k)) {
+            eprintln!("skipped: the fused head needs a bf16 unit and AVX512-BF16");
+        }
+        for &kernel in units {
             if !head::fused_fits(hd, kernel) {
                 continue;
             }

@@ -175,9 +175,14 @@ impl Linear {
 
     /// The bf16 unit this layer's packed weight multiplies on, if it is packed for one.
     pub fn bf16_unit(&self) -> Option<Kernel> {
-        match self.weight {
-            Stored::Packed(_, k) => Some(k),
-            _ => None,
+        self.packed_bf16().ok().map(|(_, k)| k)
+    }
+
+    /// The weight packed for a bf16 unit, and the unit.
+    fn packed_bf16(&self) -> candle_core::Result<(&PackedB, Kernel)> {
+        match &self.weight {
+            Stored::Packed(w, k) => Ok((w, *k)),
+            _ => candle_core::bail!("the weight is not packed for a bf16 unit"),
         }
     }
 
@@ -190,16 +195,14 @@ impl Linear {
         act: Act,
         out: &mut kernels::PackedRows,
     ) -> candle_core::Result<()> {
-        let Stored::Packed(w, kernel) = &self.weight else {
-            candle_core::bail!("gemm_to_packed: the weight is not packed for a bf16 unit")
-        };
+        let (w, kernel) = self.packed_bf16()?;
         self.with_bias(|bias| {
             let epi = Epi {
                 bias,
                 act,
                 ..Default::default()
             };
-            kernels::gemm_to_packed(*kernel, m, a, w, &epi, out, true)
+            kernels::gemm_to_packed(kernel, m, a, w, &epi, out, true)
         })
     }
 
@@ -211,16 +214,14 @@ impl Linear {
         ld: usize,
         accumulate: bool,
     ) -> candle_core::Result<()> {
-        let Stored::Packed(w, kernel) = &self.weight else {
-            candle_core::bail!("gemm_from_packed: the weight is not packed for a bf16 unit")
-        };
+        let (w, kernel) = self.packed_bf16()?;
         self.with_bias(|bias| {
             let epi = Epi {
                 bias,
                 accumulate,
                 ..Default::default()
             };
-            kernels::gemm_packed(*kernel, a, w, dst, ld, &epi, true)
+            kernels::gemm_packed(kernel, a, w, dst, ld, &epi, true)
         })
     }
 

@@ -425,11 +425,7 @@ impl DetectJob {
         let opts = &self.opts;
         let built = plan.build()?;
         let gemm = built.loaded.model.gemm();
-        let bank = BankOptions {
-            limits: opts.pipeline.limits,
-            batch_size: opts.pipeline.batch_size,
-            ..Default::default()
-        };
+        let bank = BankOptions::for_pipeline(&opts.pipeline);
         let (detector, _) =
             opts.reference
                 .attach(built.detector, settings, bank_file, &bank, console)?;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
-use super::pipeline::decode_for_model;
+use super::pipeline::{decode_for_model, PipelineOptions};
 use super::prelude::DetectorOptions;
 use crate::data::image::DecodeLimits;
 use crate::data::inputs::{self, Expanded, Input, WalkOptions};
@@ -256,6 +256,17 @@ pub struct BankOptions {
     pub limits: DecodeLimits,
     /// Images per model pass (0: as `zsad detect` picks).
     pub batch_size: usize,
+}
+
+impl BankOptions {
+    /// A bank built from reference images inside a detect run: its decode limits and batch.
+    pub fn for_pipeline(pipeline: &PipelineOptions) -> Self {
+        Self {
+            limits: pipeline.limits,
+            batch_size: pipeline.batch_size,
+            ..Default::default()
+        }
+    }
 }
 
 impl Default for BankOptions {

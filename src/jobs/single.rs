@@ -93,11 +93,7 @@ impl ImageDetector {
         }
         let built = plan.build()?;
         let info = describe(&built.loaded);
-        let bank = BankOptions {
-            limits: opts.pipeline.limits,
-            batch_size: opts.pipeline.batch_size,
-            ..Default::default()
-        };
+        let bank = BankOptions::for_pipeline(&opts.pipeline);
         let (detector, _) =
             opts.reference
                 .attach(built.detector, &mut settings, bank_file, &bank, console)?;
