@@ -246,3 +246,221 @@ unsafe fn softmax_row(
     }
     _mm512_reduce_add_ps(_mm512_add_ps(sums[0], sums[1]))
 }
+
+/// Queries per block of the fused f32 head: two 16-lane vectors across a row of `Sᵀ`.
+const F32_QUERIES: usize = 32;
+/// Keys per register tile of `Sᵀ` (12 × 32: 24 accumulators).
+const F32_KEYS: usize = 12;
+/// Features per register tile of `Oᵀ` (8 × 32: 16 accumulators, so 64 features are 8 tiles
+/// without padding, where 12-row panels of `Vᵀ` computed 72).
+const F32_FEATURES: usize = 8;
+/// Keys per pass of `Oᵀ = Vᵀ Pᵀ`: a 32 KB slice of `Pᵀ` stays in L1 while every feature tile
+/// reads it.
+const F32_KEY_PASS: usize = 256;
+
+/// Whether [`f32_fused`] takes a head: the AVX-512 f32 kernel, whole 8-feature tiles, no
+/// mask (the text tower's causal heads are 77 tokens and keep the blocked form) and f32
+/// probabilities (the emulated bf16 path rounds them, and keeps the blocked form).
+pub(crate) fn f32_fused_fits(hd: usize, masked: bool, round: bool) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        hd > 0
+            && hd.is_multiple_of(F32_FEATURES)
+            && !masked
+            && !round
+            && super::gemm_f32::selected() == super::gemm_f32::F32Kernel::Avx512
+            && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (hd, masked, round);
+        false
+    }
+}
+
+/// A head in f32 on AVX-512, fused per block of 32 queries (the blocked form's products and
+/// softmax, in the same order, without its 12-row padding of `Vᵀ`, its generic epilogues and
+/// its separate max pass):
+/// 1. `Sᵀ = (K Qᵀ) · scale` in 12 × 32 register tiles (keys × queries) into a `[L, 32]` buffer
+///    in L2, the column maxima kept as the tiles are stored;
+/// 2. `exp(s − max)` in place down the columns, the column sums in two vectors;
+/// 3. `Oᵀ = Vᵀ Pᵀ` in 8 × 32 tiles over passes of 256 keys, and `O = Oᵀᵀ · (w / Σ)` stored.
+///
+/// Every sum runs in the blocked form's order (`d` ascending for a score, keys ascending for
+/// the max, the denominators and `O`), and `exp16_nonpositive` is `exp_approx` bit for bit, so
+/// the result equals `kernels::head_f32`'s exactly.
+///
+/// # Safety
+/// [`f32_fused_fits`] holds for the job; `job.out` holds `lq` rows of `hd` floats, `ld` apart,
+/// that no other thread writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+pub(crate) unsafe fn f32_fused(job: &HeadJob) {
+    use super::elementwise::exp16_nonpositive;
+    use std::arch::x86_64::*;
+    debug_assert!(job.mask.is_none() && job.hd.is_multiple_of(F32_FEATURES));
+    let (l, hd, d3) = (job.l, job.hd, job.d3);
+    let (qcol, kcol, vcol) = job.cols;
+    let key_tiles = l.div_ceil(F32_KEYS);
+    let feature_tiles = hd / F32_FEATURES;
+    let k_len = key_tiles * F32_KEYS * hd; // K: [tile][d][12 keys]
+    let v_len = hd * l; // Vᵀ: [feature tile][key][8 features]
+    let q_len = hd * F32_QUERIES; // Qᵀ: [d][32 queries]
+    let p_len = l * F32_QUERIES; // Sᵀ, then Pᵀ: [key][32 queries]
+    let o_len = hd * F32_QUERIES; // Oᵀ: [feature][32 queries]
+    with_scratch(k_len + v_len + q_len + p_len + o_len, |buf| {
+        let (kp, rest) = buf.split_at_mut(k_len);
+        let (vt, rest) = rest.split_at_mut(v_len);
+        let (qt, rest) = rest.split_at_mut(q_len);
+        let (pt, ot) = rest.split_at_mut(p_len);
+        let xs = job.xs;
+        for (t, tile) in kp.chunks_exact_mut(F32_KEYS * hd).enumerate() {
+            for r in 0..F32_KEYS {
+                let key = t * F32_KEYS + r;
+                for d in 0..hd {
+                    tile[d * F32_KEYS + r] = if key < l {
+                        xs[kcol + key * d3 + d]
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+        for (f, tile) in vt.chunks_exact_mut(l * F32_FEATURES).enumerate() {
+            for (key, line) in tile.chunks_exact_mut(F32_FEATURES).enumerate() {
+                let at = vcol + key * d3 + f * F32_FEATURES;
+                line.copy_from_slice(&xs[at..at + F32_FEATURES]);
+            }
+        }
+        let scale = _mm512_set1_ps(job.scale);
+        for row0 in (0..job.lq).step_by(F32_QUERIES) {
+            let rows = F32_QUERIES.min(job.lq - row0);
+            // Qᵀ, zero past the block's queries (their scores are 0, never stored).
+            for (d, line) in qt.chunks_exact_mut(F32_QUERIES).enumerate() {
+                for (c, x) in line.iter_mut().enumerate() {
+                    *x = if c < rows {
+                        xs[qcol + (row0 + c) * d3 + d]
+                    } else {
+                        0.0
+                    };
+                }
+            }
+            // 1. Sᵀ and its column maxima.
+            let mut max = [_mm512_set1_ps(f32::NEG_INFINITY); 2];
+            for t in 0..key_tiles {
+                let keys = F32_KEYS.min(l - t * F32_KEYS);
+                let acc = s_tile(hd, kp.as_ptr().add(t * F32_KEYS * hd), qt.as_ptr());
+                for (r, acc) in acc.iter().enumerate().take(keys) {
+                    let dst = pt.as_mut_ptr().add((t * F32_KEYS + r) * F32_QUERIES);
+                    for h in 0..2 {
+                        let s = _mm512_mul_ps(acc[h], scale);
+                        _mm512_storeu_ps(dst.add(16 * h), s);
+                        // `max(s, m)` keeps `m` where `s` is NaN, as `f32::max` does.
+                        max[h] = _mm512_max_ps(s, max[h]);
+                    }
+                }
+            }
+            // 2. exp(s − max) in place, and the sums.
+            let mut sum = [_mm512_setzero_ps(); 2];
+            for line in pt.chunks_exact_mut(F32_QUERIES) {
+                for h in 0..2 {
+                    let p = line.as_mut_ptr().add(16 * h);
+                    let e = exp16_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(p), max[h]));
+                    sum[h] = _mm512_add_ps(sum[h], e);
+                    _mm512_storeu_ps(p, e);
+                }
+            }
+            let mut inv = [0f32; F32_QUERIES];
+            for h in 0..2 {
+                let s: [f32; 16] = std::mem::transmute(sum[h]);
+                for (i, s) in inv[16 * h..16 * h + 16].iter_mut().zip(s) {
+                    *i = 1.0 / s * job.weight;
+                }
+            }
+            // 3. Oᵀ = Vᵀ Pᵀ, then O scaled by w / Σ per query.
+            for k0 in (0..l).step_by(F32_KEY_PASS) {
+                let kc = F32_KEY_PASS.min(l - k0);
+                for f in 0..feature_tiles {
+                    o_tile(
+                        kc,
+                        vt.as_ptr().add(f * l * F32_FEATURES + k0 * F32_FEATURES),
+                        pt.as_ptr().add(k0 * F32_QUERIES),
+                        ot.as_mut_ptr().add(f * F32_FEATURES * F32_QUERIES),
+                        k0 > 0,
+                    );
+                }
+            }
+            for (c, &inv) in inv.iter().enumerate().take(rows) {
+                let dst = job.out.add((row0 + c) * job.ld);
+                for e in 0..hd {
+                    *dst.add(e) = ot[e * F32_QUERIES + c] * inv;
+                }
+            }
+        }
+    })
+}
+
+/// One 12 × 32 tile of `Sᵀ`: keys `K[12, hd]` (packed `[d][12]` at `k`) times `Qᵀ[hd, 32]`
+/// (at `q`), summed over `d` ascending.
+///
+/// # Safety
+/// `k` holds `12 · hd` floats and `q` `32 · hd`; AVX-512F and FMA.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn s_tile(
+    hd: usize,
+    k: *const f32,
+    q: *const f32,
+) -> [[std::arch::x86_64::__m512; 2]; F32_KEYS] {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; F32_KEYS];
+    let (mut k, mut q) = (k, q);
+    for _ in 0..hd {
+        let q0 = _mm512_loadu_ps(q);
+        let q1 = _mm512_loadu_ps(q.add(16));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let x = _mm512_set1_ps(*k.add(r));
+            acc[0] = _mm512_fmadd_ps(x, q0, acc[0]);
+            acc[1] = _mm512_fmadd_ps(x, q1, acc[1]);
+        }
+        k = k.add(F32_KEYS);
+        q = q.add(F32_QUERIES);
+    }
+    acc
+}
+
+/// One 8 × 32 tile of `Oᵀ` over `kc` keys: `Vᵀ[8, kc]` (packed `[key][8]` at `v`) times
+/// `Pᵀ[kc, 32]` (at `p`), into `o` (`[8][32]`, added to it with `load`).
+///
+/// # Safety
+/// `v` holds `8 · kc` floats, `p` `32 · kc` and `o` 256; AVX-512F and FMA.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn o_tile(kc: usize, v: *const f32, p: *const f32, o: *mut f32, load: bool) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; F32_FEATURES];
+    if load {
+        for (r, acc) in acc.iter_mut().enumerate() {
+            acc[0] = _mm512_loadu_ps(o.add(r * F32_QUERIES));
+            acc[1] = _mm512_loadu_ps(o.add(r * F32_QUERIES + 16));
+        }
+    }
+    let (mut v, mut p) = (v, p);
+    for _ in 0..kc {
+        let p0 = _mm512_loadu_ps(p);
+        let p1 = _mm512_loadu_ps(p.add(16));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let x = _mm512_set1_ps(*v.add(r));
+            acc[0] = _mm512_fmadd_ps(x, p0, acc[0]);
+            acc[1] = _mm512_fmadd_ps(x, p1, acc[1]);
+        }
+        v = v.add(F32_FEATURES);
+        p = p.add(F32_QUERIES);
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        _mm512_storeu_ps(o.add(r * F32_QUERIES), acc[0]);
+        _mm512_storeu_ps(o.add(r * F32_QUERIES + 16), acc[1]);
+    }
+}
