@@ -1062,9 +1062,8 @@ pub(crate) unsafe fn block32(
 
 /// A task's accumulated 32 × 32 blocks (`bi` × `bj` of them, row-major) and where they lie:
 /// rows `rows` and columns `cols` of `C`, of which `valid = (m, n)` is the result.
-#[derive(Clone, Copy)]
 struct TaskBlocks<'a> {
-    acc: &'a [Block],
+    acc: &'a mut [Block],
     bi: usize,
     bj: usize,
     rows: (usize, usize),
@@ -1098,7 +1097,7 @@ unsafe fn store_blocks(t: TaskBlocks, c: *mut f32, ldc: usize, epi: &Epi) {
                     32.min(valid.1.saturating_sub(j0)),
                 );
                 if ri > 0 && cj > 0 {
-                    epi.store_tile(&acc[i * bj + j].0, 32, (i0, ri), (j0, cj), c, ldc);
+                    epi.store_tile(&mut acc[i * bj + j].0, 32, (i0, ri), (j0, cj), c, ldc);
                 }
             }
         }
@@ -1145,19 +1144,21 @@ unsafe fn store_packed(t: TaskBlocks, lines: *mut Line, steps: usize, epi: &Epi)
         for j in 0..bj {
             let j0 = cols.0 + 32 * j;
             let cj = 32.min(valid.1.saturating_sub(j0));
-            let (bias, col_scale) = epi.col_lanes::<32>(j0, cj);
             for i in 0..bi {
-                let block = &acc[i * bj + j].0;
+                let block = &mut acc[i * bj + j].0;
+                let i0 = rows.0 + 32 * i;
+                let ri = 32.min(valid.0.saturating_sub(i0));
+                epi.apply_rows::<32>(block, 32, (i0, ri), (j0, cj));
                 for r in 0..32 {
-                    let row = rows.0 + 32 * i + r;
+                    let row = i0 + r;
                     let line = &mut *lines.add(((row / 16) * steps + j0 / 32) * 16 + row % 16);
-                    if row >= valid.0 {
+                    if r >= ri {
                         *line = ZERO_LINE;
                         continue;
                     }
-                    let mut v = epi.row_values::<32>(&block[r * 32..], row, cj, &bias, &col_scale);
+                    let v = &mut *(block[r * 32..r * 32 + 32].as_mut_ptr() as *mut [f32; 32]);
                     v[cj..].fill(0.0);
-                    convert(&v, line);
+                    convert(v, line);
                 }
             }
         }

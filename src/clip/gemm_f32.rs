@@ -452,12 +452,13 @@ unsafe fn block_generic<K: Micro>(args: BlockArgs) {
     // A plain loop, not a closure: a closure is compiled as a function of its own, without
     // the target features of the kernel it sits in (its `exp` would call libm's `fmaf`).
     if k == 0 {
-        acc[..tile].fill(0.0);
         for jp in cols.clone() {
             for ip in rows.clone() {
                 let (i0, j0) = (ip * mr, jp * nr);
                 let (ri, cj) = (mr.min(m - i0), nr.min(n - j0));
-                epi.store_tile(&acc[..tile], nr, (i0, ri), (j0, cj), dst, ld);
+                // The epilogue works in place: a zero tile for each block.
+                acc[..tile].fill(0.0);
+                epi.store_tile(&mut acc[..tile], nr, (i0, ri), (j0, cj), dst, ld);
             }
         }
         return;
