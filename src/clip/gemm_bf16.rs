@@ -972,11 +972,14 @@ unsafe fn task_blocks(
             for i in 0..bi {
                 let g = (rows.0 + 32 * i) / 16;
                 let (a0, a1) = (a.group(g, s0), a.group(g + 1, s0));
+                // Rows past `m` are never stored: a last block of 5 rows computes 16 (or 8).
+                let valid_rows = valid.0.saturating_sub(rows.0 + 32 * i).clamp(1, 32);
                 block32(
                     kernel,
                     (a0, a1),
                     (b0, b1),
                     pass,
+                    valid_rows,
                     &mut acc[i * bj + j],
                     s0 > 0,
                 );
@@ -1027,6 +1030,11 @@ pub(crate) unsafe fn tiles_off(kernel: Kernel) {
 /// (one per k-step, 16 lines each, as [`PackedA::group`]), `b` two 16-column blocks of a packed
 /// `B` from the same k-step on; `accumulate` starts from `out` instead of zero.
 ///
+/// Only the first `rows` rows (1 to 32) of `out` are wanted: the others are computed only as
+/// far as the unit's granularity needs (16 rows on AMX, 8 on AVX512-BF16) and hold whatever
+/// that leaves. A product of 197 rows (ViT-B/16's tokens) computes 208 or 200 rows instead
+/// of 224.
+///
 /// # Safety
 /// [`tiles_on`] ran on this thread for `kernel`; the slices hold `steps` tiles each.
 #[inline]
@@ -1035,15 +1043,17 @@ pub(crate) unsafe fn block32(
     (a0, a1): (&[Line], &[Line]),
     (b0, b1): (&[Line], &[Line]),
     steps: usize,
+    rows: usize,
     out: &mut Block,
     accumulate: bool,
 ) {
+    debug_assert!((1..=32).contains(&rows));
     match kernel {
         #[cfg(target_arch = "x86_64")]
-        Kernel::Amx => amx::block(a0, a1, b0, b1, steps, out, accumulate),
+        Kernel::Amx => amx::block(a0, (rows > 16).then_some(a1), b0, b1, steps, out, accumulate),
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512Bf16 => {
-            for r in 0..4 {
+            for r in 0..rows.div_ceil(8) {
                 let group = if r < 2 { a0 } else { a1 };
                 avx512::block(
                     &group[(r % 2) * 8..],
@@ -1229,14 +1239,15 @@ mod amx {
 
     /// `out (+)= A[32, 32 steps] · B[32 steps, 32]`: `a0`, `a1` the A tiles of two 16-row
     /// groups (one per k-step, 16 lines each), `b0`, `b1` two B column blocks (16 lines per
-    /// k-step); `accumulate` starts from `out` instead of zero.
+    /// k-step); `accumulate` starts from `out` instead of zero. Without `a1`, only the first
+    /// 16 rows of `out` (two accumulator tiles, half the products).
     ///
     /// # Safety
     /// [`load_config`] ran on this thread; the slices hold `steps` tiles each (asserted).
     #[inline]
     pub unsafe fn block(
         a0: &[Line],
-        a1: &[Line],
+        a1: Option<&[Line]>,
         b0: &[Line],
         b1: &[Line],
         steps: usize,
@@ -1244,9 +1255,18 @@ mod amx {
         accumulate: bool,
     ) {
         let tiles = 16 * steps;
-        assert!(a0.len() >= tiles && a1.len() >= tiles && b0.len() >= tiles && b1.len() >= tiles);
+        assert!(a0.len() >= tiles && b0.len() >= tiles && b1.len() >= tiles);
+        assert!(a1.is_none_or(|a1| a1.len() >= tiles));
         let o = out.0.as_mut_ptr();
         let (o1, o2, o3) = (o.add(16), o.add(16 * 32), o.add(16 * 32 + 16));
+        let (pa0, pb0, pb1) = (
+            a0.as_ptr() as *const u8,
+            b0.as_ptr() as *const u8,
+            b1.as_ptr() as *const u8,
+        );
+        let Some(a1) = a1 else {
+            return half_block(pa0, pb0, pb1, steps, (o, o1), accumulate);
+        };
         if accumulate {
             // SAFETY: four 16 × 16 f32 quadrants of the 32 × 32 block, row stride 128 bytes.
             asm!(
@@ -1270,8 +1290,7 @@ mod amx {
                 options(nostack, nomem)
             );
         }
-        let (pa0, pa1) = (a0.as_ptr() as *const u8, a1.as_ptr() as *const u8);
-        let (pb0, pb1) = (b0.as_ptr() as *const u8, b1.as_ptr() as *const u8);
+        let pa1 = a1.as_ptr() as *const u8;
         for s in 0..steps {
             // SAFETY: one 1 KB tile (16 rows × 64 bytes) from each pointer, inside the slices
             // asserted above.
@@ -1302,6 +1321,58 @@ mod amx {
             o1 = in(reg) o1,
             o2 = in(reg) o2,
             o3 = in(reg) o3,
+            stride = in(reg) 128usize,
+            options(nostack)
+        );
+    }
+
+    /// [`block`]'s top 16 rows: accumulators tmm0-1 at `o0`, `o1` (row stride 128 bytes).
+    ///
+    /// # Safety
+    /// As [`block`]: `a0`, `b0`, `b1` hold `steps` tiles each, `o0`, `o1` two 16 × 16 quadrants.
+    #[inline]
+    unsafe fn half_block(
+        a0: *const u8,
+        b0: *const u8,
+        b1: *const u8,
+        steps: usize,
+        (o0, o1): (*mut f32, *mut f32),
+        accumulate: bool,
+    ) {
+        if accumulate {
+            // SAFETY: two 16 × 16 f32 quadrants, row stride 128 bytes.
+            asm!(
+                "tileloadd tmm0, [{o0} + {stride} * 1]",
+                "tileloadd tmm1, [{o1} + {stride} * 1]",
+                o0 = in(reg) o0,
+                o1 = in(reg) o1,
+                stride = in(reg) 128usize,
+                options(nostack, readonly)
+            );
+        } else {
+            asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+        }
+        for s in 0..steps {
+            // SAFETY: one 1 KB tile from each pointer, inside the caller's slices.
+            asm!(
+                "tileloadd tmm4, [{a0} + {line} * 1]",
+                "tileloadd tmm6, [{b0} + {line} * 1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {line} * 1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                a0 = in(reg) a0.add(s * 1024),
+                b0 = in(reg) b0.add(s * 1024),
+                b1 = in(reg) b1.add(s * 1024),
+                line = in(reg) 64usize,
+                options(nostack, readonly)
+            );
+        }
+        // SAFETY: as the loads above.
+        asm!(
+            "tilestored [{o0} + {stride} * 1], tmm0",
+            "tilestored [{o1} + {stride} * 1], tmm1",
+            o0 = in(reg) o0,
+            o1 = in(reg) o1,
             stride = in(reg) 128usize,
             options(nostack)
         );
@@ -1474,6 +1545,9 @@ mod tests {
                 (70, 100, 130),
                 (197, 64, 40),
                 (64, 1030, 96),
+                // Last row blocks of 20 and 16 rows: 3 of 4 eight-row groups, one AMX half.
+                (20, 40, 33),
+                (48, 70, 64),
             ] {
                 let a = rand(m as u64 * 7 + k as u64, m * k);
                 let b = rand(n as u64 * 11 + 3, k * n);
