@@ -292,6 +292,72 @@ fn main() {
         }
         println!("{line}");
     }
+    // "epilogue": ViT-B/16's fc1 (197 x 768 -> 3072) with bias and QuickGELU against the bare
+    // product, alternating passes, best of each: the difference is what the activation epilogue
+    // costs. f32 through `linear`; bf16 into packed rows (`gemm_to_packed`, as the MLP runs it).
+    if filter == "epilogue" {
+        let (m, k, n) = (197usize, 768usize, 3072usize);
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w: Vec<f32> = Tensor::randn(0f32, 1.0, (n, k), &dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let bias = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+        let bias_v = bias.to_vec1::<f32>().unwrap();
+        let packed = kernels::PackedW::from_weight(&w, n, k);
+        let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+        let packed_b = kernels::PackedB::from_f32(
+            kernels::MatRef {
+                data: &wt,
+                rs: n,
+                cs: 1,
+            },
+            k,
+            n,
+            true,
+        );
+        let mut rows = kernels::PackedRows::default();
+        let mut run = |act: kernels::Act, unit: Option<kernels::Kernel>| match unit {
+            None => {
+                let b = (act != kernels::Act::None).then_some(&bias);
+                kernels::linear(&x, kernels::Weight::F32(&packed), b, act).unwrap();
+            }
+            Some(unit) => {
+                let epi = kernels::Epi {
+                    bias: (act != kernels::Act::None).then_some(&bias_v[..]),
+                    act,
+                    ..Default::default()
+                };
+                let a = kernels::ASrc::View(kernels::MatRef {
+                    data: &xs,
+                    rs: k,
+                    cs: 1,
+                });
+                kernels::gemm_to_packed(unit, m, a, &packed_b, &epi, &mut rows, true);
+            }
+        };
+        let mut variants = vec![None];
+        variants.extend(units.iter().map(|&u| Some(u)));
+        for unit in variants {
+            let (mut bare, mut gelu) = (f64::INFINITY, f64::INFINITY);
+            for _ in 0..40 {
+                bare = bare.min(best_of(1, || run(kernels::Act::None, unit)));
+                gelu = gelu.min(best_of(1, || run(kernels::Act::QuickGelu, unit)));
+            }
+            println!(
+                "epilogue {m}x{k} -> {n} ({}): bare {:.3} ms, bias + QuickGELU {:.3} ms, \
+                 epilogue {:.2} ns per value",
+                unit.map_or("f32".to_string(), |u| u.name().to_string()),
+                bare * 1e3,
+                gelu * 1e3,
+                (gelu - bare) / (m * n) as f64 * 1e9
+            );
+        }
+        return;
+    }
     if !"attention".contains(filter.as_str()) {
         return;
     }
