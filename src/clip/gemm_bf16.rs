@@ -1050,7 +1050,15 @@ pub(crate) unsafe fn block32(
     debug_assert!((1..=32).contains(&rows));
     match kernel {
         #[cfg(target_arch = "x86_64")]
-        Kernel::Amx => amx::block(a0, (rows > 16).then_some(a1), b0, b1, steps, out, accumulate),
+        Kernel::Amx => amx::block(
+            a0,
+            (rows > 16).then_some(a1),
+            b0,
+            b1,
+            steps,
+            out,
+            accumulate,
+        ),
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512Bf16 => {
             for r in 0..rows.div_ceil(8) {

@@ -432,6 +432,14 @@ trait Micro {
     /// # Safety
     /// The pointers hold what they are read and written for; the CPU has the kernel's features.
     unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool);
+
+    /// [`Self::tile`] for the first `MR / 2` rows only (the rest of `c` untouched): the last
+    /// row panel of a product whose rows end in its first half (ViT-B/16's 197 tokens: 5 of
+    /// the last 12), half the multiply-adds of a full tile.
+    ///
+    /// # Safety
+    /// As [`Self::tile`].
+    unsafe fn half_tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool);
 }
 
 #[inline(always)]
@@ -503,10 +511,14 @@ unsafe fn block_generic<K: Micro>(args: BlockArgs) {
                     (ii * cols.len() + jj) * tile
                 };
                 let c = &mut acc[t..t + tile];
-                K::tile(kc, a, b, c.as_mut_ptr(), k0 > 0);
+                let (i0, j0) = (ip * mr, jp * nr);
+                let (ri, cj) = (mr.min(m - i0), nr.min(n - j0));
+                if 2 * ri <= mr {
+                    K::half_tile(kc, a, b, c.as_mut_ptr(), k0 > 0);
+                } else {
+                    K::tile(kc, a, b, c.as_mut_ptr(), k0 > 0);
+                }
                 if last {
-                    let (i0, j0) = (ip * mr, jp * nr);
-                    let (ri, cj) = (mr.min(m - i0), nr.min(n - j0));
                     epi.store_tile(c, nr, (i0, ri), (j0, cj), dst, ld);
                 }
             }
@@ -523,7 +535,26 @@ impl Micro for Portable {
 
     #[inline(always)]
     unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool) {
-        let mut acc = [[0f32; 16]; 6];
+        Self::rows::<6>(kc, a, b, c, load)
+    }
+
+    #[inline(always)]
+    unsafe fn half_tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool) {
+        Self::rows::<3>(kc, a, b, c, load)
+    }
+}
+
+impl Portable {
+    /// The first `R` rows of a tile.
+    #[inline(always)]
+    unsafe fn rows<const R: usize>(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        load: bool,
+    ) {
+        let mut acc = [[0f32; 16]; R];
         if load {
             for (r, row) in acc.iter_mut().enumerate() {
                 row.copy_from_slice(std::slice::from_raw_parts(c.add(r * 16), 16));
@@ -553,8 +584,30 @@ impl Micro for Avx512 {
     #[inline]
     #[target_feature(enable = "avx512f,fma")]
     unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool) {
+        Self::rows::<12>(kc, a, b, c, load)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn half_tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool) {
+        Self::rows::<6>(kc, a, b, c, load)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Avx512 {
+    /// The first `R` rows of a tile (`A` panels stay 12 rows apart).
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn rows<const R: usize>(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        load: bool,
+    ) {
         use std::arch::x86_64::*;
-        let mut acc = [[_mm512_setzero_ps(); 2]; 12];
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
         if load {
             for (r, acc) in acc.iter_mut().enumerate() {
                 acc[0] = _mm512_load_ps(c.add(r * 32));
@@ -591,8 +644,30 @@ impl Micro for Avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool) {
+        Self::rows::<6>(kc, a, b, c, load)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn half_tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool) {
+        Self::rows::<3>(kc, a, b, c, load)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Avx2 {
+    /// The first `R` rows of a tile (`A` panels stay 6 rows apart).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows<const R: usize>(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        load: bool,
+    ) {
         use std::arch::x86_64::*;
-        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
         if load {
             for (r, acc) in acc.iter_mut().enumerate() {
                 acc[0] = _mm256_load_ps(c.add(r * 16));

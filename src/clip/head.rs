@@ -115,7 +115,15 @@ pub(crate) unsafe fn bf16_fused(job: &HeadJob, kernel: Kernel) {
             for c in 0..chunks {
                 let keys = (kt.block(2 * c), kt.block(2 * c + 1));
                 let s = block_at(s_buf, c * S_STRIDE);
-                block32(kernel, (qa.group(0, 0), qa.group(1, 0)), keys, 2, rows, s, false);
+                block32(
+                    kernel,
+                    (qa.group(0, 0), qa.group(1, 0)),
+                    keys,
+                    2,
+                    rows,
+                    s,
+                    false,
+                );
             }
             let mut inv = [0f32; QUERY_BLOCK];
             for (r, inv) in inv.iter_mut().enumerate() {
