@@ -4,7 +4,9 @@
 //! kernel this CPU has) on the shapes of a ViT-B/16 at 224 px and a ViT-L/14 at 518 px (1370
 //! tokens x 1024 -> 4096, as in the 1024 x 1024 @ 1024 x 4096), the `gemm` crate (or
 //! oneDNN with `--features onednn`) and candle's own matmul on the same shapes, the bf16 units,
-//! and the fused attention.
+//! and the fused attention. Filters: `linear`, `f32`, `layout`, `bf16`, `attention`, and two
+//! that run only when named: `epilogue` (fc1's bias + QuickGELU epilogue against the bare
+//! product) and `peak` (the vector units' multiply-add ceiling, to read the rest against).
 
 use std::time::Instant;
 
@@ -292,6 +294,11 @@ fn main() {
         }
         println!("{line}");
     }
+    // "peak": the vector units' ceiling, for reading the GFLOP/s above as a fraction of it.
+    if filter == "peak" {
+        peak();
+        return;
+    }
     // "epilogue": ViT-B/16's fc1 (197 x 768 -> 3072) with bias and QuickGELU against the bare
     // product, alternating passes, best of each: the difference is what the activation epilogue
     // costs. f32 through `linear`; bf16 into packed rows (`gemm_to_packed`, as the MLP runs it).
@@ -386,4 +393,81 @@ fn main() {
             flop / t / 1e9
         );
     }
+}
+
+/// Multiply-add throughput with no memory traffic: 14 independent accumulator chains per thread
+/// (enough to cover the latency of two FMA ports), on one thread and on every thread, for each
+/// instruction this CPU has: AVX-512 and AVX2 `vfmadd` (f32) and `vdpbf16ps` (bf16 pairs).
+fn peak() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        const ITERS: usize = 50_000_000;
+        // Written in assembly: compiled from intrinsics, LLVM rotated the 16 accumulators
+        // through register moves and a stack slot, and measured its own shuffling.
+        macro_rules! chains {
+            ($name:ident, $features:literal, $op:literal, $reg:literal) => {
+                #[target_feature(enable = $features)]
+                unsafe fn $name() {
+                    std::arch::asm!(
+                        "2:",
+                        concat!($op, " ", $reg, "0, ", $reg, "14, ", $reg, "15"),
+                        concat!($op, " ", $reg, "1, ", $reg, "14, ", $reg, "15"),
+                        concat!($op, " ", $reg, "2, ", $reg, "14, ", $reg, "15"),
+                        concat!($op, " ", $reg, "3, ", $reg, "14, ", $reg, "15"),
+                        concat!($op, " ", $reg, "4, ", $reg, "14, ", $reg, "15"),
+                        concat!($op, " ", $reg, "5, ", $reg, "14, ", $reg, "15"),
+                        concat!($op, " ", $reg, "6, ", $reg, "14, ", $reg, "15"),
+                        concat!($op, " ", $reg, "7, ", $reg, "14, ", $reg, "15"),
+                        concat!($op, " ", $reg, "8, ", $reg, "14, ", $reg, "15"),
+                        concat!($op, " ", $reg, "9, ", $reg, "14, ", $reg, "15"),
+                        concat!($op, " ", $reg, "10, ", $reg, "14, ", $reg, "15"),
+                        concat!($op, " ", $reg, "11, ", $reg, "14, ", $reg, "15"),
+                        concat!($op, " ", $reg, "12, ", $reg, "14, ", $reg, "15"),
+                        concat!($op, " ", $reg, "13, ", $reg, "14, ", $reg, "15"),
+                        "dec {n}",
+                        "jnz 2b",
+                        n = inout(reg) ITERS => _,
+                        out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _,
+                        out("xmm4") _, out("xmm5") _, out("xmm6") _, out("xmm7") _,
+                        out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _,
+                        out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,
+                        options(nostack, nomem),
+                    );
+                }
+            };
+        }
+        chains!(fma512, "avx512f,fma", "vfmadd231ps", "zmm");
+        chains!(fma256, "avx2,fma", "vfmadd231ps", "ymm");
+        chains!(dpbf16, "avx512f,avx512bf16", "vdpbf16ps", "zmm");
+        // (name, FLOP per instruction, instructions per iteration, the loop)
+        let mut units: Vec<(&str, f64, f64, unsafe fn())> = Vec::new();
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            units.push(("f32 AVX-512 vfmadd", 32.0, 14.0, fma512));
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            units.push(("f32 AVX2 vfmadd", 16.0, 14.0, fma256));
+        }
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16") {
+            units.push(("bf16 vdpbf16ps", 64.0, 14.0, dpbf16));
+        }
+        let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for (name, flop, per_iter, run) in units {
+            let mut line = format!("peak {name}:");
+            for threads in [1, all] {
+                let t0 = std::time::Instant::now();
+                std::thread::scope(|s| {
+                    for _ in 0..threads {
+                        // SAFETY: the features `run` needs were detected above.
+                        s.spawn(move || unsafe { run() });
+                    }
+                });
+                let gflops =
+                    (threads * ITERS) as f64 * per_iter * flop / t0.elapsed().as_secs_f64() / 1e9;
+                line += &format!(" {threads} thread(s) {gflops:.0} GFLOP/s,");
+            }
+            println!("{}", line.trim_end_matches(','));
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    println!("peak: x86-64 only");
 }
