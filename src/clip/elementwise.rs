@@ -117,6 +117,57 @@ pub(crate) unsafe fn exp16_nonpositive(x: std::arch::x86_64::__m512) -> std::arc
     _mm512_maskz_scalef_ps(keep, p, n)
 }
 
+/// [`exp_approx`] on 8 lanes of softmax arguments `x ≤ 0` (also `-inf` and NaN), bit for bit,
+/// on AVX2: [`exp16_nonpositive`]'s steps with `2ⁿ` built from its exponent bits (n ≥ −126
+/// after the clamp, a normal number) instead of `vscalefps`, and the lanes below −87.3 zeroed.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn exp8_nonpositive(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const MAGIC: f32 = 12_582_912.0;
+    let floor = _mm256_set1_ps(-87.3);
+    // `max(floor, x)` returns x where x is NaN (the second operand), as `clamp` does.
+    let xc = _mm256_max_ps(floor, x);
+    let t = _mm256_fmadd_ps(
+        xc,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+        _mm256_set1_ps(MAGIC),
+    );
+    let n = _mm256_sub_ps(t, _mm256_set1_ps(MAGIC));
+    let ni = _mm256_sub_epi32(
+        _mm256_castps_si256(t),
+        _mm256_set1_epi32(MAGIC.to_bits() as i32),
+    );
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), xc);
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
+    let mut p = _mm256_set1_ps(1.0 / 5040.0);
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let two_n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+        ni,
+        _mm256_set1_epi32(127),
+    )));
+    let scaled = _mm256_mul_ps(p, two_n);
+    // Zero where x < −87.3 (NaN compares unordered: kept, and stays NaN).
+    let below = _mm256_cmp_ps::<_CMP_LT_OQ>(x, floor);
+    _mm256_andnot_ps(below, scaled)
+}
+
 /// `x ← exp(x − max x)` over the row; returns the sum (the softmax's denominator).
 #[inline(always)]
 fn exp_shifted_generic(row: &mut [f32]) -> f32 {
@@ -313,15 +364,13 @@ mod tests {
         assert_eq!(exp_approx(0.0), 1.0);
     }
 
-    /// The 16-lane softmax exponential is `exp_approx` bit for bit on everything it is given.
+    /// The 16-lane (AVX-512) and 8-lane (AVX2) softmax exponentials are `exp_approx` bit for bit
+    /// on everything they are given.
     #[test]
-    fn exp16_equals_exp_approx_on_nonpositive_arguments() {
+    fn vector_exps_equal_exp_approx_on_nonpositive_arguments() {
         #[cfg(target_arch = "x86_64")]
         {
-            if !(std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma")) {
-                eprintln!("skipped: exp16 needs AVX-512 and FMA, which this CPU lacks");
-                return;
-            }
+            use std::arch::x86_64::*;
             let mut xs: Vec<f32> = (0..400_000)
                 .map(|i| -110.0 * i as f32 / 400_000.0)
                 .collect();
@@ -335,21 +384,41 @@ mod tests {
                 -f32::MIN_POSITIVE,
             ]);
             xs.extend((0..16).map(|_| 0.0));
-            for chunk in xs.chunks_exact(16) {
-                use std::arch::x86_64::*;
-                let mut got = [0f32; 16];
-                // SAFETY: the features were detected above.
-                unsafe {
-                    let v = exp16_nonpositive(_mm512_loadu_ps(chunk.as_ptr()));
-                    _mm512_storeu_ps(got.as_mut_ptr(), v);
-                }
-                for (&x, &g) in chunk.iter().zip(&got) {
+            let check = |chunk: &[f32], got: &[f32]| {
+                for (&x, &g) in chunk.iter().zip(got) {
                     let want = exp_approx(x);
                     assert!(
                         g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
                         "exp({x}): {g} vs {want}"
                     );
                 }
+            };
+            let fma = std::is_x86_feature_detected!("fma");
+            if std::is_x86_feature_detected!("avx512f") && fma {
+                for chunk in xs.chunks_exact(16) {
+                    let mut got = [0f32; 16];
+                    // SAFETY: the features were detected above.
+                    unsafe {
+                        let v = exp16_nonpositive(_mm512_loadu_ps(chunk.as_ptr()));
+                        _mm512_storeu_ps(got.as_mut_ptr(), v);
+                    }
+                    check(chunk, &got);
+                }
+            } else {
+                eprintln!("skipped: exp16 needs AVX-512 and FMA, which this CPU lacks");
+            }
+            if std::is_x86_feature_detected!("avx2") && fma {
+                for chunk in xs.chunks_exact(8) {
+                    let mut got = [0f32; 8];
+                    // SAFETY: the features were detected above.
+                    unsafe {
+                        let v = exp8_nonpositive(_mm256_loadu_ps(chunk.as_ptr()));
+                        _mm256_storeu_ps(got.as_mut_ptr(), v);
+                    }
+                    check(chunk, &got);
+                }
+            } else {
+                eprintln!("skipped: exp8 needs AVX2 and FMA, which this CPU lacks");
             }
         }
     }

@@ -21,6 +21,7 @@ use super::gemm_bf16::{
     self, as_lines, block32, pack_columns, pack_rows, tiles_off, tiles_on, BView, Block, Kernel,
     Line, PackedA, ZERO_LINE,
 };
+use super::gemm_f32::F32Kernel;
 use super::matrix::{with_scratch, ASrc, MatRef};
 
 /// One (image, head) of an attention: `lq` queries over `l` tokens of `hd` features, q, k and v
@@ -257,78 +258,261 @@ unsafe fn softmax_row(
     _mm512_reduce_add_ps(_mm512_add_ps(sums[0], sums[1]))
 }
 
-/// Queries per block of the fused f32 head: two 16-lane vectors across a row of `Sᵀ`.
-const F32_QUERIES: usize = 32;
-/// Keys per register tile of `Sᵀ` (12 × 32: 24 accumulators).
-const F32_KEYS: usize = 12;
-/// Features per register tile of `Oᵀ` (8 × 32: 16 accumulators, so 64 features are 8 tiles
-/// without padding, where 12-row panels of `Vᵀ` computed 72).
-const F32_FEATURES: usize = 8;
-/// Keys per pass of `Oᵀ = Vᵀ Pᵀ`: a 32 KB slice of `Pᵀ` stays in L1 while every feature tile
-/// reads it.
+/// Keys per pass of `Oᵀ = Vᵀ Pᵀ` in the fused f32 head: a slice of `Pᵀ` (32 KB on AVX-512)
+/// stays in L1 while every feature tile reads it.
 const F32_KEY_PASS: usize = 256;
 
-/// Whether [`f32_fused`] takes a head: the AVX-512 f32 kernel, whole 8-feature tiles, no
-/// mask (the text tower's causal heads are 77 tokens and keep the blocked form) and f32
-/// probabilities (the emulated bf16 path rounds them, and keeps the blocked form).
-pub(crate) fn f32_fused_fits(hd: usize, masked: bool, round: bool) -> bool {
+/// Whether [`f32_fused`] takes a head on `kernel`: the AVX-512 or AVX2 f32 kernel, heads of
+/// whole feature tiles ([`Lanes::FEATURES`]), no mask (the text tower's causal heads are 77
+/// tokens and keep the blocked form) and f32 probabilities (the emulated bf16 path rounds them,
+/// and keeps the blocked form).
+pub(crate) fn f32_fused_fits(hd: usize, kernel: F32Kernel, masked: bool, round: bool) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
+        let features = match kernel {
+            F32Kernel::Avx512 => Avx512::FEATURES,
+            F32Kernel::Avx2 => Avx2::FEATURES,
+            F32Kernel::Portable => return false,
+        };
         hd > 0
-            && hd.is_multiple_of(F32_FEATURES)
+            && hd.is_multiple_of(features)
             && !masked
             && !round
-            && super::gemm_f32::selected() == super::gemm_f32::F32Kernel::Avx512
+            && super::gemm_f32::available().contains(&kernel)
             && std::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (hd, masked, round);
+        let _ = (hd, kernel, masked, round);
         false
     }
 }
 
-/// A head in f32 on AVX-512, fused per block of 32 queries (the blocked form's products and
-/// softmax, in the same order, without its 12-row padding of `Vᵀ`, its generic epilogues and
-/// its separate max pass):
-/// 1. `Sᵀ = (K Qᵀ) · scale` in 12 × 32 register tiles (keys × queries) into a `[L, 32]` buffer
-///    in L2, the column maxima kept as the tiles are stored;
+/// A head in f32, fused per block of `2 W` queries (two `W`-lane vectors across a row of `Sᵀ`;
+/// 32 on AVX-512, 16 on AVX2): the blocked form's products and softmax (`kernels::head_f32`),
+/// in the same order, without its padding of `Vᵀ` to whole 12-row panels (64 features computed
+/// 72), its generic epilogues and its separate max pass:
+/// 1. `Sᵀ = (K Qᵀ) · scale` in `KEYS × 2W` register tiles into an `[L, 2W]` buffer in L2, the
+///    column maxima kept as the tiles are stored;
 /// 2. `exp(s − max)` in place down the columns, the column sums in two vectors;
-/// 3. `Oᵀ = Vᵀ Pᵀ` in 8 × 32 tiles over passes of 256 keys, and `O = Oᵀᵀ · (w / Σ)` stored.
+/// 3. `Oᵀ = Vᵀ Pᵀ` in `FEATURES × 2W` tiles over passes of 256 keys, and `O = Oᵀᵀ · (w / Σ)`
+///    stored.
 ///
 /// Every sum runs in the blocked form's order (`d` ascending for a score, keys ascending for
-/// the max, the denominators and `O`), and `exp16_nonpositive` is `exp_approx` bit for bit, so
-/// the result equals `kernels::head_f32`'s exactly.
+/// the max, the denominators and `O`) and the exponential is `exp_approx` bit for bit, so the
+/// result equals `kernels::head_f32`'s exactly. One ViT-L/14@518 layer (16 heads × 1,370
+/// tokens) on two Xeon cores, AVX-512: ~36 ms blocked, ~26 ms fused.
 ///
 /// # Safety
-/// [`f32_fused_fits`] holds for the job; `job.out` holds `lq` rows of `hd` floats, `ld` apart,
-/// that no other thread writes.
+/// [`f32_fused_fits`] holds for the job on `kernel`; `job.out` holds `lq` rows of `hd` floats,
+/// `ld` apart, that no other thread writes.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-pub(crate) unsafe fn f32_fused(job: &HeadJob) {
-    use super::elementwise::exp16_nonpositive;
-    use std::arch::x86_64::*;
-    debug_assert!(job.mask.is_none() && job.hd.is_multiple_of(F32_FEATURES));
+pub(crate) unsafe fn f32_fused(job: &HeadJob, kernel: F32Kernel) {
+    debug_assert!(f32_fused_fits(job.hd, kernel, job.mask.is_some(), false));
+    // The scratch closure sits in the functions compiled for the instruction set (a closure
+    // takes the target features of the function it is written in, not those of a generic
+    // function it would be written in, and without them no vector operation inlines).
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn avx512(job: &HeadJob) {
+        with_scratch(scratch_len::<Avx512>(job), |buf| {
+            fused::<Avx512, { Avx512::KEYS }, { Avx512::FEATURES }>(job, buf)
+        })
+    }
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2(job: &HeadJob) {
+        with_scratch(scratch_len::<Avx2>(job), |buf| {
+            fused::<Avx2, { Avx2::KEYS }, { Avx2::FEATURES }>(job, buf)
+        })
+    }
+    match kernel {
+        F32Kernel::Avx512 => avx512(job),
+        F32Kernel::Avx2 => avx2(job),
+        F32Kernel::Portable => unreachable!("f32_fused_fits refuses the portable kernel"),
+    }
+}
+
+/// The vector operations of the fused f32 head on `W` lanes, and its tile shapes: `KEYS` rows
+/// of `Sᵀ` and `FEATURES` rows of `Oᵀ` per register tile (two vectors each), so that the
+/// tiles' accumulators, two operand vectors and a broadcast fit the register file.
+///
+/// # Safety
+/// Every method needs the instruction set of its implementation (the callers are compiled
+/// for it).
+#[cfg(target_arch = "x86_64")]
+trait Lanes {
+    type V: Copy;
+    const W: usize;
+    const KEYS: usize;
+    const FEATURES: usize;
+    unsafe fn zero() -> Self::V;
+    unsafe fn splat(x: f32) -> Self::V;
+    unsafe fn load(p: *const f32) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+    /// `a · b + c`, rounded once.
+    unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    /// `a > b ? a : b`, keeping `b` where `a` is NaN (as `f32::max(b, a)`).
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    /// `exp_approx` on arguments `≤ 0` (also `-inf` and NaN), bit for bit.
+    unsafe fn exp_nonpositive(x: Self::V) -> Self::V;
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx512;
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for Avx512 {
+    type V = std::arch::x86_64::__m512;
+    const W: usize = 16;
+    /// 12 × 32: 24 accumulators of 32 registers.
+    const KEYS: usize = 12;
+    /// 8 × 32: 16 accumulators, and 64 features in 8 tiles.
+    const FEATURES: usize = 8;
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn zero() -> Self::V {
+        std::arch::x86_64::_mm512_setzero_ps()
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn splat(x: f32) -> Self::V {
+        std::arch::x86_64::_mm512_set1_ps(x)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn load(p: *const f32) -> Self::V {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn store(p: *mut f32, v: Self::V) {
+        std::arch::x86_64::_mm512_storeu_ps(p, v)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        std::arch::x86_64::_mm512_fmadd_ps(a, b, c)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
+        std::arch::x86_64::_mm512_mul_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V {
+        std::arch::x86_64::_mm512_sub_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+        std::arch::x86_64::_mm512_add_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V {
+        // `vmaxps` returns the second operand where either is NaN.
+        std::arch::x86_64::_mm512_max_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn exp_nonpositive(x: Self::V) -> Self::V {
+        super::elementwise::exp16_nonpositive(x)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for Avx2 {
+    type V = std::arch::x86_64::__m256;
+    const W: usize = 8;
+    /// 6 × 16: 12 accumulators of 16 registers.
+    const KEYS: usize = 6;
+    /// 4 × 16: 8 accumulators, and 64 features in 16 tiles.
+    const FEATURES: usize = 4;
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn zero() -> Self::V {
+        std::arch::x86_64::_mm256_setzero_ps()
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn splat(x: f32) -> Self::V {
+        std::arch::x86_64::_mm256_set1_ps(x)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load(p: *const f32) -> Self::V {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store(p: *mut f32, v: Self::V) {
+        std::arch::x86_64::_mm256_storeu_ps(p, v)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        std::arch::x86_64::_mm256_fmadd_ps(a, b, c)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
+        std::arch::x86_64::_mm256_mul_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V {
+        std::arch::x86_64::_mm256_sub_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+        std::arch::x86_64::_mm256_add_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V {
+        // `vmaxps` returns the second operand where either is NaN.
+        std::arch::x86_64::_mm256_max_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp_nonpositive(x: Self::V) -> Self::V {
+        super::elementwise::exp8_nonpositive(x)
+    }
+}
+
+/// [`f32_fused`] on `L`'s lanes and tiles.
+///
+/// # Safety
+/// As [`f32_fused`]; the CPU has `L`'s instruction set and the caller is compiled for it.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn fused<L: Lanes, const KEYS: usize, const FEATURES: usize>(
+    job: &HeadJob,
+    buf: &mut [f32],
+) {
     let (l, hd, d3) = (job.l, job.hd, job.d3);
     let (qcol, kcol, vcol) = job.cols;
-    let key_tiles = l.div_ceil(F32_KEYS);
-    let feature_tiles = hd / F32_FEATURES;
-    let k_len = key_tiles * F32_KEYS * hd; // K: [tile][d][12 keys]
-    let v_len = hd * l; // Vᵀ: [feature tile][key][8 features]
-    let q_len = hd * F32_QUERIES; // Qᵀ: [d][32 queries]
-    let p_len = l * F32_QUERIES; // Sᵀ, then Pᵀ: [key][32 queries]
-    let o_len = hd * F32_QUERIES; // Oᵀ: [feature][32 queries]
-    with_scratch(k_len + v_len + q_len + p_len + o_len, |buf| {
+    let (keys, features, queries) = (KEYS, FEATURES, 2 * L::W);
+    let key_tiles = l.div_ceil(keys);
+    let [k_len, v_len, q_len, p_len, _] = scratch_parts::<L>(job);
+    {
         let (kp, rest) = buf.split_at_mut(k_len);
         let (vt, rest) = rest.split_at_mut(v_len);
         let (qt, rest) = rest.split_at_mut(q_len);
         let (pt, ot) = rest.split_at_mut(p_len);
         let xs = job.xs;
-        for (t, tile) in kp.chunks_exact_mut(F32_KEYS * hd).enumerate() {
-            for r in 0..F32_KEYS {
-                let key = t * F32_KEYS + r;
+        for (t, tile) in kp.chunks_exact_mut(keys * hd).enumerate() {
+            for r in 0..keys {
+                let key = t * keys + r;
                 for d in 0..hd {
-                    tile[d * F32_KEYS + r] = if key < l {
+                    tile[d * keys + r] = if key < l {
                         xs[kcol + key * d3 + d]
                     } else {
                         0.0
@@ -336,17 +520,17 @@ pub(crate) unsafe fn f32_fused(job: &HeadJob) {
                 }
             }
         }
-        for (f, tile) in vt.chunks_exact_mut(l * F32_FEATURES).enumerate() {
-            for (key, line) in tile.chunks_exact_mut(F32_FEATURES).enumerate() {
-                let at = vcol + key * d3 + f * F32_FEATURES;
-                line.copy_from_slice(&xs[at..at + F32_FEATURES]);
+        for (f, tile) in vt.chunks_exact_mut(l * features).enumerate() {
+            for (key, line) in tile.chunks_exact_mut(features).enumerate() {
+                let at = vcol + key * d3 + f * features;
+                line.copy_from_slice(&xs[at..at + features]);
             }
         }
-        let scale = _mm512_set1_ps(job.scale);
-        for row0 in (0..job.lq).step_by(F32_QUERIES) {
-            let rows = F32_QUERIES.min(job.lq - row0);
+        let scale = L::splat(job.scale);
+        for row0 in (0..job.lq).step_by(queries) {
+            let rows = queries.min(job.lq - row0);
             // Qᵀ, zero past the block's queries (their scores are 0, never stored).
-            for (d, line) in qt.chunks_exact_mut(F32_QUERIES).enumerate() {
+            for (d, line) in qt.chunks_exact_mut(queries).enumerate() {
                 for (c, x) in line.iter_mut().enumerate() {
                     *x = if c < rows {
                         xs[qcol + (row0 + c) * d3 + d]
@@ -356,46 +540,43 @@ pub(crate) unsafe fn f32_fused(job: &HeadJob) {
                 }
             }
             // 1. Sᵀ and its column maxima.
-            let mut max = [_mm512_set1_ps(f32::NEG_INFINITY); 2];
+            let mut max = [L::splat(f32::NEG_INFINITY); 2];
             for t in 0..key_tiles {
-                let keys = F32_KEYS.min(l - t * F32_KEYS);
-                let acc = s_tile(hd, kp.as_ptr().add(t * F32_KEYS * hd), qt.as_ptr());
-                for (r, acc) in acc.iter().enumerate().take(keys) {
-                    let dst = pt.as_mut_ptr().add((t * F32_KEYS + r) * F32_QUERIES);
+                let valid = keys.min(l - t * keys);
+                let acc = s_tile::<L, KEYS>(hd, kp.as_ptr().add(t * keys * hd), qt.as_ptr());
+                for (r, acc) in acc.iter().enumerate().take(valid) {
+                    let dst = pt.as_mut_ptr().add((t * keys + r) * queries);
                     for h in 0..2 {
-                        let s = _mm512_mul_ps(acc[h], scale);
-                        _mm512_storeu_ps(dst.add(16 * h), s);
-                        // `max(s, m)` keeps `m` where `s` is NaN, as `f32::max` does.
-                        max[h] = _mm512_max_ps(s, max[h]);
+                        let s = L::mul(acc[h], scale);
+                        L::store(dst.add(L::W * h), s);
+                        max[h] = L::max(s, max[h]);
                     }
                 }
             }
             // 2. exp(s − max) in place, and the sums.
-            let mut sum = [_mm512_setzero_ps(); 2];
-            for line in pt.chunks_exact_mut(F32_QUERIES) {
+            let mut sum = [L::zero(); 2];
+            for line in pt.chunks_exact_mut(queries) {
                 for h in 0..2 {
-                    let p = line.as_mut_ptr().add(16 * h);
-                    let e = exp16_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(p), max[h]));
-                    sum[h] = _mm512_add_ps(sum[h], e);
-                    _mm512_storeu_ps(p, e);
+                    let p = line.as_mut_ptr().add(L::W * h);
+                    let e = L::exp_nonpositive(L::sub(L::load(p), max[h]));
+                    sum[h] = L::add(sum[h], e);
+                    L::store(p, e);
                 }
             }
-            let mut inv = [0f32; F32_QUERIES];
-            for h in 0..2 {
-                let s: [f32; 16] = std::mem::transmute(sum[h]);
-                for (i, s) in inv[16 * h..16 * h + 16].iter_mut().zip(s) {
-                    *i = 1.0 / s * job.weight;
-                }
+            let mut inv = [0f32; 32];
+            for (h, &sum) in sum.iter().enumerate() {
+                L::store(inv.as_mut_ptr().add(L::W * h), sum);
             }
+            inv.iter_mut().for_each(|i| *i = 1.0 / *i * job.weight);
             // 3. Oᵀ = Vᵀ Pᵀ, then O scaled by w / Σ per query.
             for k0 in (0..l).step_by(F32_KEY_PASS) {
                 let kc = F32_KEY_PASS.min(l - k0);
-                for f in 0..feature_tiles {
-                    o_tile(
+                for f in 0..hd / features {
+                    o_tile::<L, FEATURES>(
                         kc,
-                        vt.as_ptr().add(f * l * F32_FEATURES + k0 * F32_FEATURES),
-                        pt.as_ptr().add(k0 * F32_QUERIES),
-                        ot.as_mut_ptr().add(f * F32_FEATURES * F32_QUERIES),
+                        vt.as_ptr().add((f * l + k0) * features),
+                        pt.as_ptr().add(k0 * queries),
+                        ot.as_mut_ptr().add(f * features * queries),
                         k0 > 0,
                     );
                 }
@@ -403,74 +584,99 @@ pub(crate) unsafe fn f32_fused(job: &HeadJob) {
             for (c, &inv) in inv.iter().enumerate().take(rows) {
                 let dst = job.out.add((row0 + c) * job.ld);
                 for e in 0..hd {
-                    *dst.add(e) = ot[e * F32_QUERIES + c] * inv;
+                    *dst.add(e) = ot[e * queries + c] * inv;
                 }
             }
         }
-    })
+    }
 }
 
-/// One 12 × 32 tile of `Sᵀ`: keys `K[12, hd]` (packed `[d][12]` at `k`) times `Qᵀ[hd, 32]`
-/// (at `q`), summed over `d` ascending.
+/// The lengths of [`fused`]'s buffers on `L`: K packed `[tile][d][KEYS keys]`, `Vᵀ`
+/// `[feature tile][key][FEATURES]`, `Qᵀ` `[d][2W]`, `Sᵀ` (then `Pᵀ`) `[key][2W]` and `Oᵀ`
+/// `[feature][2W]`.
+#[cfg(target_arch = "x86_64")]
+fn scratch_parts<L: Lanes>(job: &HeadJob) -> [usize; 5] {
+    let queries = 2 * L::W;
+    [
+        job.l.div_ceil(L::KEYS) * L::KEYS * job.hd,
+        job.hd * job.l,
+        job.hd * queries,
+        job.l * queries,
+        job.hd * queries,
+    ]
+}
+
+#[cfg(target_arch = "x86_64")]
+fn scratch_len<L: Lanes>(job: &HeadJob) -> usize {
+    scratch_parts::<L>(job).iter().sum()
+}
+
+/// One `KEYS × 2W` tile of `Sᵀ`: keys `K[KEYS, hd]` (packed `[d][KEYS]` at `k`) times
+/// `Qᵀ[hd, 2W]` (at `q`), summed over `d` ascending.
 ///
 /// # Safety
-/// `k` holds `12 · hd` floats and `q` `32 · hd`; AVX-512F and FMA.
+/// `k` holds `KEYS · hd` floats and `q` `2W · hd`; the CPU has `L`'s instruction set.
 #[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn s_tile(
+#[inline(always)]
+unsafe fn s_tile<L: Lanes, const KEYS: usize>(
     hd: usize,
     k: *const f32,
     q: *const f32,
-) -> [[std::arch::x86_64::__m512; 2]; F32_KEYS] {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 2]; F32_KEYS];
+) -> [[L::V; 2]; KEYS] {
+    let mut acc = [[L::zero(); 2]; KEYS];
     let (mut k, mut q) = (k, q);
     for _ in 0..hd {
-        let q0 = _mm512_loadu_ps(q);
-        let q1 = _mm512_loadu_ps(q.add(16));
+        let q0 = L::load(q);
+        let q1 = L::load(q.add(L::W));
         for (r, acc) in acc.iter_mut().enumerate() {
-            let x = _mm512_set1_ps(*k.add(r));
-            acc[0] = _mm512_fmadd_ps(x, q0, acc[0]);
-            acc[1] = _mm512_fmadd_ps(x, q1, acc[1]);
+            let x = L::splat(*k.add(r));
+            acc[0] = L::fmadd(x, q0, acc[0]);
+            acc[1] = L::fmadd(x, q1, acc[1]);
         }
-        k = k.add(F32_KEYS);
-        q = q.add(F32_QUERIES);
+        k = k.add(KEYS);
+        q = q.add(2 * L::W);
     }
     acc
 }
 
-/// One 8 × 32 tile of `Oᵀ` over `kc` keys: `Vᵀ[8, kc]` (packed `[key][8]` at `v`) times
-/// `Pᵀ[kc, 32]` (at `p`), into `o` (`[8][32]`, added to it with `load`).
+/// One `FEATURES × 2W` tile of `Oᵀ` over `kc` keys: `Vᵀ[FEATURES, kc]` (packed
+/// `[key][FEATURES]` at `v`) times `Pᵀ[kc, 2W]` (at `p`), into `o` (`[FEATURES][2W]`, added to
+/// it with `load`).
 ///
 /// # Safety
-/// `v` holds `8 · kc` floats, `p` `32 · kc` and `o` 256; AVX-512F and FMA.
+/// `v` holds `FEATURES · kc` floats, `p` `2W · kc` and `o` `FEATURES · 2W`; the CPU has `L`'s
+/// instruction set.
 #[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn o_tile(kc: usize, v: *const f32, p: *const f32, o: *mut f32, load: bool) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 2]; F32_FEATURES];
+#[inline(always)]
+unsafe fn o_tile<L: Lanes, const FEATURES: usize>(
+    kc: usize,
+    v: *const f32,
+    p: *const f32,
+    o: *mut f32,
+    load: bool,
+) {
+    let q = 2 * L::W;
+    let mut acc = [[L::zero(); 2]; FEATURES];
     if load {
         for (r, acc) in acc.iter_mut().enumerate() {
-            acc[0] = _mm512_loadu_ps(o.add(r * F32_QUERIES));
-            acc[1] = _mm512_loadu_ps(o.add(r * F32_QUERIES + 16));
+            acc[0] = L::load(o.add(r * q));
+            acc[1] = L::load(o.add(r * q + L::W));
         }
     }
     let (mut v, mut p) = (v, p);
     for _ in 0..kc {
-        let p0 = _mm512_loadu_ps(p);
-        let p1 = _mm512_loadu_ps(p.add(16));
+        let p0 = L::load(p);
+        let p1 = L::load(p.add(L::W));
         for (r, acc) in acc.iter_mut().enumerate() {
-            let x = _mm512_set1_ps(*v.add(r));
-            acc[0] = _mm512_fmadd_ps(x, p0, acc[0]);
-            acc[1] = _mm512_fmadd_ps(x, p1, acc[1]);
+            let x = L::splat(*v.add(r));
+            acc[0] = L::fmadd(x, p0, acc[0]);
+            acc[1] = L::fmadd(x, p1, acc[1]);
         }
-        v = v.add(F32_FEATURES);
-        p = p.add(F32_QUERIES);
+        v = v.add(FEATURES);
+        p = p.add(q);
     }
     for (r, acc) in acc.iter().enumerate() {
-        _mm512_storeu_ps(o.add(r * F32_QUERIES), acc[0]);
-        _mm512_storeu_ps(o.add(r * F32_QUERIES + 16), acc[1]);
+        L::store(o.add(r * q), acc[0]);
+        L::store(o.add(r * q + L::W), acc[1]);
     }
 }

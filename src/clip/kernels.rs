@@ -567,11 +567,12 @@ pub fn attention_into(
                 }
                 precision => {
                     let round = precision.is_bf16();
+                    let kernel = gemm_f32::selected();
                     #[cfg(target_arch = "x86_64")]
-                    if head::f32_fused_fits(hd, mask.is_some(), round) {
-                        return head::f32_fused(&job);
+                    if head::f32_fused_fits(hd, kernel, mask.is_some(), round) {
+                        return head::f32_fused(&job, kernel);
                     }
-                    head_f32(&job, gemm_f32::selected(), round)
+                    head_f32(&job, kernel, round)
                 }
             }
         }
@@ -1082,57 +1083,70 @@ mod tests {
     }
 
     /// The fused f32 head equals the blocked one exactly (the same sums in the same order, the
-    /// same exponentials) over token counts around its 12-key tiles, 32-query blocks and
-    /// 256-key passes, head sizes of 1 to 10 feature tiles, one query or all, with a head
-    /// weight and with a NaN and an infinite score in the input.
+    /// same exponentials), on each kernel it runs on, over token counts around its key tiles,
+    /// query blocks and 256-key passes, head sizes of 1 to 20 feature tiles, one query or all,
+    /// with a head weight and with a NaN and an infinite key in the input.
     #[test]
     fn fused_f32_head_equals_the_blocked_head() {
-        if !head::f32_fused_fits(64, false, false) {
-            eprintln!("skipped: the fused f32 head needs the AVX-512 f32 kernel");
+        let kernels: Vec<F32Kernel> = gemm_f32::available()
+            .iter()
+            .copied()
+            .filter(|&k| head::f32_fused_fits(64, k, false, false))
+            .collect();
+        if kernels.is_empty() {
+            eprintln!("skipped: the fused f32 head needs the AVX-512 or AVX2 f32 kernel");
             return;
         }
-        assert!(!head::f32_fused_fits(64, true, false) && !head::f32_fused_fits(60, false, false));
+        for &kernel in &kernels {
+            assert!(!head::f32_fused_fits(64, kernel, true, false));
+            assert!(!head::f32_fused_fits(64, kernel, false, true));
+            assert!(!head::f32_fused_fits(62, kernel, false, false));
+        }
+        assert!(!head::f32_fused_fits(64, F32Kernel::Portable, false, false));
         let heads = 2;
-        for hd in [8, 64, 80] {
-            let d3 = 3 * heads * hd;
-            for l in [1, 11, 12, 13, 32, 33, 77, 257, 300] {
-                let mut xs = rand(l as u64 + hd as u64, l * d3);
-                if l == 77 {
-                    xs[5 * d3 + hd + 3] = f32::NAN; // a key of head 0 (a NaN score column)
-                    xs[9 * d3 + (heads + 1) * hd] = f32::INFINITY; // a key of head 1
-                }
-                for lq in [l, 1, l.min(33)] {
-                    for h in 0..heads {
-                        let mut outs = [vec![0f32; lq * hd], vec![0f32; lq * hd]];
-                        for (fused, out) in [true, false].into_iter().zip(outs.iter_mut()) {
-                            let job = HeadJob {
-                                xs: &xs,
-                                d3,
-                                l,
-                                lq,
-                                hd,
-                                cols: (h * hd, (heads + h) * hd, (2 * heads + h) * hd),
-                                scale: 0.125,
-                                mask: None,
-                                weight: 0.75,
-                                out: out.as_mut_ptr(),
-                                ld: hd,
-                            };
-                            // SAFETY: `out` holds the `lq` rows of `hd` the head writes, and
-                            // the fused head fits (checked above).
-                            unsafe {
-                                if fused {
-                                    head::f32_fused(&job)
-                                } else {
-                                    head_f32(&job, gemm_f32::selected(), false)
+        for &kernel in &kernels {
+            for hd in [8, 64, 80] {
+                let d3 = 3 * heads * hd;
+                for l in [1, 5, 6, 7, 11, 12, 13, 32, 33, 77, 257, 300] {
+                    let mut xs = rand(l as u64 + hd as u64, l * d3);
+                    if l == 77 {
+                        xs[5 * d3 + hd + 3] = f32::NAN; // a key of head 0 (a NaN score column)
+                        xs[9 * d3 + (heads + 1) * hd] = f32::INFINITY; // a key of head 1
+                    }
+                    for lq in [l, 1, l.min(17), l.min(33)] {
+                        for h in 0..heads {
+                            let mut outs = [vec![0f32; lq * hd], vec![0f32; lq * hd]];
+                            for (fused, out) in [true, false].into_iter().zip(outs.iter_mut()) {
+                                let job = HeadJob {
+                                    xs: &xs,
+                                    d3,
+                                    l,
+                                    lq,
+                                    hd,
+                                    cols: (h * hd, (heads + h) * hd, (2 * heads + h) * hd),
+                                    scale: 0.125,
+                                    mask: None,
+                                    weight: 0.75,
+                                    out: out.as_mut_ptr(),
+                                    ld: hd,
+                                };
+                                // SAFETY: `out` holds the `lq` rows of `hd` the head writes, and
+                                // the fused head fits (checked above).
+                                unsafe {
+                                    if fused {
+                                        head::f32_fused(&job, kernel)
+                                    } else {
+                                        head_f32(&job, kernel, false)
+                                    }
                                 }
                             }
-                        }
-                        for (i, (a, b)) in outs[0].iter().zip(&outs[1]).enumerate() {
-                            assert!(
-                                a == b || (a.is_nan() && b.is_nan()),
-                                "hd {hd} l {l} lq {lq} head {h} at {i}: {a} vs {b}"
-                            );
+                            for (i, (a, b)) in outs[0].iter().zip(&outs[1]).enumerate() {
+                                assert!(
+                                    a == b || (a.is_nan() && b.is_nan()),
+                                    "{} hd {hd} l {l} lq {lq} head {h} at {i}: {a} vs {b}",
+                                    kernel.name()
+                                );
+                            }
                         }
                     }
                 }
