@@ -439,8 +439,9 @@ fn peak() {
         chains!(fma512, "avx512f,fma", "vfmadd231ps", "zmm");
         chains!(fma256, "avx2,fma", "vfmadd231ps", "ymm");
         chains!(dpbf16, "avx512f,avx512bf16", "vdpbf16ps", "zmm");
-        // (name, FLOP per instruction, instructions per iteration, the loop)
-        let mut units: Vec<(&str, f64, f64, unsafe fn())> = Vec::new();
+        /// A unit's name, FLOP per instruction, instructions per iteration, and its loop.
+        type Unit = (&'static str, f64, f64, unsafe fn());
+        let mut units: Vec<Unit> = Vec::new();
         if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
             units.push(("f32 AVX-512 vfmadd", 32.0, 14.0, fma512));
         }
