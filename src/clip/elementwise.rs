@@ -41,33 +41,42 @@ pub(crate) fn simd() -> Simd {
     })
 }
 
+/// `ln 2` in two parts (the high one exact in few bits), for `r = x − n ln 2` without
+/// cancellation error.
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+/// Adding 1.5 · 2²³ rounds to an integer in the low mantissa bits (vectorises, unlike `round`,
+/// which is a libm call per element).
+const MAGIC: f32 = 12_582_912.0;
+/// Below this `exp` is 0 (and above it `2ⁿ` is a normal number).
+const EXP_FLOOR: f32 = -87.3;
+/// The Taylor coefficients of `exp(r)` after the leading `1 / 7!`, for Horner's rule.
+const EXP_TAYLOR: [f32; 7] = [
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
+
 /// `exp(x)` within 2 ulp for x in [-87.3, 88.7]; exactly 0 below (so -inf masks give 0).
 #[inline(always)]
 pub(crate) fn exp_approx(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    // Adding 1.5 * 2^23 rounds to an integer in the low mantissa bits (vectorises, unlike
-    // `round`, which is a libm call per element).
-    const MAGIC: f32 = 12_582_912.0;
-    let xc = x.clamp(-87.3, 88.7);
-    let t = xc.mul_add(LOG2E, MAGIC);
+    let xc = x.clamp(EXP_FLOOR, 88.7);
+    let t = xc.mul_add(std::f32::consts::LOG2_E, MAGIC);
     let n = t - MAGIC;
     let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xc));
     // Taylor to degree 7 on |r| <= ln2/2: truncation error < 5e-9 relative. Horner in fused
     // multiply-adds: 7 instructions where a multiply and an add each were 14 (the vector
     // callers are compiled with FMA; a CPU without it is before 2013 and takes libm's fmaf).
-    let mut p = 1.0f32 / 5040.0;
-    p = p.mul_add(r, 1.0 / 720.0);
-    p = p.mul_add(r, 1.0 / 120.0);
-    p = p.mul_add(r, 1.0 / 24.0);
-    p = p.mul_add(r, 1.0 / 6.0);
-    p = p.mul_add(r, 0.5);
-    p = p.mul_add(r, 1.0);
-    p = p.mul_add(r, 1.0);
+    let p = EXP_TAYLOR
+        .iter()
+        .fold(1.0f32 / 5040.0, |p, &c| p.mul_add(r, c));
     let scaled = p * f32::from_bits(((ni + 127) as u32) << 23);
-    if x < -87.3 {
+    if x < EXP_FLOOR {
         0.0
     } else {
         scaled
@@ -86,10 +95,7 @@ pub(crate) fn exp_approx(x: f32) -> f32 {
 #[target_feature(enable = "avx512f,fma")]
 pub(crate) unsafe fn exp16_nonpositive(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    const MAGIC: f32 = 12_582_912.0;
-    let floor = _mm512_set1_ps(-87.3);
+    let floor = _mm512_set1_ps(EXP_FLOOR);
     // `max(floor, x)` returns x where x is NaN (the second operand), as `clamp` does.
     let xc = _mm512_max_ps(floor, x);
     let t = _mm512_fmadd_ps(
@@ -101,15 +107,7 @@ pub(crate) unsafe fn exp16_nonpositive(x: std::arch::x86_64::__m512) -> std::arc
     let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_HI), xc);
     let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_LO), r);
     let mut p = _mm512_set1_ps(1.0 / 5040.0);
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
+    for c in EXP_TAYLOR {
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
     }
     // Kept unless x < −87.3 (NaN compares unordered: kept, and stays NaN).
@@ -128,10 +126,7 @@ pub(crate) unsafe fn exp16_nonpositive(x: std::arch::x86_64::__m512) -> std::arc
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn exp8_nonpositive(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    const MAGIC: f32 = 12_582_912.0;
-    let floor = _mm256_set1_ps(-87.3);
+    let floor = _mm256_set1_ps(EXP_FLOOR);
     // `max(floor, x)` returns x where x is NaN (the second operand), as `clamp` does.
     let xc = _mm256_max_ps(floor, x);
     let t = _mm256_fmadd_ps(
@@ -147,15 +142,7 @@ pub(crate) unsafe fn exp8_nonpositive(x: std::arch::x86_64::__m256) -> std::arch
     let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), xc);
     let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
     let mut p = _mm256_set1_ps(1.0 / 5040.0);
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
+    for c in EXP_TAYLOR {
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
     }
     let two_n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(

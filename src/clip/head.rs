@@ -1,6 +1,6 @@
 //! One (image, head) of the fused attention (`kernels::attention_into`): where its q,
 //! k, v and output lie ([`HeadJob`]), the head fused on a bf16 unit ([`bf16_fused`]) and in f32
-//! on AVX-512 ([`f32_fused`], at the end of this file).
+//! on AVX-512 or AVX2 ([`f32_fused`], at the end of this file).
 //!
 //! Why a fused head: the blocked form (`S` for 256 queries stored as f32 through a GEMM
 //! epilogue, a softmax pass over it, then packing the probabilities to bf16 for `P v`) spent

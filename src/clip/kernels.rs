@@ -15,10 +15,10 @@
 //!
 //! On a bf16 unit, heads of 33-64 features (ViT-B and ViT-L) run fused ([`super::head`]): 32
 //! queries at a time, the scores in tiles, the softmax written straight into the bf16 tiles of
-//! `P v`; other head sizes take the blocked form below (`head_bf16`). In f32 on AVX-512, heads
-//! of whole 8-feature tiles without a mask run fused too (`head::f32_fused`: the same sums in
-//! the same order as `head_f32`, so the same bits, without its padding and generic epilogues:
-//! one ViT-L/14@518 layer's attention ~36 → ~26 ms on two Xeon cores).
+//! `P v`; other head sizes take the blocked form below (`head_bf16`). In f32 on AVX-512 or AVX2,
+//! heads of whole feature tiles without a mask run fused too (`head::f32_fused`: the same sums
+//! in the same order as `head_f32`, so the same bits, without its padding and generic
+//! epilogues: one ViT-L/14@518 layer's attention ~36 → ~26 ms on two Xeon cores).
 //!
 //! These paths have no backward: layers use them only when no learnable tensor is upstream
 //! (`!track_op()`), on the CPU, in f32. Results equal the plain composition up to float
@@ -1011,6 +1011,42 @@ mod tests {
         }
     }
 
+    /// Runs every head of `xs` (`[l, 3 · heads · hd]`, q | k | v) fused and blocked through
+    /// `run(job, fused)` (scale 1/8, head weight 0.75) and asserts `agree(fused, blocked)` on
+    /// every output value.
+    fn both_heads_agree(
+        xs: &[f32],
+        (heads, hd, l, lq): (usize, usize, usize, usize),
+        mask: Option<&[f32]>,
+        run: impl Fn(&HeadJob, bool),
+        agree: impl Fn(f32, f32) -> bool,
+        what: &str,
+    ) {
+        let d3 = 3 * heads * hd;
+        for h in 0..heads {
+            let mut outs = [vec![0f32; lq * hd], vec![0f32; lq * hd]];
+            for (fused, out) in [true, false].into_iter().zip(outs.iter_mut()) {
+                let job = HeadJob {
+                    xs,
+                    d3,
+                    l,
+                    lq,
+                    hd,
+                    cols: (h * hd, (heads + h) * hd, (2 * heads + h) * hd),
+                    scale: 0.125,
+                    mask,
+                    weight: 0.75,
+                    out: out.as_mut_ptr(),
+                    ld: hd,
+                };
+                run(&job, fused);
+            }
+            for (i, (&a, &b)) in outs[0].iter().zip(&outs[1]).enumerate() {
+                assert!(agree(a, b), "{what} head {h} at {i}: {a} vs {b}");
+            }
+        }
+    }
+
     /// The fused bf16 head equals the blocked one (the same tile products, exponentials and
     /// roundings; only the softmax sum runs in another order) over token counts around its
     /// 32-key chunks and 32-query blocks, with and without a mask, with a head weight.
@@ -1043,40 +1079,17 @@ mod tests {
                     (None, 1),
                     (None, l.min(33)),
                 ] {
-                    for h in 0..heads {
-                        let mut outs = [vec![0f32; lq * hd], vec![0f32; lq * hd]];
-                        for (fused, out) in [true, false].into_iter().zip(outs.iter_mut()) {
-                            let job = HeadJob {
-                                xs: &xs,
-                                d3,
-                                l,
-                                lq,
-                                hd,
-                                cols: (h * hd, (heads + h) * hd, (2 * heads + h) * hd),
-                                scale: 0.125,
-                                mask,
-                                weight: 0.75,
-                                out: out.as_mut_ptr(),
-                                ld: hd,
-                            };
-                            // SAFETY: `out` holds the `lq` rows of `hd` the head writes.
-                            unsafe {
-                                if fused {
-                                    head::bf16_fused(&job, kernel)
-                                } else {
-                                    head_bf16(&job, kernel)
-                                }
-                            }
+                    let what = format!("{} l {l} lq {lq} mask {}", kernel.name(), mask.is_some());
+                    // SAFETY: the fused head fits (checked above); `job.out` holds its rows.
+                    let run = |job: &HeadJob, fused: bool| unsafe {
+                        if fused {
+                            head::bf16_fused(job, kernel)
+                        } else {
+                            head_bf16(job, kernel)
                         }
-                        for (i, (a, b)) in outs[0].iter().zip(&outs[1]).enumerate() {
-                            assert!(
-                                (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
-                                "{} l {l} lq {lq} mask {} head {h} at {i}: {a} vs {b}",
-                                kernel.name(),
-                                mask.is_some()
-                            );
-                        }
-                    }
+                    };
+                    let close = |a: f32, b: f32| (a - b).abs() <= 1e-6 * (1.0 + b.abs());
+                    both_heads_agree(&xs, (heads, hd, l, lq), mask, run, close, &what);
                 }
             }
         }
@@ -1114,40 +1127,17 @@ mod tests {
                         xs[9 * d3 + (heads + 1) * hd] = f32::INFINITY; // a key of head 1
                     }
                     for lq in [l, 1, l.min(17), l.min(33)] {
-                        for h in 0..heads {
-                            let mut outs = [vec![0f32; lq * hd], vec![0f32; lq * hd]];
-                            for (fused, out) in [true, false].into_iter().zip(outs.iter_mut()) {
-                                let job = HeadJob {
-                                    xs: &xs,
-                                    d3,
-                                    l,
-                                    lq,
-                                    hd,
-                                    cols: (h * hd, (heads + h) * hd, (2 * heads + h) * hd),
-                                    scale: 0.125,
-                                    mask: None,
-                                    weight: 0.75,
-                                    out: out.as_mut_ptr(),
-                                    ld: hd,
-                                };
-                                // SAFETY: `out` holds the `lq` rows of `hd` the head writes, and
-                                // the fused head fits (checked above).
-                                unsafe {
-                                    if fused {
-                                        head::f32_fused(&job, kernel)
-                                    } else {
-                                        head_f32(&job, kernel, false)
-                                    }
-                                }
+                        let what = format!("{} hd {hd} l {l} lq {lq}", kernel.name());
+                        // SAFETY: the fused head fits (checked above); `job.out` holds its rows.
+                        let run = |job: &HeadJob, fused: bool| unsafe {
+                            if fused {
+                                head::f32_fused(job, kernel)
+                            } else {
+                                head_f32(job, kernel, false)
                             }
-                            for (i, (a, b)) in outs[0].iter().zip(&outs[1]).enumerate() {
-                                assert!(
-                                    a == b || (a.is_nan() && b.is_nan()),
-                                    "{} hd {hd} l {l} lq {lq} head {h} at {i}: {a} vs {b}",
-                                    kernel.name()
-                                );
-                            }
-                        }
+                        };
+                        let equal = |a: f32, b: f32| a == b || (a.is_nan() && b.is_nan());
+                        both_heads_agree(&xs, (heads, hd, l, lq), None, run, equal, &what);
                     }
                 }
             }
