@@ -26,6 +26,8 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::elementwise::{round_bf16_generic, simd, Simd};
+#[cfg(target_arch = "x86_64")]
+use super::lanes;
 use super::matrix::{with_scratch, ASrc, Aligned, Epi, MatRef, SendPtr};
 
 /// `k` per pass over a block: a `KC × 32` panel of `B` is 32 KB (L1 holds 32-48 KB).
@@ -584,52 +586,13 @@ impl Micro for Avx512 {
     #[inline]
     #[target_feature(enable = "avx512f,fma")]
     unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool) {
-        Self::rows::<12>(kc, a, b, c, load)
+        simd_rows::<lanes::Avx512, 12>(kc, a, 12, b, c, load)
     }
 
     #[inline]
     #[target_feature(enable = "avx512f,fma")]
     unsafe fn half_tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool) {
-        Self::rows::<6>(kc, a, b, c, load)
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Avx512 {
-    /// The first `R` rows of a tile (`A` panels stay 12 rows apart).
-    #[inline]
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn rows<const R: usize>(
-        kc: usize,
-        a: *const f32,
-        b: *const f32,
-        c: *mut f32,
-        load: bool,
-    ) {
-        use std::arch::x86_64::*;
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        if load {
-            for (r, acc) in acc.iter_mut().enumerate() {
-                acc[0] = _mm512_load_ps(c.add(r * 32));
-                acc[1] = _mm512_load_ps(c.add(r * 32 + 16));
-            }
-        }
-        let (mut a, mut b) = (a, b);
-        for _ in 0..kc {
-            let b0 = _mm512_loadu_ps(b);
-            let b1 = _mm512_loadu_ps(b.add(16));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let x = _mm512_set1_ps(*a.add(r));
-                acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
-                acc[1] = _mm512_fmadd_ps(x, b1, acc[1]);
-            }
-            a = a.add(12);
-            b = b.add(32);
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            _mm512_store_ps(c.add(r * 32), acc[0]);
-            _mm512_store_ps(c.add(r * 32 + 16), acc[1]);
-        }
+        simd_rows::<lanes::Avx512, 6>(kc, a, 12, b, c, load)
     }
 }
 
@@ -644,53 +607,33 @@ impl Micro for Avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool) {
-        Self::rows::<6>(kc, a, b, c, load)
+        simd_rows::<lanes::Avx2, 6>(kc, a, 6, b, c, load)
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn half_tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool) {
-        Self::rows::<3>(kc, a, b, c, load)
+        simd_rows::<lanes::Avx2, 3>(kc, a, 6, b, c, load)
     }
 }
 
+/// The first `R` rows of a vector micro-kernel's tile (`A` panels `mr` rows apart): `c (+)=`
+/// the register tile of [`lanes::tile`].
+///
+/// # Safety
+/// As [`Micro::tile`]; the caller is compiled for `L`'s instruction set.
 #[cfg(target_arch = "x86_64")]
-impl Avx2 {
-    /// The first `R` rows of a tile (`A` panels stay 6 rows apart).
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows<const R: usize>(
-        kc: usize,
-        a: *const f32,
-        b: *const f32,
-        c: *mut f32,
-        load: bool,
-    ) {
-        use std::arch::x86_64::*;
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        if load {
-            for (r, acc) in acc.iter_mut().enumerate() {
-                acc[0] = _mm256_load_ps(c.add(r * 16));
-                acc[1] = _mm256_load_ps(c.add(r * 16 + 8));
-            }
-        }
-        let (mut a, mut b) = (a, b);
-        for _ in 0..kc {
-            let b0 = _mm256_loadu_ps(b);
-            let b1 = _mm256_loadu_ps(b.add(8));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let x = _mm256_set1_ps(*a.add(r));
-                acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
-                acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
-            }
-            a = a.add(6);
-            b = b.add(16);
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            _mm256_store_ps(c.add(r * 16), acc[0]);
-            _mm256_store_ps(c.add(r * 16 + 8), acc[1]);
-        }
-    }
+#[inline(always)]
+unsafe fn simd_rows<L: lanes::Lanes, const R: usize>(
+    kc: usize,
+    a: *const f32,
+    mr: usize,
+    b: *const f32,
+    c: *mut f32,
+    load: bool,
+) {
+    let acc = lanes::tile::<L, R>(kc, a, mr, b, load.then_some(c as *const f32));
+    lanes::store::<L, R>(&acc, c)
 }
 
 #[cfg(test)]

@@ -22,6 +22,8 @@ use super::gemm_bf16::{
     Line, PackedA, ZERO_LINE,
 };
 use super::gemm_f32::F32Kernel;
+#[cfg(target_arch = "x86_64")]
+use super::lanes::{self, Avx2, Avx512, Lanes};
 use super::matrix::{with_scratch, ASrc, MatRef};
 
 /// One (image, head) of an attention: `lq` queries over `l` tokens of `hd` features, q, k and v
@@ -258,20 +260,26 @@ unsafe fn softmax_row(
     _mm512_reduce_add_ps(_mm512_add_ps(sums[0], sums[1]))
 }
 
+/// Keys × features per register tile of the fused f32 head (`Sᵀ` and `Oᵀ` rows, two vectors
+/// each): on AVX-512 12 × 32 (24 accumulators of 32 registers) and 8 × 32 (16, and 64 features
+/// in 8 tiles); on AVX2 6 × 16 (12 of 16) and 4 × 16 (8, 64 features in 16 tiles).
+const AVX512_TILES: (usize, usize) = (12, 8);
+const AVX2_TILES: (usize, usize) = (6, 4);
+
 /// Keys per pass of `Oᵀ = Vᵀ Pᵀ` in the fused f32 head: a slice of `Pᵀ` (32 KB on AVX-512)
 /// stays in L1 while every feature tile reads it.
 const F32_KEY_PASS: usize = 256;
 
 /// Whether [`f32_fused`] takes a head on `kernel`: the AVX-512 or AVX2 f32 kernel, heads of
-/// whole feature tiles ([`Lanes::FEATURES`]), no mask (the text tower's causal heads are 77
+/// whole feature tiles (8 features on AVX-512, 4 on AVX2), no mask (the text tower's causal heads are 77
 /// tokens and keep the blocked form) and f32 probabilities (the emulated bf16 path rounds them,
 /// and keeps the blocked form).
 pub(crate) fn f32_fused_fits(hd: usize, kernel: F32Kernel, masked: bool, round: bool) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         let features = match kernel {
-            F32Kernel::Avx512 => Avx512::FEATURES,
-            F32Kernel::Avx2 => Avx2::FEATURES,
+            F32Kernel::Avx512 => AVX512_TILES.1,
+            F32Kernel::Avx2 => AVX2_TILES.1,
             F32Kernel::Portable => return false,
         };
         hd > 0
@@ -314,176 +322,20 @@ pub(crate) unsafe fn f32_fused(job: &HeadJob, kernel: F32Kernel) {
     // function it would be written in, and without them no vector operation inlines).
     #[target_feature(enable = "avx512f,fma")]
     unsafe fn avx512(job: &HeadJob) {
-        with_scratch(scratch_len::<Avx512>(job), |buf| {
-            fused::<Avx512, { Avx512::KEYS }, { Avx512::FEATURES }>(job, buf)
+        with_scratch(scratch_len::<Avx512>(job, AVX512_TILES.0), |buf| {
+            fused::<Avx512, { AVX512_TILES.0 }, { AVX512_TILES.1 }>(job, buf)
         })
     }
     #[target_feature(enable = "avx2,fma")]
     unsafe fn avx2(job: &HeadJob) {
-        with_scratch(scratch_len::<Avx2>(job), |buf| {
-            fused::<Avx2, { Avx2::KEYS }, { Avx2::FEATURES }>(job, buf)
+        with_scratch(scratch_len::<Avx2>(job, AVX2_TILES.0), |buf| {
+            fused::<Avx2, { AVX2_TILES.0 }, { AVX2_TILES.1 }>(job, buf)
         })
     }
     match kernel {
         F32Kernel::Avx512 => avx512(job),
         F32Kernel::Avx2 => avx2(job),
         F32Kernel::Portable => unreachable!("f32_fused_fits refuses the portable kernel"),
-    }
-}
-
-/// The vector operations of the fused f32 head on `W` lanes, and its tile shapes: `KEYS` rows
-/// of `Sᵀ` and `FEATURES` rows of `Oᵀ` per register tile (two vectors each), so that the
-/// tiles' accumulators, two operand vectors and a broadcast fit the register file.
-///
-/// # Safety
-/// Every method needs the instruction set of its implementation (the callers are compiled
-/// for it).
-#[cfg(target_arch = "x86_64")]
-trait Lanes {
-    type V: Copy;
-    const W: usize;
-    const KEYS: usize;
-    const FEATURES: usize;
-    unsafe fn zero() -> Self::V;
-    unsafe fn splat(x: f32) -> Self::V;
-    unsafe fn load(p: *const f32) -> Self::V;
-    unsafe fn store(p: *mut f32, v: Self::V);
-    /// `a · b + c`, rounded once.
-    unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
-    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
-    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
-    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
-    /// `a > b ? a : b`, keeping `b` where `a` is NaN (as `f32::max(b, a)`).
-    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
-    /// `exp_approx` on arguments `≤ 0` (also `-inf` and NaN), bit for bit.
-    unsafe fn exp_nonpositive(x: Self::V) -> Self::V;
-}
-
-#[cfg(target_arch = "x86_64")]
-struct Avx512;
-
-#[cfg(target_arch = "x86_64")]
-impl Lanes for Avx512 {
-    type V = std::arch::x86_64::__m512;
-    const W: usize = 16;
-    /// 12 × 32: 24 accumulators of 32 registers.
-    const KEYS: usize = 12;
-    /// 8 × 32: 16 accumulators, and 64 features in 8 tiles.
-    const FEATURES: usize = 8;
-    #[inline]
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn zero() -> Self::V {
-        std::arch::x86_64::_mm512_setzero_ps()
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn splat(x: f32) -> Self::V {
-        std::arch::x86_64::_mm512_set1_ps(x)
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn load(p: *const f32) -> Self::V {
-        std::arch::x86_64::_mm512_loadu_ps(p)
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn store(p: *mut f32, v: Self::V) {
-        std::arch::x86_64::_mm512_storeu_ps(p, v)
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
-        std::arch::x86_64::_mm512_fmadd_ps(a, b, c)
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
-        std::arch::x86_64::_mm512_mul_ps(a, b)
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V {
-        std::arch::x86_64::_mm512_sub_ps(a, b)
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
-        std::arch::x86_64::_mm512_add_ps(a, b)
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn max(a: Self::V, b: Self::V) -> Self::V {
-        // `vmaxps` returns the second operand where either is NaN.
-        std::arch::x86_64::_mm512_max_ps(a, b)
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn exp_nonpositive(x: Self::V) -> Self::V {
-        super::elementwise::exp16_nonpositive(x)
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-struct Avx2;
-
-#[cfg(target_arch = "x86_64")]
-impl Lanes for Avx2 {
-    type V = std::arch::x86_64::__m256;
-    const W: usize = 8;
-    /// 6 × 16: 12 accumulators of 16 registers.
-    const KEYS: usize = 6;
-    /// 4 × 16: 8 accumulators, and 64 features in 16 tiles.
-    const FEATURES: usize = 4;
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn zero() -> Self::V {
-        std::arch::x86_64::_mm256_setzero_ps()
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn splat(x: f32) -> Self::V {
-        std::arch::x86_64::_mm256_set1_ps(x)
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn load(p: *const f32) -> Self::V {
-        std::arch::x86_64::_mm256_loadu_ps(p)
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn store(p: *mut f32, v: Self::V) {
-        std::arch::x86_64::_mm256_storeu_ps(p, v)
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
-        std::arch::x86_64::_mm256_fmadd_ps(a, b, c)
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
-        std::arch::x86_64::_mm256_mul_ps(a, b)
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V {
-        std::arch::x86_64::_mm256_sub_ps(a, b)
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
-        std::arch::x86_64::_mm256_add_ps(a, b)
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn max(a: Self::V, b: Self::V) -> Self::V {
-        // `vmaxps` returns the second operand where either is NaN.
-        std::arch::x86_64::_mm256_max_ps(a, b)
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn exp_nonpositive(x: Self::V) -> Self::V {
-        super::elementwise::exp8_nonpositive(x)
     }
 }
 
@@ -501,7 +353,7 @@ unsafe fn fused<L: Lanes, const KEYS: usize, const FEATURES: usize>(
     let (qcol, kcol, vcol) = job.cols;
     let (keys, features, queries) = (KEYS, FEATURES, 2 * L::W);
     let key_tiles = l.div_ceil(keys);
-    let [k_len, v_len, q_len, p_len, _] = scratch_parts::<L>(job);
+    let [k_len, v_len, q_len, p_len, _] = scratch_parts(job, L::W, KEYS);
     {
         let (kp, rest) = buf.split_at_mut(k_len);
         let (vt, rest) = rest.split_at_mut(v_len);
@@ -543,7 +395,9 @@ unsafe fn fused<L: Lanes, const KEYS: usize, const FEATURES: usize>(
             let mut max = [L::splat(f32::NEG_INFINITY); 2];
             for t in 0..key_tiles {
                 let valid = keys.min(l - t * keys);
-                let acc = s_tile::<L, KEYS>(hd, kp.as_ptr().add(t * keys * hd), qt.as_ptr());
+                // A `KEYS × 2W` tile over `d`: K packed `[d][KEYS]` times Qᵀ `[d][2W]`.
+                let k = kp.as_ptr().add(t * keys * hd);
+                let acc = lanes::tile::<L, KEYS>(hd, k, keys, qt.as_ptr(), None);
                 for (r, acc) in acc.iter().enumerate().take(valid) {
                     let dst = pt.as_mut_ptr().add((t * keys + r) * queries);
                     for h in 0..2 {
@@ -572,13 +426,17 @@ unsafe fn fused<L: Lanes, const KEYS: usize, const FEATURES: usize>(
             for k0 in (0..l).step_by(F32_KEY_PASS) {
                 let kc = F32_KEY_PASS.min(l - k0);
                 for f in 0..hd / features {
-                    o_tile::<L, FEATURES>(
+                    // A `FEATURES × 2W` tile over the pass's keys: Vᵀ packed `[key][FEATURES]`
+                    // times Pᵀ `[key][2W]`, added to the previous passes' sums.
+                    let o = ot.as_mut_ptr().add(f * features * queries);
+                    let acc = lanes::tile::<L, FEATURES>(
                         kc,
                         vt.as_ptr().add((f * l + k0) * features),
+                        features,
                         pt.as_ptr().add(k0 * queries),
-                        ot.as_mut_ptr().add(f * features * queries),
-                        k0 > 0,
+                        (k0 > 0).then_some(o as *const f32),
                     );
+                    lanes::store::<L, FEATURES>(&acc, o);
                 }
             }
             for (c, &inv) in inv.iter().enumerate().take(rows) {
@@ -591,14 +449,14 @@ unsafe fn fused<L: Lanes, const KEYS: usize, const FEATURES: usize>(
     }
 }
 
-/// The lengths of [`fused`]'s buffers on `L`: K packed `[tile][d][KEYS keys]`, `Vᵀ`
+/// The lengths of [`fused`]'s buffers on `w` lanes and tiles of `keys`: K packed `[tile][d][keys]`, `Vᵀ`
 /// `[feature tile][key][FEATURES]`, `Qᵀ` `[d][2W]`, `Sᵀ` (then `Pᵀ`) `[key][2W]` and `Oᵀ`
 /// `[feature][2W]`.
 #[cfg(target_arch = "x86_64")]
-fn scratch_parts<L: Lanes>(job: &HeadJob) -> [usize; 5] {
-    let queries = 2 * L::W;
+fn scratch_parts(job: &HeadJob, w: usize, keys: usize) -> [usize; 5] {
+    let queries = 2 * w;
     [
-        job.l.div_ceil(L::KEYS) * L::KEYS * job.hd,
+        job.l.div_ceil(keys) * keys * job.hd,
         job.hd * job.l,
         job.hd * queries,
         job.l * queries,
@@ -607,76 +465,6 @@ fn scratch_parts<L: Lanes>(job: &HeadJob) -> [usize; 5] {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn scratch_len<L: Lanes>(job: &HeadJob) -> usize {
-    scratch_parts::<L>(job).iter().sum()
-}
-
-/// One `KEYS × 2W` tile of `Sᵀ`: keys `K[KEYS, hd]` (packed `[d][KEYS]` at `k`) times
-/// `Qᵀ[hd, 2W]` (at `q`), summed over `d` ascending.
-///
-/// # Safety
-/// `k` holds `KEYS · hd` floats and `q` `2W · hd`; the CPU has `L`'s instruction set.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn s_tile<L: Lanes, const KEYS: usize>(
-    hd: usize,
-    k: *const f32,
-    q: *const f32,
-) -> [[L::V; 2]; KEYS] {
-    let mut acc = [[L::zero(); 2]; KEYS];
-    let (mut k, mut q) = (k, q);
-    for _ in 0..hd {
-        let q0 = L::load(q);
-        let q1 = L::load(q.add(L::W));
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let x = L::splat(*k.add(r));
-            acc[0] = L::fmadd(x, q0, acc[0]);
-            acc[1] = L::fmadd(x, q1, acc[1]);
-        }
-        k = k.add(KEYS);
-        q = q.add(2 * L::W);
-    }
-    acc
-}
-
-/// One `FEATURES × 2W` tile of `Oᵀ` over `kc` keys: `Vᵀ[FEATURES, kc]` (packed
-/// `[key][FEATURES]` at `v`) times `Pᵀ[kc, 2W]` (at `p`), into `o` (`[FEATURES][2W]`, added to
-/// it with `load`).
-///
-/// # Safety
-/// `v` holds `FEATURES · kc` floats, `p` `2W · kc` and `o` `FEATURES · 2W`; the CPU has `L`'s
-/// instruction set.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn o_tile<L: Lanes, const FEATURES: usize>(
-    kc: usize,
-    v: *const f32,
-    p: *const f32,
-    o: *mut f32,
-    load: bool,
-) {
-    let q = 2 * L::W;
-    let mut acc = [[L::zero(); 2]; FEATURES];
-    if load {
-        for (r, acc) in acc.iter_mut().enumerate() {
-            acc[0] = L::load(o.add(r * q));
-            acc[1] = L::load(o.add(r * q + L::W));
-        }
-    }
-    let (mut v, mut p) = (v, p);
-    for _ in 0..kc {
-        let p0 = L::load(p);
-        let p1 = L::load(p.add(L::W));
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let x = L::splat(*v.add(r));
-            acc[0] = L::fmadd(x, p0, acc[0]);
-            acc[1] = L::fmadd(x, p1, acc[1]);
-        }
-        v = v.add(FEATURES);
-        p = p.add(q);
-    }
-    for (r, acc) in acc.iter().enumerate() {
-        L::store(o.add(r * q), acc[0]);
-        L::store(o.add(r * q + L::W), acc[1]);
-    }
+fn scratch_len<L: Lanes>(job: &HeadJob, keys: usize) -> usize {
+    scratch_parts(job, L::W, keys).iter().sum()
 }

@@ -20,6 +20,8 @@ pub mod gemm_f32;
 mod head;
 pub mod hub;
 pub mod kernels;
+#[cfg(target_arch = "x86_64")]
+mod lanes;
 mod linear;
 pub mod matrix;
 mod model;
