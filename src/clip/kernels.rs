@@ -535,8 +535,54 @@ pub fn attention_into(
     if lq == 0 {
         return Ok(());
     }
+    // Which head kernel runs: the same for every head, so decided once here.
+    let path = match spec.precision {
+        #[cfg(target_arch = "x86_64")]
+        Precision::Bf16(kernel) if head::fused_fits(hd, kernel) => HeadPath::Bf16Fused(kernel),
+        Precision::Bf16(kernel) => HeadPath::Bf16Blocked(kernel),
+        precision => {
+            let (kernel, round) = (gemm_f32::selected(), precision.is_bf16());
+            #[cfg(target_arch = "x86_64")]
+            let fused = head::f32_fused_fits(hd, kernel, mask.is_some(), round)
+                .then_some(HeadPath::F32Fused(kernel));
+            #[cfg(not(target_arch = "x86_64"))]
+            let fused = None;
+            fused.unwrap_or(HeadPath::F32Blocked(kernel, round))
+        }
+    };
+    run_heads(qkv, spec, (d3, hd), mask, head_weights, out, path);
+    Ok(())
+}
+
+/// The kernel that runs an attention's heads.
+#[derive(Clone, Copy)]
+enum HeadPath {
+    /// `head::bf16_fused` on a bf16 unit.
+    #[cfg(target_arch = "x86_64")]
+    Bf16Fused(Kernel),
+    /// [`head_bf16`], the blocked form, for other head sizes.
+    Bf16Blocked(Kernel),
+    /// `head::f32_fused` on AVX-512 or AVX2.
+    #[cfg(target_arch = "x86_64")]
+    F32Fused(F32Kernel),
+    /// [`head_f32`], the blocked form (`true`: probabilities rounded to bf16, emulated).
+    F32Blocked(F32Kernel, bool),
+}
+
+/// Every (image, head) of a checked [`attention_into`] (rows of `d3`, heads of `hd`) on
+/// `path`, one task each.
+fn run_heads(
+    qkv: &[f32],
+    spec: &AttentionSpec,
+    (d3, hd): (usize, usize),
+    mask: Option<&[f32]>,
+    head_weights: Option<&[f32]>,
+    out: &mut [f32],
+    path: HeadPath,
+) {
+    let (l, lq, heads, d) = (spec.tokens, spec.queries, spec.heads, d3 / 3);
     let dst = SendPtr(out.as_mut_ptr());
-    (0..b * heads).into_par_iter().for_each(|bh| {
+    (0..spec.batch * heads).into_par_iter().for_each(|bh| {
         let (bi, h) = (bh / heads, bh % heads);
         let base = bi * l * d3;
         let col = |role: usize| base + role * d + h * hd;
@@ -555,29 +601,19 @@ pub fn attention_into(
             out: unsafe { dst.0.add(bi * lq * d + h * hd) },
             ld: d,
         };
-        // SAFETY: each task writes its own (image, head) block of `out`, rows of `ld` floats.
+        // SAFETY: each task writes its own (image, head) block of `out`, rows of `ld` floats;
+        // the fused paths were chosen only where they fit.
         unsafe {
-            match spec.precision {
-                Precision::Bf16(kernel) => {
-                    #[cfg(target_arch = "x86_64")]
-                    if head::fused_fits(hd, kernel) {
-                        return head::bf16_fused(&job, kernel);
-                    }
-                    head_bf16(&job, kernel)
-                }
-                precision => {
-                    let round = precision.is_bf16();
-                    let kernel = gemm_f32::selected();
-                    #[cfg(target_arch = "x86_64")]
-                    if head::f32_fused_fits(hd, kernel, mask.is_some(), round) {
-                        return head::f32_fused(&job, kernel);
-                    }
-                    head_f32(&job, kernel, round)
-                }
+            match path {
+                #[cfg(target_arch = "x86_64")]
+                HeadPath::Bf16Fused(kernel) => head::bf16_fused(&job, kernel),
+                HeadPath::Bf16Blocked(kernel) => head_bf16(&job, kernel),
+                #[cfg(target_arch = "x86_64")]
+                HeadPath::F32Fused(kernel) => head::f32_fused(&job, kernel),
+                HeadPath::F32Blocked(kernel, round) => head_f32(&job, kernel, round),
             }
         }
     });
-    Ok(())
 }
 
 /// A head in f32 (`round`: the emulated bf16 path, q, k, v already rounded by the caller and
@@ -1141,6 +1177,28 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// A batch of no images is an empty result on every head path (the path is chosen before
+    /// any head runs).
+    #[test]
+    fn attention_of_no_images_is_empty() {
+        let mut precisions = vec![Precision::F32, Precision::Bf16Emulated];
+        precisions.extend(gemm_bf16::available().iter().map(|&k| Precision::Bf16(k)));
+        for precision in precisions {
+            let spec = AttentionSpec {
+                batch: 0,
+                tokens: 7,
+                heads: 2,
+                scale: 0.125,
+                roles: ORDINARY,
+                queries: 7,
+                precision,
+            };
+            let mut out = vec![];
+            attention_into(&[], &spec, None, None, &mut out).unwrap();
+            assert!(out.is_empty());
         }
     }
 
