@@ -4,7 +4,74 @@
 
 use candle_core::Device;
 
+use std::sync::OnceLock;
+
 use crate::error::{DeviceError, Error, Result};
+
+/// The widest vector unit this CPU has that the kernels use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Simd {
+    /// AVX-512 F/BW/DQ/VL with FMA.
+    Avx512,
+    /// AVX2 with FMA.
+    Avx2,
+    /// Neither (or not x86-64): baseline code.
+    Baseline,
+}
+
+/// Detected once.
+pub(crate) fn simd() -> Simd {
+    static LEVEL: OnceLock<Simd> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512dq")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("avx2")
+            {
+                return Simd::Avx512;
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Baseline
+    })
+}
+
+/// Defines `$name`, which runs `$generic` compiled for the best vector unit of this CPU (the
+/// crate itself targets baseline x86-64, so loops written for LLVM to vectorise get SSE2 only
+/// unless compiled again this way). `$generic` should be `#[inline(always)]`.
+macro_rules! dispatch {
+    ($(#[$doc:meta])* $vis:vis $name:ident => $generic:ident ($($arg:ident : $ty:ty),*) -> $ret:ty) => {
+        $(#[$doc])*
+        $vis fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma,avx2")]
+                unsafe fn avx512($($arg: $ty),*) -> $ret {
+                    $generic($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                    $generic($($arg),*)
+                }
+                match $crate::device::simd() {
+                    // SAFETY: `simd` detected every feature the function is compiled for.
+                    $crate::device::Simd::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above, for AVX2 and FMA.
+                    $crate::device::Simd::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::device::Simd::Baseline => {}
+                }
+            }
+            $generic($($arg),*)
+        }
+    };
+}
+pub(crate) use dispatch;
 
 /// The CUDA GPU `ordinal` (0 = the first one `CUDA_VISIBLE_DEVICES` leaves visible).
 pub fn cuda(ordinal: usize) -> Result<Device> {

@@ -5,41 +5,7 @@
 //! epilogues (`matrix::Epi`), compiled inside the kernels' AVX-512 / AVX2 functions, get the
 //! vector code too.
 
-use std::sync::OnceLock;
-
-/// The widest vector unit this CPU has that the kernels use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Simd {
-    /// AVX-512 F/BW/DQ/VL with FMA.
-    Avx512,
-    /// AVX2 with FMA.
-    Avx2,
-    /// Neither (or not x86-64): baseline code.
-    Baseline,
-}
-
-/// Detected once.
-pub(crate) fn simd() -> Simd {
-    static LEVEL: OnceLock<Simd> = OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512bw")
-                && std::is_x86_feature_detected!("avx512dq")
-                && std::is_x86_feature_detected!("avx512vl")
-                && std::is_x86_feature_detected!("fma")
-                && std::is_x86_feature_detected!("avx2")
-            {
-                return Simd::Avx512;
-            }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                return Simd::Avx2;
-            }
-        }
-        Simd::Baseline
-    })
-}
+pub(crate) use crate::device::{simd, Simd};
 
 /// `ln 2` in two parts (the high one exact in few bits), for `r = x − n ln 2` without
 /// cancellation error.
@@ -284,53 +250,25 @@ fn layer_norm_stats_generic(x: &[f32], d: usize, eps: f32, stats: &mut [[f32; 2]
     }
 }
 
-/// Defines `$name`, which runs `$generic` compiled for the best vector unit of this CPU.
-macro_rules! dispatch {
-    ($(#[$doc:meta])* $name:ident => $generic:ident ($($arg:ident : $ty:ty),*) -> $ret:ty) => {
-        $(#[$doc])*
-        pub fn $name($($arg: $ty),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma,avx2")]
-                unsafe fn avx512($($arg: $ty),*) -> $ret {
-                    $generic($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) -> $ret {
-                    $generic($($arg),*)
-                }
-                match simd() {
-                    // SAFETY: `simd` detected every feature the function is compiled for.
-                    Simd::Avx512 => return unsafe { avx512($($arg),*) },
-                    // SAFETY: as above, for AVX2 and FMA.
-                    Simd::Avx2 => return unsafe { avx2($($arg),*) },
-                    Simd::Baseline => {}
-                }
-            }
-            $generic($($arg),*)
-        }
-    };
-}
-
-dispatch!(
+crate::device::dispatch!(
     /// `x ← exp(x − max x)` over the row; returns the sum.
-    exp_shifted_in_place => exp_shifted_generic(row: &mut [f32]) -> f32
+    pub exp_shifted_in_place => exp_shifted_generic(row: &mut [f32]) -> f32
 );
-dispatch!(
+crate::device::dispatch!(
     /// `x ← x σ(1.702 x)`.
-    quick_gelu_in_place => quick_gelu_generic(xs: &mut [f32]) -> ()
+    pub quick_gelu_in_place => quick_gelu_generic(xs: &mut [f32]) -> ()
 );
-dispatch!(
+crate::device::dispatch!(
     /// `x ← x Φ(x)` (exact erf).
-    gelu_in_place => gelu_generic(xs: &mut [f32]) -> ()
+    pub gelu_in_place => gelu_generic(xs: &mut [f32]) -> ()
 );
-dispatch!(
+crate::device::dispatch!(
     /// Rounds to bf16 (nearest, ties to even), kept as f32.
-    round_bf16_in_place => round_bf16_generic(xs: &mut [f32]) -> ()
+    pub round_bf16_in_place => round_bf16_generic(xs: &mut [f32]) -> ()
 );
-dispatch!(
+crate::device::dispatch!(
     /// `(mean, rstd)` of every `d`-wide row of `x`.
-    layer_norm_stats => layer_norm_stats_generic(x: &[f32], d: usize, eps: f32, stats: &mut [[f32; 2]]) -> ()
+    pub layer_norm_stats => layer_norm_stats_generic(x: &[f32], d: usize, eps: f32, stats: &mut [[f32; 2]]) -> ()
 );
 
 #[cfg(test)]

@@ -248,6 +248,69 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_cor
     }
 }
 
+// Candle's elementwise ops on 64 Ki values or more run on candle's own thread pool, whose idle
+// worker then spins (25,000 `pause`s, ~1.7 ms on a Xeon) beside rayon's threads; on two cores
+// that spinning took ~3 ms of CPU per image from `zsad detect`. The per-batch ops of the
+// inference path are therefore done here, with the same single IEEE operations (the same bits).
+
+/// `[cls; patches_b] + positions` for every image `b`: `Tensor::cat` then `broadcast_add`, in one
+/// pass. `cls: [D]`, `patches: [B, P, D]`, `positions: [1 + P, D]` (f32, CPU) -> `[B, 1 + P, D]`.
+pub(crate) fn embed_tokens(
+    cls: &Tensor,
+    patches: &Tensor,
+    positions: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (b, p, d) = patches.dims3()?;
+    if cls.elem_count() != d || positions.dims() != [1 + p, d] {
+        candle_core::bail!(
+            "embed_tokens: cls {:?} and positions {:?} do not fit patches {:?}",
+            cls.dims(),
+            positions.dims(),
+            patches.dims()
+        );
+    }
+    let mut out = vec![0f32; b * (1 + p) * d];
+    with_f32(&cls.contiguous()?, |cls| {
+        with_f32(&patches.contiguous()?, |patches| {
+            with_f32(&positions.contiguous()?, |pos| {
+                for (image, src) in out.chunks_exact_mut((1 + p) * d).zip(patches.chunks(p * d)) {
+                    let (first, rest) = image.split_at_mut(d);
+                    let (pos0, pos_rest) = pos.split_at(d);
+                    for ((o, &c), &q) in first.iter_mut().zip(cls).zip(pos0) {
+                        *o = c + q;
+                    }
+                    for ((o, &x), &q) in rest.iter_mut().zip(src).zip(pos_rest) {
+                        *o = x + q;
+                    }
+                }
+            })
+        })
+    })???;
+    Tensor::from_vec(out, (b, 1 + p, d), &Device::Cpu)
+}
+
+/// `t / ‖t‖` over the last dimension (f32, CPU): `t.sqr().sum_keepdim(-1).sqrt()` then
+/// `broadcast_div`. The squares and quotients are computed here; the sum stays candle's
+/// reduction (single-threaded), so its order, and the bits, are what they were.
+pub(crate) fn l2_normalize_last(t: &Tensor) -> candle_core::Result<Tensor> {
+    let t = t.contiguous()?;
+    let d = t.dim(candle_core::D::Minus1)?;
+    let squares = with_f32(&t, |v| v.iter().map(|x| x * x).collect::<Vec<f32>>())?;
+    let norms = Tensor::from_vec(squares, t.shape(), &Device::Cpu)?
+        .sum_keepdim(candle_core::D::Minus1)?
+        .sqrt()?
+        .contiguous()?;
+    let out = with_f32(&t, |v| {
+        with_f32(&norms, |n| {
+            v.chunks(d.max(1))
+                .zip(n)
+                .flat_map(|(row, &n)| row.iter().map(move |x| x / n))
+                .collect::<Vec<f32>>()
+        })
+    })??;
+    Tensor::from_vec(out, t.shape(), &Device::Cpu)
+}
+
 /// A copy of `t` (f32, CPU) with every value rounded to bfloat16.
 pub fn round_bf16(t: &Tensor) -> candle_core::Result<Tensor> {
     let v = with_f32(&t.contiguous()?, rounded_copy)?;
@@ -1206,5 +1269,43 @@ mod tests {
     fn attention_refuses_zero_heads() {
         let qkv = Tensor::zeros((1, 4, 12), candle_core::DType::F32, &Device::Cpu).unwrap();
         assert!(attention(&qkv, 0, 1.0, None, ORDINARY).is_err());
+    }
+
+    /// The embedding and the L2 normalisation done here give candle's composition bit for bit,
+    /// on shapes above and below candle's threshold for its own thread pool.
+    #[test]
+    fn embedding_and_normalisation_equal_candle() {
+        let dev = Device::Cpu;
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        for (b, p, d) in [(1, 4, 8), (3, 196, 128), (2, 1, 1)] {
+            let patches = Tensor::from_vec(rand(1, b * p * d), (b, p, d), &dev).unwrap();
+            let cls = Tensor::from_vec(rand(2, d), d, &dev).unwrap();
+            let pos = Tensor::from_vec(rand(3, (1 + p) * d), (1 + p, d), &dev).unwrap();
+            let want = Tensor::cat(
+                &[&cls.reshape((1, 1, d)).unwrap().broadcast_as((b, 1, d)).unwrap(), &patches],
+                1,
+            )
+            .unwrap()
+            .broadcast_add(&pos.unsqueeze(0).unwrap())
+            .unwrap();
+            let got = embed_tokens(&cls, &patches, &pos).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            assert_eq!(bits(&got), bits(&want), "embedding {b}x{p}x{d}");
+
+            let n = patches.sqr().unwrap().sum_keepdim(candle_core::D::Minus1).unwrap();
+            let want = patches.broadcast_div(&n.sqrt().unwrap()).unwrap();
+            let got = l2_normalize_last(&patches).unwrap();
+            assert_eq!(bits(&got), bits(&want), "normalisation {b}x{p}x{d}");
+        }
+        // A zero row divides 0 by 0, as candle does.
+        let zero = Tensor::zeros((1, 2, 4), candle_core::DType::F32, &dev).unwrap();
+        let v: Vec<f32> = l2_normalize_last(&zero).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert!(v.iter().all(|x| x.is_nan()));
+        let cls = Tensor::zeros(3, candle_core::DType::F32, &dev).unwrap();
+        let pos = Tensor::zeros((2, 4), candle_core::DType::F32, &dev).unwrap();
+        assert!(embed_tokens(&cls, &zero, &pos).is_err(), "a class token of the wrong width");
     }
 }

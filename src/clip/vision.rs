@@ -143,6 +143,13 @@ impl VisionTransformer {
         }
         let x = self.patchify(&pixels.to_dtype(self.class_embedding.dtype())?)?;
         let x = self.patch_embedding.forward(&x)?; // [B, P, D]
+        if super::kernels::applies(&x)
+            && super::kernels::applies(&self.class_embedding)
+            && super::kernels::applies(&self.positions)
+        {
+            let x = super::kernels::embed_tokens(&self.class_embedding, &x, &self.positions)?;
+            return Ok(self.pre_layrnorm.forward(&x)?);
+        }
         let d = self.cfg.hidden_size;
         let cls = self
             .class_embedding

@@ -57,6 +57,14 @@ impl ValueRange {
             })
     }
 
+    /// [`Self::of`] over a slice, in one vectorised pass (a map at its image's size is about a
+    /// million values, and the statistics are drawn for every image).
+    pub fn of_slice(values: &[f32]) -> Option<Self> {
+        let (lo, hi) = finite_extremes(values);
+        // Only finite values enter, so `lo <= hi` exactly when there was one.
+        (lo <= hi).then_some(Self { lo, hi })
+    }
+
     /// The range covering both.
     pub fn union(self, other: Self) -> Self {
         Self {
@@ -77,6 +85,38 @@ impl ValueRange {
     }
 }
 
+/// The lowest and highest finite value, `(+inf, -inf)` without one: 16 running extremes that
+/// a vector register holds, merged at the end (min and max do not depend on the order).
+#[inline(always)]
+fn finite_extremes_generic(values: &[f32]) -> (f32, f32) {
+    const LANES: usize = 16;
+    let mut lo = [f32::INFINITY; LANES];
+    let mut hi = [f32::NEG_INFINITY; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for k in 0..LANES {
+            let v = chunk[k];
+            let finite = v.is_finite();
+            lo[k] = if finite && v < lo[k] { v } else { lo[k] };
+            hi[k] = if finite && v > hi[k] { v } else { hi[k] };
+        }
+    }
+    let (mut l, mut h) = (f32::INFINITY, f32::NEG_INFINITY);
+    for &v in rest.iter().chain(&lo).chain(&hi) {
+        if v.is_finite() {
+            l = l.min(v);
+            h = h.max(v);
+        }
+    }
+    (l, h)
+}
+
+crate::device::dispatch!(
+    /// [`finite_extremes_generic`] on this CPU's vector unit.
+    finite_extremes => finite_extremes_generic(values: &[f32]) -> (f32, f32)
+);
+
 /// The colormap as a 256-entry table: a colour shows less than the maps' 16-bit precision.
 fn inferno_table() -> [[u8; 3]; 256] {
     let mut lut = [[0u8; 3]; 256];
@@ -94,11 +134,14 @@ fn colour(lut: &[[u8; 3]; 256], t: f32) -> [u8; 3] {
 
 /// `round(t · 255)` for `t` clamped to [0, 1], as `f32::round` gives it (half away from zero)
 /// without a libm call per pixel: `v - trunc(v)` is exact below 2^23, so the comparison decides
-/// the same half-way cases `round` does.
+/// the same half-way cases `round` does. NaN is index 0.
 #[inline(always)]
 fn lut_index(t: f32) -> usize {
-    let v = t.clamp(0.0, 1.0) * 255.0;
-    let i = v as usize;
+    // `max` then `min` is `clamp` that also sends NaN to 0, so `v` is always in [0, 255].
+    let v = t.max(0.0).min(1.0) * 255.0;
+    // SAFETY: `v` is finite and in [0, 255], which `u32` holds; `as` would add a scalar range
+    // check per value and keep the loop from being vectorised.
+    let i = unsafe { v.to_int_unchecked::<u32>() } as usize;
     i + (v - i as f32 >= 0.5) as usize
 }
 
@@ -110,11 +153,32 @@ fn blend_table(alpha: f32) -> Vec<u8> {
     let mut table = vec![0u8; 256 * 256];
     for (c, row) in table.chunks_exact_mut(256).enumerate() {
         for (b, out) in row.iter_mut().enumerate() {
-            *out = ((1.0 - alpha) * b as f32 + alpha * c as f32).round() as u8;
+            // `round()` as in `lut_index`: the blend lies in [0, 255].
+            let v = (1.0 - alpha) * b as f32 + alpha * c as f32;
+            let i = v as u32;
+            *out = (i + (v - i as f32 >= 0.5) as u32) as u8;
         }
     }
     table
 }
+
+/// Pixels coloured per pass: their colormap indices fit a small stack buffer that stays in L1.
+const COLOUR_CHUNK: usize = 2048;
+
+/// The colormap index of every value: a separate, branch-free pass that is vectorised (the
+/// float division and rounding were most of the per-pixel cost when done beside the table
+/// lookups).
+#[inline(always)]
+fn colour_indices_generic(values: &[f32], range: ValueRange, out: &mut [u8]) {
+    for (o, &v) in out.iter_mut().zip(values) {
+        *o = lut_index(range.position(v)) as u8;
+    }
+}
+
+crate::device::dispatch!(
+    /// [`colour_indices_generic`] on this CPU's vector unit.
+    colour_indices => colour_indices_generic(values: &[f32], range: ValueRange, out: &mut [u8]) -> ()
+);
 
 /// The `w` x `h` map (row-major) through inferno with `range` at its ends, blended over `image`
 /// with the colour's opacity `alpha`, or alone without an image.
@@ -130,24 +194,30 @@ pub fn heatmap(
     let n = w as usize * h as usize;
     let mut out = RgbImage::new(w, h);
     let dst = &mut out.as_mut()[..n * 3];
-    let colours = map[..n].iter().map(|&v| colour(&lut, range.position(v)));
-    match image {
-        Some(img) => {
-            let blend = blend_table(alpha);
-            let base = &img.as_raw()[..n * 3];
-            for ((px, o), c) in dst
-                .chunks_exact_mut(3)
-                .zip(base.chunks_exact(3))
-                .zip(colours)
-            {
-                for k in 0..3 {
-                    px[k] = blend[c[k] as usize * 256 + o[k] as usize];
+    let blend = image.map(|_| blend_table(alpha));
+    let base = image.map(|img| &img.as_raw()[..n * 3]);
+    let mut idx = [0u8; COLOUR_CHUNK];
+    for (c, (values, dst)) in map[..n]
+        .chunks(COLOUR_CHUNK)
+        .zip(dst.chunks_mut(3 * COLOUR_CHUNK))
+        .enumerate()
+    {
+        let idx = &mut idx[..values.len()];
+        colour_indices(values, range, idx);
+        match (&blend, base) {
+            (Some(blend), Some(base)) => {
+                let base = &base[3 * c * COLOUR_CHUNK..][..dst.len()];
+                for ((px, o), &i) in dst.chunks_exact_mut(3).zip(base.chunks_exact(3)).zip(&*idx) {
+                    let colour = &lut[i as usize];
+                    for k in 0..3 {
+                        px[k] = blend[(colour[k] as usize) << 8 | o[k] as usize];
+                    }
                 }
             }
-        }
-        None => {
-            for (px, c) in dst.chunks_exact_mut(3).zip(colours) {
-                px.copy_from_slice(&c);
+            _ => {
+                for (px, &i) in dst.chunks_exact_mut(3).zip(&*idx) {
+                    px.copy_from_slice(&lut[i as usize]);
+                }
             }
         }
     }
@@ -340,6 +410,27 @@ mod tests {
             ValueRange { lo: 0.1, hi: 0.5 }.union(ValueRange { lo: 0.3, hi: 0.9 }),
             ValueRange { lo: 0.1, hi: 0.9 }
         );
+    }
+
+    /// The vectorised extremes equal the iterator form on every length around the 16 lanes,
+    /// with NaN and infinities scattered in, and on slices with no finite value.
+    #[test]
+    fn slice_extremes_equal_the_iterator_form() {
+        let mut rng = crate::rng::SplitMix64(5);
+        for n in 0..70 {
+            let mut v = rng.normal(n, 2.0);
+            for (i, x) in v.iter_mut().enumerate() {
+                match (i * 7 + n) % 11 {
+                    0 => *x = f32::NAN,
+                    1 => *x = f32::INFINITY,
+                    2 => *x = f32::NEG_INFINITY,
+                    _ => {}
+                }
+            }
+            assert_eq!(ValueRange::of_slice(&v), ValueRange::of(v.iter().copied()), "{v:?}");
+        }
+        assert_eq!(ValueRange::of_slice(&[f32::NAN; 40]), None);
+        assert_eq!(ValueRange::of_slice(&[f32::INFINITY, f32::NEG_INFINITY]), None);
     }
 
     #[test]

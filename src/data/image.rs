@@ -107,7 +107,7 @@ pub fn strip_path(msg: String, path: &Path) -> String {
 /// (the path left out, for a record's `error`).
 pub fn decode_rgb(path: &Path, limits: &DecodeLimits) -> std::result::Result<RgbImage, String> {
     decode_limited(path, limits)
-        .map(|img| to_rgb8(&img))
+        .map(into_rgb8)
         .map_err(|e| strip_path(e.to_string(), path))
 }
 
@@ -226,6 +226,15 @@ pub fn check_dimensions(path: &Path, w: u32, h: u32, limits: &DecodeLimits) -> R
 pub fn to_rgb8(img: &DynamicImage) -> RgbImage {
     // image's own conversion scales 16-bit and float samples to 8 bits and drops alpha.
     img.to_rgb8()
+}
+
+/// [`to_rgb8`] that keeps an 8-bit RGB image's own buffer (most photographs and PNGs) instead
+/// of converting it pixel by pixel into a copy.
+pub fn into_rgb8(img: DynamicImage) -> RgbImage {
+    match img {
+        DynamicImage::ImageRgb8(rgb) => rgb,
+        other => to_rgb8(&other),
+    }
 }
 
 /// 8-bit grey (`convert("L")`-like) for masks: for colour masks, any channel's value counts.

@@ -99,8 +99,22 @@ fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// Resizes interleaved 8-bit pixels (`channels` per pixel, row-major `w x h`) to `dw x dh`.
-pub fn resize(
+crate::device::dispatch!(
+    /// Resizes interleaved 8-bit pixels (`channels` per pixel, row-major `w x h`) to `dw x dh`.
+    /// The integer sums are exact, so every vector unit gives the same bytes.
+    pub resize => resize_generic(
+        src: &[u8],
+        w: usize,
+        h: usize,
+        channels: usize,
+        dw: usize,
+        dh: usize,
+        filter: Filter
+    ) -> Vec<u8>
+);
+
+#[inline(always)]
+fn resize_generic(
     src: &[u8],
     w: usize,
     h: usize,

@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use super::prelude::ModelOptions;
 use crate::clip::preprocess::preprocess;
 use crate::clip::{Hooks, PosInterpolation};
-use crate::data::image::{decode, to_rgb8};
+use crate::data::image::{decode, into_rgb8};
 use crate::error::{OptionError, Result};
 use crate::fsio::OutDir;
 
@@ -49,7 +49,7 @@ fn image_tensors(
     for chunk in opts.images.chunks(opts.batch_size) {
         let pixels = chunk
             .iter()
-            .map(|p| preprocess(&to_rgb8(&decode(p)?), size, vision.device()))
+            .map(|p| preprocess(&into_rgb8(decode(p)?), size, vision.device()))
             .collect::<Result<Vec<_>>>()?;
         let o = vision.forward(&Tensor::stack(&pixels, 0)?, &hooks)?;
         pooled.push(o.pooled.to_device(&Device::Cpu)?);

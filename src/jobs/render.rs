@@ -124,14 +124,36 @@ pub struct MapStats {
 
 impl MapStats {
     pub fn of(map: &[f32]) -> Self {
-        let observed = ValueRange::of(map.iter().copied()).unwrap_or(ValueRange::UNIT);
+        let observed = ValueRange::of_slice(map).unwrap_or(ValueRange::UNIT);
         Self {
             max: observed.hi,
-            mean: (map.iter().map(|&v| v as f64).sum::<f64>() / map.len() as f64) as f32,
+            mean: (sum_f64(map) / map.len() as f64) as f32,
             min: observed.lo,
         }
     }
 }
+
+/// The sum of `values` in f64, as 8 running sums (one AVX-512 register) added at the end: one
+/// chain of dependent f64 additions over a million values cost ~3 ms an image. The order moves
+/// only f64 roundings (~1e-16 relative), far below the f32 the mean is recorded in.
+#[inline(always)]
+fn sum_f64_generic(values: &[f32]) -> f64 {
+    const LANES: usize = 8;
+    let mut acc = [0f64; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let rest: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+    for chunk in chunks {
+        for k in 0..LANES {
+            acc[k] += chunk[k] as f64;
+        }
+    }
+    acc.iter().sum::<f64>() + rest
+}
+
+crate::device::dispatch!(
+    /// [`sum_f64_generic`] on this CPU's vector unit.
+    sum_f64 => sum_f64_generic(values: &[f32]) -> f64
+);
 
 /// The map of a detection at its image's size (`w` x `h`, row-major): what every file and
 /// record of `zsad detect` is made from.
@@ -239,4 +261,30 @@ pub fn write(out: &OutDir, rendered: &Rendered) -> Result<()> {
         out.write(rel, bytes)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The statistics equal the sequential forms they replaced: the extremes exactly, the f64
+    /// sum to ~1e-15 relative, and so (on these fixed maps) the recorded f32 mean exactly.
+    #[test]
+    fn map_stats_equal_the_sequential_forms() {
+        let mut rng = crate::rng::SplitMix64(11);
+        for n in [1usize, 7, 8, 9, 100, 50_625, 810_000] {
+            let map: Vec<f32> = rng.normal(n, 0.3).iter().map(|v| v.abs().min(1.0)).collect();
+            let s = MapStats::of(&map);
+            let sequential: f64 = map.iter().map(|&v| v as f64).sum();
+            let sum = sum_f64(&map);
+            assert!((sum - sequential).abs() <= 1e-15 * sequential.abs().max(1.0), "{n}");
+            assert_eq!(s.mean, (sequential / n as f64) as f32, "{n}");
+            let r = ValueRange::of(map.iter().copied()).unwrap();
+            assert_eq!((s.min, s.max), (r.lo, r.hi), "{n}");
+        }
+        // No finite value: the unit range, and a NaN mean.
+        let s = MapStats::of(&[f32::NAN, f32::INFINITY]);
+        assert_eq!((s.min, s.max), (0.0, 1.0));
+        assert!(s.mean.is_nan());
+    }
 }

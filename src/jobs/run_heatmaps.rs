@@ -46,7 +46,7 @@ fn run_range(out: &OutDir, records: &[&Record]) -> Option<ValueRange> {
             _ => {
                 let p = inside(out, r.map.as_deref()?).ok()?;
                 let (map, _, _) = outputs::read_map(&p).ok()?;
-                ValueRange::of(map)
+                ValueRange::of_slice(&map)
             }
         })
         .reduce(ValueRange::union)

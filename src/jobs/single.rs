@@ -20,7 +20,7 @@ use super::info::{describe, ModelInfo};
 use super::pipeline::{check_finite, detect_in_parts, pass_size};
 use super::reference::BankOptions;
 use super::render::{map_at_image_size, MapStats};
-use crate::data::image::{check_dimensions, decode_limited, to_rgb8, DecodeLimits};
+use crate::data::image::{check_dimensions, decode_limited, into_rgb8, DecodeLimits};
 use crate::data::records::Regions;
 use crate::decision::regions::defect_regions;
 use crate::decision::thresholds::ThresholdFile;
@@ -143,7 +143,7 @@ impl ImageDetector {
     /// (`data::image::decode_rgb`, keeping the typed error: a missing file is
     /// [`crate::error::FileError`], an undecodable one [`crate::error::InputError`]).
     pub fn decode(&self, path: &Path) -> Result<RgbImage> {
-        decode_limited(path, &self.limits).map(|img| to_rgb8(&img))
+        decode_limited(path, &self.limits).map(into_rgb8)
     }
 
     /// Whether an image given in memory is within the limits a decoded file is held to (no

@@ -55,6 +55,9 @@ pub(crate) fn round_f16(t: &Tensor) -> Result<Tensor> {
 /// L2-normalises the last dimension, in f32 at least (in f16 a sum of squares overflows once a
 /// vector is longer than 256); the result is in `t`'s dtype.
 pub(crate) fn normalize(t: &Tensor) -> Result<Tensor> {
+    if crate::clip::kernels::applies(t) {
+        return Ok(crate::clip::kernels::l2_normalize_last(t)?);
+    }
     let w = t.to_dtype(crate::clip::wide(t.dtype()))?;
     let n = w.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
     Ok(w.broadcast_div(&n)?.to_dtype(t.dtype())?)

@@ -4,13 +4,13 @@
 use image::{imageops, GrayImage, RgbImage};
 
 use crate::data::dataset::Sample;
-use crate::data::image::{decode, decode_mask, resize_bicubic, resize_bilinear_gray, to_rgb8};
+use crate::data::image::{decode, decode_mask, resize_bicubic, resize_bilinear_gray, into_rgb8};
 use crate::rng::SplitMix64;
 use crate::Result;
 
 /// An image and its 0/255 mask (all zero without a mask file).
 pub fn load(s: &Sample) -> Result<(RgbImage, GrayImage)> {
-    let rgb = to_rgb8(&decode(&s.image)?);
+    let rgb = into_rgb8(decode(&s.image)?);
     let mask = match &s.mask {
         Some(m) => decode_mask(m)?,
         None => GrayImage::new(rgb.width(), rgb.height()),
