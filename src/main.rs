@@ -11,5 +11,15 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // candle runs its element-wise ops on large tensors (the maps of a pass, say) on a thread
+    // pool of its own whose idle workers spin 25,000 `pause`s (~1.7 ms on a Xeon) after every
+    // op before they sleep; on a machine with few cores that spinning takes the CPU from
+    // rayon's threads (the model) and from the decoding and encoding threads of `detect`.
+    // A thousand spins (~30-70 µs) keep its latency for ops that follow each other closely.
+    // Set here, first in `main` and before any other thread exists, where changing the
+    // environment is sound; a value the user set is kept.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
+    }
     zsad::cli::main()
 }

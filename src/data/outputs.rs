@@ -8,7 +8,6 @@ use image::{ImageBuffer, Luma, RgbImage};
 use crate::error::{Error, Result};
 use crate::fsio::FileKind;
 
-/// `round(p · 65535)` as a 16-bit grey PNG: one fixed scale for every image.
 /// A defect mask as an 8-bit grey PNG: 255 where set, 0 elsewhere.
 pub fn mask_png(mask: &[bool], w: u32, h: u32) -> Result<Vec<u8>> {
     let px: Vec<u8> = mask.iter().map(|&b| if b { 255 } else { 0 }).collect();
@@ -17,6 +16,7 @@ pub fn mask_png(mask: &[bool], w: u32, h: u32) -> Result<Vec<u8>> {
     encode_png(&img)
 }
 
+/// `round(p · 65535)` as a 16-bit grey PNG: one fixed scale for every image.
 pub fn map_png(map: &[f32], w: u32, h: u32) -> Result<Vec<u8>> {
     let mut px = vec![0u16; map.len()];
     levels16(map, &mut px);
