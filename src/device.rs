@@ -1,6 +1,7 @@
 //! The device the model runs on (`--device cpu|cuda`), with errors that say what to change: a
 //! build without CUDA, no GPU or driver, a GPU out of memory; and how many images one pass can
-//! take on a GPU.
+//! take on a GPU. On the CPU: its widest vector unit (`simd`) and `dispatch!`, which compiles
+//! a vectorisable loop again for it (the crate itself targets baseline x86-64).
 
 use candle_core::Device;
 
