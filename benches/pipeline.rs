@@ -1,8 +1,9 @@
 //! `cargo bench --bench pipeline`: the CPU that `zsad detect` spends on an image outside the
-//! model, stage by stage, on one thread: decoding, the CLIP preprocessing, the map at the
-//! image's size and its statistics, the map PNG, drawing and encoding the heatmap, and all of
-//! `render` together. On two cores this work competes with the backbone for the same CPUs, so
-//! every millisecond here is throughput (issue 25's `detect` against the backbone).
+//! model, stage by stage, on one thread: decoding, the CLIP preprocessing, the map's smoothing
+//! (σ = 4 at 224), the map at the image's size and its statistics, the map PNG, drawing and
+//! encoding the heatmap, and all of `render` together. On two cores this work competes with the
+//! backbone for the same CPUs, so every millisecond here is throughput (issue 25's `detect`
+//! against the backbone).
 //!
 //! The image is MVTec bottle `test/broken_large/000.png` (900x900) from `../shared` where it is
 //! present, else a synthetic 900x900 picture; the map is a smooth 224x224 blob. Each stage runs
@@ -90,6 +91,9 @@ fn main() {
     });
     time("preprocess", runs, &filter, || {
         zsad::clip::preprocess::preprocess(&rgb, size, &candle_core::Device::Cpu).unwrap()
+    });
+    time("smoothing", runs, &filter, || {
+        zsad::method::maps::gaussian_filter(&det.map, size, size, 4.0)
     });
     time("map_at_image_size", runs, &filter, || {
         render::map_at_image_size(&det, w, h)

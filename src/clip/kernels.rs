@@ -1285,7 +1285,13 @@ mod tests {
             let cls = Tensor::from_vec(rand(2, d), d, &dev).unwrap();
             let pos = Tensor::from_vec(rand(3, (1 + p) * d), (1 + p, d), &dev).unwrap();
             let want = Tensor::cat(
-                &[&cls.reshape((1, 1, d)).unwrap().broadcast_as((b, 1, d)).unwrap(), &patches],
+                &[
+                    &cls.reshape((1, 1, d))
+                        .unwrap()
+                        .broadcast_as((b, 1, d))
+                        .unwrap(),
+                    &patches,
+                ],
                 1,
             )
             .unwrap()
@@ -1295,17 +1301,29 @@ mod tests {
             assert_eq!(got.dims(), want.dims());
             assert_eq!(bits(&got), bits(&want), "embedding {b}x{p}x{d}");
 
-            let n = patches.sqr().unwrap().sum_keepdim(candle_core::D::Minus1).unwrap();
+            let n = patches
+                .sqr()
+                .unwrap()
+                .sum_keepdim(candle_core::D::Minus1)
+                .unwrap();
             let want = patches.broadcast_div(&n.sqrt().unwrap()).unwrap();
             let got = l2_normalize_last(&patches).unwrap();
             assert_eq!(bits(&got), bits(&want), "normalisation {b}x{p}x{d}");
         }
         // A zero row divides 0 by 0, as candle does.
         let zero = Tensor::zeros((1, 2, 4), candle_core::DType::F32, &dev).unwrap();
-        let v: Vec<f32> = l2_normalize_last(&zero).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let v: Vec<f32> = l2_normalize_last(&zero)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert!(v.iter().all(|x| x.is_nan()));
         let cls = Tensor::zeros(3, candle_core::DType::F32, &dev).unwrap();
         let pos = Tensor::zeros((2, 4), candle_core::DType::F32, &dev).unwrap();
-        assert!(embed_tokens(&cls, &zero, &pos).is_err(), "a class token of the wrong width");
+        assert!(
+            embed_tokens(&cls, &zero, &pos).is_err(),
+            "a class token of the wrong width"
+        );
     }
 }

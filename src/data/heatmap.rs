@@ -427,10 +427,17 @@ mod tests {
                     _ => {}
                 }
             }
-            assert_eq!(ValueRange::of_slice(&v), ValueRange::of(v.iter().copied()), "{v:?}");
+            assert_eq!(
+                ValueRange::of_slice(&v),
+                ValueRange::of(v.iter().copied()),
+                "{v:?}"
+            );
         }
         assert_eq!(ValueRange::of_slice(&[f32::NAN; 40]), None);
-        assert_eq!(ValueRange::of_slice(&[f32::INFINITY, f32::NEG_INFINITY]), None);
+        assert_eq!(
+            ValueRange::of_slice(&[f32::INFINITY, f32::NEG_INFINITY]),
+            None
+        );
     }
 
     #[test]

@@ -234,7 +234,15 @@ mod tests {
                 [p, p.next_up(), p.next_down()]
             })
             .collect();
-        v.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, -1.0, 2.0, 1.0]);
+        v.extend([
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -0.0,
+            -1.0,
+            2.0,
+            1.0,
+        ]);
         let mut got = vec![0u16; v.len()];
         levels16(&v, &mut got);
         for (&p, &g) in v.iter().zip(&got) {

@@ -273,11 +273,18 @@ mod tests {
     fn map_stats_equal_the_sequential_forms() {
         let mut rng = crate::rng::SplitMix64(11);
         for n in [1usize, 7, 8, 9, 100, 50_625, 810_000] {
-            let map: Vec<f32> = rng.normal(n, 0.3).iter().map(|v| v.abs().min(1.0)).collect();
+            let map: Vec<f32> = rng
+                .normal(n, 0.3)
+                .iter()
+                .map(|v| v.abs().min(1.0))
+                .collect();
             let s = MapStats::of(&map);
             let sequential: f64 = map.iter().map(|&v| v as f64).sum();
             let sum = sum_f64(&map);
-            assert!((sum - sequential).abs() <= 1e-15 * sequential.abs().max(1.0), "{n}");
+            assert!(
+                (sum - sequential).abs() <= 1e-15 * sequential.abs().max(1.0),
+                "{n}"
+            );
             assert_eq!(s.mean, (sequential / n as f64) as f32, "{n}");
             let r = ValueRange::of(map.iter().copied()).unwrap();
             assert_eq!((s.min, s.max), (r.lo, r.hi), "{n}");

@@ -119,6 +119,7 @@ fn reflect(i: i64, n: i64) -> usize {
 
 /// One `correlate1d` pass along a strided line set, in f64, stored as f32 (scipy casts each
 /// pass's output to the input dtype).
+#[inline(always)]
 fn correlate_pass(
     src: &[f32],
     dst: &mut [f32],
@@ -176,6 +177,7 @@ fn correlate_pass(
 
 /// `acc[i] = pad[i + r] k[r] + Σ_{j=1..r} (pad[i + r − j] + pad[i + r + j]) k[r + j]`, in that
 /// order for every `i`.
+#[inline(always)]
 fn taps_along(pad: &[f64], acc: &mut [f64], k: &[f64]) {
     let r = k.len() / 2;
     let n = acc.len();
@@ -194,6 +196,22 @@ fn taps_along(pad: &[f64], acc: &mut [f64], k: &[f64]) {
 /// `scipy.ndimage.gaussian_filter(map, sigma, truncate=4.0, mode="reflect")` of a row-major
 /// `h x w` f32 map: axis 0 then axis 1, each pass cast to f32.
 pub fn gaussian_filter(map: &[f32], h: usize, w: usize, sigma: f64) -> Vec<f32> {
+    gaussian_filter_dispatched(map, h, w, sigma)
+}
+
+crate::device::dispatch!(
+    /// [`gaussian_filter_generic`] on this CPU's vector unit: the passes' f64 multiply-adds
+    /// run 8 or 4 positions at a time instead of SSE2's 2, each output summed in the same order.
+    gaussian_filter_dispatched => gaussian_filter_generic(
+        map: &[f32],
+        h: usize,
+        w: usize,
+        sigma: f64
+    ) -> Vec<f32>
+);
+
+#[inline(always)]
+fn gaussian_filter_generic(map: &[f32], h: usize, w: usize, sigma: f64) -> Vec<f32> {
     assert_eq!(map.len(), h * w, "map does not match {h}x{w}");
     if sigma <= 0.0 {
         return map.to_vec();

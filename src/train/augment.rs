@@ -4,7 +4,7 @@
 use image::{imageops, GrayImage, RgbImage};
 
 use crate::data::dataset::Sample;
-use crate::data::image::{decode, decode_mask, resize_bicubic, resize_bilinear_gray, into_rgb8};
+use crate::data::image::{decode, decode_mask, into_rgb8, resize_bicubic, resize_bilinear_gray};
 use crate::rng::SplitMix64;
 use crate::Result;
 
