@@ -1,9 +1,9 @@
 //! `cargo bench --bench pipeline`: the CPU that `zsad detect` spends on an image outside the
 //! model, stage by stage, on one thread: decoding, the CLIP preprocessing, the map's smoothing
-//! (σ = 4 at 224), the map at the image's size and its statistics, the map PNG, drawing and
-//! encoding the heatmap, and all of `render` together. On two cores this work competes with the
-//! backbone for the same CPUs, so every millisecond here is throughput (issue 25's `detect`
-//! against the backbone).
+//! (σ = 4 at 224), the map at the image's size and its statistics, the map PNG (and `.npy`),
+//! drawing and encoding the heatmap, and all of `render` together. On two cores this work
+//! competes with the backbone for the same CPUs, so every millisecond here is throughput
+//! (issue 25's `detect` against the backbone).
 //!
 //! The image is MVTec bottle `test/broken_large/000.png` (900x900) from `../shared` where it is
 //! present, else a synthetic 900x900 picture; the map is a smooth 224x224 blob. Each stage runs
@@ -101,6 +101,9 @@ fn main() {
     time("map_stats", runs, &filter, || MapStats::of(&full));
     time("map_png", runs, &filter, || {
         zsad::data::outputs::map_png(&full, w, h).unwrap()
+    });
+    time("map_npy", runs, &filter, || {
+        zsad::data::outputs::map_npy(&full, w, h)
     });
     time("heatmap_draw", runs, &filter, || {
         render::draw_heatmap(&opts, &full, (w, h), Some(&rgb), None, ValueRange::UNIT)

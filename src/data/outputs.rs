@@ -114,8 +114,12 @@ pub fn map_npy(map: &[f32], w: u32, h: u32) -> Vec<u8> {
     out.extend_from_slice(b"\x93NUMPY\x01\x00");
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
-    for v in map {
-        out.extend_from_slice(&v.to_le_bytes());
+    // The values into a buffer of their final size: a copy on little-endian machines, where
+    // growing the vector four bytes at a time cost ~1.5 ms at 900x900.
+    let start = out.len();
+    out.resize(start + map.len() * 4, 0);
+    for (o, v) in out[start..].chunks_exact_mut(4).zip(map) {
+        o.copy_from_slice(&v.to_le_bytes());
     }
     out
 }
