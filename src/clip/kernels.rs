@@ -273,7 +273,10 @@ pub(crate) fn embed_tokens(
     with_f32(&cls.contiguous()?, |cls| {
         with_f32(&patches.contiguous()?, |patches| {
             with_f32(&positions.contiguous()?, |pos| {
-                for (image, src) in out.chunks_exact_mut((1 + p) * d).zip(patches.chunks(p * d)) {
+                // Indexed, not chunked: `p` or `d` may be 0.
+                for i in 0..b {
+                    let image = &mut out[i * (1 + p) * d..(i + 1) * (1 + p) * d];
+                    let src = &patches[i * p * d..(i + 1) * p * d];
                     let (first, rest) = image.split_at_mut(d);
                     let (pos0, pos_rest) = pos.split_at(d);
                     for ((o, &c), &q) in first.iter_mut().zip(cls).zip(pos0) {
@@ -1280,7 +1283,7 @@ mod tests {
             let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
             v.iter().map(|x| x.to_bits()).collect()
         };
-        for (b, p, d) in [(1, 4, 8), (3, 196, 128), (2, 1, 1)] {
+        for (b, p, d) in [(1, 4, 8), (3, 196, 128), (2, 1, 1), (2, 0, 4)] {
             let patches = Tensor::from_vec(rand(1, b * p * d), (b, p, d), &dev).unwrap();
             let cls = Tensor::from_vec(rand(2, d), d, &dev).unwrap();
             let pos = Tensor::from_vec(rand(3, (1 + p) * d), (1 + p, d), &dev).unwrap();

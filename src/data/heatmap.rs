@@ -132,13 +132,28 @@ fn colour(lut: &[[u8; 3]; 256], t: f32) -> [u8; 3] {
     lut[lut_index(t)]
 }
 
+/// `t` clamped to [0, 1], NaN to 0: comparisons only, defined for every bit pattern (where
+/// `f32::max(NaN, 0.0)` may pass a signalling NaN on as a quiet one), and vectorised.
+#[inline(always)]
+pub(crate) fn unit_clamp(t: f32) -> f32 {
+    if t > 0.0 {
+        if t < 1.0 {
+            t
+        } else {
+            1.0
+        }
+    } else {
+        0.0
+    }
+}
+
 /// `round(t · 255)` for `t` clamped to [0, 1], as `f32::round` gives it (half away from zero)
 /// without a libm call per pixel: `v - trunc(v)` is exact below 2^23, so the comparison decides
 /// the same half-way cases `round` does. NaN is index 0.
 #[inline(always)]
 fn lut_index(t: f32) -> usize {
-    // `max` then `min` is `clamp` that also sends NaN to 0, so `v` is always in [0, 255].
-    let v = t.max(0.0).min(1.0) * 255.0;
+    // `clamp` that also sends NaN (quiet or signalling) to 0, so `v` is always in [0, 255].
+    let v = unit_clamp(t) * 255.0;
     // SAFETY: `v` is finite and in [0, 255], which `u32` holds; `as` would add a scalar range
     // check per value and keep the loop from being vectorised.
     let i = unsafe { v.to_int_unchecked::<u32>() } as usize;
@@ -156,7 +171,8 @@ fn blend_table(alpha: f32) -> Vec<u8> {
             // `round()` as in `lut_index`: the blend lies in [0, 255].
             let v = (1.0 - alpha) * b as f32 + alpha * c as f32;
             let i = v as u32;
-            *out = (i + (v - i as f32 >= 0.5) as u32) as u8;
+            // `min`: `round() as u8` saturates where an opacity outside [0, 1] goes past 255.
+            *out = (i + (v - i as f32 >= 0.5) as u32).min(255) as u8;
         }
     }
     table
@@ -410,6 +426,41 @@ mod tests {
             ValueRange { lo: 0.1, hi: 0.5 }.union(ValueRange { lo: 0.3, hi: 0.9 }),
             ValueRange { lo: 0.1, hi: 0.9 }
         );
+    }
+
+    /// Pictures of more than one colour chunk (and a partial last one) get every pixel's
+    /// colour, blended or alone, from its own value and base pixel.
+    #[test]
+    fn chunks_keep_each_pixel_in_place() {
+        let mut rng = crate::rng::SplitMix64(9);
+        let (w, h) = (97u32, 43u32); // 4,171 pixels: two whole chunks and a part
+        let n = (w * h) as usize;
+        let mut values: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 / 999.0).collect();
+        values[5] = f32::NAN;
+        values[n - 1] = 7.0;
+        let img = RgbImage::from_fn(w, h, |_, _| {
+            let v = rng.next_u64();
+            Rgb([v as u8, (v >> 8) as u8, (v >> 16) as u8])
+        });
+        let lut = inferno_table();
+        let range = ValueRange { lo: 0.1, hi: 0.9 };
+        for image in [Some(&img), None] {
+            let got = heatmap(&values, image, w, h, 0.35, range);
+            for (i, &v) in values.iter().enumerate() {
+                let (x, y) = (i as u32 % w, i as u32 / w);
+                let c = lut[(range.position(v).clamp(0.0, 1.0) * 255.0).round() as usize];
+                let want: [u8; 3] = match image {
+                    Some(img) => {
+                        let o = img.get_pixel(x, y).0;
+                        std::array::from_fn(|k| {
+                            ((1.0 - 0.35f32) * o[k] as f32 + 0.35 * c[k] as f32).round() as u8
+                        })
+                    }
+                    None => c,
+                };
+                assert_eq!(got.get_pixel(x, y).0, want, "pixel {i}, value {v}");
+            }
+        }
     }
 
     /// The vectorised extremes equal the iterator form on every length around the 16 lanes,

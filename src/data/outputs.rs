@@ -30,8 +30,8 @@ pub fn map_png(map: &[f32], w: u32, h: u32) -> Result<Vec<u8>> {
 /// same integers, vectorised. NaN is level 0.
 #[inline(always)]
 fn level16(p: f32) -> u16 {
-    // `max` then `min` is `clamp` that also sends NaN to 0, so `v` is always in [0, 65535].
-    let v = p.max(0.0).min(1.0) * 65535.0;
+    // `clamp` that also sends NaN to 0, so `v` is always in [0, 65535].
+    let v = crate::data::heatmap::unit_clamp(p) * 65535.0;
     // SAFETY: `v` is finite and in [0, 65535] (see above), which `u32` holds. The unchecked
     // conversion is one vector instruction; `as` adds a scalar range check per value.
     let t = unsafe { v.to_int_unchecked::<u32>() };

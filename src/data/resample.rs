@@ -236,6 +236,9 @@ fn horizontal_rgb_rows(src: &[u8], w: usize, out: &mut [u8], dw: usize, ch: &Coe
     const R: usize = ROW_BLOCK;
     let (in_stride, out_stride) = (3 * w, 3 * dw);
     let blocks = src.len() / in_stride / R;
+    if blocks == 0 {
+        return 0;
+    }
     // `t[s · R + r]`: sample `s` (pixel · 3 + channel) of row `r` of the block.
     let mut t = vec![0i32; in_stride * R];
     let mut sums = vec![[0i32; R]; out_stride];
