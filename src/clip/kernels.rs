@@ -303,14 +303,12 @@ pub(crate) fn l2_normalize_last(t: &Tensor) -> candle_core::Result<Tensor> {
         .sum_keepdim(candle_core::D::Minus1)?
         .sqrt()?
         .contiguous()?;
-    let out = with_f32(&t, |v| {
-        with_f32(&norms, |n| {
-            v.chunks(d.max(1))
-                .zip(n)
-                .flat_map(|(row, &n)| row.iter().map(move |x| x / n))
-                .collect::<Vec<f32>>()
-        })
-    })??;
+    let mut out = with_f32(&t, <[f32]>::to_vec)?;
+    with_f32(&norms, |n| {
+        for (row, &n) in out.chunks_mut(d.max(1)).zip(n) {
+            row.iter_mut().for_each(|x| *x /= n);
+        }
+    })?;
     Tensor::from_vec(out, t.shape(), &Device::Cpu)
 }
 

@@ -193,16 +193,12 @@ fn taps_along(pad: &[f64], acc: &mut [f64], k: &[f64]) {
     }
 }
 
-/// `scipy.ndimage.gaussian_filter(map, sigma, truncate=4.0, mode="reflect")` of a row-major
-/// `h x w` f32 map: axis 0 then axis 1, each pass cast to f32.
-pub fn gaussian_filter(map: &[f32], h: usize, w: usize, sigma: f64) -> Vec<f32> {
-    gaussian_filter_dispatched(map, h, w, sigma)
-}
-
 crate::device::dispatch!(
-    /// [`gaussian_filter_generic`] on this CPU's vector unit: the passes' f64 multiply-adds
-    /// run 8 or 4 positions at a time instead of SSE2's 2, each output summed in the same order.
-    gaussian_filter_dispatched => gaussian_filter_generic(
+    /// `scipy.ndimage.gaussian_filter(map, sigma, truncate=4.0, mode="reflect")` of a row-major
+    /// `h x w` f32 map: axis 0 then axis 1, each pass cast to f32. Compiled for this CPU's
+    /// vector unit: the passes' f64 multiply-adds run 8 or 4 positions at a time instead of
+    /// SSE2's 2, each output summed in the same order.
+    pub gaussian_filter => gaussian_filter_generic(
         map: &[f32],
         h: usize,
         w: usize,
