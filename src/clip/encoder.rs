@@ -240,8 +240,9 @@ impl ResidualBlock {
 struct Workspace {
     stats: Vec<[f32; 2]>,
     qkv: Vec<f32>,
+    /// The merged heads (f32), or on a bf16 unit packed for `out_proj`.
     attn: Vec<f32>,
-    attn_vv: Vec<f32>,
+    attn_bf16: kernels::PackedRows,
     hidden: Vec<f32>,
     /// The MLP's hidden layer on a bf16 unit.
     hidden_bf16: kernels::PackedRows,
@@ -299,13 +300,11 @@ impl ResidualBlock {
         self.layer_norm1.stats(x, d, stats);
         let qkv = grow(&mut ws.qkv, m * 3 * d);
         attn.qkv_into(m, self.layer_norm1.source(x, d, stats), qkv)?;
-        let merged = grow(&mut ws.attn, b * rows * d);
         let (mask, hw) = (ctx.mask, ctx.head_weights);
-        attn.attend_into(qkv, (b, l), kernels::ORDINARY, rows, mask, hw, merged)?;
+        let merged = (&mut ws.attn, &mut ws.attn_bf16);
         if let Some(vv) = vv {
-            let merged_vv = grow(&mut ws.attn_vv, m * d);
-            attn.attend_into(qkv, (b, l), kernels::VALUE_VALUE, l, mask, hw, merged_vv)?;
-            attn.out_proj_into(m, merged_vv, &mut vv[..m * d])?;
+            let vv = &mut vv[..m * d];
+            attn.attend_project_into(qkv, (b, l), kernels::VALUE_VALUE, l, mask, hw, merged, vv)?;
         }
         if rows < l {
             for bi in 1..b {
@@ -313,8 +312,19 @@ impl ResidualBlock {
             }
             x.truncate(b * rows * d);
         }
+        // The attention reads `qkv` alone, so the residual stream's rows can move first.
         let m = b * rows;
-        attn.out_proj_into(m, merged, &mut x[..m * d])?;
+        let merged = (&mut ws.attn, &mut ws.attn_bf16);
+        attn.attend_project_into(
+            qkv,
+            (b, l),
+            kernels::ORDINARY,
+            rows,
+            mask,
+            hw,
+            merged,
+            &mut x[..m * d],
+        )?;
         let stats = &mut ws.stats[..m];
         self.layer_norm2.stats(x, d, stats);
         let width = self.mlp.fc2_width();

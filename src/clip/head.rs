@@ -19,7 +19,7 @@
 
 use super::gemm_bf16::{
     self, as_lines, block32, pack_columns, pack_rows, tiles_off, tiles_on, BView, Block, Kernel,
-    Line, PackedA, ZERO_LINE,
+    Line, PackedA, RowLines, ZERO_LINE,
 };
 use super::gemm_f32::F32Kernel;
 #[cfg(target_arch = "x86_64")]
@@ -42,6 +42,10 @@ pub(crate) struct HeadJob<'a> {
     pub weight: f32,
     pub out: *mut f32,
     pub ld: usize,
+    /// Instead of `out`: the head's output as bf16 into the output projection's packed rows,
+    /// `(rows, row0, col0)`: query `i` is row `row0 + i`, feature `c` column `col0 + c` (a
+    /// multiple of 32). Only [`bf16_fused`] writes it, for heads of a multiple of 32 features.
+    pub packed: Option<(RowLines, usize, usize)>,
 }
 
 impl HeadJob<'_> {
@@ -156,6 +160,14 @@ pub(crate) unsafe fn bf16_fused(job: &HeadJob, kernel: Kernel) {
                     false,
                 );
                 let cols = 32.min(hd - 32 * half);
+                if let Some((lines, prow0, col0)) = job.packed {
+                    debug_assert!(hd.is_multiple_of(32) && col0.is_multiple_of(32));
+                    for (r, &inv) in inv.iter().enumerate().take(rows) {
+                        let line = lines.line(prow0 + row0 + r, (col0 + 32 * half) / 32);
+                        scaled_bf16_line(&o.0[r * 32..r * 32 + 32], inv, line);
+                    }
+                    continue;
+                }
                 for (r, &inv) in inv.iter().enumerate().take(rows) {
                     let dst = job.out.add((row0 + r) * job.ld + 32 * half);
                     for (cc, &x) in o.0[r * 32..r * 32 + cols].iter().enumerate() {
@@ -166,6 +178,23 @@ pub(crate) unsafe fn bf16_fused(job: &HeadJob, kernel: Kernel) {
         }
         tiles_off(kernel);
     })
+}
+
+/// `line ⟵ bf16(o · inv)` for 32 values: the f32 products the f32 output would hold, rounded
+/// as packing them for the next GEMM rounds them (`vcvtne2ps2bf16`, nearest even).
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW and AVX512-BF16 ([`fused_fits`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn scaled_bf16_line(o: &[f32], inv: f32, line: &mut Line) {
+    use std::arch::x86_64::*;
+    assert!(o.len() >= 32);
+    let inv = _mm512_set1_ps(inv);
+    let lo = _mm512_mul_ps(_mm512_loadu_ps(o.as_ptr()), inv);
+    let hi = _mm512_mul_ps(_mm512_loadu_ps(o.as_ptr().add(16)), inv);
+    let bits: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+    _mm512_store_si512(line.0.as_mut_ptr() as *mut _, bits);
 }
 
 /// The 32 × 32 block at `buf[at..]`.

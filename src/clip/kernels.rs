@@ -32,7 +32,7 @@ use super::elementwise::{exp_approx, round_bf16_generic, simd, Simd};
 pub use super::elementwise::{
     exp_shifted_in_place, gelu_in_place, layer_norm_stats, quick_gelu_in_place, round_bf16_in_place,
 };
-use super::gemm_bf16;
+use super::gemm_bf16::{self, RowLines};
 pub use super::gemm_bf16::{gemm_packed, gemm_to_packed, Kernel, PackedB, PackedRows};
 pub use super::gemm_f32::PackedW;
 use super::gemm_f32::{self, F32Kernel};
@@ -574,6 +574,94 @@ pub fn attention_into(
     head_weights: Option<&[f32]>,
     out: &mut [f32],
 ) -> candle_core::Result<()> {
+    let (d3, hd) = check_attention(qkv, spec, mask, head_weights)?;
+    if out.len() != spec.batch * spec.queries * d3 / 3 {
+        candle_core::bail!("attention: output of the wrong size");
+    }
+    if spec.queries == 0 {
+        return Ok(());
+    }
+    // Which head kernel runs: the same for every head, so decided once here.
+    let path = match spec.precision {
+        #[cfg(target_arch = "x86_64")]
+        Precision::Bf16(kernel) if head::fused_fits(hd, kernel) => HeadPath::Bf16Fused(kernel),
+        Precision::Bf16(kernel) => HeadPath::Bf16Blocked(kernel),
+        precision => {
+            let (kernel, round) = (gemm_f32::selected(), precision.is_bf16());
+            #[cfg(target_arch = "x86_64")]
+            let fused = head::f32_fused_fits(hd, kernel, mask.is_some(), round)
+                .then_some(HeadPath::F32Fused(kernel));
+            #[cfg(not(target_arch = "x86_64"))]
+            let fused = None;
+            fused.unwrap_or(HeadPath::F32Blocked(kernel, round))
+        }
+    };
+    let dst = SendPtr(out.as_mut_ptr());
+    run_heads(
+        qkv,
+        spec,
+        (d3, hd),
+        mask,
+        head_weights,
+        HeadsOut::F32(dst),
+        path,
+    );
+    Ok(())
+}
+
+/// Whether [`attention_into_packed`] takes heads of `hd` features at `precision`: the fused
+/// head on a bf16 unit, with whole 32-column lines per head.
+pub fn attention_packs(precision: Precision, hd: usize) -> bool {
+    match precision {
+        #[cfg(target_arch = "x86_64")]
+        Precision::Bf16(kernel) => hd.is_multiple_of(32) && head::fused_fits(hd, kernel),
+        _ => false,
+    }
+}
+
+/// [`attention_into`] with the heads merged straight into `out` as bf16 rows packed for the
+/// output projection's left operand ([`gemm_packed`]), `[B · queries, D]`: each head rounds its
+/// output as it stores it, so there is no f32 copy of the merged heads and no packing pass
+/// before `out_proj`. The values are those [`attention_into`] gives, rounded to bf16 as packing
+/// them would round them, so the projection's result is the same. For an `attention_packs`
+/// precision and head size only (an error otherwise).
+pub fn attention_into_packed(
+    qkv: &[f32],
+    spec: &AttentionSpec,
+    mask: Option<&[f32]>,
+    head_weights: Option<&[f32]>,
+    out: &mut PackedRows,
+) -> candle_core::Result<()> {
+    let (d3, hd) = check_attention(qkv, spec, mask, head_weights)?;
+    #[cfg(target_arch = "x86_64")]
+    if let Precision::Bf16(kernel) = spec.precision {
+        if attention_packs(spec.precision, hd) {
+            let lines = out.prepare(spec.batch * spec.queries, d3 / 3);
+            if spec.queries > 0 {
+                let path = HeadPath::Bf16Fused(kernel);
+                run_heads(
+                    qkv,
+                    spec,
+                    (d3, hd),
+                    mask,
+                    head_weights,
+                    HeadsOut::Packed(lines),
+                    path,
+                );
+            }
+            return Ok(());
+        }
+    }
+    candle_core::bail!("attention: heads of {hd} features at this precision are not packed")
+}
+
+/// `(3D, head size)` of a well-formed attention over `qkv`, else the reason it is not.
+fn check_attention(
+    qkv: &[f32],
+    spec: &AttentionSpec,
+    mask: Option<&[f32]>,
+    head_weights: Option<&[f32]>,
+) -> candle_core::Result<(usize, usize)> {
     let &AttentionSpec {
         batch: b,
         tokens: l,
@@ -593,29 +681,19 @@ pub fn attention_into(
     if mask.is_some_and(|m| m.len() != l * l) {
         candle_core::bail!("attention: mask of {} for {l} tokens", mask.unwrap().len());
     }
-    if head_weights.is_some_and(|w| w.len() != heads) || out.len() != b * lq * d {
-        candle_core::bail!("attention: head weights or output of the wrong size");
+    if head_weights.is_some_and(|w| w.len() != heads) {
+        candle_core::bail!("attention: {heads} heads but other head weights");
     }
-    if lq == 0 {
-        return Ok(());
-    }
-    // Which head kernel runs: the same for every head, so decided once here.
-    let path = match spec.precision {
-        #[cfg(target_arch = "x86_64")]
-        Precision::Bf16(kernel) if head::fused_fits(hd, kernel) => HeadPath::Bf16Fused(kernel),
-        Precision::Bf16(kernel) => HeadPath::Bf16Blocked(kernel),
-        precision => {
-            let (kernel, round) = (gemm_f32::selected(), precision.is_bf16());
-            #[cfg(target_arch = "x86_64")]
-            let fused = head::f32_fused_fits(hd, kernel, mask.is_some(), round)
-                .then_some(HeadPath::F32Fused(kernel));
-            #[cfg(not(target_arch = "x86_64"))]
-            let fused = None;
-            fused.unwrap_or(HeadPath::F32Blocked(kernel, round))
-        }
-    };
-    run_heads(qkv, spec, (d3, hd), mask, head_weights, out, path);
-    Ok(())
+    Ok((d3, hd))
+}
+
+/// Where [`run_heads`] writes the merged heads.
+#[derive(Clone, Copy)]
+enum HeadsOut {
+    /// `[B, queries, D]` f32.
+    F32(SendPtr),
+    /// The output projection's packed bf16 rows (the fused bf16 head only).
+    Packed(RowLines),
 }
 
 /// The kernel that runs an attention's heads.
@@ -641,16 +719,21 @@ fn run_heads(
     (d3, hd): (usize, usize),
     mask: Option<&[f32]>,
     head_weights: Option<&[f32]>,
-    out: &mut [f32],
+    out: HeadsOut,
     path: HeadPath,
 ) {
     let (l, lq, heads, d) = (spec.tokens, spec.queries, spec.heads, d3 / 3);
-    let dst = SendPtr(out.as_mut_ptr());
     (0..spec.batch * heads).into_par_iter().for_each(|bh| {
         let (bi, h) = (bh / heads, bh % heads);
         let base = bi * l * d3;
         let col = |role: usize| base + role * d + h * hd;
-        let dst = dst;
+        let (dst, packed) = match out {
+            HeadsOut::F32(dst) => (dst, None),
+            HeadsOut::Packed(lines) => (
+                SendPtr(std::ptr::null_mut()),
+                Some((lines, bi * lq, h * hd)),
+            ),
+        };
         let job = HeadJob {
             xs: qkv,
             d3,
@@ -661,9 +744,11 @@ fn run_heads(
             scale: spec.scale,
             mask,
             weight: head_weights.map_or(1.0, |w| w[h]),
-            // SAFETY: the (image, head) block of `out` this task writes is inside `out`.
-            out: unsafe { dst.0.add(bi * lq * d + h * hd) },
+            // SAFETY: the (image, head) block of `out` this task writes is inside `out` (no
+            // f32 output with packed rows: `wrapping_add` keeps the null pointer defined).
+            out: dst.0.wrapping_add(bi * lq * d + h * hd),
             ld: d,
+            packed,
         };
         // SAFETY: each task writes its own (image, head) block of `out`, rows of `ld` floats;
         // the fused paths were chosen only where they fit.
@@ -1138,6 +1223,7 @@ mod tests {
                     weight: 0.75,
                     out: out.as_mut_ptr(),
                     ld: hd,
+                    packed: None,
                 };
                 run(&job, fused);
             }
@@ -1193,6 +1279,86 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Heads written as packed bf16 rows give `out_proj` exactly the product it gets from the
+    /// f32 heads packed by the GEMM: over batches whose images' rows share a 16-row group, one
+    /// query or all, with a mask and head weights, and after a larger attention left other
+    /// rows in the buffer (the padding rows must be zero again).
+    #[test]
+    fn packed_heads_equal_the_f32_heads_packed() {
+        let (hd, heads) = (64, 3);
+        let (d, d3, n) = (heads * hd, 3 * heads * hd, 96);
+        let units = crate::clip::gemm_bf16::available();
+        if !units
+            .iter()
+            .any(|&k| attention_packs(Precision::Bf16(k), hd))
+        {
+            eprintln!("skipped: packed heads need a bf16 unit and AVX512-BF16");
+        }
+        let w: Vec<half::bf16> = rand(7, n * d)
+            .iter()
+            .map(|&x| half::bf16::from_f32(x))
+            .collect();
+        let w = PackedB::from_weight(&w, n, d);
+        let weights = [0.5f32, 1.0, 2.0];
+        for &kernel in units {
+            let precision = Precision::Bf16(kernel);
+            if !attention_packs(precision, hd) {
+                continue;
+            }
+            let mut packed = PackedRows::default();
+            for (b, l, lq, masked) in [(3, 77, 77, false), (2, 33, 33, true), (3, 21, 1, false)] {
+                let xs = rand((b * l) as u64, b * l * d3);
+                let mask: Vec<f32> = (0..l * l)
+                    .map(|i| if i % 3 == 0 { -1.0 } else { 0.0 })
+                    .collect();
+                let mask = masked.then_some(&mask[..]);
+                let spec = AttentionSpec {
+                    batch: b,
+                    tokens: l,
+                    heads,
+                    scale: 0.125,
+                    roles: ORDINARY,
+                    queries: lq,
+                    precision,
+                };
+                let m = b * lq;
+                let mut merged = vec![0f32; m * d];
+                attention_into(&xs, &spec, mask, Some(&weights), &mut merged).unwrap();
+                attention_into_packed(&xs, &spec, mask, Some(&weights), &mut packed).unwrap();
+                assert_eq!(packed.dims(), (m, d));
+                let a = MatRef {
+                    data: &merged,
+                    rs: d,
+                    cs: 1,
+                };
+                let mut want = vec![0f32; m * n];
+                gemm_bf16::gemm(kernel, m, a, &w, &mut want, n, 1.0, false, true);
+                let mut got = vec![0f32; m * n];
+                gemm_packed(kernel, &packed, &w, &mut got, n, &Epi::default(), true);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        w.to_bits(),
+                        "b {b} l {l} lq {lq} at {i}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+        // Off a bf16 unit nothing is packed, and asking is an error.
+        let spec = AttentionSpec {
+            batch: 1,
+            tokens: 2,
+            heads: 1,
+            scale: 1.0,
+            roles: ORDINARY,
+            queries: 2,
+            precision: Precision::F32,
+        };
+        assert!(!attention_packs(Precision::F32, 64));
+        let err = attention_into_packed(&[0.0; 6], &spec, None, None, &mut PackedRows::default());
+        assert!(err.is_err());
     }
 
     /// The fused f32 head equals the blocked one exactly (the same sums in the same order, the
