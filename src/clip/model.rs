@@ -25,9 +25,9 @@ pub struct ClipModel {
 }
 
 impl ClipModel {
-    /// `--precision bf16`: both towers' blocks keep their weights in bfloat16 and multiply bf16
-    /// operands with f32 accumulation; LayerNorm, softmax, activations, embeddings and
-    /// projections stay f32. On a GPU: its bf16 units through cuBLAS, as PyTorch's autocast
+    /// `--precision bf16`: both towers' blocks (and the image tower's patch embedding) keep
+    /// their weights in bfloat16 and multiply bf16 operands with f32 accumulation; LayerNorm,
+    /// softmax, activations, the class and position embeddings and the projections stay f32. On a GPU: its bf16 units through cuBLAS, as PyTorch's autocast
     /// ([`kernels::Precision::Bf16Autocast`]).
     ///
     /// The GEMMs run on the CPU's bf16 unit (AMX, else AVX512-BF16) where it has one; elsewhere
