@@ -971,16 +971,15 @@ unsafe impl Send for RowLines {}
 unsafe impl Sync for RowLines {}
 
 impl RowLines {
-    /// The line of row `row`, columns `32 s ..`.
+    /// The line of row `row`, columns `32 s ..`, to write through while no other thread
+    /// touches it.
     ///
     /// # Safety
-    /// `row` is below the rows prepared and `s` below `k.div_ceil(32)`; no other thread
-    /// touches the line meanwhile.
+    /// `row` is below the rows prepared and `s` below `k.div_ceil(32)`.
     #[inline]
-    pub(crate) unsafe fn line(&self, row: usize, s: usize) -> &mut Line {
+    pub(crate) unsafe fn line(&self, row: usize, s: usize) -> *mut Line {
         debug_assert!(row < self.rows && s < self.steps);
-        &mut *self
-            .lines
+        self.lines
             .add(((row / 16) * self.steps + s) * 16 + row % 16)
     }
 }

@@ -163,7 +163,8 @@ pub(crate) unsafe fn bf16_fused(job: &HeadJob, kernel: Kernel) {
                 if let Some((lines, prow0, col0)) = job.packed {
                     debug_assert!(hd.is_multiple_of(32) && col0.is_multiple_of(32));
                     for (r, &inv) in inv.iter().enumerate().take(rows) {
-                        let line = lines.line(prow0 + row0 + r, (col0 + 32 * half) / 32);
+                        // Each (image, head) task writes the lines of its own rows and columns.
+                        let line = &mut *lines.line(prow0 + row0 + r, (col0 + 32 * half) / 32);
                         scaled_bf16_line(&o.0[r * 32..r * 32 + 32], inv, line);
                     }
                     continue;

@@ -669,7 +669,7 @@ fn check_attention(
         queries: lq,
         ..
     } = spec;
-    let d3 = if b * l == 0 { 0 } else { qkv.len() / (b * l) };
+    let d3 = qkv.len().checked_div(b * l).unwrap_or(0);
     let d = d3 / 3;
     let hd = d / heads.max(1);
     if lq > l {
