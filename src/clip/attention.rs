@@ -154,34 +154,12 @@ impl Attention {
             .gemm_into(m, a, dst, d3, kernels::Act::None, false, round)?)
     }
 
-    /// The heads merged, `out [B, queries, D]`, from `qkv [B, L, 3D]` (`tokens = (B, L)`), each
-    /// head scaled by its weight: the fused path's attention.
-    #[allow(clippy::too_many_arguments)]
-    pub fn attend_into(
-        &self,
-        qkv: &[f32],
-        (batch, tokens): (usize, usize),
-        roles: kernels::QkvRoles,
-        queries: usize,
-        mask: Option<&[f32]>,
-        head_weights: Option<&[f32]>,
-        out: &mut [f32],
-    ) -> Result<()> {
-        let spec = self.spec((batch, tokens), roles, queries);
-        Ok(kernels::attention_into(
-            qkv,
-            &spec,
-            mask,
-            head_weights,
-            out,
-        )?)
-    }
-
-    /// `residual [B · queries, D] += out_proj(heads merged)`: [`Self::attend_into`] then
-    /// [`Self::out_proj_into`], through `merged`. Where the heads and `out_proj` both run on a
-    /// bf16 unit, the heads write their output as bf16 rows packed for `out_proj` instead
-    /// (`packed`; [`kernels::attention_into_packed`]): the same result without the f32 copy
-    /// and the packing pass.
+    /// `residual [B · queries, D] += out_proj(heads merged)`, from `qkv [B, L, 3D]` (`tokens =
+    /// (B, L)`), each head scaled by its weight: the fused path's attention and projection. The
+    /// heads are merged into `merged` (f32) for `out_proj`, or, where the heads and `out_proj`
+    /// both run on a bf16 unit, written as bf16 rows packed for it into `packed`
+    /// ([`kernels::attention_into_packed`]): the same result without the f32 copy and the
+    /// packing pass.
     #[allow(clippy::too_many_arguments)]
     pub fn attend_project_into(
         &self,
@@ -195,37 +173,7 @@ impl Attention {
         residual: &mut [f32],
     ) -> Result<()> {
         let (m, d) = (batch * queries, self.num_heads * self.head_dim);
-        if kernels::attention_packs(self.precision, self.head_dim)
-            && self.out_proj.bf16_unit().is_some()
-        {
-            let spec = self.spec((batch, tokens), roles, queries);
-            kernels::attention_into_packed(qkv, &spec, mask, head_weights, packed)?;
-            return Ok(self.out_proj.gemm_from_packed(packed, residual, d, true)?);
-        }
-        if merged.len() < m * d {
-            merged.resize(m * d, 0.0);
-        }
-        let merged = &mut merged[..m * d];
-        self.attend_into(
-            qkv,
-            (batch, tokens),
-            roles,
-            queries,
-            mask,
-            head_weights,
-            merged,
-        )?;
-        self.out_proj_into(m, merged, residual)
-    }
-
-    /// The shape and options of this layer's fused attention.
-    fn spec(
-        &self,
-        (batch, tokens): (usize, usize),
-        roles: kernels::QkvRoles,
-        queries: usize,
-    ) -> kernels::AttentionSpec {
-        kernels::AttentionSpec {
+        let spec = kernels::AttentionSpec {
             batch,
             tokens,
             heads: self.num_heads,
@@ -233,12 +181,18 @@ impl Attention {
             roles,
             queries,
             precision: self.precision,
+        };
+        if kernels::attention_packs(self.precision, self.head_dim)
+            && self.out_proj.bf16_unit().is_some()
+        {
+            kernels::attention_into_packed(qkv, &spec, mask, head_weights, packed)?;
+            return Ok(self.out_proj.gemm_from_packed(packed, residual, d, true)?);
         }
-    }
-
-    /// `residual [m, D] += out_proj(merged [m, D])`: the fused path's output projection.
-    pub fn out_proj_into(&self, m: usize, merged: &[f32], residual: &mut [f32]) -> Result<()> {
-        let d = self.num_heads * self.head_dim;
+        if merged.len() < m * d {
+            merged.resize(m * d, 0.0);
+        }
+        let merged = &mut merged[..m * d];
+        kernels::attention_into(qkv, &spec, mask, head_weights, merged)?;
         let a = kernels::ASrc::View(kernels::MatRef {
             data: merged,
             rs: d,
