@@ -28,6 +28,7 @@ use rayon::prelude::*;
 use super::elementwise::{round_bf16_generic, simd, Simd};
 #[cfg(target_arch = "x86_64")]
 use super::lanes;
+use super::lanes::Prefetch;
 use super::matrix::{with_scratch, ASrc, Aligned, Epi, MatRef, SendPtr};
 
 /// `k` per pass over a block: a `KC × 32` panel of `B` is 32 KB (L1 holds 32-48 KB).
@@ -429,11 +430,12 @@ trait Micro {
     const MR: usize;
     const NR: usize;
     /// `c` (row-major `MR × NR`, 64-byte aligned) `=` (or `+=` with `load`) the product of
-    /// `kc` steps of the panels at `a` (`MR` per step) and `b` (`NR` per step).
+    /// `kc` steps of the panels at `a` (`MR` per step) and `b` (`NR` per step), prefetching
+    /// `pf`'s lines on the way (ignored by the portable kernel).
     ///
     /// # Safety
     /// The pointers hold what they are read and written for; the CPU has the kernel's features.
-    unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool);
+    unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool, pf: Prefetch);
 
     /// [`Self::tile`] for the first `MR / 2` rows only (the rest of `c` untouched): the last
     /// row panel of a product whose rows end in its first half (ViT-B/16's 197 tokens: 5 of
@@ -441,7 +443,14 @@ trait Micro {
     ///
     /// # Safety
     /// As [`Self::tile`].
-    unsafe fn half_tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool);
+    unsafe fn half_tile(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        load: bool,
+        pf: Prefetch,
+    );
 }
 
 #[inline(always)]
@@ -481,8 +490,9 @@ unsafe fn block_generic<K: Micro>(args: BlockArgs) {
         for (jj, jp) in cols.clone().enumerate() {
             let b = pb.as_ptr().add(jp * k * nr + k0 * nr);
             // The next B slice (the next column panel, or the first one of the next k slice),
-            // prefetched into L2 a part per row panel of this one: a weight read from memory
-            // arrives while this slice computes.
+            // prefetched into L2 a part per row panel of this one, spread over that panel's
+            // k-steps (`lanes::Prefetch`): a weight read from memory arrives while this slice
+            // computes.
             let next = if jj + 1 < cols.len() {
                 Some(pb.as_ptr().add((jp + 1) * k * nr + k0 * nr))
             } else if last {
@@ -498,9 +508,18 @@ unsafe fn block_generic<K: Micro>(args: BlockArgs) {
             let lines = next_kc * nr / 16;
             let per = lines.div_ceil(rows.len());
             for (ii, ip) in rows.clone().enumerate() {
-                #[cfg(target_arch = "x86_64")]
+                // This row panel's share of the lines, spread over its tile's k-steps; what
+                // does not fit there (a product of few row panels) is prefetched at once.
+                let mut pf = Prefetch::NONE;
                 if let Some(next) = next {
-                    for l in ii * per..((ii + 1) * per).min(lines) {
+                    let (l0, l1) = (ii * per, ((ii + 1) * per).min(lines));
+                    let spread = l1.saturating_sub(l0).min(kc / Prefetch::STRIDE);
+                    pf = Prefetch {
+                        at: next.add(l0 * 16),
+                        lines: spread,
+                    };
+                    #[cfg(target_arch = "x86_64")]
+                    for l in l0 + spread..l1 {
                         std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
                             next.add(l * 16) as *const i8,
                         );
@@ -516,9 +535,9 @@ unsafe fn block_generic<K: Micro>(args: BlockArgs) {
                 let (i0, j0) = (ip * mr, jp * nr);
                 let (ri, cj) = (mr.min(m - i0), nr.min(n - j0));
                 if 2 * ri <= mr {
-                    K::half_tile(kc, a, b, c.as_mut_ptr(), k0 > 0);
+                    K::half_tile(kc, a, b, c.as_mut_ptr(), k0 > 0, pf);
                 } else {
-                    K::tile(kc, a, b, c.as_mut_ptr(), k0 > 0);
+                    K::tile(kc, a, b, c.as_mut_ptr(), k0 > 0, pf);
                 }
                 if last {
                     epi.store_tile(c, nr, (i0, ri), (j0, cj), dst, ld);
@@ -536,12 +555,21 @@ impl Micro for Portable {
     const NR: usize = 16;
 
     #[inline(always)]
-    unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool) {
+    unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool, pf: Prefetch) {
+        let _ = pf; // no prefetch in the portable kernel
         Self::rows::<6>(kc, a, b, c, load)
     }
 
     #[inline(always)]
-    unsafe fn half_tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool) {
+    unsafe fn half_tile(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        load: bool,
+        pf: Prefetch,
+    ) {
+        let _ = pf;
         Self::rows::<3>(kc, a, b, c, load)
     }
 }
@@ -585,14 +613,21 @@ impl Micro for Avx512 {
 
     #[inline]
     #[target_feature(enable = "avx512f,fma")]
-    unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool) {
-        simd_rows::<lanes::Avx512, 12>(kc, a, 12, b, c, load)
+    unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool, pf: Prefetch) {
+        simd_rows::<lanes::Avx512, 12>(kc, a, 12, b, c, load, pf)
     }
 
     #[inline]
     #[target_feature(enable = "avx512f,fma")]
-    unsafe fn half_tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool) {
-        simd_rows::<lanes::Avx512, 6>(kc, a, 12, b, c, load)
+    unsafe fn half_tile(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        load: bool,
+        pf: Prefetch,
+    ) {
+        simd_rows::<lanes::Avx512, 6>(kc, a, 12, b, c, load, pf)
     }
 }
 
@@ -606,14 +641,21 @@ impl Micro for Avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool) {
-        simd_rows::<lanes::Avx2, 6>(kc, a, 6, b, c, load)
+    unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool, pf: Prefetch) {
+        simd_rows::<lanes::Avx2, 6>(kc, a, 6, b, c, load, pf)
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn half_tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, load: bool) {
-        simd_rows::<lanes::Avx2, 3>(kc, a, 6, b, c, load)
+    unsafe fn half_tile(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        load: bool,
+        pf: Prefetch,
+    ) {
+        simd_rows::<lanes::Avx2, 3>(kc, a, 6, b, c, load, pf)
     }
 }
 
@@ -631,8 +673,9 @@ unsafe fn simd_rows<L: lanes::Lanes, const R: usize>(
     b: *const f32,
     c: *mut f32,
     load: bool,
+    pf: Prefetch,
 ) {
-    let acc = lanes::tile::<L, R>(kc, a, mr, b, load.then_some(c as *const f32));
+    let acc = lanes::tile::<L, R>(kc, a, mr, b, load.then_some(c as *const f32), pf);
     lanes::store::<L, R>(&acc, c)
 }
 

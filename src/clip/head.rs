@@ -427,7 +427,8 @@ unsafe fn fused<L: Lanes, const KEYS: usize, const FEATURES: usize>(
                 let valid = keys.min(l - t * keys);
                 // A `KEYS × 2W` tile over `d`: K packed `[d][KEYS]` times Qᵀ `[d][2W]`.
                 let k = kp.as_ptr().add(t * keys * hd);
-                let acc = lanes::tile::<L, KEYS>(hd, k, keys, qt.as_ptr(), None);
+                let acc =
+                    lanes::tile::<L, KEYS>(hd, k, keys, qt.as_ptr(), None, lanes::Prefetch::NONE);
                 for (r, acc) in acc.iter().enumerate().take(valid) {
                     let dst = pt.as_mut_ptr().add((t * keys + r) * queries);
                     for h in 0..2 {
@@ -465,6 +466,7 @@ unsafe fn fused<L: Lanes, const KEYS: usize, const FEATURES: usize>(
                         features,
                         pt.as_ptr().add(k0 * queries),
                         (k0 > 0).then_some(o as *const f32),
+                        lanes::Prefetch::NONE,
                     );
                     lanes::store::<L, FEATURES>(&acc, o);
                 }

@@ -147,14 +147,37 @@ impl Lanes for Avx2 {
     }
 }
 
+/// Cache lines a [`tile`] brings into L2 while it multiplies: `lines` consecutive 64-byte
+/// lines from `at`, one every [`Prefetch::STRIDE`] k-steps (at most `kc / STRIDE` of them).
+///
+/// Spread this way, the prefetches of the next operand panel stay a few in flight at a time.
+/// Issued in one burst before a tile (~60 at once), they held every line-fill buffer, and the
+/// tile's own loads waited behind them: the f32 ViT-B/16 forward ran ~10% slower on an
+/// Emerald Rapids Xeon.
+#[derive(Clone, Copy)]
+pub(crate) struct Prefetch {
+    pub at: *const f32,
+    pub lines: usize,
+}
+
+impl Prefetch {
+    pub const NONE: Self = Self {
+        at: std::ptr::null(),
+        lines: 0,
+    };
+    /// k-steps between two prefetches (a power of two: the test is a mask and a shift).
+    pub const STRIDE: usize = 2;
+}
+
 /// An `R × 2W` register tile: `acc[r] = c[r] + Σ_s a_s[r] · b_s` over `kc` steps, `a_s` the `R`
 /// values at `a + s · a_step` (each broadcast), `b_s` the `2W` values at `b + s · 2W`, `c` the
 /// tile at `init` (rows `2W` apart) or zero. Each sum runs over the steps in order, one rounding
-/// per multiply-add.
+/// per multiply-add. `pf`'s lines are prefetched on the way (it changes no value).
 ///
 /// # Safety
 /// `a` holds `(kc − 1) · a_step + R` floats, `b` `2W · kc`, `init` `2W · R`; the CPU has `L`'s
-/// instruction set and the caller is compiled for it.
+/// instruction set and the caller is compiled for it. (`pf` may point anywhere: a prefetch
+/// never faults.)
 #[inline(always)]
 pub(crate) unsafe fn tile<L: Lanes, const R: usize>(
     kc: usize,
@@ -162,6 +185,7 @@ pub(crate) unsafe fn tile<L: Lanes, const R: usize>(
     a_step: usize,
     b: *const f32,
     init: Option<*const f32>,
+    pf: Prefetch,
 ) -> [[L::V; 2]; R] {
     let mut acc = [[L::zero(); 2]; R];
     if let Some(c) = init {
@@ -171,7 +195,15 @@ pub(crate) unsafe fn tile<L: Lanes, const R: usize>(
         }
     }
     let (mut a, mut b) = (a, b);
-    for _ in 0..kc {
+    for s in 0..kc {
+        #[cfg(target_arch = "x86_64")]
+        if s % Prefetch::STRIDE == 0 && s / Prefetch::STRIDE < pf.lines {
+            // `wrapping_add`: the address is only a hint, never dereferenced.
+            let line = pf.at.wrapping_add(s / Prefetch::STRIDE * 16);
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                line as *const i8,
+            );
+        }
         let b0 = L::load(b);
         let b1 = L::load(b.add(L::W));
         for (r, acc) in acc.iter_mut().enumerate() {
