@@ -515,7 +515,9 @@ unsafe fn block_generic<K: Micro>(args: BlockArgs) {
                     let (l0, l1) = (ii * per, ((ii + 1) * per).min(lines));
                     let spread = l1.saturating_sub(l0).min(kc / Prefetch::STRIDE);
                     pf = Prefetch {
-                        at: next.add(l0 * 16),
+                        // Past the slice when this panel has no share (`l0 ≥ lines`): a hint
+                        // only, never dereferenced, so `wrapping_add`.
+                        at: next.wrapping_add(l0 * 16),
                         lines: spread,
                     };
                     #[cfg(target_arch = "x86_64")]
