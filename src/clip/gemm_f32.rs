@@ -506,22 +506,17 @@ unsafe fn block_generic<K: Micro>(args: BlockArgs) {
                 KC.min(k.saturating_sub(k0 + kc))
             };
             let lines = next_kc * nr / 16;
-            let per = lines.div_ceil(rows.len());
             for (ii, ip) in rows.clone().enumerate() {
-                // This row panel's share of the lines, spread over its tile's k-steps; what
-                // does not fit there (a product of few row panels) is prefetched at once.
                 let mut pf = Prefetch::NONE;
                 if let Some(next) = next {
-                    let (l0, l1) = (ii * per, ((ii + 1) * per).min(lines));
-                    let spread = l1.saturating_sub(l0).min(kc / Prefetch::STRIDE);
+                    let (spread, burst) = prefetch_share(ii, rows.len(), lines, kc);
                     pf = Prefetch {
-                        // Past the slice when this panel has no share (`l0 ≥ lines`): a hint
-                        // only, never dereferenced, so `wrapping_add`.
-                        at: next.wrapping_add(l0 * 16),
-                        lines: spread,
+                        // A hint only, never dereferenced: `wrapping_add`.
+                        at: next.wrapping_add(spread.start * 16),
+                        lines: spread.len(),
                     };
                     #[cfg(target_arch = "x86_64")]
-                    for l in l0 + spread..l1 {
+                    for l in burst {
                         std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
                             next.add(l * 16) as *const i8,
                         );
@@ -548,6 +543,22 @@ unsafe fn block_generic<K: Micro>(args: BlockArgs) {
         }
         k0 += kc;
     }
+}
+
+/// Row panel `ii`'s share (of `panels`) of the `lines` cache lines of the next `B` slice: the
+/// lines its tile prefetches spread over its `kc` k-steps ([`Prefetch`]), then those it
+/// prefetches at once before the tile, where the steps are too few (a product of few row
+/// panels). Together the panels cover every line once.
+fn prefetch_share(
+    ii: usize,
+    panels: usize,
+    lines: usize,
+    kc: usize,
+) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+    let per = lines.div_ceil(panels.max(1));
+    let (l0, l1) = ((ii * per).min(lines), ((ii + 1) * per).min(lines));
+    let split = l0 + (l1 - l0).min(kc / Prefetch::STRIDE);
+    (l0..split, split..l1)
 }
 
 struct Portable;
@@ -834,6 +845,46 @@ mod tests {
             for (start, m) in [(0usize, 1usize), (5, 7), (13, 200), (299, 1)] {
                 let part = run(&a[start * k..(start + m) * k], m);
                 assert_eq!(&part[..], &all[start * n..(start + m) * n], "{kernel:?}");
+            }
+        }
+    }
+
+    /// The row panels' prefetch shares cover the next `B` slice's lines once each, none past
+    /// it, with no more spread over a tile than its steps allow; at ViT-B/16's shape (197 rows:
+    /// tasks of 9 and 8 row panels, 512 lines, `KC` steps) none is left to a burst.
+    #[test]
+    fn prefetch_shares_cover_the_next_slice_once() {
+        for &(panels, lines, kc) in &[
+            (9usize, 512usize, 256usize),
+            (8, 512, 256),
+            (1, 512, 256),
+            (17, 512, 64),
+            (32, 256, 256),
+            (3, 7, 2),
+            (4, 10, 1),
+            (5, 0, 256),
+            (6, 3, 256),
+        ] {
+            let mut seen = vec![0u32; lines];
+            for ii in 0..panels {
+                let (spread, burst) = prefetch_share(ii, panels, lines, kc);
+                assert!(
+                    spread.len() <= kc / Prefetch::STRIDE,
+                    "{panels} {lines} {kc}"
+                );
+                assert_eq!(spread.end, burst.start);
+                for l in spread.chain(burst) {
+                    seen[l] += 1;
+                }
+            }
+            assert!(
+                seen.iter().all(|&c| c == 1),
+                "{panels} {lines} {kc}: {seen:?}"
+            );
+        }
+        for panels in [9, 8] {
+            for ii in 0..panels {
+                assert!(prefetch_share(ii, panels, 512, KC).1.is_empty());
             }
         }
     }
