@@ -1797,7 +1797,6 @@ mod tests {
         }
     }
 
-    /// Writes stay inside the valid block: a wider `ldc` keeps the columns beyond `n`.
     /// The vector packings of attention's `kᵀ` and `v` write the same lines as the scalar
     /// ones, over shapes around the 16-column blocks and 32-row k-steps.
     #[test]
@@ -2004,6 +2003,7 @@ mod tests {
         }
     }
 
+    /// Writes stay inside the valid block: a wider `ldc` keeps the columns beyond `n`.
     #[test]
     fn writes_only_the_valid_block() {
         for &kernel in available() {
